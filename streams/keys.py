@@ -1,0 +1,129 @@
+"""Key material for masking: join (HMAC) keys per field and versioned encryption keys.
+
+Keys come from ``STREAMS_KEYS_JSON`` (for a secret store or KMS-rendered env) or the
+``STREAMS_KEYS_FILE`` JSON file. A missing file is replaced by a generated dev key,
+with a warning, so ``make run`` works on a fresh machine. Key bytes are never printed.
+
+File format::
+
+    {"join": {"active": "h1", "versions": {"h1": {"ip": "<b64>", "device_id": "<b64>"}}},
+     "encryption": {"active": "k1", "keys": {"k1": "<b64, 64 bytes AES-SIV>"}}}
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PII_FIELDS = ("ip", "device_id")
+JOIN_KEY_BYTES = 32
+ENCRYPTION_KEY_BYTES = 64  # AES-SIV with AES-256
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+
+
+class KeyMaterialError(Exception):
+    """Key material is missing or malformed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    join_version: str
+    join_keys: dict[str, dict[str, bytes]]  # version -> field -> key
+    encryption_key_id: str
+    encryption_keys: dict[str, bytes]  # key id -> key
+
+    def active_join_keys(self) -> dict[str, bytes]:
+        return self.join_keys[self.join_version]
+
+    def describe(self) -> dict:
+        """What is loaded, without key bytes (safe to print)."""
+        return {
+            "join": {"active": self.join_version, "versions": sorted(self.join_keys)},
+            "encryption": {"active": self.encryption_key_id, "keys": sorted(self.encryption_keys)},
+        }
+
+
+def _b64(value: str, what: str, size: int) -> bytes:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (ValueError, TypeError):
+        raise KeyMaterialError(f"{what} is not base64") from None
+    if len(raw) != size:
+        raise KeyMaterialError(f"{what} must be {size} bytes, found {len(raw)}")
+    return raw
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise KeyMaterialError(f"{what} must be 1-16 letters, digits, '-' or '_'")
+    return value
+
+
+def parse_keyring(text: str, source: str) -> KeyRing:
+    """Validate the whole document up front, so a worker never fails mid-stream."""
+    try:
+        doc = json.loads(text)
+        join, enc = doc["join"], doc["encryption"]
+        join_version = _check_id(join["active"], f"{source}: join.active")
+        join_keys = {
+            _check_id(version, f"{source}: join version"): {
+                field: _b64(fields[field], f"{source}: join key {version}.{field}", JOIN_KEY_BYTES)
+                for field in PII_FIELDS
+            }
+            for version, fields in join["versions"].items()
+        }
+        enc_id = _check_id(enc["active"], f"{source}: encryption.active")
+        enc_keys = {
+            _check_id(key_id, f"{source}: encryption key id"): _b64(
+                value, f"{source}: encryption key {key_id}", ENCRYPTION_KEY_BYTES
+            )
+            for key_id, value in enc["keys"].items()
+        }
+    except KeyMaterialError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else "not valid key JSON"
+        raise KeyMaterialError(f"{source}: {detail}; see docs/privacy.md for the format") from None
+    if join_version not in join_keys:
+        raise KeyMaterialError(f"{source}: join.active {join_version!r} has no keys")
+    if enc_id not in enc_keys:
+        raise KeyMaterialError(f"{source}: encryption.active {enc_id!r} has no key")
+    return KeyRing(join_version, join_keys, enc_id, enc_keys)
+
+
+def generate_document(join_version: str = "h1", key_id: str = "k1") -> dict:
+    enc = lambda n: base64.b64encode(secrets.token_bytes(n)).decode()  # noqa: E731
+    return {
+        "join": {"active": join_version, "versions": {join_version: {f: enc(JOIN_KEY_BYTES) for f in PII_FIELDS}}},
+        "encryption": {"active": key_id, "keys": {key_id: enc(ENCRYPTION_KEY_BYTES)}},
+    }
+
+
+def write_document(path: Path, doc: dict) -> None:
+    """Write a key file readable by its owner only, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def load_keyring(keys_file: Path, generate_dev_key: bool = True) -> KeyRing:
+    env = os.environ.get("STREAMS_KEYS_JSON")
+    if env:
+        return parse_keyring(env, "STREAMS_KEYS_JSON")
+    if not keys_file.exists():
+        if not generate_dev_key:
+            raise KeyMaterialError(f"no key file at {keys_file}: run `streams keys init` or set STREAMS_KEYS_FILE")
+        write_document(keys_file, generate_document())
+        log.warning("generated a DEV masking key at %s; use real key management in production", keys_file)
+    return parse_keyring(keys_file.read_text(), str(keys_file))

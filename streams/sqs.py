@@ -1,0 +1,63 @@
+"""SQS access (aiobotocore): client, queue lookup, seeding and depth."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from contextlib import asynccontextmanager
+
+from aiobotocore.session import get_session
+from botocore.config import Config
+
+from streams.settings import Settings
+
+BATCH = 10  # SQS's limit for batch send, receive and delete
+
+
+@asynccontextmanager
+async def sqs_client(settings: Settings, max_pool: int = 20):
+    async with get_session().create_client(
+        "sqs",
+        endpoint_url=settings.sqs_endpoint,
+        region_name=settings.sqs_region,
+        aws_access_key_id=settings.aws_access_key_id.get_secret_value(),
+        aws_secret_access_key=settings.aws_secret_access_key.get_secret_value(),
+        config=Config(max_pool_connections=max_pool, retries={"max_attempts": 3, "mode": "standard"}),
+    ) as client:
+        yield client
+
+
+async def ensure_queue(client, name: str) -> str:
+    """Queue URL, creating the queue if it does not exist (local stack and tests)."""
+    return (await client.create_queue(QueueName=name))["QueueUrl"]
+
+
+async def queue_depth(client, queue_url: str) -> int:
+    """Visible plus in-flight messages: zero means the bridge has nothing left to do."""
+    attrs = (
+        await client.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def bodies_from_json(records: Iterable[object]) -> list[str]:
+    """Objects become their JSON text; strings are sent verbatim (to seed malformed bodies)."""
+    return [item if isinstance(item, str) else json.dumps(item) for item in records]
+
+
+async def send_bodies(client, queue_url: str, bodies: list[str]) -> list[str]:
+    """Send bodies in batches of ten; returns the SQS message ids in order."""
+    ids: list[str] = []
+    for start in range(0, len(bodies), BATCH):
+        chunk = bodies[start : start + BATCH]
+        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(chunk)]
+        response = await client.send_message_batch(QueueUrl=queue_url, Entries=entries)
+        if response.get("Failed"):
+            failed = response["Failed"][0]
+            raise RuntimeError(f"SQS refused {len(response['Failed'])} messages: {failed.get('Code')}")
+        by_entry = {int(ok["Id"]): ok["MessageId"] for ok in response["Successful"]}
+        ids.extend(by_entry[i] for i in range(len(chunk)))
+    return ids
