@@ -26,11 +26,8 @@ def _stack(settings: Settings, args) -> None:
 
     if args.action == "up":
         stack.up(settings)
-        for s in stack.status(settings):
-            print(f"{s.name:9} up    port {s.port}  pid {s.pid}")
     elif args.action == "down":
         stack.down(settings)
-        print("stack stopped")
     else:
         rows = stack.status(settings)
         for s in rows:
@@ -120,6 +117,20 @@ def _worker(settings: Settings, args) -> None:
     faust.Worker(app, loglevel=args.log_level, quiet=True).execute_from_commandline()
 
 
+def _ping(settings: Settings, args) -> None:
+    from streams.health import CHECKS
+
+    unknown = set(args.services) - set(CHECKS)
+    if unknown:
+        raise CommandError(f"unknown service {sorted(unknown)[0]!r}: choose from {', '.join(CHECKS)}")
+    for name in args.services or list(CHECKS):
+        try:
+            CHECKS[name](settings, args.timeout)
+        except Exception as exc:
+            raise CommandError(f"{name} does not answer ({type(exc).__name__}): check its setting and that it runs") from None
+        print(f"{name} ok")
+
+
 def _run(settings: Settings, args) -> None:
     from streams.runner import run_pipeline
 
@@ -156,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", metavar="FILE", help="seed the queue with this JSON file first")
     p.set_defaults(func=_run)
 
+    p = sub.add_parser("ping", help="check that services answer (exit 0 when all do)")
+    p.add_argument("services", nargs="*", metavar="SERVICE", help="kafka, postgres, sqs (default: all)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=_ping)
+
     p = sub.add_parser("migrate", help="apply pending database migrations")
     p.set_defaults(func=_migrate)
     return parser
@@ -163,13 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from streams.logs import setup_logging
+    from streams.stack import StackError
 
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         settings = load_settings()
         args.func(settings, args)
-    except (ConfigError, CommandError, KeyMaterialError) as exc:
+    except (ConfigError, CommandError, KeyMaterialError, StackError) as exc:
         print(f"streams {args.command}: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     except KeyboardInterrupt:

@@ -1,0 +1,147 @@
+"""Test helpers: wait on conditions with deadlines, run stage processes, read the results."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import asyncpg
+
+from streams.codec import Codecs
+from streams.kafka import group_lag
+from streams.settings import Settings
+from streams.sqs import bodies_from_json, ensure_queue, queue_depth, send_bodies, sqs_client
+from streams.topic_reader import read_topic
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.3) -> T:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: T = None  # type: ignore[assignment]
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Pipeline:
+    """One test's isolated pipeline: its settings, and the stage processes it started."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.env = env
+        self.workdir = workdir
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+        self.stopped: set[subprocess.Popen] = set()
+        self.codecs = Codecs()
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in self.env.items()})
+
+    def wait_for(self, condition: Callable[[], T], timeout: float, what: str) -> T:
+        """``wait_for`` that fails at once, with the log tail, if a stage process died."""
+
+        def check() -> T:
+            for proc, log_path in self.procs:
+                if proc.poll() is not None and proc not in self.stopped:
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise AssertionError(f"{proc.args[3]} exited with {proc.returncode} while waiting for {what}:\n{tail}")
+            return condition()
+
+        return wait_for(check, timeout, what)
+
+    # --- processes ---------------------------------------------------------
+    def start(self, command: str, *args: str, **env: str) -> subprocess.Popen:
+        log_path = self.workdir / f"{command}-{len(self.procs)}.log"
+        full_env = {**os.environ, **self.env, **env, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams", command, *args],
+            env=full_env,
+            cwd=REPO,
+            stdout=open(log_path, "wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append((proc, log_path))
+        return proc
+
+    def run(self, command: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, **self.env, **env}
+        return subprocess.run(
+            [sys.executable, "-m", "streams", command, *args],
+            env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 30) -> int:
+        self.stopped.add(proc)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop_all(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def logs(self) -> str:
+        return "".join(path.read_text(errors="replace") for _, path in self.procs if path.exists())
+
+    # --- queue -------------------------------------------------------------
+    def send(self, records: list[object]) -> list[str]:
+        async def go() -> list[str]:
+            async with sqs_client(self.settings) as sqs:
+                url = await ensure_queue(sqs, self.settings.sqs_queue)
+                return await send_bodies(sqs, url, bodies_from_json(records))
+
+        return asyncio.run(go())
+
+    def queue_depth(self) -> int:
+        async def go() -> int:
+            async with sqs_client(self.settings) as sqs:
+                return await queue_depth(sqs, await ensure_queue(sqs, self.settings.sqs_queue))
+
+        return asyncio.run(go())
+
+    # --- kafka -------------------------------------------------------------
+    def topic(self, name: str) -> list[tuple[bytes | None, bytes]]:
+        return read_topic(self.settings.kafka_bootstrap, name)
+
+    def dead_letters(self) -> list[dict]:
+        return [self.codecs.dead_letter.decode(v) for _, v in self.topic(self.settings.dlq_topic)]
+
+    def lag(self, topics: list[str], group: str | None = None) -> int:
+        offsets = group_lag(self.settings, topics, group)
+        return sum(end - committed for committed, end in offsets.values())
+
+    # --- database ----------------------------------------------------------
+    def query(self, sql: str, *args) -> list[asyncpg.Record]:
+        async def go():
+            conn = await asyncpg.connect(self.settings.pg_dsn.get_secret_value())
+            try:
+                return await conn.fetch(sql, *args)
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    def row_count(self) -> int:
+        try:
+            return self.query("SELECT count(*) AS n FROM user_logins")[0]["n"]
+        except asyncpg.UndefinedTableError:
+            return 0
