@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import signal
 import sys
@@ -17,8 +18,9 @@ from streams.keys import KeyMaterialError
 from streams.settings import ConfigError, Settings, load_settings
 
 
-class CommandError(Exception):
-    """An expected failure: printed as one line, exit status 1."""
+from streams.errors import CommandError
+
+COMMAND_GROUPS = ("streams.commands.privacy", "streams.commands.operations")
 
 
 def _stack(settings: Settings, args) -> None:
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply pending database migrations")
     p.set_defaults(func=_migrate)
+
+    for module in COMMAND_GROUPS:
+        importlib.import_module(module).register(sub)
     return parser
 
 
