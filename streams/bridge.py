@@ -13,7 +13,7 @@ import time
 
 from streams.codec import Codecs
 from streams.kafka import AsyncProducer, DeliveryError, ensure_topics
-from streams.retry import retry_forever
+from streams.retry import fault_point, retry_forever
 from streams.settings import Settings
 from streams.sqs import ensure_queue, sqs_client
 
@@ -100,6 +100,7 @@ class Bridge:
                 # Not deleted, so SQS redelivers them after the visibility timeout.
                 log.warning("produce failed, leaving %d messages on the queue: %s", len(messages), exc)
                 continue
+            fault_point("bridge_after_produce")
             await self._delete(sqs, queue_url, messages)
             self.bridged += len(messages)
 

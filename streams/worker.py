@@ -23,7 +23,7 @@ from streams.dead_letters import Reason, Rejected, dead_letter
 from streams.kafka import AsyncProducer
 from streams.keys import KeyRing
 from streams.masking import Masker
-from streams.retry import retry_forever
+from streams.retry import fault_point, retry_forever
 from streams.settings import Settings
 from streams.sink import PostgresSink
 from streams.transform import MaskTransform
@@ -93,6 +93,7 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
                     if out.reason:
                         log.info("dead-lettered %s: %s", out.key.decode("utf-8", "replace"), out.reason)
                 await outputs.produce(records, f"produce {len(records)} masked records")
+                fault_point("mask_after_produce")
                 for event in events:
                     await stream.ack(event)
 
@@ -132,6 +133,7 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
                         continue
                     rows.append(row)
                     raw_by_id[row["message_id"]] = event.message.value
+                fault_point("sink_before_commit")
                 refused = await retry_forever(
                     lambda: write_batch(rows), f"write {len(rows)} rows", log, settings.retry_max_backoff
                 ) if rows else []
@@ -139,6 +141,7 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
                     rejected = Rejected(Reason.REJECTED_BY_DATABASE, f"SQLSTATE {sqlstate}")
                     datum = dead_letter(row["message_id"], "sink", rejected, raw_by_id[row["message_id"]])
                     dead.append((settings.dlq_topic, row["message_id"].encode(), codecs.dead_letter.encode(datum)))
+                fault_point("sink_after_commit")
                 if dead:
                     await outputs.produce(dead, f"produce {len(dead)} dead letters")
                 for event in events:

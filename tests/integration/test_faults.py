@@ -1,0 +1,165 @@
+"""Crashes and outages on a private stack: every valid message lands exactly once, none is skipped.
+
+Each test kills only the processes it started (by pid, or by the ``STREAMS_FAULT`` hook
+that makes a stage SIGKILL itself at a precise point), and stops only the private
+stack's Kafka or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from streams import stack
+from tests.integration.conftest_faults import fault_pipeline, private_stack  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.integration
+
+KILLED = -signal.SIGKILL
+
+
+def logins(n: int, prefix: str = "u") -> list[dict]:
+    return [
+        {
+            "user_id": f"{prefix}{i}",
+            "app_version": f"2.{i % 10}.0",
+            "device_type": "android",
+            "ip": f"198.51.100.{i % 250}",
+            "locale": "RU",
+            "device_id": f"dev-{prefix}-{i}",
+        }
+        for i in range(n)
+    ]
+
+
+def ids_in_table(p) -> list[str]:
+    return [r["message_id"] for r in p.query("SELECT message_id FROM user_logins")]
+
+
+def drained(p, expected: set[str], timeout: float = 180) -> None:
+    """Wait until the table holds exactly ``expected``, the queue is empty and both groups caught up."""
+    s = p.settings
+    p.wait_for(lambda: p.row_count() >= len(expected), timeout, f"{len(expected)} rows")
+    p.wait_for(lambda: p.queue_depth() == 0, 60, "an empty queue")
+    p.wait_for(lambda: p.lag([s.raw_topic, s.masked_topic]) == 0, 90, "committed offsets")
+    rows = ids_in_table(p)
+    assert len(rows) == len(set(rows)) == len(expected)
+    assert set(rows) == expected
+
+
+def wait_killed(p, proc, what: str, timeout: float = 120) -> None:
+    p.stopped.add(proc)
+    p.wait_for(lambda: proc.poll() is not None, timeout, what)
+    assert proc.returncode == KILLED, p.logs()[-3000:]
+
+
+def test_bridge_killed_after_kafka_ack_before_sqs_delete(fault_pipeline):
+    p = fault_pipeline
+    ids = p.send(logins(30))
+    bridge = p.start("bridge", STREAMS_FAULT="bridge_after_produce", STREAMS_BRIDGE_POLLERS="1")
+    wait_killed(p, bridge, "the bridge to kill itself after the broker ack")
+    raw_before = p.topic(p.settings.raw_topic)
+    assert raw_before, "the fault fired before anything was produced"
+    assert p.queue_depth() == 30  # nothing deleted: the acked batch is still on the queue
+
+    p.start("bridge")
+    p.start("worker")
+    drained(p, set(ids))
+    raw_ids = [k.decode() for k, _ in p.topic(p.settings.raw_topic)]
+    assert len(raw_ids) > len(set(raw_ids)) == 30  # the redelivered batch is in Kafka twice...
+    assert not p.dead_letters()  # ...and still made one row each
+
+
+@pytest.mark.parametrize("point", ["sink_before_commit", "sink_after_commit", "mask_after_produce"])
+def test_worker_killed_mid_flow_writes_every_row_once(fault_pipeline, point):
+    p = fault_pipeline
+    ids = p.send(logins(400))
+    p.start("bridge")
+    worker = p.start("worker", STREAMS_FAULT=f"{point}@2", STREAMS_BATCH_SIZE="50")
+    wait_killed(p, worker, f"the worker to kill itself at {point}")
+    written = p.row_count()
+    assert written < 400  # killed mid-flow, with work left
+    p.start("worker", STREAMS_BATCH_SIZE="50")
+    drained(p, set(ids))
+    assert not p.dead_letters()
+
+
+def test_postgres_outage_inside_a_batch_is_retried_not_skipped(fault_pipeline, private_stack):
+    p = fault_pipeline
+    s = p.settings
+    first = p.send(logins(50, "a"))
+    p.start("bridge")
+    worker = p.start("worker")
+    p.wait_for(lambda: p.row_count() == 50, 120, "the first 50 rows")
+
+    stack.stop_service(private_stack, "postgres")
+    second = p.send(logins(200, "b"))
+    # The mask stage keeps going; the sink cannot write and must not ack.
+    p.wait_for(lambda: p.lag([s.raw_topic]) == 0 and len(p.topic(s.masked_topic)) >= 250, 120, "masked records")
+    p.wait_for(lambda: "failed (" in p.logs(), 60, "the sink to retry")
+    time.sleep(2)  # let at least one more commit interval pass while the database is down
+    assert p.lag([s.masked_topic]) >= 200, "the sink committed offsets it never wrote"
+    stack.start_service(private_stack, "postgres")
+
+    drained(p, set(first) | set(second))
+    assert worker.poll() is None  # resumed by itself
+    assert not p.dead_letters()
+
+
+def test_kafka_outage_during_the_flow(fault_pipeline, private_stack):
+    p = fault_pipeline
+    first = p.send(logins(50, "a"))
+    bridge = p.start("bridge")
+    worker = p.start("worker")
+    p.wait_for(lambda: p.row_count() == 50, 120, "the first 50 rows")
+
+    stack.stop_service(private_stack, "kafka")
+    second = p.send(logins(200, "b"))
+    time.sleep(3)  # the stages run into the outage
+    stack.start_service(private_stack, "kafka")
+
+    drained(p, set(first) | set(second), timeout=240)
+    assert bridge.poll() is None and worker.poll() is None  # resumed by themselves
+    assert not p.dead_letters()
+
+
+def test_poison_then_a_thousand_valid(fault_pipeline):
+    p = fault_pipeline
+    poison = "[" * 100_000  # RecursionError in json.loads, not a ValueError
+    ids = p.send([poison, *logins(1000)])
+    p.start("bridge")
+    p.start("worker")
+    drained(p, set(ids[1:]), timeout=240)
+    dead = p.dead_letters()
+    assert [(d["message_id"], d["stage"], d["reason"]) for d in dead] == [(ids[0], "mask", "too_deep")]
+
+
+def test_sigterm_exits_zero_and_keeps_what_it_wrote(fault_pipeline, private_stack):
+    p = fault_pipeline
+    s = p.settings
+    ids = p.send(logins(1500))
+    p.start("bridge")
+    worker = p.start("worker", STREAMS_BATCH_SIZE="100")
+    p.wait_for(lambda: p.row_count() > 0, 120, "the first rows")
+    began = time.monotonic()
+    assert p.stop(worker, timeout=45) == 0
+    assert time.monotonic() - began < 45
+
+    # SIGTERM while the sink is stuck retrying against a dead database: still exit 0, ack nothing.
+    stack.stop_service(private_stack, "postgres")
+    worker = p.start("worker", STREAMS_BATCH_SIZE="100")
+    log_path = p.procs[-1][1]
+    p.wait_for(lambda: "failed (" in log_path.read_text(), 120, "the sink to retry against a dead database")
+    rows_lag = p.lag([s.masked_topic])
+    began = time.monotonic()
+    assert p.stop(worker, timeout=45) == 0
+    assert time.monotonic() - began < 45
+    assert p.lag([s.masked_topic]) >= rows_lag > 0
+    stack.start_service(private_stack, "postgres")
+
+    p.start("worker")
+    drained(p, set(ids))
+    assert json.dumps(sorted(ids_in_table(p))) == json.dumps(sorted(ids))
