@@ -6,8 +6,14 @@ with a warning, so ``make run`` works on a fresh machine. Key bytes are never pr
 
 File format::
 
-    {"join": {"active": "h1", "versions": {"h1": {"ip": "<b64>", "device_id": "<b64>"}}},
+    {"join": {"active": "h1", "next": "h2",
+              "versions": {"h1": {"ip": "<b64>", "device_id": "<b64>"}, "h2": {...}}},
      "encryption": {"active": "k1", "keys": {"k1": "<b64, 64 bytes AES-SIV>"}}}
+
+``join.next`` is optional: it names a version being rolled out by ``streams keys
+rejoin`` (new writes keep using ``active`` until the rewrite switches them).
+A KMS plugs in by rendering this document into ``STREAMS_KEYS_JSON`` at process start
+(see docs/privacy.md); the commands that change keys edit the file only.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class KeyRing:
     join_keys: dict[str, dict[str, bytes]]  # version -> field -> key
     encryption_key_id: str
     encryption_keys: dict[str, bytes]  # key id -> key
+    join_next: str | None = None  # version being rolled out by `keys rejoin`
 
     def active_join_keys(self) -> dict[str, bytes]:
         return self.join_keys[self.join_version]
@@ -46,7 +53,7 @@ class KeyRing:
     def describe(self) -> dict:
         """What is loaded, without key bytes (safe to print)."""
         return {
-            "join": {"active": self.join_version, "versions": sorted(self.join_keys)},
+            "join": {"active": self.join_version, "next": self.join_next, "versions": sorted(self.join_keys)},
             "encryption": {"active": self.encryption_key_id, "keys": sorted(self.encryption_keys)},
         }
 
@@ -96,15 +103,57 @@ def parse_keyring(text: str, source: str) -> KeyRing:
         raise KeyMaterialError(f"{source}: join.active {join_version!r} has no keys")
     if enc_id not in enc_keys:
         raise KeyMaterialError(f"{source}: encryption.active {enc_id!r} has no key")
-    return KeyRing(join_version, join_keys, enc_id, enc_keys)
+    join_next = join.get("next")
+    if join_next is not None and join_next not in join_keys:
+        raise KeyMaterialError(f"{source}: join.next {join_next!r} has no keys")
+    return KeyRing(join_version, join_keys, enc_id, enc_keys, join_next)
+
+
+def _new_key(size: int) -> str:
+    return base64.b64encode(secrets.token_bytes(size)).decode()
+
+
+def next_id(existing, prefix: str) -> str:
+    """The next free id after the highest numbered one: h1 -> h2, k7 -> k8."""
+    numbers = [int(i[len(prefix):]) for i in existing if i.startswith(prefix) and i[len(prefix):].isdigit()]
+    return f"{prefix}{max(numbers, default=0) + 1}"
 
 
 def generate_document(join_version: str = "h1", key_id: str = "k1") -> dict:
-    enc = lambda n: base64.b64encode(secrets.token_bytes(n)).decode()  # noqa: E731
     return {
-        "join": {"active": join_version, "versions": {join_version: {f: enc(JOIN_KEY_BYTES) for f in PII_FIELDS}}},
-        "encryption": {"active": key_id, "keys": {key_id: enc(ENCRYPTION_KEY_BYTES)}},
+        "join": {"active": join_version, "versions": {join_version: {f: _new_key(JOIN_KEY_BYTES) for f in PII_FIELDS}}},
+        "encryption": {"active": key_id, "keys": {key_id: _new_key(ENCRYPTION_KEY_BYTES)}},
     }
+
+
+def add_encryption_key(doc: dict) -> str:
+    """Add a fresh encryption key and make it active at once (old ids still decrypt)."""
+    key_id = next_id(doc["encryption"]["keys"], "k")
+    doc["encryption"]["keys"][key_id] = _new_key(ENCRYPTION_KEY_BYTES)
+    doc["encryption"]["active"] = key_id
+    return key_id
+
+
+def add_join_version(doc: dict) -> str:
+    """Add a fresh join version as ``next``; it becomes active only when `keys rejoin` switches."""
+    join = doc["join"]
+    if join.get("next"):
+        raise KeyMaterialError(f"join version {join['next']} is already being rolled out: run `streams keys rejoin`")
+    version = next_id(join["versions"], "h")
+    join["versions"][version] = {f: _new_key(JOIN_KEY_BYTES) for f in PII_FIELDS}
+    join["next"] = version
+    return version
+
+
+def editable_document(keys_file: Path) -> dict:
+    """The key file's document, for commands that change keys (never the env/KMS copy)."""
+    if os.environ.get("STREAMS_KEYS_JSON"):
+        raise KeyMaterialError("keys come from STREAMS_KEYS_JSON: change them in your secret store, not with this command")
+    if not keys_file.exists():
+        raise KeyMaterialError(f"no key file at {keys_file}: run `streams keys init` or set STREAMS_KEYS_FILE")
+    text = keys_file.read_text()
+    parse_keyring(text, str(keys_file))
+    return json.loads(text)
 
 
 def write_document(path: Path, doc: dict) -> None:

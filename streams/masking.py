@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -23,6 +24,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from streams.keys import KeyRing
 
 PAD_BLOCK = 128
+TOKEN = re.compile(r"^([A-Za-z0-9_-]{1,16})\.[A-Za-z0-9_-]{43}$")
+
+
+def token_version(token: str) -> str:
+    """The version prefix of a well-formed join token; ValueError (without the text) otherwise."""
+    match = TOKEN.match(token)
+    if not match:
+        raise ValueError("not a join token: expected <version>.<43 base64url characters>")
+    return match.group(1)
 
 
 def canonical_ip(value: str) -> tuple[str, bool]:
@@ -88,9 +98,11 @@ class Masker:
         self._siv = {key_id: AESSIV(key) for key_id, key in keyring.encryption_keys.items()}
         self.mask = lru_cache(maxsize=cache_size)(self._mask)
 
-    def token(self, field: str, canonical: str) -> str:
-        digest = hmac.new(self._join[field], canonical.encode("utf-8"), hashlib.sha256).digest()
-        return f"{self.keyring.join_version}.{_b64(digest)}"
+    def token(self, field: str, canonical: str, version: str | None = None) -> str:
+        """The active version's token, or another loaded version's (used by join-key rotation)."""
+        key = self._join[field] if version is None else self.keyring.join_keys[version][field]
+        digest = hmac.new(key, canonical.encode("utf-8"), hashlib.sha256).digest()
+        return f"{version or self.keyring.join_version}.{_b64(digest)}"
 
     def encrypt(self, field: str, canonical: str) -> str:
         key_id = self._key_id
