@@ -5,8 +5,9 @@
   space cannot be brute-forced, unlike an unkeyed hash.
 - Recovery ciphertext: ``<key id>.<base64url(AES-SIV(pad(canonical)))>`` with the field
   name and key id as associated data, so a ciphertext cannot be moved to another field
-  or key. Deterministic, so one vault row serves every duplicate; padded to 128-byte
-  blocks so the length of short values does not leak.
+  or key. Deterministic, so one vault row serves every duplicate; padded to 256-byte
+  blocks so the length of a value does not leak (any ASCII value the parser accepts
+  fits one block; only long non-ASCII values fall into a larger bucket).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from streams.keys import KeyRing
 
-PAD_BLOCK = 128
+PAD_BLOCK = 256  # covers every ASCII value up to the parser's 200-character limit
 TOKEN = re.compile(r"^([A-Za-z0-9_-]{1,16})\.[A-Za-z0-9_-]{43}$")
 
 

@@ -81,3 +81,90 @@ def test_short_key_is_refused_without_printing_it():
     with pytest.raises(KeyMaterialError) as info:
         parse_keyring(json.dumps(doc), "keys.json")
     assert "c2hvcnQ" not in str(info.value)
+
+
+# --- properties (hypothesis) ---------------------------------------------------------
+
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from streams.masking import PAD_BLOCK, token_version  # noqa: E402
+
+M1, M2 = masker(), masker()
+values = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60)
+ips = st.ip_addresses().map(str)
+fields = st.sampled_from(["ip", "device_id"])
+
+
+@given(fields, values, values)
+def test_property_tokens_equal_exactly_when_canonical_values_are(field, a, b):
+    assert (M1.token(field, a) == M1.token(field, b)) == (a == b)
+
+
+@given(ips)
+def test_property_ip_spellings_share_a_token(ip):
+    canonical, valid = canonical_ip(ip)
+    spellings = [ip, f" {ip.upper()} ", canonical]
+    if ":" not in ip:
+        spellings.append(f"::ffff:{ip}")
+    assert valid
+    assert {M1.token("ip", canonical_ip(s)[0]) for s in spellings} == {M1.token("ip", canonical)}
+
+
+@given(fields, values)
+def test_property_token_changes_with_the_key(field, value):
+    assert M1.token(field, value) != M2.token(field, value)
+
+
+@given(fields, st.one_of(ips, values))
+def test_property_reveal_of_mask_is_the_canonical_value(field, raw):
+    canonical = canonical_ip(raw)[0] if field == "ip" else canonical_device_id(raw)
+    assert M1.decrypt(field, M1.mask(field, canonical).ciphertext) == canonical
+
+
+@given(fields, st.text(st.characters(max_codepoint=127), max_size=200), st.text(st.characters(max_codepoint=127), max_size=200))
+def test_property_ciphertext_length_does_not_depend_on_value_length(field, a, b):
+    assert len(M1.encrypt(field, a)) == len(M1.encrypt(field, b))
+
+
+@settings(max_examples=200)
+@given(fields, st.one_of(ips, values))
+def test_property_token_is_not_the_value_nor_an_unkeyed_hash(field, value):
+    token = M1.token(field, value)
+    body = token.partition(".")[2]
+    data = value.encode()
+    forbidden = {value, base64.b64encode(data).decode(), base64.urlsafe_b64encode(data).decode().rstrip("=")}
+    for name in ("sha256", "sha1", "md5"):
+        digest = hashlib.new(name, data).digest()
+        forbidden |= {
+            digest.hex(),
+            base64.b64encode(digest).decode(),
+            base64.b64encode(digest).decode().rstrip("="),
+            base64.urlsafe_b64encode(digest).decode().rstrip("="),
+        }
+    assert token not in forbidden and body not in forbidden
+    assert not any(f and f in token for f in forbidden if len(f) >= 8)
+
+
+def test_pad_block_holds_the_longest_ascii_value():
+    assert PAD_BLOCK >= 200 + 2
+
+
+@pytest.mark.parametrize("text", ["", "h1.", "h1.short", "1.2.3.4", "h1." + "a" * 42 + "!", "toolongversion123." + "a" * 43])
+def test_malformed_tokens_are_refused_without_echoing_them(text):
+    with pytest.raises(ValueError) as info:
+        token_version(text)
+    assert text not in str(info.value) or not text
+
+
+def test_token_for_another_loaded_version():
+    doc = generate_document()
+    from streams.keys import add_join_version
+
+    version = add_join_version(doc)
+    m = masker(doc)
+    assert m.token("ip", "1.2.3.4").startswith("h1.")
+    assert m.token("ip", "1.2.3.4", version).startswith(version + ".")
+    assert m.token("ip", "1.2.3.4", version).partition(".")[2] != m.token("ip", "1.2.3.4").partition(".")[2]
