@@ -1,0 +1,153 @@
+"""Throughput of the worker and the time a replay takes, on the running local stack.
+
+Fills a fresh raw topic with N envelopes (the sample's logins, each with its own message
+id) straight through Kafka, so the SQS bridge is not what is measured, then times
+``streams worker`` processes from start to every row in PostgreSQL, for 1 and for 3
+workers, and the time a ``streams replay mask --to earliest`` run takes to rewrite them.
+
+    python -m benchmarks.throughput --messages 20000 --workers 1,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from streams.bridge import envelope
+from streams.codec import Codecs
+from streams.kafka import AsyncProducer, ensure_topics, group_lag
+from streams.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = next((p for p in (REPO.parent / "shared/data/sample_data.json", REPO / "data/sample_data.json") if p.exists()), None)
+
+
+def produce_raw(settings: Settings, records: list[object], chunk: int = 5000) -> list[str]:
+    """Put each record on the raw topic as the bridge would (fresh message ids); returns the ids."""
+    codec = Codecs().raw
+    now = int(time.time() * 1000)
+    ids = [str(uuid.uuid4()) for _ in records]
+    encoded = [
+        (
+            settings.raw_topic,
+            mid.encode(),
+            codec.encode(envelope({"MessageId": mid, "Body": json.dumps(r), "Attributes": {"SentTimestamp": str(now)}})),
+        )
+        for mid, r in zip(ids, records)
+    ]
+
+    async def send() -> None:
+        producer = AsyncProducer(settings.kafka_bootstrap)
+        try:
+            for i in range(0, len(encoded), chunk):
+                await producer.send_all(encoded[i : i + chunk])
+        finally:
+            producer.close()
+
+    asyncio.run(send())
+    return ids
+
+
+def _isolated_env(tag: str, base: Settings, keys_dir: Path) -> dict[str, str]:
+    dsn = base.pg_dsn.get_secret_value().rsplit("/", 1)[0] + f"/bench_{tag}"
+    return {
+        "STREAMS_RAW_TOPIC": f"bench{tag}.raw",
+        "STREAMS_MASKED_TOPIC": f"bench{tag}.masked",
+        "STREAMS_DLQ_TOPIC": f"bench{tag}.dlq",
+        "STREAMS_APP_ID": f"bench-{tag}",
+        "STREAMS_PG_DSN": dsn,
+        "STREAMS_KEYS_FILE": str(keys_dir / "keys.json"),
+    }
+
+
+async def _sql(dsn: str, statement: str):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(statement)
+    finally:
+        await conn.close()
+
+
+def _rows(dsn: str) -> int:
+    try:
+        return asyncio.run(_sql(dsn, "SELECT count(*) FROM user_logins"))
+    except asyncpg.UndefinedTableError:
+        return 0
+
+
+def _run_workers(env: dict[str, str], workers: int, expected_rows: int, settings: Settings, timeout: float) -> float:
+    """Seconds from starting ``workers`` processes until every row is written and committed."""
+    full = {**os.environ, **env}
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "streams", "worker", "--log-level", "warning"], env=full, cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(workers)
+    ]
+    try:
+        topics = [settings.raw_topic, settings.masked_topic]
+        while True:
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"{workers} worker(s) did not finish {expected_rows} rows in {timeout}s")
+            lag = sum(e - c for c, e in group_lag(settings, topics).values())
+            if lag == 0 and _rows(settings.pg_dsn.get_secret_value()) >= expected_rows:
+                return time.monotonic() - start
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(60)
+
+
+def measure(messages: int, workers: int, replay: bool, timeout: float) -> dict:
+    """One isolated run: fill, process with ``workers`` processes, optionally replay the mask stage."""
+    base = Settings()
+    tag = uuid.uuid4().hex[:8]
+    keys_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{tag}"
+    keys_dir.mkdir(parents=True)
+    env = _isolated_env(tag, base, keys_dir)
+    asyncio.run(_sql(base.pg_dsn.get_secret_value(), f'CREATE DATABASE "bench_{tag}"'))
+    settings = Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in env.items()})
+    ensure_topics(settings)
+    sample = [r for r in json.loads(SAMPLE.read_text()) if "ip" in r]
+    records = [sample[i % len(sample)] for i in range(messages)]
+    produce_raw(settings, records)
+    result = {"messages": messages, "workers": workers}
+    seconds = _run_workers(env, workers, messages, settings, timeout)
+    result.update(seconds=round(seconds, 1), per_second=round(messages / seconds))
+    if replay:
+        full = {**os.environ, **env}
+        subprocess.run([sys.executable, "-m", "streams", "replay", "mask", "--to", "earliest"], env=full, cwd=REPO,
+                       check=True, capture_output=True, timeout=120)
+        seconds = _run_workers(env, workers, messages, settings, timeout)
+        result.update(replay_seconds=round(seconds, 1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=int(os.environ.get("BENCH_MESSAGES", 10000)))
+    parser.add_argument("--workers", default=os.environ.get("BENCH_WORKERS", "1,3"), help="comma-separated worker counts")
+    parser.add_argument("--replay", action="store_true", help="also time a mask replay from earliest")
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args(argv)
+    for n in (int(w) for w in args.workers.split(",")):
+        r = measure(args.messages, n, args.replay, args.timeout)
+        line = f"{r['workers']} worker(s): {r['messages']} messages in {r['seconds']}s = {r['per_second']} msg/s"
+        if "replay_seconds" in r:
+            line += f"; replay mask from earliest: {r['replay_seconds']}s"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
