@@ -27,7 +27,7 @@ async def _vault_rows(conn: asyncpg.Connection, pairs: list[tuple[str, str]]) ->
     fields, tokens = zip(*pairs)
     return await conn.fetch(
         "SELECT v.field, v.token, v.ciphertext FROM pii_vault v"
-        " JOIN unnest($1::text[], $2::text[]) AS q(field, token) USING (field, token) ORDER BY v.field",
+        " JOIN unnest($1::text[], $2::text[]) AS q(field, token) USING (field, token)",
         list(fields), list(tokens),
     )
 
@@ -65,6 +65,7 @@ async def reveal(
         raise CommandError("no pii_vault entry for that token: check the token, or that the vault was not purged")
     try:
         found = [Revealed(r["field"], r["token"], masker.decrypt(r["field"], r["ciphertext"])) for r in rows]
+        found.sort(key=lambda item: PII_FIELDS.index(item.field))
     except RevealError as exc:
         await audit.record(conn, operator, "refused_key", **note)
         raise CommandError(f"{exc}: use the key file that holds this encryption key id") from None

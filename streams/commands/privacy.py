@@ -155,8 +155,8 @@ def _reveal(settings: Settings, args) -> None:
             token=args.token, message_id=args.message_id, field=args.field, reason=args.reason,
         ),
     )
-    for item in found:
-        print(f"{item.field}\t{item.value}")
+    for item in found:  # JSON lines: a value may hold tabs or newlines
+        print(json.dumps({"field": item.field, "token": item.token, "value": item.value}, ensure_ascii=False))
 
 
 def register(sub) -> None:
