@@ -22,6 +22,9 @@ def masker(doc=None):
         ("::ffff:192.0.2.1", "192.0.2.1", True),
         ("fe80::1%eth0", "fe80::1%eth0", True),
         ("not an ip", "not an ip", False),
+        ("010.1.1.1", "010.1.1.1", False),
+        ("::ffff:1.2.3.4%eth0", "::ffff:102:304%eth0", True),
+        ("FE80::1%Eth0", "fe80::1%Eth0", True),
     ],
 )
 def test_canonical_ip(value, canonical, valid):
