@@ -38,9 +38,10 @@ def test_status_reports_each_stage_rows_dead_letters_and_queue(pipeline, sample_
 
     # --follow draws a progress bar while the backlog drains, and --until-idle ends it at 100%.
     follow = pipeline.start("status", "--follow", "--interval", "0.5", "--until-idle")
+    pipeline.stopped.add(follow)  # it is expected to exit by itself
     pipeline.start("worker")
     pipeline.wait_for(lambda: follow.poll() is not None, 120, "status --follow to see the backlog drained")
     assert follow.returncode == 0
     log = pipeline.logs()
-    assert "drained [" in log and "100%  backlog 0" in log and "backlog 7" in log
+    assert re.search(r"drained \[\.+\]\s+0%  backlog [1-9]", log) and "100%  backlog 0" in log
     pipeline.stop(bridge)
