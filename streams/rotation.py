@@ -62,16 +62,17 @@ async def reencrypt(
     """Move vault rows to the active key id; returns how many rows it moved."""
     active = masker.keyring.encryption_key_id
     total = await conn.fetchval("SELECT count(*) FROM pii_vault WHERE key_id <> $1", active)
-    progress, moved, batches = Progress(f"re-encrypting to {active}", total, out), 0, 0
+    progress, moved, batches, last = Progress(f"re-encrypting to {active}", total, out), 0, 0, ("", "")
     while max_batches is None or batches < max_batches:
         async with conn.transaction():
-            rows = await conn.fetch(
-                "SELECT field, token, ciphertext FROM pii_vault WHERE key_id <> $1"
-                " ORDER BY field, token LIMIT $2 FOR UPDATE SKIP LOCKED",
-                active, batch_size,
+            rows = await conn.fetch(  # keyset walk along the primary key: linear, not quadratic
+                "SELECT field, token, ciphertext FROM pii_vault WHERE key_id <> $1 AND (field, token) > ($3, $4)"
+                " ORDER BY field, token LIMIT $2 FOR UPDATE",
+                active, batch_size, *last,
             )
             if not rows:
                 break
+            last = (rows[-1]["field"], rows[-1]["token"])
             sealed = [masker.encrypt(r["field"], _open(masker, r["field"], r["ciphertext"])) for r in rows]
             await conn.execute(
                 "UPDATE pii_vault v SET key_id = $1, ciphertext = n.ciphertext"
@@ -122,13 +123,19 @@ async def map_vault(conn: asyncpg.Connection, masker: Masker, target: str, batch
     pending = """FROM pii_vault v WHERE split_part(v.token, '.', 1) <> $1 AND NOT EXISTS
         (SELECT 1 FROM join_token_map m WHERE m.field = v.field AND m.old_token = v.token)"""
     progress = Progress(f"mapping vault to {target}", await conn.fetchval(f"SELECT count(*) {pending}", target), out)
+    last = ("", "")
     try:
         while True:
-            rows = await conn.fetch(f"SELECT v.field, v.token, v.key_id, v.ciphertext {pending} ORDER BY 1, 2 LIMIT $2", target, batch_size)
+            rows = await conn.fetch(
+                f"SELECT v.field, v.token, v.key_id, v.ciphertext {pending} AND (v.field, v.token) > ($3, $4)"
+                " ORDER BY v.field, v.token LIMIT $2",
+                target, batch_size, *last,
+            )
             if not rows:
                 return True
             if not budget.take():
                 return False
+            last = (rows[-1]["field"], rows[-1]["token"])
             new = [masker.token(r["field"], _open(masker, r["field"], r["ciphertext"]), target) for r in rows]
             fields = [r["field"] for r in rows]
             async with conn.transaction():
@@ -177,7 +184,7 @@ async def rewrite_logins(conn: asyncpg.Connection, target: str, batch_size: int,
             if row["last"] is None:
                 return True
             last = row["last"]
-            progress.advance(batch_size)
+            progress.advance(min(batch_size, progress.total - progress.done))
     finally:
         progress.close()
 
