@@ -73,6 +73,14 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # A SIGKILLed member holds its partitions until its session expires; Faust's
+        # default of 60 s would stall the group that long after every crash.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        # On stop or rebalance Faust waits until every delivered event is acked; an agent
+        # retrying against a dead database never acks, so SIGTERM would hang. Don't wait:
+        # the agent is cancelled, its unfinished events stay unacked and are redelivered.
+        stream_wait_empty=False,
         producer_acks=-1,
     )
     codecs = Codecs()

@@ -149,8 +149,11 @@ def test_sigterm_exits_zero_and_keeps_what_it_wrote(fault_pipeline, private_stac
     assert time.monotonic() - began < 45
 
     # SIGTERM while the sink is stuck retrying against a dead database: still exit 0, ack nothing.
-    stack.stop_service(private_stack, "postgres")
+    written = p.row_count()
     worker = p.start("worker", STREAMS_BATCH_SIZE="100")
+    p.wait_for(lambda: p.row_count() > written, 120, "the restarted worker to write")
+    stack.stop_service(private_stack, "postgres")
+    ids += p.send(logins(300, "c"))
     log_path = p.procs[-1][1]
     p.wait_for(lambda: "failed (" in log_path.read_text(), 120, "the sink to retry against a dead database")
     rows_lag = p.lag([s.masked_topic])
