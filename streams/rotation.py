@@ -96,13 +96,6 @@ async def key_in_use(conn: asyncpg.Connection, key_id: str) -> int:
 _OLD_LOGINS = "split_part(masked_ip, '.', 1) <> $1 OR split_part(masked_device_id, '.', 1) <> $1"
 
 
-async def old_counts(conn: asyncpg.Connection, target: str) -> tuple[int, int]:
-    """(user_logins rows, pii_vault rows) still holding a token of another version."""
-    logins = await conn.fetchval(f"SELECT count(*) FROM user_logins WHERE {_OLD_LOGINS}", target)
-    vault = await conn.fetchval("SELECT count(*) FROM pii_vault WHERE split_part(token, '.', 1) <> $1", target)
-    return logins, vault
-
-
 class Budget:
     """How many batches a run may still do (``--max-batches``, for staged or test runs)."""
 
