@@ -6,7 +6,7 @@ STREAMS = $(VENV)/bin/streams
 SAMPLE ?= $(firstword $(wildcard ../shared/data/sample_data.json) data/sample_data.json)
 PYTEST_ARGS ?=
 
-.PHONY: install run test unit stack-up stack-down stack-status bench clean
+.PHONY: install run test unit stack-up stack-down stack-status bench chaos clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ stack-status: install
 bench: install
 	$(STREAMS) stack up
 	$(PY) -m benchmarks.run
+
+## Chaos run on a private stack: N messages (2% malformed), K kills of worker and bridge,
+## one Kafka and one PostgreSQL restart; prints what was injected and what was found.
+N ?= 100000
+K ?= 5
+chaos: install
+	$(PY) -m streams.chaos --messages $(N) --kills $(K)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,7 @@
 """A private stack for tests that stop and restart Kafka or PostgreSQL.
 
 The shared stack on the default ports serves other tests at the same time, so fault
-tests get their own Kafka, PostgreSQL and ElasticMQ on other ports, in a temporary
+tests get their own Kafka, PostgreSQL and ElasticMQ on free ports (two sessions can run at once), in a temporary
 stack dir, started once per session and stopped at the end. Import the fixtures into a
 test module: ``from tests.integration.conftest_faults import private_stack, fault_pipeline``.
 """
@@ -16,21 +16,9 @@ import asyncpg
 import pytest
 
 from streams import stack
+from streams.chaos import private_settings
 from streams.settings import Settings
 from tests.helpers import Pipeline
-
-
-def private_settings(stack_dir: Path) -> Settings:
-    return Settings(
-        stack_dir=stack_dir,
-        kafka_port=19092,
-        kafka_controller_port=19093,
-        pg_port=15432,
-        sqs_port=19324,
-        kafka_bootstrap="127.0.0.1:19092",
-        sqs_endpoint="http://127.0.0.1:19324",
-        pg_dsn="postgresql://postgres@127.0.0.1:15432/streams",
-    )
 
 
 @pytest.fixture(scope="session")

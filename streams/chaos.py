@@ -1,0 +1,309 @@
+"""Chaos run: push N messages through while killing stages and restarting services, then audit.
+
+``python -m streams.chaos --messages 100000 --kills 5`` (``make chaos``) starts a private
+stack on its own ports (the shared one is never touched), feeds the queue at a steady
+rate with ``--malformed`` of the bodies invalid, SIGKILLs the worker and the bridge
+``--kills`` times each (by pid, restarting them at once), restarts Kafka and PostgreSQL
+once each, and checks: rows == valid ids exactly, dead-lettered ids == malformed ids,
+the queue empty, consumer lag zero. It prints what was injected and what was found, and
+exits 1 if the promise was broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from streams.codec import Codecs
+from streams.kafka import ensure_topics, group_lag
+from streams.settings import Settings
+from streams.sqs import bodies_from_json, ensure_queue, queue_depth, send_bodies, sqs_client
+from streams.topic_reader import read_topic
+
+MALFORMED = ["", "null", "[1,", "{'a': 1}", '{"user_id": "x"}', "[" * 5000, '{"user_id": "x", "user_id": "y"}']
+
+
+@dataclass
+class Report:
+    messages: int = 0
+    malformed: int = 0
+    faults: dict[str, int] = field(default_factory=lambda: {"worker SIGKILL": 0, "bridge SIGKILL": 0, "kafka restart": 0, "postgres restart": 0})
+    rows: int = 0
+    lost: int = 0
+    unexpected_rows: int = 0
+    dead_lettered_ids: int = 0
+    dead_letter_records: int = 0
+    missing_dead_letters: int = 0
+    raw_records: int = 0
+    queue_depth: int = -1
+    lag: int = -1
+    send_seconds: float = 0.0
+    drain_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.unexpected_rows or self.missing_dead_letters or self.queue_depth or self.lag)
+
+    def table(self) -> str:
+        lines = [
+            ("messages sent", self.messages),
+            ("  of which malformed", self.malformed),
+            *((f"injected: {name}", n) for name, n in self.faults.items()),
+            ("raw records (redeliveries included)", self.raw_records),
+            ("rows in user_logins", self.rows),
+            ("lost (valid id without a row)", self.lost),
+            ("duplicated / unexpected rows", self.unexpected_rows),
+            ("dead-lettered ids", self.dead_lettered_ids),
+            ("dead-letter records (at least once)", self.dead_letter_records),
+            ("malformed ids not dead-lettered", self.missing_dead_letters),
+            ("queue depth at the end", self.queue_depth),
+            ("consumer lag at the end", self.lag),
+            ("send time (s)", f"{self.send_seconds:.1f}"),
+            ("drain time after last send (s)", f"{self.drain_seconds:.1f}"),
+            ("verdict", "OK" if self.ok else "BROKEN"),
+        ]
+        width = max(len(name) for name, _ in lines)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
+
+
+def make_bodies(n: int, malformed_ratio: float, seed: int = 7) -> list[tuple[str, bool]]:
+    """``(body, valid)`` pairs: a steady sprinkle of malformed bodies among unique logins."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if rng.random() < malformed_ratio:
+            out.append((MALFORMED[i % len(MALFORMED)] or " ", False))
+        else:
+            login = {"user_id": f"c{i}", "app_version": f"{i % 4}.{i % 100}", "device_type": "ios",
+                     "ip": f"10.{i % 256}.{(i // 256) % 256}.1", "locale": None if i % 3 else "DE", "device_id": f"dev-{i}"}
+            out.append((bodies_from_json([login])[0], True))
+    return out
+
+
+class Stages:
+    """The bridge and worker processes of the run; killed only by their own pid."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.env, self.workdir, self.count = env, workdir, 0
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, command: str) -> None:
+        self.count += 1
+        log = open(self.workdir / f"{command}-{self.count}.log", "wb")
+        self.procs[command] = subprocess.Popen(
+            [sys.executable, "-m", "streams", command], env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def kill_and_restart(self, command: str) -> None:
+        proc = self.procs[command]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        self.start(command)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def private_settings(stack_dir: Path) -> Settings:
+    """A stack of our own on free ports, so stopping its services never touches anyone else's."""
+    kafka, controller, pg, sqs = (_free_port() for _ in range(4))
+    return Settings(
+        stack_dir=stack_dir, kafka_port=kafka, kafka_controller_port=controller, pg_port=pg, sqs_port=sqs,
+        kafka_bootstrap=f"127.0.0.1:{kafka}", sqs_endpoint=f"http://127.0.0.1:{sqs}",
+        pg_dsn=f"postgresql://postgres@127.0.0.1:{pg}/streams",
+    )
+
+
+def _isolated_env(base: Settings, workdir: Path) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:10]
+    dsn = base.pg_dsn.get_secret_value()
+
+    async def create() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "chaos_{tag}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return {
+        "STREAMS_KAFKA_BOOTSTRAP": base.kafka_bootstrap,
+        "STREAMS_SQS_ENDPOINT": base.sqs_endpoint,
+        "STREAMS_PG_DSN": dsn.rsplit("/", 1)[0] + f"/chaos_{tag}",
+        "STREAMS_RAW_TOPIC": f"c{tag}.raw",
+        "STREAMS_MASKED_TOPIC": f"c{tag}.masked",
+        "STREAMS_DLQ_TOPIC": f"c{tag}.dlq",
+        "STREAMS_SQS_QUEUE": f"chaos{tag}",
+        "STREAMS_APP_ID": f"chaos-{tag}",
+        "STREAMS_KEYS_FILE": str(workdir / "keys.json"),
+        "STREAMS_STACK_DIR": str(base.stack_dir),
+        "STREAMS_BRIDGE_VISIBILITY_TIMEOUT": "10",
+        "STREAMS_RETRY_MAX_BACKOFF": "2",
+        "STREAMS_TOPIC_PARTITIONS": "3",
+    }
+
+
+def run(base: Settings, messages: int, malformed: float, kills: int, rate: float, workdir: Path,
+        timeout: float = 600, say=print) -> Report:
+    """One chaos run on the running stack ``base``; ``base``'s Kafka and PostgreSQL get restarted."""
+    from streams import stack
+
+    env = _isolated_env(base, workdir)
+    s = Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in env.items()})
+    ensure_topics(s)
+    report = Report()
+    bodies = make_bodies(messages, malformed)
+    valid_ids: set[str] = set()
+    malformed_ids: set[str] = set()
+
+    async def feed() -> None:
+        async with sqs_client(s) as sqs:
+            url = await ensure_queue(sqs, s.sqs_queue)
+            began = time.monotonic()
+            for start in range(0, len(bodies), 100):
+                chunk = bodies[start : start + 100]
+                ids = await send_bodies(sqs, url, [b for b, _ in chunk])
+                for message_id, (_, valid) in zip(ids, chunk):
+                    (valid_ids if valid else malformed_ids).add(message_id)
+                ahead = (start + len(chunk)) / rate - (time.monotonic() - began)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+
+    stages = Stages(env, workdir)
+    stages.start("bridge")
+    stages.start("worker")
+    feeder = threading.Thread(target=lambda: asyncio.run(feed()), name="chaos-feed")
+    began = time.monotonic()
+    feeder.start()
+    planned = [("worker", i) for i in range(kills)] + [("bridge", i) for i in range(kills)] + [("kafka", 0), ("postgres", 0)]
+    random.Random(11).shuffle(planned)
+    send_estimate = messages / rate
+    try:
+        for n, (target, _) in enumerate(planned, 1):
+            time.sleep(max(0.0, began + send_estimate * n / (len(planned) + 1) - time.monotonic()))
+            if target in ("worker", "bridge"):
+                stages.kill_and_restart(target)
+                report.faults[f"{target} SIGKILL"] += 1
+            else:
+                stack.stop_service(base, target)
+                time.sleep(2)
+                stack.start_service(base, target)
+                report.faults[f"{target} restart"] += 1
+            say(f"[{time.monotonic() - began:6.1f}s] injected {target} fault {n}/{len(planned)}")
+        feeder.join()
+        report.send_seconds = time.monotonic() - began
+        sent_at = time.monotonic()
+        say(f"[{report.send_seconds:6.1f}s] sent {messages} messages; draining")
+        _drain(s, len(valid_ids), timeout, say)
+        report.drain_seconds = time.monotonic() - sent_at
+    finally:
+        stages.stop_all()
+    _audit(s, report, valid_ids, malformed_ids)
+    return report
+
+
+def _rows(s: Settings) -> list[str]:
+    async def go() -> list[str]:
+        conn = await asyncpg.connect(s.pg_dsn.get_secret_value())
+        try:
+            return [r[0] for r in await conn.fetch("SELECT message_id FROM user_logins")]
+        except asyncpg.UndefinedTableError:
+            return []
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def _depth(s: Settings) -> int:
+    async def go() -> int:
+        async with sqs_client(s) as sqs:
+            return await queue_depth(sqs, await ensure_queue(sqs, s.sqs_queue))
+
+    return asyncio.run(go())
+
+
+def _lag(s: Settings) -> int:
+    return sum(end - done for done, end in group_lag(s, [s.raw_topic, s.masked_topic]).values())
+
+
+def _drain(s: Settings, valid: int, timeout: float, say) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if len(_rows(s)) >= valid and _depth(s) == 0 and _lag(s) == 0:
+                return
+        except Exception as exc:  # a service may still be coming back
+            say(f"drain check failed ({type(exc).__name__}); retrying")
+        time.sleep(2)
+    say(f"not drained after {timeout:.0f}s")
+
+
+def _audit(s: Settings, report: Report, valid_ids: set[str], malformed_ids: set[str]) -> None:
+    codec = Codecs().dead_letter
+    rows = _rows(s)
+    dead = [codec.decode(v)["message_id"] for _, v in read_topic(s.kafka_bootstrap, s.dlq_topic)]
+    report.messages = len(valid_ids) + len(malformed_ids)
+    report.malformed = len(malformed_ids)
+    report.rows = len(rows)
+    report.lost = len(valid_ids - set(rows))
+    report.unexpected_rows = len(rows) - len(set(rows)) + len(set(rows) - valid_ids)
+    report.dead_letter_records = len(dead)
+    report.dead_lettered_ids = len(set(dead))
+    report.missing_dead_letters = len(malformed_ids - set(dead)) + len(set(dead) - malformed_ids)
+    report.raw_records = len(read_topic(s.kafka_bootstrap, s.raw_topic))
+    report.queue_depth = _depth(s)
+    report.lag = _lag(s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m streams.chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--malformed", type=float, default=0.02, help="share of malformed bodies")
+    parser.add_argument("--kills", type=int, default=5, help="SIGKILLs of the worker, and of the bridge")
+    parser.add_argument("--rate", type=float, default=1000.0, help="messages per second sent to the queue")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the drain")
+    args = parser.parse_args(argv)
+    from streams import stack
+
+    with tempfile.TemporaryDirectory(prefix="streams-chaos-") as tmp:
+        base = private_settings(Path(tmp) / "stack")
+        stack.up(base, report=print)
+        try:
+            report = run(base, args.messages, args.malformed, args.kills, args.rate, Path(tmp), args.timeout)
+        finally:
+            stack.down(base, report=print)
+    print(report.table())
+    sys.exit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""A small chaos run in CI: kills and restarts during a steady flow, then a full audit."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams import chaos
+from tests.integration.conftest_faults import private_stack  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def test_small_chaos_run_loses_and_doubles_nothing(private_stack, tmp_path):
+    report = chaos.run(private_stack, messages=3000, malformed=0.02, kills=2, rate=150, workdir=tmp_path, timeout=240)
+    print(report.table())
+    assert report.faults == {"worker SIGKILL": 2, "bridge SIGKILL": 2, "kafka restart": 1, "postgres restart": 1}
+    assert report.messages == 3000 and report.malformed > 0
+    assert report.lost == 0 and report.unexpected_rows == 0
+    assert report.rows == report.messages - report.malformed
+    assert report.dead_lettered_ids == report.malformed and report.missing_dead_letters == 0
+    assert report.queue_depth == 0 and report.lag == 0
+    assert report.ok
