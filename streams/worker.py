@@ -12,7 +12,9 @@ simple.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 
 import asyncpg
 import faust
@@ -32,6 +34,32 @@ log = logging.getLogger("streams.worker")
 
 # SQLSTATE classes 22 (data exception) and 23 (integrity): retrying cannot fix the row.
 ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+def _die(agent: str, exc: BaseException) -> None:
+    """An agent raised: exit instead of letting Faust restart it.
+
+    Faust's supervisor would start a fresh actor while the failed batch stays delivered
+    but unacked in this process: never redelivered here, and the partition's commit
+    stuck behind it. Exiting makes the restart (supervisor, or the next `streams worker`)
+    receive the batch again. Only the exception type is logged: messages may quote data.
+    """
+    log.critical("agent %s failed (%s); exiting so its unacked batch is redelivered", agent, type(exc).__name__)
+    logging.shutdown()
+    os._exit(70)
+
+
+def _exit_on_error(fun):
+    """Agent body wrapper: any exception (not cancellation) ends the process via ``_die``."""
+
+    @functools.wraps(fun)
+    async def agent(stream) -> None:
+        try:
+            await fun(stream)
+        except Exception as exc:
+            _die(fun.__name__, exc)
+
+    return agent
 
 
 def _where(event) -> str:
@@ -92,6 +120,7 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
         raw_topic = app.topic(settings.raw_topic, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions)
 
         @app.agent(raw_topic, name="mask", concurrency=1)
+        @_exit_on_error
         async def mask(stream):
             async for events in stream.noack_take(settings.batch_size, within=settings.batch_within):
                 records = []
@@ -125,6 +154,7 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
                 return refused
 
         @app.agent(masked_topic, name="sink", concurrency=1)
+        @_exit_on_error
         async def sink(stream):
             await retry_forever(outputs.sink.prepare, "database migration", log, settings.retry_max_backoff)
             async for events in stream.noack_take(settings.batch_size, within=settings.batch_within):

@@ -9,6 +9,8 @@ test module: ``from tests.integration.conftest_faults import private_stack, faul
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -22,12 +24,20 @@ from tests.helpers import Pipeline
 
 
 @pytest.fixture(scope="session")
-def private_stack(tmp_path_factory):
-    """Kafka, PostgreSQL and ElasticMQ of our own: safe to stop and restart."""
-    settings = private_settings(tmp_path_factory.mktemp("private-stack"))
-    stack.up(settings)
-    yield settings
-    stack.down(settings)
+def private_stack():
+    """Kafka, PostgreSQL and ElasticMQ of our own: safe to stop and restart.
+
+    Not under pytest's basetemp: every pytest session resets /tmp/pytest-of-<user> to
+    mode 0700, which locks out the system user PostgreSQL runs as under root.
+    """
+    stack_dir = Path(tempfile.mkdtemp(prefix="streams-private-stack-"))
+    settings = private_settings(stack_dir)
+    try:
+        stack.up(settings)
+        yield settings
+    finally:
+        stack.down(settings)
+        shutil.rmtree(stack_dir, ignore_errors=True)
 
 
 def restore(settings: Settings) -> None:

@@ -166,3 +166,18 @@ def test_sigterm_exits_zero_and_keeps_what_it_wrote(fault_pipeline, private_stac
     p.start("worker")
     drained(p, set(ids))
     assert json.dumps(sorted(ids_in_table(p))) == json.dumps(sorted(ids))
+
+
+@pytest.mark.parametrize("point", ["mask_after_produce", "sink_after_commit"])
+def test_agent_error_exits_instead_of_committing_or_stalling(fault_pipeline, point):
+    """Faust would restart a crashed agent and leave its batch delivered but never acked."""
+    p = fault_pipeline
+    ids = p.send(logins(300))
+    p.start("bridge")
+    worker = p.start("worker", STREAMS_FAULT=f"{point}@2:raise", STREAMS_BATCH_SIZE="50")
+    p.stopped.add(worker)
+    p.wait_for(lambda: worker.poll() is not None, 120, f"the worker to exit after an error at {point}")
+    assert worker.returncode == 70
+    assert "InjectedFault" in p.logs()
+    p.start("worker", STREAMS_BATCH_SIZE="50")
+    drained(p, set(ids))
