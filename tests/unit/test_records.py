@@ -135,3 +135,41 @@ def test_unencodable_app_version_keeps_text():
 def test_app_version_encoding_preserves_order():
     versions = ["0.2.6", "0.4.6", "0.60", "0.96", "1", "2.00", "2.2.1", "2.2.8", "2.3.0", "3.7", "10.0"]
     assert [encode_app_version(v) for v in versions] == sorted(encode_app_version(v) for v in versions)
+
+
+def _nested(levels: int) -> str:
+    """A valid login whose extra field nests ``levels`` levels in total (the object is level 1)."""
+    return body()[:-1] + ', "x": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}"
+
+
+def test_depth_limit_is_exact():
+    assert parse_login(_nested(64)).user_id == VALID["user_id"]
+    assert reason_of(_nested(65)) is Reason.TOO_DEEP
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("\ufeff" + body(), Reason.INVALID_JSON),  # a byte-order mark is not JSON
+        (body()[:-1] + ', "x": {"a": 1, "a": 2}}', Reason.DUPLICATE_KEY),  # nested duplicates too
+        (body()[:-1] + ', "x": Infinity}', Reason.INVALID_JSON),
+        (body()[:-1] + ', "x": -Infinity}', Reason.INVALID_JSON),
+        (body(locale=7), Reason.WRONG_TYPE),
+        (body(ip=True), Reason.WRONG_TYPE),
+        (body(device_id={"id": "x"}), Reason.WRONG_TYPE),
+        (body(locale="x" * 33), Reason.FIELD_TOO_LONG),
+    ],
+)
+def test_more_hostile_bodies(text, reason):
+    assert reason_of(text) is reason
+
+
+def test_out_of_range_number_in_an_unknown_field_is_ignored():
+    """1e400 parses to inf; unknown fields are ignored, so the login still makes a row."""
+    assert parse_login(body()[:-1] + ', "score": 1e400}').user_id == VALID["user_id"]
+
+
+def test_escaped_and_literal_unicode_are_the_same_text():
+    literal = json.dumps({**VALID, "user_id": "\u05e9\u05dc\u05d5\u05dd\u200f😀"}, ensure_ascii=False)
+    escaped = json.dumps({**VALID, "user_id": "\u05e9\u05dc\u05d5\u05dd\u200f😀"})
+    assert parse_login(literal) == parse_login(escaped)
