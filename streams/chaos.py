@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,6 +109,13 @@ class Stages:
             [sys.executable, "-m", "streams", command], env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
             stdout=log, stderr=subprocess.STDOUT,
         )
+
+    def check(self) -> None:
+        """A stage that exits by itself is a bug the run must surface, not wait out."""
+        for command, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = max(self.workdir.glob(f"{command}-*.log"), key=lambda f: f.stat().st_mtime)
+                raise RuntimeError(f"{command} exited with {proc.returncode} by itself; see {log}")
 
     def kill_and_restart(self, command: str) -> None:
         proc = self.procs[command]
@@ -208,7 +216,9 @@ def run(base: Settings, messages: int, malformed: float, kills: int, rate: float
     send_estimate = messages / rate
     try:
         for n, (target, _) in enumerate(planned, 1):
-            time.sleep(max(0.0, began + send_estimate * n / (len(planned) + 1) - time.monotonic()))
+            while time.monotonic() < began + send_estimate * n / (len(planned) + 1):
+                stages.check()
+                time.sleep(0.2)
             if target in ("worker", "bridge"):
                 stages.kill_and_restart(target)
                 report.faults[f"{target} SIGKILL"] += 1
@@ -222,7 +232,7 @@ def run(base: Settings, messages: int, malformed: float, kills: int, rate: float
         report.send_seconds = time.monotonic() - began
         sent_at = time.monotonic()
         say(f"[{report.send_seconds:6.1f}s] sent {messages} messages; draining")
-        _drain(s, len(valid_ids), timeout, say)
+        _drain(s, len(valid_ids), timeout, say, stages.check)
         report.drain_seconds = time.monotonic() - sent_at
     finally:
         stages.stop_all()
@@ -255,12 +265,18 @@ def _lag(s: Settings) -> int:
     return sum(end - done for done, end in group_lag(s, [s.raw_topic, s.masked_topic]).values())
 
 
-def _drain(s: Settings, valid: int, timeout: float, say) -> None:
+def _drain(s: Settings, valid: int, timeout: float, say, check) -> None:
     deadline = time.monotonic() + timeout
+    last_said = 0.0
     while time.monotonic() < deadline:
+        check()
         try:
-            if len(_rows(s)) >= valid and _depth(s) == 0 and _lag(s) == 0:
+            rows = len(_rows(s))
+            if rows >= valid and _depth(s) == 0 and _lag(s) == 0:
                 return
+            if time.monotonic() - last_said > 15:
+                say(f"draining: {rows}/{valid} rows")
+                last_said = time.monotonic()
         except Exception as exc:  # a service may still be coming back
             say(f"drain check failed ({type(exc).__name__}); retrying")
         time.sleep(2)
@@ -294,14 +310,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from streams import stack
 
-    with tempfile.TemporaryDirectory(prefix="streams-chaos-") as tmp:
-        base = private_settings(Path(tmp) / "stack")
-        stack.up(base, report=print)
-        try:
-            report = run(base, args.messages, args.malformed, args.kills, args.rate, Path(tmp), args.timeout)
-        finally:
-            stack.down(base, report=print)
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt  # run the finally blocks: stop our stages and our stack
+
+    signal.signal(signal.SIGTERM, interrupted)
+
+    workdir = Path(tempfile.mkdtemp(prefix="streams-chaos-"))
+    base = private_settings(workdir / "stack")
+    stack.up(base, report=print)
+    try:
+        report = run(base, args.messages, args.malformed, args.kills, args.rate, workdir, args.timeout)
+    except RuntimeError as exc:
+        print(f"chaos run broken: {exc}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        stack.down(base, report=print)
     print(report.table())
+    if report.ok:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"stage logs kept in {workdir}")
     sys.exit(0 if report.ok else 1)
 
 
