@@ -141,10 +141,10 @@ def measure(messages: int, workers: int, replay: bool, timeout: float) -> dict:
     try:
         return _fill_and_time(settings, env, records, workers, replay, timeout)
     finally:  # leave no benchmark data behind on the shared stack
-        for future in AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(
-            list(topic_configs(settings)), request_timeout=30
-        ).values():
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        for future in admin.delete_topics(list(topic_configs(settings)), request_timeout=30).values():
             future.result()
+        admin.delete_consumer_groups([settings.app_id], request_timeout=30)[settings.app_id].result()
         asyncio.run(_sql(base.pg_dsn.get_secret_value(), f'DROP DATABASE IF EXISTS "bench_{tag}" WITH (FORCE)'))
 
 
