@@ -140,12 +140,20 @@ def measure(messages: int, workers: int, replay: bool, timeout: float) -> dict:
     records = [sample[i % len(sample)] for i in range(messages)]
     try:
         return _fill_and_time(settings, env, records, workers, replay, timeout)
-    finally:  # leave no benchmark data behind on the shared stack
+    finally:
+        _cleanup(settings, base, tag)
+
+
+def _cleanup(settings: Settings, base: Settings, tag: str) -> None:
+    """Leave no benchmark data behind on the shared stack; a failure here only warns."""
+    try:
         admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
         for future in admin.delete_topics(list(topic_configs(settings)), request_timeout=30).values():
             future.result()
         admin.delete_consumer_groups([settings.app_id], request_timeout=30)[settings.app_id].result()
         asyncio.run(_sql(base.pg_dsn.get_secret_value(), f'DROP DATABASE IF EXISTS "bench_{tag}" WITH (FORCE)'))
+    except Exception as exc:
+        print(f"warning: cleanup of bench-{tag} incomplete ({type(exc).__name__})", file=sys.stderr)
 
 
 def _fill_and_time(settings: Settings, env: dict[str, str], records: list, workers: int, replay: bool, timeout: float) -> dict:
