@@ -23,19 +23,29 @@ from streams.settings import Settings
 from tests.helpers import Pipeline
 
 
+_started: list[Settings] = []
+
+
 @pytest.fixture(scope="session")
 def private_stack():
     """Kafka, PostgreSQL and ElasticMQ of our own: safe to stop and restart.
 
     Not under pytest's basetemp: every pytest session resets /tmp/pytest-of-<user> to
-    mode 0700, which locks out the system user PostgreSQL runs as under root.
+    mode 0700, which locks out the system user PostgreSQL runs as under root. Each test
+    module that imports this fixture gets its own fixture definition, so the stack is
+    kept in ``_started`` and only the first definition starts and stops it.
     """
+    if _started:
+        yield _started[0]
+        return
     stack_dir = Path(tempfile.mkdtemp(prefix="streams-private-stack-"))
     settings = private_settings(stack_dir)
     try:
         stack.up(settings)
+        _started.append(settings)
         yield settings
     finally:
+        _started.clear()
         stack.down(settings)
         shutil.rmtree(stack_dir, ignore_errors=True)
 

@@ -118,7 +118,7 @@ def test_kafka_outage_during_the_flow(fault_pipeline, private_stack):
 
     stack.stop_service(private_stack, "kafka")
     second = p.send(logins(200, "b"))
-    time.sleep(3)  # the stages run into the outage
+    time.sleep(6)  # the stages run into the outage
     stack.start_service(private_stack, "kafka")
 
     drained(p, set(first) | set(second), timeout=240)
