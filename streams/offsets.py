@@ -109,7 +109,8 @@ class OffsetAdmin:
         self.settings = settings
         self.group = settings.app_id
         self.timeout = timeout
-        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        # librdkafka's own connection errors would precede our one-line error: keep them quiet.
+        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0})
 
     def live_members(self) -> list[str]:
         """Client ids of the group's current members (empty when no worker runs)."""
@@ -136,7 +137,9 @@ class OffsetAdmin:
 
     def _consumer(self) -> Consumer:
         # A throwaway group that never subscribes nor commits: it only answers metadata queries.
-        return Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": f"streams-offsets-{uuid.uuid4()}"})
+        return Consumer(
+            {"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": f"streams-offsets-{uuid.uuid4()}", "log_level": 0}
+        )
 
     def watermarks(self, topic: str) -> dict[int, tuple[int, int]]:
         consumer = self._consumer()
