@@ -95,9 +95,11 @@ def _run_workers(env: dict[str, str], workers: int, expected_rows: int, settings
     """
     full = {**os.environ, **env}
     start = time.monotonic()
+    log_path = Path(env["STREAMS_KEYS_FILE"]).with_name(f"workers-{time.time():.0f}.log")
+    log = open(log_path, "ab")
     procs = [
         subprocess.Popen([sys.executable, "-m", "streams", "worker", "--log-level", "warning"], env=full, cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=log, stderr=subprocess.STDOUT)
         for _ in range(workers)
     ]
     first: tuple[float, int] | None = None
@@ -107,6 +109,8 @@ def _run_workers(env: dict[str, str], workers: int, expected_rows: int, settings
             now = time.monotonic()
             if now - start > timeout:
                 raise TimeoutError(f"{workers} worker(s) did not finish {expected_rows} rows in {timeout}s")
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a worker exited early: see {log_path}")
             offsets = group_lag(settings, [settings.raw_topic, settings.masked_topic])
             raw_lag = sum(e - c for (t, _), (c, e) in offsets.items() if t == settings.raw_topic)
             lag = sum(e - c for c, e in offsets.values())
