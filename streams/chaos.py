@@ -134,15 +134,26 @@ class Stages:
                     proc.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports below the kernel's ephemeral range (32768+), where outgoing
+    connections cannot grab them between this check and the service's bind."""
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def private_settings(stack_dir: Path) -> Settings:
     """A stack of our own on free ports, so stopping its services never touches anyone else's."""
-    kafka, controller, pg, sqs = (_free_port() for _ in range(4))
+    kafka, controller, pg, sqs = _free_ports(4)
     return Settings(
         stack_dir=stack_dir, kafka_port=kafka, kafka_controller_port=controller, pg_port=pg, sqs_port=sqs,
         kafka_bootstrap=f"127.0.0.1:{kafka}", sqs_endpoint=f"http://127.0.0.1:{sqs}",
