@@ -7,7 +7,7 @@ commit). Failures of the next stage are retried, never skipped; bad records beco
 letters. Faust's own value decoding is off (``raw``), so a bad record cannot be dropped
 by the framework before we see it. Agents run with concurrency 1: Faust commits the
 highest contiguous acked offset, and one ordered batch loop per partition set keeps that
-simple.
+simple. Every Faust trap and how it is avoided: docs/delivery.md.
 """
 
 from __future__ import annotations
