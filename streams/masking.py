@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import ipaddress
 import re
@@ -102,7 +101,7 @@ class Masker:
     def token(self, field: str, canonical: str, version: str | None = None) -> str:
         """The active version's token, or another loaded version's (used by join-key rotation)."""
         key = self._join[field] if version is None else self.keyring.join_keys[version][field]
-        digest = hmac.new(key, canonical.encode("utf-8"), hashlib.sha256).digest()
+        digest = hmac.digest(key, canonical.encode("utf-8"), "sha256")
         return f"{version or self.keyring.join_version}.{_b64(digest)}"
 
     def encrypt(self, field: str, canonical: str) -> str:

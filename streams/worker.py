@@ -97,6 +97,7 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
+        datadir=str(settings.stack_dir / "faust"),  # Faust's table dirs: none used, keep cwd clean
         topic_disable_leader=True,
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
