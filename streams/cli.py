@@ -38,25 +38,30 @@ def _stack(settings: Settings, args) -> None:
             sys.exit(3)
 
 
-def _seed(settings: Settings, args) -> None:
+def _send_file(settings: Settings, path: str, repeat: int = 1) -> int:
+    """Send a JSON array file to the queue; returns how many messages were sent."""
     from streams.sqs import bodies_from_json, ensure_queue, send_bodies, sqs_client
 
     try:
-        records = json.loads(Path(args.file).read_text())
+        records = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise CommandError(f"seed: no such file {args.file}") from None
+        raise CommandError(f"seed: no such file {path}") from None
     except json.JSONDecodeError as exc:
-        raise CommandError(f"seed: {args.file} is not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise CommandError(f"seed: {path} is not JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(records, list):
-        raise CommandError(f"seed: {args.file} must hold a JSON array of records")
-    bodies = bodies_from_json(records) * args.repeat
+        raise CommandError(f"seed: {path} must hold a JSON array of records")
+    bodies = bodies_from_json(records) * repeat
 
     async def send() -> int:
         async with sqs_client(settings) as sqs:
             url = await ensure_queue(sqs, settings.sqs_queue)
             return len(await send_bodies(sqs, url, bodies))
 
-    print(f"sent {asyncio.run(send())} messages to {settings.sqs_queue}")
+    return asyncio.run(send())
+
+
+def _seed(settings: Settings, args) -> None:
+    print(f"sent {_send_file(settings, args.file, args.repeat)} messages to {settings.sqs_queue}")
 
 
 def _bridge(settings: Settings, args) -> None:
@@ -136,7 +141,9 @@ def _ping(settings: Settings, args) -> None:
 def _run(settings: Settings, args) -> None:
     from streams.runner import run_pipeline
 
-    sys.exit(run_pipeline(settings, drain=args.drain, seed_file=args.seed))
+    if args.seed:
+        print(f"seeded {_send_file(settings, args.seed)} messages into {settings.sqs_queue}")
+    sys.exit(run_pipeline(settings, drain=args.drain))
 
 
 def _migrate(settings: Settings, args) -> None:

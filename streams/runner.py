@@ -21,19 +21,19 @@ import asyncpg
 from streams.codec import Codecs
 from streams.kafka import group_lag
 from streams.settings import Settings
-from streams.sqs import ensure_queue, queue_depth, send_bodies, bodies_from_json, sqs_client
+from streams.sqs import ensure_queue, queue_depth, sqs_client
 from streams.topic_reader import read_topic
 
 PROGRESS_EVERY = 2.0
 STOP_TIMEOUT = 30.0
 
 
-async def _queue_depth(settings: Settings) -> int:
+async def current_queue_depth(settings: Settings) -> int:
     async with sqs_client(settings) as sqs:
         return await queue_depth(sqs, await ensure_queue(sqs, settings.sqs_queue))
 
 
-async def _row_count(settings: Settings) -> int | None:
+async def row_count(settings: Settings) -> int | None:
     try:
         conn = await asyncpg.connect(settings.pg_dsn.get_secret_value(), timeout=5)
     except Exception:
@@ -94,7 +94,7 @@ def _stop(children: list[subprocess.Popen]) -> int:
 
 
 def print_summary(settings: Settings) -> None:
-    rows = asyncio.run(_row_count(settings))
+    rows = asyncio.run(row_count(settings))
     print(f"\nrows in user_logins: {rows}")
     counts = dead_letter_counts(settings)
     print(f"dead letters: {sum(counts.values())}" + "".join(f"\n  {reason}: {n}" for reason, n in sorted(counts.items())))
@@ -103,16 +103,7 @@ def print_summary(settings: Settings) -> None:
         print("  " + " | ".join(f"{k}={v}" for k, v in row.items()))
 
 
-def run_pipeline(settings: Settings, drain: bool = False, seed_file: str | None = None) -> int:
-    if seed_file:
-        async def seed() -> int:
-            import json
-
-            async with sqs_client(settings) as sqs:
-                url = await ensure_queue(sqs, settings.sqs_queue)
-                return len(await send_bodies(sqs, url, bodies_from_json(json.loads(Path(seed_file).read_text()))))
-
-        print(f"seeded {asyncio.run(seed())} messages into {settings.sqs_queue}")
+def run_pipeline(settings: Settings, drain: bool = False) -> int:
     log_dir = settings.stack_dir / "logs"
     children = [_spawn("bridge", log_dir), _spawn("worker", log_dir)]
     print(f"bridge pid {children[0].pid}, worker pid {children[1].pid}; logs in {log_dir}")
@@ -132,9 +123,9 @@ def run_pipeline(settings: Settings, drain: bool = False, seed_file: str | None 
             if any(c.poll() is not None for c in children):
                 print("a child process exited; see its log", file=sys.stderr)
                 break
-            depth = asyncio.run(_queue_depth(settings))
+            depth = asyncio.run(current_queue_depth(settings))
             lag = pipeline_lag(settings)
-            rows = asyncio.run(_row_count(settings))
+            rows = asyncio.run(row_count(settings))
             print(f"[{time.monotonic() - started:6.1f}s] queue {depth} | uncommitted {lag} | rows {rows}", flush=True)
             settled = settled + 1 if depth == 0 and lag == 0 else 0
             if drain and settled >= 2:

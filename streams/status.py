@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from streams.kafka import group_lag
 from streams.offsets import STAGES, stage_topic
-from streams.runner import _queue_depth, _row_count, dead_letter_counts
+from streams.runner import current_queue_depth, row_count, dead_letter_counts
 from streams.settings import Settings
 
 
@@ -44,9 +44,9 @@ def snapshot(settings: Settings) -> Snapshot:
     }
     return Snapshot(
         partitions=partitions,
-        rows=_safe(lambda: asyncio.run(_row_count(settings))),
+        rows=_safe(lambda: asyncio.run(row_count(settings))),
         dead_letters=dict(sorted((_safe(lambda: dead_letter_counts(settings)) or {}).items())),
-        queue_depth=_safe(lambda: asyncio.run(_queue_depth(settings))),
+        queue_depth=_safe(lambda: asyncio.run(current_queue_depth(settings))),
     )
 
 

@@ -8,18 +8,18 @@ database, consumer group and keys, so tests never see each other's data.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import uuid
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from streams.settings import Settings
-from tests.helpers import Pipeline
+from tests.helpers import isolated_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Fault and chaos tests' private stack (safe to stop and restart): fixtures private_stack, fault_pipeline.
+pytest_plugins = ["tests.integration.conftest_faults"]
 
 
 def _sample_path() -> Path:
@@ -71,36 +71,9 @@ def stack_settings():
     yield settings
 
 
-async def _create_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 def pipeline(stack_settings: Settings, tmp_path: Path):
     """Isolated names for one test: topics, queue, database, group and keys."""
-    tag = uuid.uuid4().hex[:10]
-    base_dsn = stack_settings.pg_dsn.get_secret_value()
-    database = f"test_{tag}"
-    asyncio.run(_create_database(base_dsn, database))
-    dsn = base_dsn.rsplit("/", 1)[0] + "/" + database
-    env = {
-        "STREAMS_KAFKA_BOOTSTRAP": stack_settings.kafka_bootstrap,
-        "STREAMS_SQS_ENDPOINT": stack_settings.sqs_endpoint,
-        "STREAMS_PG_DSN": dsn,
-        "STREAMS_RAW_TOPIC": f"t{tag}.raw",
-        "STREAMS_MASKED_TOPIC": f"t{tag}.masked",
-        "STREAMS_DLQ_TOPIC": f"t{tag}.dlq",
-        "STREAMS_SQS_QUEUE": f"q{tag}",
-        "STREAMS_APP_ID": f"streams-{tag}",
-        "STREAMS_KEYS_FILE": str(tmp_path / "keys.json"),
-        "STREAMS_STACK_DIR": str(stack_settings.stack_dir),
-        "STREAMS_BATCH_WITHIN": "0.2",
-        "STREAMS_BRIDGE_VISIBILITY_TIMEOUT": "5",
-    }
-    p = Pipeline(env, tmp_path)
+    p = isolated_pipeline(stack_settings, tmp_path)
     yield p
     p.stop_all()

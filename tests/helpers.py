@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -34,6 +35,38 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def _create_database(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def isolated_pipeline(stack: Settings, workdir: Path, **extra_env: str) -> "Pipeline":
+    """A Pipeline on ``stack`` with its own topics, queue, database, consumer group and keys."""
+    tag = uuid.uuid4().hex[:10]
+    base_dsn = stack.pg_dsn.get_secret_value()
+    database = f"test_{tag}"
+    asyncio.run(_create_database(base_dsn, database))
+    env = {
+        "STREAMS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "STREAMS_SQS_ENDPOINT": stack.sqs_endpoint,
+        "STREAMS_PG_DSN": base_dsn.rsplit("/", 1)[0] + "/" + database,
+        "STREAMS_RAW_TOPIC": f"t{tag}.raw",
+        "STREAMS_MASKED_TOPIC": f"t{tag}.masked",
+        "STREAMS_DLQ_TOPIC": f"t{tag}.dlq",
+        "STREAMS_SQS_QUEUE": f"q{tag}",
+        "STREAMS_APP_ID": f"streams-{tag}",
+        "STREAMS_KEYS_FILE": str(workdir / "keys.json"),
+        "STREAMS_STACK_DIR": str(stack.stack_dir),
+        "STREAMS_BATCH_WITHIN": "0.2",
+        "STREAMS_BRIDGE_VISIBILITY_TIMEOUT": "5",
+        **extra_env,
+    }
+    return Pipeline(env, workdir)
 
 
 class Pipeline:

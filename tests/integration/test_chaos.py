@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from streams import chaos
-from tests.integration.conftest_faults import private_stack  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 

@@ -76,3 +76,18 @@ def test_sample_flows_end_to_end(pipeline, sample_path):
     pipeline.wait_for(lambda: pipeline.lag([s.masked_topic], group=replay_group) == 0, 90, "the replayed sink to catch up")
     assert pipeline.stop(sink) == 0
     assert table_dump(pipeline) == before
+
+
+def test_run_drain_seeds_runs_and_summarises(pipeline, sample_path):
+    """`make run DRAIN=1`'s command: seeds, runs both stages, exits by itself with a summary."""
+    result = pipeline.run("run", "--seed", str(sample_path), "--drain", timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "seeded 100 messages" in out
+    assert "rows in user_logins: 99" in out
+    assert "dead letters: 1" in out and "missing_field: 1" in out
+    assert "masked_ip=h1." in out
+    assert pipeline.row_count() == 99 and pipeline.queue_depth() == 0
+    for record in json.loads(sample_path.read_text()):
+        if "ip" in record:
+            assert record["ip"] not in out and record["device_id"] not in out

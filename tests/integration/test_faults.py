@@ -14,7 +14,6 @@ import time
 import pytest
 
 from streams import stack
-from tests.integration.conftest_faults import fault_pipeline, private_stack  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
