@@ -10,6 +10,7 @@ pid may belong to an unrelated process, and we must never adopt or kill that.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -308,7 +309,7 @@ class NotReady(Exception):
     """A readiness probe did not succeed yet (retried until the deadline)."""
 
 
-class Service:
+class Service(abc.ABC):
     """One stack service: where its files live and how to start, probe and stop it.
 
     Subclasses fill in ``prepare`` (config, jars, storage), ``launch`` (spawn)
@@ -342,16 +343,18 @@ class Service:
         return (self.log_file,)
 
     @property
+    @abc.abstractmethod
     def marker(self) -> str:
-        raise NotImplementedError
+        """Text in the service's command line that proves a pid is ours."""
 
     @property
+    @abc.abstractmethod
     def port(self) -> int:
-        raise NotImplementedError
+        """The port clients use."""
 
+    @abc.abstractmethod
     def ports(self) -> list[tuple[int, str]]:
         """(port, env var that moves it) for every port the service binds."""
-        raise NotImplementedError
 
     def pid(self, *, adopt: bool = True) -> int | None:
         return running_pid(self.pid_file, self.marker, adopt=adopt)
@@ -368,12 +371,13 @@ class Service:
     def prepare(self) -> None:
         """Everything slow but idempotent that must precede launch (jars, config, storage)."""
 
+    @abc.abstractmethod
     def launch(self) -> subprocess.Popen | None:
-        raise NotImplementedError
+        """Start the process (detached); return it if we spawned it directly."""
 
+    @abc.abstractmethod
     def probe(self, timeout: float) -> None:
         """One real round trip through the service; raise NotReady if it is not serving yet."""
-        raise NotImplementedError
 
     def start(self) -> int:
         """Start the service (it must not be running) and return its pid once it serves."""

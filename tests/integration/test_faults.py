@@ -99,7 +99,9 @@ def test_postgres_outage_inside_a_batch_is_retried_not_skipped(fault_pipeline, p
     # The mask stage keeps going; the sink cannot write and must not ack.
     p.wait_for(lambda: p.lag([s.raw_topic]) == 0 and len(p.topic(s.masked_topic)) >= 250, 120, "masked records")
     p.wait_for(lambda: "failed (" in p.logs(), 60, "the sink to retry")
-    time.sleep(2)  # let at least one more commit interval pass while the database is down
+    # Two more failed attempts (>= 1 s with backoff) span a commit interval (1 s).
+    retries = p.logs().count("failed (")
+    p.wait_for(lambda: p.logs().count("failed (") >= retries + 2, 60, "two more sink retries")
     assert p.lag([s.masked_topic]) >= 200, "the sink committed offsets it never wrote"
     stack.start_service(private_stack, "postgres")
 
@@ -115,9 +117,11 @@ def test_kafka_outage_during_the_flow(fault_pipeline, private_stack):
     worker = p.start("worker")
     p.wait_for(lambda: p.row_count() == 50, 120, "the first 50 rows")
 
+    refused = p.logs().count("Connection refused")
     stack.stop_service(private_stack, "kafka")
     second = p.send(logins(200, "b"))
-    time.sleep(6)  # the stages run into the outage
+    # The stages run into the outage: their Kafka clients report the broker refusing.
+    p.wait_for(lambda: p.logs().count("Connection refused") > refused + 1, 60, "the stages to hit the outage")
     stack.start_service(private_stack, "kafka")
 
     drained(p, set(first) | set(second), timeout=240)
