@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,8 @@ from streams.codec import Codecs
 from confluent_kafka.admin import AdminClient
 
 from streams.kafka import AsyncProducer, ensure_topics, group_lag, topic_configs
+from streams.runner import row_count
+from streams.sandbox import sandbox_env, settings_from_env
 from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,31 +62,16 @@ def produce_raw(settings: Settings, records: list[object], chunk: int = 5000) ->
     return ids
 
 
-def _isolated_env(tag: str, base: Settings, keys_dir: Path) -> dict[str, str]:
-    dsn = base.pg_dsn.get_secret_value().rsplit("/", 1)[0] + f"/bench_{tag}"
-    return {
-        "STREAMS_RAW_TOPIC": f"bench{tag}.raw",
-        "STREAMS_MASKED_TOPIC": f"bench{tag}.masked",
-        "STREAMS_DLQ_TOPIC": f"bench{tag}.dlq",
-        "STREAMS_APP_ID": f"bench-{tag}",
-        "STREAMS_PG_DSN": dsn,
-        "STREAMS_KEYS_FILE": str(keys_dir / "keys.json"),
-    }
-
-
-async def _sql(dsn: str, statement: str):
-    conn = await asyncpg.connect(dsn)
+async def _drop_database(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
     try:
-        return await conn.fetchval(statement)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
 
 
-def _rows(dsn: str) -> int:
-    try:
-        return asyncio.run(_sql(dsn, "SELECT count(*) FROM user_logins"))
-    except asyncpg.UndefinedTableError:
-        return 0
+def _rows(settings: Settings) -> int:
+    return asyncio.run(row_count(settings)) or 0
 
 
 def _run_workers(env: dict[str, str], workers: int, expected_rows: int, settings: Settings, timeout: float) -> dict:
@@ -117,7 +105,7 @@ def _run_workers(env: dict[str, str], workers: int, expected_rows: int, settings
             initial_raw_lag = raw_lag if initial_raw_lag is None else initial_raw_lag
             if first is None and raw_lag < initial_raw_lag:
                 first = (now, raw_lag)
-            if lag == 0 and _rows(settings.pg_dsn.get_secret_value()) >= expected_rows:
+            if lag == 0 and _rows(settings) >= expected_rows:
                 result = {"seconds": round(now - start, 1)}
                 if first and first[1] > 0 and now > first[0]:
                     result["per_second"] = round(first[1] / (now - first[0]))
@@ -133,31 +121,29 @@ def _run_workers(env: dict[str, str], workers: int, expected_rows: int, settings
 def measure(messages: int, workers: int, replay: bool, timeout: float) -> dict:
     """One isolated run: fill, process with ``workers`` processes, optionally replay the mask stage."""
     base = Settings()
-    tag = uuid.uuid4().hex[:8]
-    keys_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{tag}"
-    keys_dir.mkdir(parents=True)
-    env = _isolated_env(tag, base, keys_dir)
-    asyncio.run(_sql(base.pg_dsn.get_secret_value(), f'CREATE DATABASE "bench_{tag}"'))
-    settings = Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in env.items()})
+    keys_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    env = sandbox_env(base, keys_dir, prefix="bench")
+    settings = settings_from_env(env)
     ensure_topics(settings)
     sample = [r for r in json.loads(SAMPLE.read_text()) if "ip" in r]
     records = [sample[i % len(sample)] for i in range(messages)]
     try:
         return _fill_and_time(settings, env, records, workers, replay, timeout)
     finally:
-        _cleanup(settings, base, tag)
+        _cleanup(settings, base)
 
 
-def _cleanup(settings: Settings, base: Settings, tag: str) -> None:
+def _cleanup(settings: Settings, base: Settings) -> None:
     """Leave no benchmark data behind on the shared stack; a failure here only warns."""
     try:
         admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
         for future in admin.delete_topics(list(topic_configs(settings)), request_timeout=30).values():
             future.result()
         admin.delete_consumer_groups([settings.app_id], request_timeout=30)[settings.app_id].result()
-        asyncio.run(_sql(base.pg_dsn.get_secret_value(), f'DROP DATABASE IF EXISTS "bench_{tag}" WITH (FORCE)'))
+        database = settings.pg_dsn.get_secret_value().rsplit("/", 1)[1]
+        asyncio.run(_drop_database(base.pg_dsn.get_secret_value(), database))
     except Exception as exc:
-        print(f"warning: cleanup of bench-{tag} incomplete ({type(exc).__name__})", file=sys.stderr)
+        print(f"warning: cleanup of {settings.app_id} incomplete ({type(exc).__name__})", file=sys.stderr)
 
 
 def _fill_and_time(settings: Settings, env: dict[str, str], records: list, workers: int, replay: bool, timeout: float) -> dict:

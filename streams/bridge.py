@@ -13,7 +13,8 @@ import time
 
 from streams.codec import Codecs
 from streams.kafka import AsyncProducer, DeliveryError, ensure_topics
-from streams.retry import fault_point, retry_forever
+from streams.faults import fault_point
+from streams.retry import retry_forever
 from streams.settings import Settings
 from streams.sqs import ensure_queue, sqs_client
 

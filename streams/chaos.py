@@ -17,22 +17,22 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 
 from streams.codec import Codecs
-from streams.kafka import ensure_topics, group_lag
+from streams.kafka import ensure_topics
+from streams.runner import current_queue_depth, pipeline_lag
+from streams.sandbox import private_settings, sandbox_env, settings_from_env
 from streams.settings import Settings
-from streams.sqs import bodies_from_json, ensure_queue, queue_depth, send_bodies, sqs_client
+from streams.sqs import bodies_from_json, ensure_queue, send_bodies, sqs_client
 from streams.topic_reader import read_topic
 
 MALFORMED = ["", "null", "[1,", "{'a': 1}", '{"user_id": "x"}', "[" * 5000, '{"user_id": "x", "user_id": "y"}']
@@ -134,69 +134,16 @@ class Stages:
                     proc.wait()
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports below the kernel's ephemeral range (32768+), where outgoing
-    connections cannot grab them between this check and the service's bind."""
-    rng = random.SystemRandom()
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(20_000, 32_000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
-def private_settings(stack_dir: Path) -> Settings:
-    """A stack of our own on free ports, so stopping its services never touches anyone else's."""
-    kafka, controller, pg, sqs = _free_ports(4)
-    return Settings(
-        stack_dir=stack_dir, kafka_port=kafka, kafka_controller_port=controller, pg_port=pg, sqs_port=sqs,
-        kafka_bootstrap=f"127.0.0.1:{kafka}", sqs_endpoint=f"http://127.0.0.1:{sqs}",
-        pg_dsn=f"postgresql://postgres@127.0.0.1:{pg}/streams",
-    )
-
-
-def _isolated_env(base: Settings, workdir: Path) -> dict[str, str]:
-    tag = uuid.uuid4().hex[:10]
-    dsn = base.pg_dsn.get_secret_value()
-
-    async def create() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(f'CREATE DATABASE "chaos_{tag}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return {
-        "STREAMS_KAFKA_BOOTSTRAP": base.kafka_bootstrap,
-        "STREAMS_SQS_ENDPOINT": base.sqs_endpoint,
-        "STREAMS_PG_DSN": dsn.rsplit("/", 1)[0] + f"/chaos_{tag}",
-        "STREAMS_RAW_TOPIC": f"c{tag}.raw",
-        "STREAMS_MASKED_TOPIC": f"c{tag}.masked",
-        "STREAMS_DLQ_TOPIC": f"c{tag}.dlq",
-        "STREAMS_SQS_QUEUE": f"chaos{tag}",
-        "STREAMS_APP_ID": f"chaos-{tag}",
-        "STREAMS_KEYS_FILE": str(workdir / "keys.json"),
-        "STREAMS_STACK_DIR": str(base.stack_dir),
-        "STREAMS_BRIDGE_VISIBILITY_TIMEOUT": "10",
-        "STREAMS_RETRY_MAX_BACKOFF": "2",
-        "STREAMS_TOPIC_PARTITIONS": "3",
-    }
-
-
 def run(base: Settings, messages: int, malformed: float, kills: int, rate: float, workdir: Path,
         timeout: float = 600, say=print) -> Report:
     """One chaos run on the running stack ``base``; ``base``'s Kafka and PostgreSQL get restarted."""
     from streams import stack
 
-    env = _isolated_env(base, workdir)
-    s = Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in env.items()})
+    env = sandbox_env(
+        base, workdir, prefix="chaos",
+        STREAMS_BRIDGE_VISIBILITY_TIMEOUT="10", STREAMS_RETRY_MAX_BACKOFF="2", STREAMS_TOPIC_PARTITIONS="3",
+    )
+    s = settings_from_env(env)
     ensure_topics(s)
     report = Report()
     bodies = make_bodies(messages, malformed)
@@ -264,18 +211,6 @@ def _rows(s: Settings) -> list[str]:
     return asyncio.run(go())
 
 
-def _depth(s: Settings) -> int:
-    async def go() -> int:
-        async with sqs_client(s) as sqs:
-            return await queue_depth(sqs, await ensure_queue(sqs, s.sqs_queue))
-
-    return asyncio.run(go())
-
-
-def _lag(s: Settings) -> int:
-    return sum(end - done for done, end in group_lag(s, [s.raw_topic, s.masked_topic]).values())
-
-
 def _drain(s: Settings, valid: int, timeout: float, say, check) -> None:
     deadline = time.monotonic() + timeout
     last_said = 0.0
@@ -283,7 +218,7 @@ def _drain(s: Settings, valid: int, timeout: float, say, check) -> None:
         check()
         try:
             rows = len(_rows(s))
-            if rows >= valid and _depth(s) == 0 and _lag(s) == 0:
+            if rows >= valid and asyncio.run(current_queue_depth(s)) == 0 and pipeline_lag(s) == 0:
                 return
             if time.monotonic() - last_said > 15:
                 say(f"draining: {rows}/{valid} rows")
@@ -307,8 +242,8 @@ def _audit(s: Settings, report: Report, valid_ids: set[str], malformed_ids: set[
     report.dead_lettered_ids = len(set(dead))
     report.missing_dead_letters = len(malformed_ids - set(dead)) + len(set(dead) - malformed_ids)
     report.raw_records = len(read_topic(s.kafka_bootstrap, s.raw_topic))
-    report.queue_depth = _depth(s)
-    report.lag = _lag(s)
+    report.queue_depth = asyncio.run(current_queue_depth(s))
+    report.lag = pipeline_lag(s)
 
 
 def main(argv: list[str] | None = None) -> None:

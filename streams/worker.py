@@ -25,7 +25,8 @@ from streams.dead_letters import Reason, Rejected, dead_letter
 from streams.kafka import AsyncProducer
 from streams.keys import KeyRing
 from streams.masking import Masker
-from streams.retry import fault_point, retry_forever
+from streams.faults import fault_point
+from streams.retry import retry_forever
 from streams.settings import Settings
 from streams.sink import PostgresSink
 from streams.transform import MaskTransform
@@ -161,14 +162,17 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
             async for events in stream.noack_take(settings.batch_size, within=settings.batch_within):
                 rows, dead = [], []
                 raw_by_id = {}
+
+                def reject(message_id: str, rejected: Rejected, payload: bytes) -> None:
+                    datum = dead_letter(message_id, "sink", rejected, payload)
+                    dead.append((settings.dlq_topic, message_id.encode(), codecs.dead_letter.encode(datum)))
+
                 for event in events:
                     try:
                         row = codecs.masked.decode(event.message.value)
                     except CodecError as exc:
                         key = event.message.key or _where(event).encode()
-                        rejected = Rejected(Reason.UNDECODABLE_RECORD, str(exc))
-                        datum = dead_letter(key.decode("utf-8", "replace"), "sink", rejected, event.message.value)
-                        dead.append((settings.dlq_topic, key, codecs.dead_letter.encode(datum)))
+                        reject(key.decode("utf-8", "replace"), Rejected(Reason.UNDECODABLE_RECORD, str(exc)), event.message.value)
                         continue
                     rows.append(row)
                     raw_by_id[row["message_id"]] = event.message.value
@@ -177,9 +181,8 @@ def create_app(settings: Settings, keyring: KeyRing) -> faust.App:
                     lambda: write_batch(rows), f"write {len(rows)} rows", log, settings.retry_max_backoff
                 ) if rows else []
                 for row, sqlstate in refused:
-                    rejected = Rejected(Reason.REJECTED_BY_DATABASE, f"SQLSTATE {sqlstate}")
-                    datum = dead_letter(row["message_id"], "sink", rejected, raw_by_id[row["message_id"]])
-                    dead.append((settings.dlq_topic, row["message_id"].encode(), codecs.dead_letter.encode(datum)))
+                    message_id = row["message_id"]
+                    reject(message_id, Rejected(Reason.REJECTED_BY_DATABASE, f"SQLSTATE {sqlstate}"), raw_by_id[message_id])
                 fault_point("sink_after_commit")
                 if dead:
                     await outputs.produce(dead, f"produce {len(dead)} dead letters")

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -17,6 +16,7 @@ import asyncpg
 
 from streams.codec import Codecs
 from streams.kafka import group_lag
+from streams.sandbox import sandbox_env, settings_from_env
 from streams.settings import Settings
 from streams.sqs import bodies_from_json, ensure_queue, queue_depth, send_bodies, sqs_client
 from streams.topic_reader import read_topic
@@ -37,35 +37,9 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-async def _create_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
 def isolated_pipeline(stack: Settings, workdir: Path, **extra_env: str) -> "Pipeline":
     """A Pipeline on ``stack`` with its own topics, queue, database, consumer group and keys."""
-    tag = uuid.uuid4().hex[:10]
-    base_dsn = stack.pg_dsn.get_secret_value()
-    database = f"test_{tag}"
-    asyncio.run(_create_database(base_dsn, database))
-    env = {
-        "STREAMS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-        "STREAMS_SQS_ENDPOINT": stack.sqs_endpoint,
-        "STREAMS_PG_DSN": base_dsn.rsplit("/", 1)[0] + "/" + database,
-        "STREAMS_RAW_TOPIC": f"t{tag}.raw",
-        "STREAMS_MASKED_TOPIC": f"t{tag}.masked",
-        "STREAMS_DLQ_TOPIC": f"t{tag}.dlq",
-        "STREAMS_SQS_QUEUE": f"q{tag}",
-        "STREAMS_APP_ID": f"streams-{tag}",
-        "STREAMS_KEYS_FILE": str(workdir / "keys.json"),
-        "STREAMS_STACK_DIR": str(stack.stack_dir),
-        "STREAMS_BATCH_WITHIN": "0.2",
-        "STREAMS_BRIDGE_VISIBILITY_TIMEOUT": "5",
-        **extra_env,
-    }
+    env = sandbox_env(stack, workdir, STREAMS_BATCH_WITHIN="0.2", STREAMS_BRIDGE_VISIBILITY_TIMEOUT="5", **extra_env)
     return Pipeline(env, workdir)
 
 
@@ -81,7 +55,7 @@ class Pipeline:
 
     @property
     def settings(self) -> Settings:
-        return Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in self.env.items()})
+        return settings_from_env(self.env)
 
     def wait_for(self, condition: Callable[[], T], timeout: float, what: str) -> T:
         """``wait_for`` that fails at once, with the log tail, if a stage process died."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from streams import stack
-from streams.chaos import private_settings
+from streams.sandbox import private_settings
 from streams.settings import Settings
 from tests.helpers import isolated_pipeline
 

@@ -1,0 +1,36 @@
+"""Fault injection for tests and ``make chaos``: die (or raise) at a named point.
+
+``STREAMS_FAULT=<point>[@<n>][:raise]`` SIGKILLs this process the n-th time (default:
+first) it reaches ``fault_point(<point>)``, or with ``:raise`` raises ``InjectedFault``
+there (an agent bug). Unset in production, where the check is one
+falsy test per batch. Points: bridge_after_produce (Kafka acked, SQS not deleted),
+mask_after_produce (masked records acked, raw offsets not acked), sink_before_commit
+(batch decoded, database not written), sink_after_commit (database committed, masked
+offsets not acked).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+_FAULT_SPEC, _, _FAULT_MODE = os.environ.get("STREAMS_FAULT", "").partition(":")
+_FAULT_NAME, _, _FAULT_AT = _FAULT_SPEC.partition("@")
+_fault_hits = 0
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``fault_point`` in ``:raise`` mode."""
+
+
+def fault_point(name: str) -> None:
+    """Die here, like a power cut, when ``STREAMS_FAULT`` names this point."""
+    global _fault_hits
+    if _FAULT_NAME and name == _FAULT_NAME:
+        _fault_hits += 1
+        if _fault_hits >= int(_FAULT_AT or 1):
+            logging.getLogger("streams.fault").warning("fault injected at %s (%s)", name, _FAULT_MODE or "kill")
+            if _FAULT_MODE == "raise":
+                raise InjectedFault(name)
+            os.kill(os.getpid(), signal.SIGKILL)
