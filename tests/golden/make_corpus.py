@@ -76,7 +76,7 @@ def main() -> None:
                 dead["payload"] = dead["payload"].hex()
                 result = {"dead_letter": dead}
             else:
-                result = {"value": out.value.hex()}
+                result = {"out_value": out.value.hex()}
             fh.write(json.dumps({"key": key.hex() if key is not None else None, "value": value.hex(),
                                  "out_key": out.key.hex(), "reason": out.reason, **result}) + "\n")
     print(f"wrote {len(inputs)} cases")

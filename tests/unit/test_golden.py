@@ -29,4 +29,4 @@ def test_transform_matches_golden_corpus_byte_for_byte():
             dead["payload"] = dead["payload"].hex()
             assert dead == case["dead_letter"], i
         else:
-            assert out.value.hex() == case["value"], i
+            assert out.value.hex() == case["out_value"], i
