@@ -1,0 +1,349 @@
+"""deploy/k8s must be valid Kubernetes and KEDA, and keep the project's operating rules.
+
+No cluster runs on the build machines, so nothing is applied: core kinds are checked with
+``kubernetes-validate --strict`` against the Kubernetes JSON schemas it bundles, KEDA
+ScaledObjects against deploy/k8s/keda-scaledobject.schema.json, and the rules (non-root,
+read-only root, probes, resources, partition cap, no keys in the bridge) are read from
+the YAML. Each check also rejects a broken fixture, so a check that passes everything is
+caught.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SCHEMA = json.loads((K8S / "keda-scaledobject.schema.json").read_text())
+
+# Kubernetes versions to validate against; both are bundled by kubernetes-validate 1.37.0
+# (`kubernetes-validate --help` shows its default, the newest). 1.30 is the oldest we target.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+
+# API groups kubernetes-validate has no schema for (it only warns and exits 0 on them):
+# KEDA's CRDs, checked with our own schema, and kustomize's config, which is not a resource.
+NOT_CORE = ("keda.sh/", "kustomize.config.k8s.io/")
+
+POD_KINDS = {"Deployment": ("spec", "template", "spec"), "Job": ("spec", "template", "spec")}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml"))
+DOCS = {path: _docs(path) for path in MANIFESTS}
+ALL = [doc for docs in DOCS.values() for doc in docs]
+
+
+def _is_core(doc: dict) -> bool:
+    return not doc["apiVersion"].startswith(NOT_CORE)
+
+
+CORE_FILES = [path for path, docs in DOCS.items() if all(_is_core(d) for d in docs)]
+SCALED_OBJECTS = [d for d in ALL if d["kind"] == "ScaledObject"]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def _of_kind(kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in ALL if d["kind"] == kind}
+
+
+def _pod_spec(doc: dict) -> dict:
+    spec = doc
+    for key in POD_KINDS[doc["kind"]]:
+        spec = spec[key]
+    return spec
+
+
+def _workloads() -> list[dict]:
+    return [d for d in ALL if d["kind"] in POD_KINDS]
+
+
+CONFIG = _of_kind("ConfigMap")["streams-config"]["data"]
+
+
+def _kubernetes_validate(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "kubernetes-validate"
+    if not exe.exists():
+        pytest.fail(f"{exe} is missing: install the dev dependency kubernetes-validate==1.37.0")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+
+
+# --- (a) core kinds: kubernetes-validate --strict ---------------------------------------
+
+
+def test_the_manifests_are_found_and_no_file_mixes_core_and_crd_kinds():
+    assert len(CORE_FILES) >= 8 and len(SCALED_OBJECTS) >= 3, MANIFESTS
+    for path, docs in DOCS.items():
+        kinds = {_is_core(d) for d in docs}
+        assert len(kinds) == 1, f"{_rel(path)} mixes core and CRD kinds: the core check would skip it whole"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_core_manifests_pass_kubernetes_validate_strict(version):
+    result = _kubernetes_validate("--strict", "-k", version, *map(str, CORE_FILES))
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    # An unknown kind only warns and exits 0: make sure every document was really checked.
+    assert "Couldn't find schema" not in report, report
+    assert report.count(" passed for resource ") == sum(len(DOCS[p]) for p in CORE_FILES), report
+
+
+def test_kubernetes_validate_rejects_an_unknown_field():
+    result = _kubernetes_validate("--strict", "-k", K8S_VERSIONS[0], str(FIXTURES / "broken-deployment.yaml"))
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "replica" in result.stdout + result.stderr
+
+
+def test_kustomizations_list_existing_files_but_never_the_job_or_the_secret_placeholders():
+    listed = set()
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        (doc,) = _docs(kustomization)
+        for resource in doc["resources"]:
+            path = (kustomization.parent / resource).resolve()
+            assert path.exists(), (_rel(kustomization), resource)
+            listed.add(path)
+    assert K8S / "migrate-job.yaml" not in listed, "the migration Job runs before the workers, on its own"
+    assert K8S / "common" / "secrets.yaml" not in listed, "re-applying must not overwrite real Secrets"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: kustomize rendering not checked")
+@pytest.mark.parametrize("overlay", [".", "split"])
+def test_kustomizations_render_only_known_files(overlay, tmp_path):
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("Job", "streams-migrate") not in names, "the migration Job must run before, not with, the workers"
+    assert not any(k == "Secret" for k, _ in names), "re-applying must not overwrite real Secrets with placeholders"
+    assert ("ConfigMap", "streams-config") in names
+    workers = {n for k, n in names if k == "Deployment"} - {"streams-bridge"}
+    assert workers == ({"streams-worker"} if overlay == "." else {"streams-mask", "streams-sink"})
+    core = tmp_path / "core.yaml"
+    core.write_text(yaml.safe_dump_all([d for d in docs if _is_core(d)]))
+    result = _kubernetes_validate("--strict", "-k", K8S_VERSIONS[0], str(core))
+    assert result.returncode == 0 and "Couldn't find schema" not in result.stdout, result.stdout + result.stderr
+    for doc in docs:
+        if doc["kind"] == "ScaledObject":
+            jsonschema.validate(doc, SCHEMA)
+
+
+# --- (b, c) ScaledObjects: our schema ----------------------------------------------------
+
+
+def test_the_scaledobject_schema_is_a_valid_schema():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+@pytest.mark.parametrize("doc", SCALED_OBJECTS, ids=lambda d: d["metadata"]["name"])
+def test_scaledobjects_match_the_schema(doc):
+    jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+
+
+def test_the_schema_rejects_a_broken_scaledobject():
+    (broken,) = _docs(FIXTURES / "broken-scaledobject.yaml")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(SCHEMA).validate(broken)
+    errors = list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(broken))
+    text = " ".join(e.message for e in errors)
+    assert "lagTreshold" in text and "maxReplicas" in text, text
+
+
+def test_the_schema_rejects_unquoted_trigger_metadata():
+    doc = json.loads(json.dumps(SCALED_OBJECTS[0]))
+    doc["spec"]["triggers"][0]["metadata"]["allowIdleConsumers"] = False  # KEDA wants "false"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+
+
+# --- (d) semantics -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("doc", _workloads(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_every_pod_is_locked_down(doc):
+    pod = _pod_spec(doc)
+    ctx = pod["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == ctx["runAsGroup"] == ctx["fsGroup"] == 10001
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod.get("automountServiceAccountToken") is False
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, container["name"]
+        assert sc["allowPrivilegeEscalation"] is False, container["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], container["name"]
+        assert container["image"] == "streams:0.1.0" and container["imagePullPolicy"] == "IfNotPresent"
+        res = container["resources"]
+        assert set(res["requests"]) == set(res["limits"]) == {"cpu", "memory"}, container["name"]
+        # Writable paths are emptyDirs: /tmp everywhere, the data dir wherever Faust may run.
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+        if doc["kind"] == "Deployment":
+            assert "emptyDir" in volumes[mounts[CONFIG["STREAMS_DATA_DIR"]]]
+
+
+@pytest.mark.parametrize("doc", list(_of_kind("Deployment").values()), ids=lambda d: d["metadata"]["name"])
+def test_every_long_running_pod_has_probes_port_and_scrape_annotations(doc):
+    template = doc["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    port = int(CONFIG["STREAMS_METRICS_PORT"])
+    assert {"name": "http", "containerPort": port, "protocol": "TCP"} in container["ports"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert template["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def test_commands_and_stages():
+    deployments = _of_kind("Deployment")
+    command = {name: d["spec"]["template"]["spec"]["containers"][0]["command"] for name, d in deployments.items()}
+    assert command["streams-bridge"] == ["streams", "bridge"]
+    for name in ("streams-worker", "streams-mask", "streams-sink"):
+        assert command[name] == ["streams", "worker"], name
+    stages = {
+        name: {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0].get("env", [])}.get(
+            "STREAMS_STAGES"
+        )
+        for name, d in deployments.items()
+    }
+    assert stages == {
+        "streams-bridge": None,
+        "streams-worker": "mask,sink",
+        "streams-mask": "mask",
+        "streams-sink": "sink",
+    }
+    (job,) = _of_kind("Job").values()
+    assert _pod_spec(job)["containers"][0]["command"] == ["streams", "migrate"]
+    assert _pod_spec(job)["restartPolicy"] == "Never"
+
+
+def test_worker_and_bridge_resources_are_the_benchmarked_ones():
+    def resources(name):
+        return _pod_spec(_of_kind("Deployment")[name])["containers"][0]["resources"]
+
+    for name in ("streams-worker", "streams-mask", "streams-sink"):
+        assert resources(name) == {
+            "requests": {"cpu": "500m", "memory": "256Mi"},
+            "limits": {"cpu": "1", "memory": "512Mi"},
+        }
+    assert resources("streams-bridge") == {
+        "requests": {"cpu": "250m", "memory": "128Mi"},
+        "limits": {"cpu": "500m", "memory": "256Mi"},
+    }
+    for path in CORE_FILES:
+        text = path.read_text()
+        if "resources:" in text:
+            assert "123 MiB" in text and "237 MiB" in text and "make bench" in text, _rel(path)
+
+
+def test_the_bridge_mounts_no_keys_and_gets_no_database():
+    bridge = _pod_spec(_of_kind("Deployment")["streams-bridge"])
+    assert not any("secret" in v for v in bridge.get("volumes", [])), "the bridge needs no masking keys"
+    (container,) = bridge["containers"]
+    assert not any(m["mountPath"].startswith("/etc/streams/keys") for m in container.get("volumeMounts", []))
+    env = {e["name"] for e in container.get("env", [])}
+    assert "STREAMS_PG_DSN" not in env and "STREAMS_KEYS_JSON" not in env
+    assert all("secretRef" not in src for src in container.get("envFrom", [])), "no whole Secret as env"
+
+
+def test_workers_mount_the_keys_read_only_and_group_readable_only():
+    keys_dir = str(Path(CONFIG["STREAMS_KEYS_FILE"]).parent)
+    for name in ("streams-worker", "streams-mask", "streams-sink"):
+        pod = _pod_spec(_of_kind("Deployment")[name])
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == keys_dir]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "streams-keys"
+        assert volume["secret"]["defaultMode"] == 0o440, name
+        assert volume["secret"]["items"] == [{"key": "keys.json", "path": Path(CONFIG["STREAMS_KEYS_FILE"]).name}]
+
+
+def test_secrets_are_placeholders_and_referenced_keys_exist():
+    secrets = _of_kind("Secret")
+    assert set(secrets) == {"streams-secrets", "streams-keys"}
+    for secret in secrets.values():
+        assert "data" not in secret, "placeholders go in stringData, never real base64 data"
+        for value in secret["stringData"].values():
+            assert "REPLACE_ME" in value
+    json.loads(secrets["streams-keys"]["stringData"]["keys.json"])
+    for doc in _workloads():
+        for container in _pod_spec(doc)["containers"]:
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in secrets[ref["name"]]["stringData"], (doc["metadata"]["name"], ref)
+            for src in container.get("envFrom", []):
+                assert src["configMapRef"]["name"] == "streams-config"
+
+
+def test_the_configmap_has_the_documented_settings():
+    assert CONFIG == CONFIG | {
+        "STREAMS_RAW_TOPIC": "logins.raw",
+        "STREAMS_MASKED_TOPIC": "logins.masked",
+        "STREAMS_DLQ_TOPIC": "logins.dlq",
+        "STREAMS_TOPIC_PARTITIONS": "6",
+        "STREAMS_SQS_QUEUE": "login-queue",
+        "STREAMS_METRICS_PORT": "8080",
+        "STREAMS_DATA_DIR": "/var/lib/streams",
+        "STREAMS_KEYS_FILE": "/etc/streams/keys/keys.json",
+        "STREAMS_LOG_FORMAT": "json",
+    }
+    assert {"STREAMS_KAFKA_BOOTSTRAP", "STREAMS_SQS_REGION"} <= set(CONFIG)
+    assert all(isinstance(v, str) for v in CONFIG.values()), "ConfigMap data values must be strings"
+
+
+def test_scaledobjects_follow_the_partitions_and_the_consumer_group():
+    partitions = int(CONFIG["STREAMS_TOPIC_PARTITIONS"])
+    group = CONFIG.get("STREAMS_APP_ID", "streams")
+    input_topic = {
+        "streams-worker": CONFIG["STREAMS_RAW_TOPIC"],
+        "streams-mask": CONFIG["STREAMS_RAW_TOPIC"],
+        "streams-sink": CONFIG["STREAMS_MASKED_TOPIC"],
+    }
+    deployments = _of_kind("Deployment")
+    targets = set()
+    for so in SCALED_OBJECTS:
+        spec = so["spec"]
+        target = spec["scaleTargetRef"]["name"]
+        targets.add(target)
+        assert target in deployments and "replicas" not in deployments[target]["spec"], "KEDA owns replicas"
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions, so["metadata"]["name"]
+        for trigger in spec["triggers"]:
+            meta = trigger["metadata"]
+            assert meta["bootstrapServers"] == CONFIG["STREAMS_KAFKA_BOOTSTRAP"]
+            assert meta["consumerGroup"] == group
+            assert meta["topic"] == input_topic[target]
+            assert meta.get("allowIdleConsumers", "false") == "false"
+    assert targets == set(input_topic)
+
+
+def test_disruption_budgets_cover_every_deployment():
+    budgets = _of_kind("PodDisruptionBudget")
+    for name, deployment in _of_kind("Deployment").items():
+        assert budgets[name]["spec"]["selector"] == deployment["spec"]["selector"], name
+        assert "maxUnavailable" in budgets[name]["spec"], name
+
+
+def test_nothing_names_a_namespace():
+    for path, docs in DOCS.items():
+        for doc in docs:
+            assert "namespace" not in doc.get("metadata", {}) and "namespace" not in doc, _rel(path)
