@@ -6,20 +6,34 @@ STREAMS = $(VENV)/bin/streams
 SAMPLE ?= $(firstword $(wildcard ../shared/data/sample_data.json) data/sample_data.json)
 PYTEST_ARGS ?=
 
-.PHONY: install run test unit stack-up stack-down stack-status bench chaos clean
+.PHONY: install run test unit lint lock stack-up stack-down stack-status bench chaos clean
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+# The runtime package (streams) and the development tooling (dev/: local stack, chaos,
+# tests, linters), both editable, from the hash-pinned lock.
+$(VENV)/.installed: pyproject.toml dev/pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install -q --no-deps -e . -e dev
 	touch $@
 
 install: $(VENV)/.installed
 
+## Re-pin both locks (runtime only, and runtime + dev) with hashes after editing a pyproject.
+lock:
+	$(PY) -m pip install -q uv==0.13.9
+	$(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --quiet -o requirements.lock --custom-compile-command "make lock"
+	$(VENV)/bin/uv pip compile pyproject.toml dev/pyproject.toml --python-version 3.11 --generate-hashes --quiet -o requirements-dev.lock --custom-compile-command "make lock"
+
+## ruff (lint and format check) and mypy on the package.
+lint: install
+	$(VENV)/bin/ruff check streams dev tests benchmarks
+	$(VENV)/bin/ruff format --check streams dev tests benchmarks
+	$(VENV)/bin/mypy
+
 ## Run the pipeline on the local stack over the sample data; DRAIN=1 exits when done.
 run: install
 	$(STREAMS) stack up
-	$(STREAMS) run --seed $(SAMPLE) $(if $(DRAIN),--drain)
+	STREAMS_DEV_KEYS=1 $(STREAMS) run --seed $(SAMPLE) $(if $(DRAIN),--drain)
 
 ## The whole test suite against the real local stack.
 test: install
@@ -47,7 +61,7 @@ bench: install
 N ?= 100000
 K ?= 5
 chaos: install
-	$(PY) -m streams.chaos --messages $(N) --kills $(K)
+	$(PY) -m streams_dev.chaos --messages $(N) --kills $(K)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,10 +10,10 @@ import json
 import sys
 import time
 
-from streams.codec import Codecs
-from streams.keys import generate_document, parse_keyring
-from streams.masking import Masker
-from streams.transform import MaskTransform
+from streams.io.codec import Codecs
+from streams.privacy.keys import generate_document, parse_keyring
+from streams.privacy.masking import Masker
+from streams.pipeline.mask import MaskTransform
 
 SENT = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
 

@@ -11,8 +11,8 @@ import json
 import sys
 import time
 
-from streams.keys import generate_document, parse_keyring
-from streams.masking import Masker, canonical_device_id, canonical_ip
+from streams.privacy.keys import generate_document, parse_keyring
+from streams.privacy.masking import Masker, canonical_device_id, canonical_ip
 
 
 def _mask_record(masker: Masker, ip: str, device_id: str) -> None:

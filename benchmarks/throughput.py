@@ -21,15 +21,16 @@ import time
 import uuid
 from pathlib import Path
 
-import asyncpg
 
-from streams.bridge import envelope
-from streams.codec import Codecs
+
+from streams.pipeline.bridge import envelope
+from streams.io.codec import Codecs
 from confluent_kafka.admin import AdminClient
 
-from streams.kafka import AsyncProducer, ensure_topics, group_lag, topic_configs
-from streams.runner import row_count
-from streams.sandbox import sandbox_env, settings_from_env
+from streams.io.kafka import ensure_topics, group_lag, send_records, topic_configs
+from streams.io.postgres import connect
+from streams.ops.state import row_count
+from streams_dev.sandbox import sandbox_env, settings_from_env
 from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,20 +51,12 @@ def produce_raw(settings: Settings, records: list[object], chunk: int = 5000) ->
         for mid, r in zip(ids, records)
     ]
 
-    async def send() -> None:
-        producer = AsyncProducer(settings.kafka_bootstrap)
-        try:
-            for i in range(0, len(encoded), chunk):
-                await producer.send_all(encoded[i : i + chunk])
-        finally:
-            producer.close()
-
-    asyncio.run(send())
+    send_records(settings, encoded, chunk)
     return ids
 
 
 async def _drop_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
+    conn = await connect(admin_dsn)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

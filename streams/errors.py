@@ -1,5 +1,43 @@
-"""Errors a command reports as one line (no traceback), with the fix in the message."""
+"""The few kinds of failure the code really tells apart; the CLI turns each into one line.
+
+- ``ConfigError``: a setting, key or credential is missing or wrong; the process stops at
+  start with the fix in the message (exit 2).
+- ``Refused``: an operation the user asked for cannot be done as asked (exit 1).
+- ``TransientError``: a dependency is down or slow; stages retry it with backoff.
+- ``Rejected``: one record cannot become a valid output; it becomes a dead letter with
+  its reason code, and the rest of the batch goes on.
+
+No message may quote a field value (values can be PII).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streams.pipeline.dead_letters import Reason
 
 
-class CommandError(Exception):
-    """An expected failure: printed as one line, exit status 1."""
+class StreamsError(Exception):
+    """Base of the project's expected failures."""
+
+
+class ConfigError(StreamsError):
+    """A setting, key or credential is wrong; the message names what to fix."""
+
+
+class Refused(StreamsError):
+    """An operation refused as asked; the message says why and what to do instead."""
+
+
+class TransientError(StreamsError):
+    """A dependency is down or slow: retry with backoff, never skip the work."""
+
+
+class Rejected(StreamsError):
+    """Input that cannot become a valid record; carries its reason code."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -1,6 +1,7 @@
 """Fault injection for tests and ``make chaos``: die (or raise) at a named point.
 
-``STREAMS_FAULT=<point>[@<n>][:raise]`` SIGKILLs this process the n-th time (default:
+The runtime keeps only this hook: a no-op unless ``configure`` was given a spec (the
+``STREAMS_FAULT`` setting). ``STREAMS_FAULT=<point>[@<n>][:raise]`` SIGKILLs this process the n-th time (default:
 first) it reaches ``fault_point(<point>)``, or with ``:raise`` raises ``InjectedFault``
 there (an agent bug). Unset in production, where the check is one
 falsy test per batch. Points: bridge_after_produce (Kafka acked, SQS not deleted),
@@ -15,9 +16,18 @@ import logging
 import os
 import signal
 
-_FAULT_SPEC, _, _FAULT_MODE = os.environ.get("STREAMS_FAULT", "").partition(":")
-_FAULT_NAME, _, _FAULT_AT = _FAULT_SPEC.partition("@")
+_FAULT_NAME = ""
+_FAULT_AT = ""
+_FAULT_MODE = ""
 _fault_hits = 0
+
+
+def configure(spec: str) -> None:
+    """Arm the hook from the ``fault`` setting (empty: off)."""
+    global _FAULT_NAME, _FAULT_AT, _FAULT_MODE, _fault_hits
+    point, _, _FAULT_MODE = spec.partition(":")
+    _FAULT_NAME, _, _FAULT_AT = point.partition("@")
+    _fault_hits = 0
 
 
 class InjectedFault(RuntimeError):

@@ -1,4 +1,9 @@
-"""Retry-until-done with capped exponential backoff, for stages that must not skip work."""
+"""Capped, jittered exponential backoff: the one retry policy of every stage.
+
+A transient failure (a dependency down or slow) is waited out for as long as it lasts;
+each attempt is logged with the exception type only (messages may quote data) and
+counted. Cancellation (SIGTERM) interrupts the wait, so nothing unfinished is acked.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,25 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+FIRST_DELAY = 0.2
+
+
+class Backoff:
+    """Delays of 0.2 s doubling up to ``cap``, each jittered to 50-100 %."""
+
+    def __init__(self, cap: float = 10.0, first: float = FIRST_DELAY) -> None:
+        self.cap, self.first = cap, first
+        self.delay = first
+        self.attempts = 0
+
+    async def wait(self) -> None:
+        self.attempts += 1
+        await asyncio.sleep(self.delay * (0.5 + random.random() / 2))
+        self.delay = min(self.delay * 2, self.cap)
+
+    def reset(self) -> None:
+        self.delay, self.attempts = self.first, 0
+
 
 async def retry_forever(
     operation: Callable[[], Awaitable[T]],
@@ -18,17 +42,11 @@ async def retry_forever(
     max_backoff: float = 10.0,
     retry_on: tuple[type[BaseException], ...] = (Exception,),
 ) -> T:
-    """Run ``operation`` until it succeeds. Only the exception type is logged (messages may quote data).
-
-    Cancellation (SIGTERM) interrupts the wait, so nothing unfinished is ever acked.
-    """
-    delay = 0.2
-    attempt = 0
+    """Run ``operation`` until it succeeds."""
+    backoff = Backoff(max_backoff)
     while True:
         try:
             return await operation()
         except retry_on as exc:
-            attempt += 1
-            log.warning("%s failed (%s), attempt %d; retrying in %.1fs", what, type(exc).__name__, attempt, delay)
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, max_backoff)
+            log.warning("%s failed (%s), attempt %d; retrying", what, type(exc).__name__, backoff.attempts + 1)
+            await backoff.wait()

@@ -6,11 +6,12 @@ needs no configuration; production overrides them through the environment.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.errors import ConfigError
 
 
 def _default_home() -> Path:
@@ -50,8 +51,23 @@ class Settings(BaseSettings):
     batch_within: float = Field(0.5, gt=0)
     retry_max_backoff: float = Field(10.0, gt=0)
 
+    data_dir: Path = Field(
+        default_factory=lambda: _default_home() / "faust",
+        description="Faust's data directory (it keeps no tables here, but needs a writable folder)",
+    )
+
     # --- Masking keys ----------------------------------------------------
     keys_file: Path = Field(default_factory=lambda: _default_home() / "keys.json")
+    keys_json: SecretStr | None = Field(None, description="the key document itself (from a secret store)")
+    dev_keys: bool = Field(False, description="generate a development key file when none exists")
+
+    # --- Process ---------------------------------------------------------
+    log_dir: Path = Field(
+        default_factory=lambda: _default_home() / "logs", description="where `streams run` puts its children's logs"
+    )
+    log_level: str = Field("INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port for /healthz, /readyz, /metrics; 0 = off")
+    fault: str = Field("", description="fault injection for tests and chaos: <point>[@<n>][:raise]")
 
     # --- Local stack -----------------------------------------------------
     stack_dir: Path = Field(default_factory=lambda: _default_home() / "stack")
@@ -66,10 +82,6 @@ class Settings(BaseSettings):
         return [s.strip() for s in self.stages.split(",") if s.strip()]
 
 
-class ConfigError(Exception):
-    """A setting is wrong; the message names the variable to fix."""
-
-
 def load_settings(**overrides) -> Settings:
     """Build settings, turning pydantic's report into one line naming the env var."""
     try:
@@ -82,8 +94,3 @@ def load_settings(**overrides) -> Settings:
     if unknown or not settings.stage_list:
         raise ConfigError(f"invalid setting STREAMS_STAGES={settings.stages!r}: use 'mask', 'sink' or 'mask,sink'")
     return settings
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return load_settings()

@@ -64,7 +64,7 @@ def stack_settings():
         yield settings
         stop()
         return
-    from streams import stack
+    from streams_dev import stack
 
     settings = Settings()
     stack.up(settings)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,12 +13,14 @@ from typing import TypeVar
 
 import asyncpg
 
-from streams.codec import Codecs
-from streams.kafka import group_lag
-from streams.sandbox import sandbox_env, settings_from_env
+from streams.io.codec import Codecs
+from streams.io.kafka import group_lag, read_topic, total_lag
+from streams.io.postgres import fetch
+from streams.io.sqs import bodies_from_json, send_to_queue
+from streams.ops import children
+from streams.ops.state import current_queue_depth, dead_letters
 from streams.settings import Settings
-from streams.sqs import bodies_from_json, ensure_queue, queue_depth, send_bodies, sqs_client
-from streams.topic_reader import read_topic
+from streams_dev.sandbox import sandbox_env, settings_from_env
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -72,14 +73,7 @@ class Pipeline:
     # --- processes ---------------------------------------------------------
     def start(self, command: str, *args: str, **env: str) -> subprocess.Popen:
         log_path = self.workdir / f"{command}-{len(self.procs)}.log"
-        full_env = {**os.environ, **self.env, **env, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streams", command, *args],
-            env=full_env,
-            cwd=REPO,
-            stdout=open(log_path, "wb"),
-            stderr=subprocess.STDOUT,
-        )
+        proc = children.start_stage(command, log_path, {**self.env, **env}, *args)
         self.procs.append((proc, log_path))
         return proc
 
@@ -92,60 +86,36 @@ class Pipeline:
 
     def stop(self, proc: subprocess.Popen, timeout: float = 30) -> int:
         self.stopped.add(proc)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+        children.stop([proc], timeout)
+        return proc.returncode
 
     def stop_all(self) -> None:
         for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            children.kill(proc)
 
     def logs(self) -> str:
         return "".join(path.read_text(errors="replace") for _, path in self.procs if path.exists())
 
     # --- queue -------------------------------------------------------------
     def send(self, records: list[object]) -> list[str]:
-        async def go() -> list[str]:
-            async with sqs_client(self.settings) as sqs:
-                url = await ensure_queue(sqs, self.settings.sqs_queue)
-                return await send_bodies(sqs, url, bodies_from_json(records))
-
-        return asyncio.run(go())
+        return asyncio.run(send_to_queue(self.settings, bodies_from_json(records)))
 
     def queue_depth(self) -> int:
-        async def go() -> int:
-            async with sqs_client(self.settings) as sqs:
-                return await queue_depth(sqs, await ensure_queue(sqs, self.settings.sqs_queue))
-
-        return asyncio.run(go())
+        return asyncio.run(current_queue_depth(self.settings))
 
     # --- kafka -------------------------------------------------------------
     def topic(self, name: str) -> list[tuple[bytes | None, bytes]]:
-        return read_topic(self.settings.kafka_bootstrap, name)
+        return read_topic(self.settings, name)
 
     def dead_letters(self) -> list[dict]:
-        return [self.codecs.dead_letter.decode(v) for _, v in self.topic(self.settings.dlq_topic)]
+        return dead_letters(self.settings)
 
     def lag(self, topics: list[str], group: str | None = None) -> int:
-        offsets = group_lag(self.settings, topics, group)
-        return sum(end - committed for committed, end in offsets.values())
+        return total_lag(group_lag(self.settings, topics, group))
 
     # --- database ----------------------------------------------------------
     def query(self, sql: str, *args) -> list[asyncpg.Record]:
-        async def go():
-            conn = await asyncpg.connect(self.settings.pg_dsn.get_secret_value())
-            try:
-                return await conn.fetch(sql, *args)
-            finally:
-                await conn.close()
-
-        return asyncio.run(go())
+        return asyncio.run(fetch(self.settings.pg_dsn.get_secret_value(), sql, *args))
 
     def row_count(self) -> int:
         try:

@@ -52,10 +52,10 @@ def bodies() -> list[str]:
 
 
 def main() -> None:
-    from streams.codec import Codecs
-    from streams.keys import parse_keyring
-    from streams.masking import Masker
-    from streams.transform import MaskTransform
+    from streams.io.codec import Codecs
+    from streams.privacy.keys import parse_keyring
+    from streams.privacy.masking import Masker
+    from streams.pipeline.mask import MaskTransform
 
     keys = fixed_keys()
     (HERE / "keys.json").write_text(keys)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from streams import stack
-from streams.sandbox import private_settings
+from streams_dev import stack
+from streams_dev.sandbox import private_settings
 from streams.settings import Settings
 from tests.helpers import isolated_pipeline
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams import chaos
+from streams_dev import chaos
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from streams import stack
+from streams_dev import stack
 
 pytestmark = pytest.mark.integration
 

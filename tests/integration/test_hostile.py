@@ -10,10 +10,9 @@ import json
 import time
 
 import pytest
-from confluent_kafka import Producer
 
-from streams.kafka import ensure_topics
-from streams.masking import canonical_ip
+from streams.io.kafka import ensure_topics, send_records
+from streams.privacy.masking import canonical_ip
 
 pytestmark = pytest.mark.integration
 
@@ -71,10 +70,7 @@ def envelope(message_id: str, body: str) -> dict:
 
 
 def produce_raw(p, records: list[tuple[bytes | None, bytes]]) -> None:
-    producer = Producer({"bootstrap.servers": p.settings.kafka_bootstrap, "enable.idempotence": True})
-    for key, value in records:
-        producer.produce(p.settings.raw_topic, key=key, value=value)
-    assert producer.flush(30) == 0
+    send_records(p.settings, [(p.settings.raw_topic, key, value) for key, value in records])
 
 
 def test_hostile_catalogue(pipeline):

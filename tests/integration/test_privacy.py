@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from streams.masking import canonical_device_id, canonical_ip
+from streams.privacy.masking import canonical_device_id, canonical_ip
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from streams.keys import generate_document, write_document
+from streams.privacy.keys import generate_document, write_document
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ def checksum(pipeline) -> str:
 
 
 def committed(pipeline, topic: str) -> dict[int, tuple[int, int]]:
-    from streams.kafka import group_lag
+    from streams.io.kafka import group_lag
 
     return {p: v for (t, p), v in group_lag(pipeline.settings, [topic]).items() if t == topic}
 

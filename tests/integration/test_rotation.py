@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from streams.keys import load_keyring
-from streams.masking import Masker, canonical_device_id, canonical_ip
+from streams.privacy.keys import load_keyring
+from streams.privacy.masking import Masker, canonical_device_id, canonical_ip
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ BATCHES = {
 
 def decrypted_rows(pipeline) -> dict[str, tuple]:
     """message_id -> (ip, device_id, masked_ip, masked_device_id), decrypted in process from the vault."""
-    masker = Masker(load_keyring(pipeline.settings.keys_file, generate_dev_key=False))
+    masker = Masker(load_keyring(pipeline.settings.keys_file))
     rows = pipeline.query(
         "SELECT u.message_id, u.masked_ip, u.masked_device_id, i.ciphertext AS ip_c, d.ciphertext AS dev_c"
         " FROM user_logins u"

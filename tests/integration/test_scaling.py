@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from benchmarks.throughput import produce_raw
-from streams.offsets import OffsetAdmin
+from streams.ops.replay import OffsetAdmin
 
 pytestmark = pytest.mark.integration
 

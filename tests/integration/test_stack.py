@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-import streams.stack as stack
+import streams_dev.stack as stack
 from streams.settings import Settings
-from streams.stack import StackError
+from streams_dev.stack import StackError
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from streams.kafka import group_lag
+from streams.io.kafka import group_lag
 
 pytestmark = pytest.mark.integration
 

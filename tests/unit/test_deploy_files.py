@@ -46,7 +46,7 @@ def test_environment_names_are_settings():
 
 
 def test_kafka_version_matches_the_local_stack_pom():
-    pom = (REPO / "stack" / "kafka" / "pom.xml").read_text()
+    pom = (REPO / "dev" / "streams_dev" / "stack" / "poms" / "kafka" / "pom.xml").read_text()
     pom_version = re.search(r"<artifactId>kafka_2\.13</artifactId>\s*<version>([^<]+)</version>", pom).group(1)
     assert SERVICES["kafka"]["image"] == f"apache/kafka:{pom_version}"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from streams.codec import Codecs
-from streams.keys import parse_keyring
-from streams.masking import Masker
-from streams.transform import MaskTransform
+from streams.io.codec import Codecs
+from streams.privacy.keys import parse_keyring
+from streams.privacy.masking import Masker
+from streams.pipeline.mask import MaskTransform
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from streams.keys import KeyMaterialError, generate_document, parse_keyring
-from streams.masking import Masker, RevealError, canonical_device_id, canonical_ip
+from streams.privacy.keys import KeyMaterialError, generate_document, parse_keyring
+from streams.privacy.masking import Masker, RevealError, canonical_device_id, canonical_ip
 
 
 def masker(doc=None):
@@ -93,7 +93,7 @@ import hashlib  # noqa: E402
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from streams.masking import PAD_BLOCK, token_version  # noqa: E402
+from streams.privacy.masking import PAD_BLOCK, token_version  # noqa: E402
 
 M1, M2 = masker(), masker()
 values = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60)
@@ -164,7 +164,7 @@ def test_malformed_tokens_are_refused_without_echoing_them(text):
 
 def test_token_for_another_loaded_version():
     doc = generate_document()
-    from streams.keys import add_join_version
+    from streams.privacy.keys import add_join_version
 
     version = add_join_version(doc)
     m = masker(doc)

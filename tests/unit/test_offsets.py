@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from streams.errors import CommandError
-from streams.offsets import Target, parse_target, plan, stage_topic
+from streams.errors import Refused
+from streams.ops.replay import Target, parse_target, plan
+from streams.ops.topology import stage_topic
 from streams.settings import Settings
 
 WATERMARKS = {0: (0, 10), 1: (5, 20), 2: (0, 0)}
@@ -30,7 +31,7 @@ def test_parse_times_are_utc_milliseconds():
 
 @pytest.mark.parametrize("text", ["soon", "0:1,0:2", "1:2:3", ""])
 def test_parse_rejects_in_one_line(text):
-    with pytest.raises(CommandError) as err:
+    with pytest.raises(Refused) as err:
         parse_target(text)
     assert "\n" not in str(err.value)
 
@@ -50,12 +51,12 @@ def test_plan_explicit_offsets_move_only_named_partitions():
 
 @pytest.mark.parametrize("offsets, hint", [({1: 4}, "range 5-20"), ({1: 21}, "range 5-20"), ({9: 0}, "partitions 0-2")])
 def test_plan_refuses_offsets_outside_the_log(offsets, hint):
-    with pytest.raises(CommandError, match=hint):
+    with pytest.raises(Refused, match=hint):
         plan(Target("offsets", offsets=offsets), COMMITTED, WATERMARKS)
 
 
 def test_stage_topics():
     s = Settings(raw_topic="r", masked_topic="m")
     assert (stage_topic(s, "mask"), stage_topic(s, "sink")) == ("r", "m")
-    with pytest.raises(CommandError):
+    with pytest.raises(Refused):
         stage_topic(s, "bridge")

@@ -41,6 +41,7 @@ def test_reveal_without_the_key_refuses_in_one_line(tmp_path):
 
 def test_malformed_key_file_is_one_line(tmp_path):
     (tmp_path / "keys.json").write_text("{not json")
+    (tmp_path / "keys.json").chmod(0o600)
     assert "docs/privacy.md" in one_line_error(streams(tmp_path, "keys", "list"))
 
 
@@ -48,5 +49,6 @@ def test_worker_with_malformed_keys_stops_at_start_in_one_line(tmp_path):
     doc = {"join": {"active": "h1", "versions": {"h1": {"ip": "c2hvcnQ=", "device_id": "c2hvcnQ="}}},
            "encryption": {"active": "k1", "keys": {"k1": "c2hvcnQ="}}}
     (tmp_path / "keys.json").write_text(json.dumps(doc))
+    (tmp_path / "keys.json").chmod(0o600)
     line = one_line_error(streams(tmp_path, "worker", STREAMS_KAFKA_BOOTSTRAP="127.0.0.1:1"))
     assert "must be 32 bytes" in line and "c2hvcnQ" not in line

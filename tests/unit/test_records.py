@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from streams.dead_letters import Reason, Rejected
-from streams.records import encode_app_version, parse_login
+from streams.pipeline.dead_letters import Reason, Rejected
+from streams.pipeline.mask import encode_app_version, parse_login
 
 VALID = {
     "user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae",

@@ -3,10 +3,10 @@
 import datetime as dt
 import json
 
-from streams.codec import Codecs
-from streams.keys import generate_document, parse_keyring
-from streams.masking import Masker
-from streams.transform import MaskTransform
+from streams.io.codec import Codecs
+from streams.privacy.keys import generate_document, parse_keyring
+from streams.privacy.masking import Masker
+from streams.pipeline.mask import MaskTransform
 
 SENT = dt.datetime(2024, 5, 1, 23, 59, tzinfo=dt.timezone.utc)
 LOGIN = {"user_id": "u1", "app_version": "0.96", "device_type": "ios", "ip": "10.0.0.7", "locale": None, "device_id": "111-22-3333"}

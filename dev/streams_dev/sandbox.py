@@ -1,0 +1,80 @@
+"""Isolated runs on a shared stack, and private stacks for runs that break services.
+
+Tests, the chaos run and the benchmarks each get their own database, topics, queue,
+consumer group and keys (``sandbox_env``), so they never see each other's data. Runs that
+stop Kafka or PostgreSQL get a whole stack of their own on free ports (``private_settings``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import uuid
+from pathlib import Path
+
+from streams.io.postgres import connect
+from streams.settings import Settings
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    """The Settings a stage process started with ``env`` would see."""
+    return Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in env.items()})
+
+
+async def create_database(admin_dsn: str, name: str) -> None:
+    conn = await connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def sandbox_env(base: Settings, workdir: Path, prefix: str = "t", **extra: str) -> dict[str, str]:
+    """Create a database of its own on ``base`` and return the STREAMS_* env of the sandbox."""
+    tag = f"{prefix}{uuid.uuid4().hex[:10]}"
+    admin_dsn = base.pg_dsn.get_secret_value()
+    asyncio.run(create_database(admin_dsn, tag))
+    return {
+        "STREAMS_KAFKA_BOOTSTRAP": base.kafka_bootstrap,
+        "STREAMS_SQS_ENDPOINT": base.sqs_endpoint,
+        "STREAMS_PG_DSN": admin_dsn.rsplit("/", 1)[0] + "/" + tag,
+        "STREAMS_RAW_TOPIC": f"{tag}.raw",
+        "STREAMS_MASKED_TOPIC": f"{tag}.masked",
+        "STREAMS_DLQ_TOPIC": f"{tag}.dlq",
+        "STREAMS_SQS_QUEUE": tag,
+        "STREAMS_APP_ID": f"streams-{tag}",
+        "STREAMS_KEYS_FILE": str(workdir / "keys.json"),
+        "STREAMS_STACK_DIR": str(base.stack_dir),
+        "STREAMS_DATA_DIR": str(workdir / "faust"),
+        "STREAMS_LOG_DIR": str(workdir / "logs"),
+        "STREAMS_DEV_KEYS": "1",
+        **extra,
+    }
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports below the kernel's ephemeral range (32768+), where outgoing
+    connections cannot grab them between this check and the service's bind."""
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def private_settings(stack_dir: Path) -> Settings:
+    """A stack of our own on free ports, so stopping its services never touches anyone else's."""
+    kafka, controller, pg, sqs = _free_ports(4)
+    return Settings(
+        stack_dir=stack_dir, kafka_port=kafka, kafka_controller_port=controller, pg_port=pg, sqs_port=sqs,
+        kafka_bootstrap=f"127.0.0.1:{kafka}", sqs_endpoint=f"http://127.0.0.1:{sqs}",
+        pg_dsn=f"postgresql://postgres@127.0.0.1:{pg}/streams",
+    )

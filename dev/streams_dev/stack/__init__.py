@@ -1,0 +1,156 @@
+"""The local process stack: Kafka, PostgreSQL and an SQS server as plain processes on loopback.
+
+No Docker: each service is a detached process whose pid file, config and log
+live in ``settings.stack_dir/<service>``. ``up`` is idempotent (a running
+service is only re-probed), returns only once every service answers a real
+request, and ``down`` leaves no process behind.
+
+    from streams_dev.stack import up, down, status
+    up(settings)                      # all three, in parallel
+    stop_service(settings, "kafka")   # tests: simulate an outage...
+    start_service(settings, "kafka")  # ...and the recovery
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .kafka import Kafka
+from .postgres import Postgres
+from .process import Service, StackError, file_lock, port_open, require_java
+from .sqs import Sqs
+
+__all__ = ["SERVICES", "ServiceStatus", "StackError", "down", "start_service", "status", "stop_service", "up"]
+
+SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "postgres": Postgres, "sqs": Sqs}
+
+log = logging.getLogger("streams_dev.stack")
+Reporter = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    running: bool
+    pid: int | None
+    port: int
+    detail: str
+
+
+def _select(settings, services: Iterable[str] | None) -> list[Service]:
+    names = list(SERVICES) if services is None else list(dict.fromkeys(services))
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown:
+        raise StackError(f"unknown service {unknown[0]!r}: choose from {', '.join(SERVICES)}")
+    return [SERVICES[n](settings) for n in names]
+
+
+def _lock(settings):
+    """One stack operation at a time per stack dir (parallel test workers, two shells)."""
+    return file_lock(Path(settings.stack_dir).expanduser().resolve() / ".lock")
+
+
+def _say(report: Reporter | None, msg: str) -> None:
+    log.info(msg)
+    if report is not None:
+        report(msg)
+
+
+def _run_all(fn: Callable[[Service], None], svcs: list[Service]) -> None:
+    """Run ``fn`` for every service in its own thread (JVM start-up dominates and
+    overlaps well); raise one StackError naming every failure."""
+    with ThreadPoolExecutor(max_workers=len(svcs), thread_name_prefix="stack") as pool:
+        futures = [(svc, pool.submit(fn, svc)) for svc in svcs]
+        errors = []
+        for svc, fut in futures:
+            exc = fut.exception()
+            if exc is None:
+                continue
+            if not isinstance(exc, StackError):
+                raise exc
+            errors.append(str(exc))
+    if errors:
+        raise StackError("; ".join(errors))
+
+
+def up(settings, services: Iterable[str] | None = None, *, report: Reporter | None = None) -> None:
+    """Start the selected services (default: all) and wait until each really serves.
+
+    Already-running services are left alone but still probed, so a successful
+    return always means "usable now". ``report`` receives one line per service
+    (e.g. ``kafka started (pid 42) in 6.3s``).
+    """
+    svcs = _select(settings, services)
+    with _lock(settings):
+        pids = {svc.name: svc.pid() for svc in svcs}
+        # Cheap pre-flight checks first, so a taken port fails in milliseconds
+        # instead of after a download or a JVM start.
+        for svc in svcs:
+            if pids[svc.name] is None:
+                svc.check_ports()
+        if any(pids[s.name] is None and isinstance(s, (Kafka, Sqs)) for s in svcs):
+            require_java()
+
+        def bring_up(svc: Service) -> None:
+            began = time.monotonic()
+            pid = pids[svc.name]
+            if pid is not None:
+                svc.wait_ready(pid)
+                _say(report, f"{svc.name} already running (pid {pid}), ready in {time.monotonic() - began:.1f}s")
+                return
+            svc.stop()  # clear a stale pid file / orphan from a crashed run
+            pid = svc.start()
+            _say(report, f"{svc.name} started (pid {pid}) in {time.monotonic() - began:.1f}s: {svc.detail()}")
+
+        _run_all(bring_up, svcs)
+
+
+def down(settings, services: Iterable[str] | None = None, *, report: Reporter | None = None) -> None:
+    """Stop the selected services (default: all): graceful first, SIGKILL after a deadline.
+
+    Also removes stale pid files and kills processes started from this stack
+    dir whose pid file was lost, so nothing is left listening afterwards.
+    """
+    svcs = _select(settings, services)
+    with _lock(settings):
+
+        def bring_down(svc: Service) -> None:
+            began = time.monotonic()
+            pid = svc.stop()
+            if pid is None:
+                _say(report, f"{svc.name} was not running")
+            else:
+                _say(report, f"{svc.name} stopped (pid {pid}) in {time.monotonic() - began:.1f}s")
+
+        _run_all(bring_down, svcs)
+
+
+def status(settings) -> list[ServiceStatus]:
+    """Which services run (pid file confirmed by the process's command line). Read-only and fast."""
+    result = []
+    for svc in _select(settings, None):
+        pid = svc.pid(adopt=False)
+        if pid is None:
+            stale = svc.pid_file.exists()
+            detail = f"stopped (stale pid file {svc.pid_file})" if stale else "stopped"
+        elif not port_open(svc.port):
+            detail = f"starting or unhealthy: port {svc.port} not accepting connections, log {svc.log_file}"
+        else:
+            detail = svc.detail()
+        result.append(ServiceStatus(svc.name, pid is not None, pid, svc.port, detail))
+    return result
+
+
+def start_service(settings, name: str, *, report: Reporter | None = None) -> None:
+    """Start one service ("kafka", "postgres" or "sqs") and wait until it serves."""
+    up(settings, [name], report=report)
+
+
+def stop_service(settings, name: str, *, report: Reporter | None = None) -> None:
+    """Stop one service, e.g. to test how the pipeline rides out a broker or database outage."""
+    down(settings, [name], report=report)

@@ -1,0 +1,85 @@
+"""``streams replay|status|dlq``: operate a running pipeline (see docs/operations.md)."""
+
+from __future__ import annotations
+
+from streams.errors import Refused
+from streams.settings import Settings
+
+
+def _replay(settings: Settings, args) -> None:
+    from streams.ops.replay import parse_target, reset_offsets
+
+    target = parse_target(args.to)
+    moves = _kafka_call(lambda: reset_offsets(settings, args.stage, target, dry_run=args.dry_run), settings)
+    verb = "would move" if args.dry_run else "moved"
+    print(f"{verb} group {settings.app_id} stage {args.stage} to {args.to}:")
+    for m in moves:
+        before = "-" if m.before is None else m.before
+        print(f"  partition {m.partition}: {before} -> {m.after}")
+    if not args.dry_run:
+        print("start the workers (`streams worker`) to reprocess")
+
+
+def _status(settings: Settings, args) -> None:
+    from streams.ops.status import follow, render, snapshot
+
+    if args.follow:
+        _kafka_call(lambda: follow(settings, args.interval, until_idle=args.until_idle), settings)
+    else:
+        print(render(settings, _kafka_call(lambda: snapshot(settings), settings)))
+
+
+def _dlq(settings: Settings, args) -> None:
+    from streams.ops import dlq
+    from streams.ops.state import dead_letters
+
+    if args.action == "list":
+        summaries = dlq.summarize(_kafka_call(lambda: dead_letters(settings), settings), args.sample)
+        if not summaries:
+            print(f"no dead letters in {settings.dlq_topic}")
+        for s in summaries:
+            print(f"{s.stage:5} {s.reason:22} {s.count:6d}  e.g. {', '.join(s.message_ids)}")
+        return
+    counts = _kafka_call(lambda: dlq.redrive(settings, args.reason, args.id, args.stage, args.dry_run), settings)
+    verb = "would redrive" if args.dry_run else "redrove"
+    print(f"{verb} {sum(counts.values())} dead letters" + "".join(f"; {n} to {t}" for t, n in counts.items()))
+
+
+def _kafka_call(fn, settings: Settings):
+    """Run ``fn``; a Kafka that does not answer becomes one line naming the fix."""
+    from confluent_kafka import KafkaException
+
+    try:
+        return fn()
+    except KafkaException as exc:
+        raise Refused(
+            f"Kafka at {settings.kafka_bootstrap} refused or did not answer ({exc.args[0].name()}): "
+            "check it runs (`streams stack up`) and STREAMS_KAFKA_BOOTSTRAP"
+        ) from None
+
+
+def register(sub) -> None:
+    """Add this group's subcommands to the ``streams`` parser."""
+    p = sub.add_parser("replay", help="move a stage's committed offsets so it reprocesses (workers stopped)")
+    p.add_argument("stage", choices=["mask", "sink"], help="mask reads the raw topic, sink the masked topic")
+    p.add_argument(
+        "--to", required=True, metavar="WHERE",
+        help="earliest | latest | ISO time (UTC if no zone) | epoch ms | partition:offset[,partition:offset...]",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show each partition's offset before and after; change nothing")
+    p.set_defaults(func=_replay)
+
+    p = sub.add_parser("status", help="per-stage offsets and lag, rows, dead letters, queue depth")
+    p.add_argument("--follow", action="store_true", help="refresh with a progress bar until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --follow")
+    p.add_argument("--until-idle", action="store_true", help="with --follow: exit once queue and lag are zero")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("dlq", help="list dead letters, or redrive chosen ones after a fix")
+    p.add_argument("action", choices=["list", "redrive"])
+    p.add_argument("--reason", action="append", default=[], help="redrive dead letters with this reason code (repeatable)")
+    p.add_argument("--id", action="append", default=[], help="redrive this message id (repeatable)")
+    p.add_argument("--stage", choices=["mask", "sink"], help="only dead letters from this stage")
+    p.add_argument("--sample", type=int, default=5, help="message ids shown per reason by list")
+    p.add_argument("--dry-run", action="store_true", help="redrive: count what would be sent; send nothing")
+    p.set_defaults(func=_dlq)

@@ -1,0 +1,198 @@
+"""``streams keys ...`` and ``streams reveal``: key management and supervised recovery.
+
+Nothing here prints key bytes or logs a revealed value; the value goes to stdout only,
+after its audit record is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from streams.privacy import keys as keymod
+from streams.errors import Refused
+from streams.settings import Settings
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+async def _connect(settings: Settings):
+    from streams.io.postgres import connect, migrate
+
+    try:
+        conn = await connect(settings.pg_dsn.get_secret_value())
+        await migrate(conn)
+    except Exception as exc:
+        raise Refused(
+            f"cannot reach PostgreSQL ({type(exc).__name__}): start it with `streams stack up` or set STREAMS_PG_DSN"
+        ) from None
+    return conn
+
+
+def _with_db(settings: Settings, job):
+    async def go():
+        conn = await _connect(settings)
+        try:
+            return await job(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def _keys_json(settings: Settings) -> str | None:
+    return settings.keys_json.get_secret_value() if settings.keys_json else None
+
+
+def _masker(settings: Settings):
+    from streams.privacy.masking import Masker
+
+    return Masker(keymod.settings_keyring(settings.model_copy(update={'dev_keys': False})))
+
+
+# --- keys -----------------------------------------------------------------------------
+
+def _keys_init(settings: Settings, args) -> None:
+    path = settings.keys_file
+    if not keymod.publish_document(path, keymod.generate_document()):
+        raise Refused(f"{path} already exists: keys are never overwritten; use `streams keys rotate`")
+    print(f"wrote new keys to {path} (mode 600); back it up in your secret store")
+
+
+def _keys_list(settings: Settings, args) -> None:
+    ring = keymod.settings_keyring(settings.model_copy(update={'dev_keys': False}))
+    print(json.dumps(ring.describe(), indent=2))
+
+
+def _keys_rotate(settings: Settings, args) -> None:
+    doc = keymod.editable_document(settings.keys_file, _keys_json(settings))
+    if args.what == "encryption":
+        key_id = keymod.add_encryption_key(doc)
+        keymod.write_document(settings.keys_file, doc)
+        print(f"encryption key {key_id} is active; restart workers, then run `streams keys reencrypt`")
+    else:
+        version = keymod.add_join_version(doc)
+        keymod.write_document(settings.keys_file, doc)
+        print(f"join version {version} added; run `streams keys rejoin` to move every table to it")
+
+
+def _keys_reencrypt(settings: Settings, args) -> None:
+    from streams.privacy.rotation import reencrypt
+
+    masker = _masker(settings)
+    moved = _with_db(settings, lambda conn: reencrypt(conn, masker, args.batch_size, args.max_batches))
+    print(f"re-encrypted {moved} vault rows to {masker.keyring.encryption_key_id}")
+
+
+def _keys_retire(settings: Settings, args) -> None:
+    from streams.privacy.rotation import key_in_use
+
+    doc = keymod.editable_document(settings.keys_file, _keys_json(settings))
+    enc = doc["encryption"]
+    if args.key_id not in enc["keys"]:
+        raise Refused(f"no encryption key {args.key_id!r}; `streams keys list` shows the ids")
+    if args.key_id == enc["active"]:
+        raise Refused(f"{args.key_id} is the active key: rotate first with `streams keys rotate encryption`")
+    used = _with_db(settings, lambda conn: key_in_use(conn, args.key_id))
+    if used:
+        raise Refused(f"{used} vault rows still use {args.key_id}: run `streams keys reencrypt` first")
+    del enc["keys"][args.key_id]
+    keymod.write_document(settings.keys_file, doc)
+    print(f"encryption key {args.key_id} removed")
+
+
+def _keys_rejoin(settings: Settings, args) -> None:
+    from streams.privacy.masking import Masker
+    from streams.privacy.rotation import rejoin
+
+    doc = keymod.editable_document(settings.keys_file, _keys_json(settings))
+    ring = keymod.parse_keyring(json.dumps(doc), str(settings.keys_file))
+    target = ring.join_next or ring.join_version
+
+    def switch() -> None:
+        current = keymod.editable_document(settings.keys_file, _keys_json(settings))
+        if current["join"].get("next") == target:
+            current["join"]["active"] = target
+            del current["join"]["next"]
+            keymod.write_document(settings.keys_file, current)
+            print(f"new writes now use {target} (restart workers to load it)", file=sys.stderr)
+
+    done = _with_db(
+        settings,
+        lambda conn: rejoin(
+            conn, Masker(ring), target, switch,
+            batch_size=args.batch_size, max_batches=args.max_batches, rounds=args.rounds, wait=args.wait,
+        ),
+    )
+    if not done:
+        print(f"stopped after {args.max_batches} batches; rerun `streams keys rejoin` to continue")
+        return
+    final = keymod.editable_document(settings.keys_file, _keys_json(settings))
+    final["join"]["versions"] = {target: final["join"]["versions"][target]}
+    keymod.write_document(settings.keys_file, final)
+    print(f"every table uses join version {target}; older join keys removed")
+
+
+# --- reveal ---------------------------------------------------------------------------
+
+def _reveal(settings: Settings, args) -> None:
+    from streams.privacy.vault import reveal
+
+    if not args.operator.strip():
+        raise Refused("--operator must name the person revealing (it goes to the audit trail)")
+    masker = _masker(settings)
+    found = _with_db(
+        settings,
+        lambda conn: reveal(
+            conn, masker, args.operator.strip(),
+            token=args.token, message_id=args.message_id, field=args.field, reason=args.reason,
+        ),
+    )
+    for item in found:  # JSON lines: a value may hold tabs or newlines
+        print(json.dumps({"field": item.field, "token": item.token, "value": item.value}, ensure_ascii=False))
+
+
+def register(sub) -> None:
+    """Add this group's subcommands to the ``streams`` parser."""
+    p = sub.add_parser("keys", help="manage masking keys (never prints key bytes)")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+
+    k = ksub.add_parser("init", help="create a new key file at STREAMS_KEYS_FILE")
+    k.set_defaults(func=_keys_init)
+    k = ksub.add_parser("list", help="show key ids and versions in use")
+    k.set_defaults(func=_keys_list)
+    k = ksub.add_parser("rotate", help="add a new encryption key (active at once) or join version (see rejoin)")
+    k.add_argument("what", choices=["encryption", "join"])
+    k.set_defaults(func=_keys_rotate)
+    k = ksub.add_parser("reencrypt", help="move pii_vault rows to the active encryption key, in batches")
+    k.add_argument("--batch-size", type=_positive, default=500)
+    k.add_argument("--max-batches", type=_positive, help="stop after this many batches (rerun to continue)")
+    k.set_defaults(func=_keys_reencrypt)
+    k = ksub.add_parser("retire", help="remove an encryption key no vault row uses any more")
+    k.add_argument("key_id")
+    k.set_defaults(func=_keys_retire)
+    k = ksub.add_parser("rejoin", help="move every table to the new join version, then switch writes to it")
+    k.add_argument("--batch-size", type=_positive, default=500)
+    k.add_argument("--max-batches", type=_positive, help="stop after this many batches (rerun to continue)")
+    k.add_argument("--rounds", type=_positive, default=10, help="rounds to wait for workers still writing old tokens")
+    k.add_argument("--wait", type=float, default=2.0, help="seconds between rounds")
+    k.set_defaults(func=_keys_rejoin)
+
+    p = sub.add_parser("reveal", help="decrypt a masked value for an authorised operator (audited)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--token", help="a masked_ip or masked_device_id value")
+    what.add_argument("--message-id", help="reveal the ip and device id of one login")
+    p.add_argument("--field", choices=["ip", "device_id"], help="only this field")
+    p.add_argument("--operator", required=True, help="who is revealing (recorded in pii_reveal_audit)")
+    p.add_argument("--reason", help="ticket or reason (recorded)")
+    p.set_defaults(func=_reveal)

@@ -1,0 +1,216 @@
+"""Kafka plumbing, once for everyone: topic setup, an awaitable producer, lag, reading a topic."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+
+import uuid
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.errors import TransientError
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Raw and DLQ hold PII, so their retention is bounded; the masked topic is compacted."""
+    bounded = {"retention.ms": str(settings.raw_retention_ms)}
+    return {
+        settings.raw_topic: bounded,
+        settings.masked_topic: {"cleanup.policy": "compact"},
+        settings.dlq_topic: bounded,
+    }
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
+    """Create the pipeline's topics if missing, with the configured partition count."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1, config=config)
+        for name, config in topic_configs(settings).items()
+        if name not in existing
+    ]
+    if not wanted:
+        return
+    for name, future in admin.create_topics(wanted, request_timeout=timeout).items():
+        try:
+            future.result()
+            log.info("created topic %s with %d partitions", name, settings.topic_partitions)
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise
+
+
+def require_topics(settings: Settings, timeout: float = 15.0) -> None:
+    """``ensure_topics`` at process start: an unreachable Kafka is one line naming the fix."""
+    try:
+        ensure_topics(settings, timeout=timeout)
+    except Exception as exc:
+        raise TransientError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap} ({type(exc).__name__}): "
+            "start it (`streams stack up` locally) or set STREAMS_KAFKA_BOOTSTRAP"
+        ) from None
+
+
+class DeliveryError(Exception):
+    """The broker did not acknowledge every record of a batch."""
+
+
+class AsyncProducer:
+    """Idempotent ``acks=all`` confluent-kafka producer whose batches can be awaited.
+
+    A background thread serves delivery callbacks, so the event loop only awaits one
+    future per batch instead of per record.
+    """
+
+    def __init__(self, bootstrap: str, **config: object) -> None:
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                "message.timeout.ms": 120_000,
+                **config,
+            }
+        )
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kafka-delivery", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.1)
+
+    async def send_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        """Produce every ``(topic, key, value)`` and return once all are acknowledged."""
+        if not records:
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        pending = len(records)
+        errors: list[str] = []
+
+        def on_delivery(err, _msg) -> None:  # runs on the delivery thread
+            nonlocal pending
+            if err is not None:
+                errors.append(err.str())
+            pending -= 1
+            if pending == 0:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        for topic, key, value in records:
+            while True:
+                try:
+                    self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                    break
+                except BufferError:  # local queue full: let the delivery thread drain it
+                    await asyncio.sleep(0.01)
+        await done
+        if errors:
+            raise DeliveryError(f"{len(errors)} of {len(records)} records not acknowledged: {errors[0]}")
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._closed.set()
+        self._thread.join(timeout)
+
+
+def send_records(settings: Settings, records: Sequence[tuple[str, bytes | None, bytes]], chunk: int = 10_000) -> None:
+    """Produce ``(topic, key, value)`` records and return once the broker acked all (commands, tests)."""
+
+    async def send() -> None:
+        producer = AsyncProducer(settings.kafka_bootstrap)
+        try:
+            for i in range(0, len(records), chunk):
+                await producer.send_all(records[i : i + chunk])
+        finally:
+            producer.close()
+
+    asyncio.run(send())
+
+
+def metadata_consumer(settings: Settings, group: str | None = None, **config: object) -> Consumer:
+    """A consumer that never subscribes nor commits: metadata, watermarks, committed offsets, reads.
+
+    Its own throwaway group unless ``group`` names one to read committed offsets of;
+    librdkafka's own connection logs are off (callers report one line themselves).
+    """
+    return Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": group or f"streams-reader-{uuid.uuid4()}",
+        "enable.auto.commit": False,
+        "log_level": 0,
+        **config,
+    })
+
+
+def total_lag(offsets: dict[tuple[str, int], tuple[int, int]]) -> int:
+    """Records not yet committed, summed over ``group_lag``'s partitions."""
+    return sum(max(end - committed, 0) for committed, end in offsets.values())
+
+
+def group_lag(settings: Settings, topics: Sequence[str], group: str | None = None) -> dict[tuple[str, int], tuple[int, int]]:
+    """``(topic, partition) -> (committed offset, end offset)`` for the worker group."""
+    consumer = metadata_consumer(settings, group=group or settings.app_id)
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            if topic in metadata.topics
+            for p in sorted(metadata.topics[topic].partitions)
+        ]
+        committed = consumer.committed(partitions, timeout=10) if partitions else []
+        result = {}
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+            offset = tp.offset if tp.offset >= 0 else low
+            result[(tp.topic, tp.partition)] = (offset, high)
+        return result
+    finally:
+        consumer.close()
+
+def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes]]:
+    """``(key, value)`` of every record now in ``topic``, partition by partition.
+
+    Joins no group and commits nothing, so it disturbs no worker.
+    """
+    consumer = metadata_consumer(settings, **{"enable.partition.eof": True})
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return []
+        ends = {}
+        for p in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high > low:
+                ends[p] = high
+        if not ends:
+            return []
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        records = []
+        remaining = dict(ends)
+        while remaining:
+            msg = consumer.poll(timeout)
+            if msg is None:
+                raise TimeoutError(f"reading {topic}: no record within {timeout}s")
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    remaining.pop(msg.partition(), None)
+                    continue
+                raise RuntimeError(f"reading {topic}: {msg.error().str()}")
+            records.append((msg.key(), msg.value()))
+            if msg.offset() + 1 >= remaining.get(msg.partition(), 0):
+                remaining.pop(msg.partition(), None)
+        return records
+    finally:
+        consumer.close()

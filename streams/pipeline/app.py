@@ -1,0 +1,144 @@
+"""The Faust worker app: wires the mask and sink stages to their topics, nothing more.
+
+The stages' logic lives in ``mask.py`` and ``sink.py`` (pure functions plus a small writer);
+the delivery rules (batch, write durably, then ack) in ``delivery.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+from mode import Service
+
+from streams.faults import fault_point
+from streams.io.codec import Codecs
+from streams.io.kafka import AsyncProducer
+from streams.pipeline.delivery import Events, batch_agent, where
+from streams.pipeline.mask import MaskTransform
+from streams.pipeline.sink import PostgresSink, SinkStage
+from streams.privacy.keys import KeyRing
+from streams.privacy.masking import Masker
+from streams.retry import retry_forever
+from streams.settings import Settings
+
+log = logging.getLogger("streams.worker")
+
+
+class Outputs(Service):
+    """Long-lived resources of the agents: the Kafka producer and the PostgreSQL sink."""
+
+    def __init__(self, settings: Settings, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.producer: AsyncProducer | None = None
+        self.sink = PostgresSink(settings.pg_dsn.get_secret_value())
+
+    async def on_start(self) -> None:
+        self.producer = AsyncProducer(self.settings.kafka_bootstrap)
+
+    async def on_stop(self) -> None:
+        if self.producer is not None:
+            self.producer.close()
+        await self.sink.close()
+
+    async def produce(self, records: list[tuple[str, bytes, bytes]], what: str) -> None:
+        """Produce until the broker acked every record (a down broker is waited out)."""
+        producer = self.producer
+        assert producer is not None, "Outputs used before start"
+        await retry_forever(lambda: producer.send_all(records), what, log, self.settings.retry_max_backoff)
+
+
+def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        datadir=str(settings.data_dir),  # Faust's table dirs: none used, but Faust creates it
+        topic_disable_leader=True,
+        topic_partitions=settings.topic_partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        # A SIGKILLed member holds its partitions until its session expires; Faust's
+        # default of 60 s would stall the group that long after every crash.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        # On stop or rebalance Faust waits until every delivered event is acked; an agent
+        # retrying against a dead database never acks, so SIGTERM would hang. Don't wait:
+        # the agent is cancelled, its unfinished events stay unacked and are redelivered.
+        stream_wait_empty=False,
+        producer_acks=-1,
+    )
+    codecs = Codecs()
+    outputs = app.service(Outputs(settings))
+    stages = settings.stage_list
+
+    def topic(name: str) -> faust.TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions)
+
+    def agent(name: str, source: faust.TopicT, handle) -> None:
+        app.agent(source, name=name, concurrency=1)(
+            batch_agent(name, settings.batch_size, settings.batch_within, handle)
+        )
+
+    if "mask" in stages:
+        assert keyring is not None, "the mask stage needs keys"
+        transform = MaskTransform(Masker(keyring), codecs)
+
+        async def mask(events: Events) -> None:
+            outputs_ = transform.batch([(e.message.key, e.message.value, where(e)) for e in events])
+            records = []
+            for out in outputs_:
+                records.append((settings.dlq_topic if out.reason else settings.masked_topic, out.key, out.value))
+                if out.reason:
+                    log.info("dead-lettered a record: %s", out.reason)
+            await outputs.produce(records, f"produce {len(records)} masked records")
+            fault_point("mask_after_produce")
+
+        agent("mask", topic(settings.raw_topic), mask)
+
+    if "sink" in stages:
+        sink_stage = SinkStage(codecs)
+        prepared = False
+
+        async def sink(events: Events) -> None:
+            nonlocal prepared
+            if not prepared:  # migrations, once, before the first write (advisory-locked)
+                await retry_forever(outputs.sink.prepare, "database migration", log, settings.retry_max_backoff)
+                prepared = True
+            batch = sink_stage.plan([(e.message.key, e.message.value, where(e)) for e in events])
+            fault_point("sink_before_commit")
+            refused = await retry_forever(
+                lambda: outputs.sink.write_batch(batch.rows), f"write {len(batch.rows)} rows", log,
+                settings.retry_max_backoff,
+            ) if batch.rows else []
+            dead = batch.dead + sink_stage.refused(batch, refused)
+            fault_point("sink_after_commit")
+            if dead:
+                await outputs.produce(
+                    [(settings.dlq_topic, key, value) for key, value in dead], f"produce {len(dead)} dead letters"
+                )
+
+        agent("sink", topic(settings.masked_topic), sink)
+
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    """Start the worker: keys, topics and database checked first (fail closed), then Faust until SIGTERM."""
+    import asyncio
+
+    from streams.io.kafka import require_topics
+    from streams.io.postgres import require_migrated
+    from streams.privacy.keys import settings_keyring
+
+    keyring = settings_keyring(settings) if "mask" in settings.stage_list else None
+    require_topics(settings)
+    if "sink" in settings.stage_list:
+        require_migrated(settings.pg_dsn.get_secret_value())
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    app = create_app(settings, keyring)
+    faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()

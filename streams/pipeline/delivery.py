@@ -1,0 +1,65 @@
+"""Faust's delivery rules for both agents, in one place: take a batch, write it durably, then ack.
+
+Faust has traps that lose or skip records (docs/delivery.md has each, with its test):
+
+- an agent that raises has its in-flight events acked by Faust's supervisor restart,
+  and its offsets committed: we exit the process instead (``exit_on_error``), so the
+  batch is redelivered to whoever takes the partition next;
+- ``stream.take()`` acks its batch in a ``finally``, even when the handler failed:
+  we use ``noack_take`` and ack only after the handler returned, i.e. after the
+  broker or the database has the batch;
+- Faust's value decoding acks and drops undecodable records: the topics are ``raw``
+  bytes and each stage decodes (and dead-letters) itself;
+- with ``concurrency > 1`` Faust can commit past an unfinished batch: one actor per
+  agent, which handles a whole batch at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("streams.worker")
+
+Events = list[Any]  # faust.Event; Faust has no type information
+BatchHandler = Callable[[Events], Awaitable[None]]
+
+
+def where(event: Any) -> str:
+    """``topic/partition/offset`` of an event: an identity for records without a usable key."""
+    message = event.message
+    return f"{message.topic}/{message.partition}/{message.offset}"
+
+
+def _die(agent: str, exc: BaseException) -> None:
+    """An agent raised: exit instead of letting Faust restart it with the batch unacked.
+
+    Only the exception type is logged: messages may quote data.
+    """
+    log.critical("agent %s failed (%s); exiting so its unacked batch is redelivered", agent, type(exc).__name__)
+    logging.shutdown()
+    os._exit(70)
+
+
+def batch_agent(name: str, batch_size: int, within: float, handle: BatchHandler) -> Callable[[Any], Awaitable[None]]:
+    """The body of a Faust agent: batches of events to ``handle``, acked once it returned.
+
+    ``handle`` must return only when its outputs are durable, and must never raise for a
+    bad record (that is a dead letter); whatever it does raise ends the process.
+    """
+
+    async def agent(stream: Any) -> None:
+        try:
+            async for events in stream.noack_take(batch_size, within=within):
+                await handle(events)
+                for event in events:
+                    await stream.ack(event)
+        except Exception as exc:
+            _die(name, exc)
+
+    functools.update_wrapper(agent, handle)
+    agent.__name__ = name
+    return agent

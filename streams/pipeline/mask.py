@@ -1,0 +1,241 @@
+"""The mask stage as a pure function: raw envelope bytes in, masked or dead-letter bytes out.
+
+Two steps, no I/O, so every rule is unit-testable and the Faust agent only moves bytes:
+
+1. ``parse_login``: parse, validate and flatten a login body into the fields of ``user_logins``.
+
+   Rules (documented in docs/records.md):
+   - the body must be one JSON object with unique keys, at most 64 levels deep;
+   - ``user_id``, ``device_type``, ``ip``, ``device_id`` and ``app_version`` are required
+     non-empty strings; ``locale`` is required but may be null; other keys are ignored;
+   - text is stored exactly as sent, but must fit its column and hold no NUL character
+     or lone surrogate (PostgreSQL and UTF-8 refuse both);
+   - ``app_version`` keeps its text and gains an order-preserving integer (see
+     ``encode_app_version``), NULL when the text is not a version we can encode.
+2. ``MaskTransform``: the envelope around it, the masking call and the outcome.
+
+Nothing raised from here may carry a field value: details name fields, never values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+from streams.io.codec import Codecs, CodecError
+from streams.errors import Rejected
+from streams.pipeline.dead_letters import Reason, dead_letter
+from streams.privacy.masking import Masker, canonical_device_id, canonical_ip
+
+
+
+
+
+STAGE = "mask"
+MAX_DEPTH = 64
+REQUIRED = ("user_id", "device_type", "ip", "device_id", "app_version")
+NULLABLE = ("locale",)
+MAX_CHARS = {
+    "user_id": 128,
+    "device_type": 32,
+    "locale": 32,
+    "app_version": 64,
+    "ip": 200,
+    "device_id": 200,
+}
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A validated login, PII still in clear: it never leaves the mask stage."""
+
+    user_id: str
+    device_type: str
+    ip: str
+    device_id: str
+    locale: str | None
+    app_version_raw: str
+    app_version: int | None
+
+
+def encode_app_version(text: str) -> int | None:
+    """Order-preserving integer for ``MAJOR[.MINOR[.PATCH]]``: ``major*10^6 + minor*10^3 + patch``.
+
+    Each part is a decimal number (minor and patch at most 999), so ``"2.00"`` is
+    2.0.0 (2000000), ``"0.96"`` is 0.96.0 (96000) and ``"0.60"`` is 0.60.0 (60000);
+    missing parts are zero. Anything else (letters, four parts, a part over 999, a
+    result over int32) has no integer and stays as text only.
+    """
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 3:
+        return None
+    numbers = []
+    for part in parts:
+        if not (part.isascii() and part.isdigit()):
+            return None
+        numbers.append(int(part))
+    if any(n > 999 for n in numbers[1:]):
+        return None
+    numbers += [0] * (3 - len(numbers))
+    value = numbers[0] * 1_000_000 + numbers[1] * 1_000 + numbers[2]
+    return value if value <= INT32_MAX else None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise Rejected(Reason.DUPLICATE_KEY, "the object repeats a key")
+    return result
+
+
+def _refuse_constant(name: str) -> None:
+    raise Rejected(Reason.INVALID_JSON, f"{name} is not JSON")
+
+
+def _depth_ok(value: object, limit: int = MAX_DEPTH) -> bool:
+    """Iterative depth check: a recursive one would itself hit RecursionError."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def parse_json_object(body: str) -> dict:
+    """The body as one JSON object, or ``Rejected`` with why not."""
+    if not body.strip():
+        raise Rejected(Reason.EMPTY_BODY, "body is empty or whitespace")
+    try:
+        value = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise Rejected(Reason.TOO_DEEP, "nesting deeper than the parser allows") from None
+    except json.JSONDecodeError as exc:
+        raise Rejected(Reason.INVALID_JSON, f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise Rejected(Reason.NOT_AN_OBJECT, f"body is a JSON {type(value).__name__}, not an object")
+    if not _depth_ok(value):
+        raise Rejected(Reason.TOO_DEEP, f"nesting deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _check_text(name: str, value: str) -> str:
+    if "\x00" in value:
+        raise Rejected(Reason.NUL_CHARACTER, f"field {name} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected(Reason.INVALID_UNICODE, f"field {name} contains a lone surrogate") from None
+    if len(value) > MAX_CHARS[name]:
+        raise Rejected(Reason.FIELD_TOO_LONG, f"field {name} has {len(value)} characters, limit {MAX_CHARS[name]}")
+    return value
+
+
+def _field(obj: dict, name: str, nullable: bool) -> str | None:
+    value = obj[name]
+    if value is None:
+        if nullable:
+            return None
+        raise Rejected(Reason.NULL_FIELD, f"field {name} is null")
+    if not isinstance(value, str):
+        raise Rejected(Reason.WRONG_TYPE, f"field {name} is a JSON {_json_type(value)}, expected string")
+    if not nullable and not value.strip():
+        raise Rejected(Reason.EMPTY_FIELD, f"field {name} is empty")
+    return _check_text(name, value)
+
+
+def _json_type(value: object) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def parse_login(body: str) -> Login:
+    """Validate and flatten one SQS body into a ``Login``."""
+    obj = parse_json_object(body)
+    missing = [name for name in (*REQUIRED, *NULLABLE) if name not in obj]
+    if missing:
+        raise Rejected(Reason.MISSING_FIELD, "missing: " + ", ".join(missing))
+    values = {name: _field(obj, name, nullable=False) for name in REQUIRED}
+    locale = _field(obj, "locale", nullable=True)
+    return Login(
+        user_id=values["user_id"],
+        device_type=values["device_type"],
+        ip=values["ip"],
+        device_id=values["device_id"],
+        locale=locale,
+        app_version_raw=values["app_version"],
+        app_version=encode_app_version(values["app_version"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record to produce: to the masked topic, or to the DLQ when ``reason`` is set."""
+
+    key: bytes
+    value: bytes
+    reason: str | None = None
+
+
+class MaskTransform:
+    def __init__(self, masker: Masker, codecs: Codecs) -> None:
+        self.masker = masker
+        self.codecs = codecs
+
+    def __call__(self, key: bytes | None, value: bytes, where: str) -> Output:
+        """Turn one consumed raw record into its output. Never raises."""
+        message_id = where
+        try:
+            if key:
+                message_id = key.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        try:
+            try:
+                envelope = self.codecs.raw.decode(value)
+            except CodecError as exc:
+                raise Rejected(Reason.UNDECODABLE_RECORD, str(exc)) from None
+            message_id = envelope["message_id"]
+            return Output(message_id.encode("utf-8"), self.codecs.masked.encode(self._mask(envelope)))
+        except Rejected as rejected:
+            return self._dead(message_id, rejected, value)
+        except Exception as exc:  # a bug must not stop the stream; the type name carries no PII
+            return self._dead(message_id, Rejected(Reason.PROCESSING_ERROR, type(exc).__name__), value)
+
+    def batch(self, messages: Sequence[tuple[bytes | None, bytes, str]]) -> list[Output]:
+        """Outputs of a batch of ``(key, value, where)``, in order."""
+        return [self(key, value, where) for key, value, where in messages]
+
+    def _mask(self, envelope: dict) -> dict:
+        login = parse_login(envelope["body"])
+        ip_canonical, ip_is_valid = canonical_ip(login.ip)
+        ip = self.masker.mask("ip", ip_canonical)
+        device = self.masker.mask("device_id", canonical_device_id(login.device_id))
+        return {
+            "message_id": envelope["message_id"],
+            "sent_at": envelope["sent_at"],
+            "user_id": login.user_id,
+            "device_type": login.device_type,
+            "locale": login.locale,
+            "app_version_raw": login.app_version_raw,
+            "app_version": login.app_version,
+            "masked_ip": ip.token,
+            "masked_device_id": device.token,
+            "ip_ciphertext": ip.ciphertext,
+            "device_id_ciphertext": device.ciphertext,
+            "ip_is_valid": ip_is_valid,
+        }
+
+    def _dead(self, message_id: str, rejected: Rejected, payload: bytes) -> Output:
+        datum = dead_letter(message_id, STAGE, rejected, payload)
+        return Output(
+            message_id.encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum), rejected.reason.value
+        )

@@ -1,0 +1,172 @@
+"""The sink stage: masked records in, rows in PostgreSQL (or dead letters) out.
+
+``SinkStage.plan`` is the pure part: decode a batch, keep the rows, dead-letter what
+cannot be decoded. ``PostgresSink`` is the writer: one idempotent upsert statement per
+batch, and the row-error rules (which refusals are the row's fault, not the database's).
+
+The statement writes ``pii_vault`` and ``user_logins`` together (a data-modifying CTE),
+so a batch is one round trip and one transaction. A row that is already identical is
+not touched at all, so a replay leaves the table byte-for-byte as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timezone
+
+import asyncpg
+
+from streams.errors import Rejected
+from streams.io.codec import CodecError, Codecs
+from streams.io.postgres import connect, migrate
+from streams.pipeline.dead_letters import Reason, dead_letter
+
+log = logging.getLogger(__name__)
+
+STAGE = "sink"
+# SQLSTATE classes 22 (data exception) and 23 (integrity): retrying cannot fix the row.
+ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+Message = tuple[bytes | None, bytes, str]  # key, value, topic/partition/offset
+DeadLetter = tuple[bytes, bytes]  # key, encoded dead letter
+
+
+@dataclass
+class SinkBatch:
+    """A batch planned for the database: rows to write, and dead letters already known."""
+
+    rows: list[dict] = field(default_factory=list)
+    payloads: dict[str, bytes] = field(default_factory=dict)  # message id -> consumed bytes
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+class SinkStage:
+    """The sink's pure part: what to write and what to dead-letter, no I/O."""
+
+    def __init__(self, codecs: Codecs) -> None:
+        self.codecs = codecs
+
+    def plan(self, messages: Sequence[Message]) -> SinkBatch:
+        batch = SinkBatch()
+        for key, value, where in messages:
+            try:
+                row = self.codecs.masked.decode(value)
+            except CodecError as exc:
+                message_id = (key or where.encode()).decode("utf-8", "replace")
+                batch.dead.append(self._dead(message_id, Rejected(Reason.UNDECODABLE_RECORD, str(exc)), value))
+                continue
+            batch.rows.append(row)
+            batch.payloads[row["message_id"]] = value
+        return batch
+
+    def refused(self, batch: SinkBatch, refused: list[tuple[dict, str]]) -> list[DeadLetter]:
+        """Dead letters for the rows the database refused, with the SQLSTATE as detail."""
+        return [
+            self._dead(row["message_id"], Rejected(Reason.REJECTED_BY_DATABASE, f"SQLSTATE {sqlstate}"),
+                       batch.payloads[row["message_id"]])
+            for row, sqlstate in refused
+        ]
+
+    def _dead(self, message_id: str, rejected: Rejected, payload: bytes) -> DeadLetter:
+        datum = dead_letter(message_id, STAGE, rejected, payload)
+        return message_id.encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum)
+
+_COLUMNS = (
+    "message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "locale",
+    "app_version", "create_date", "app_version_raw", "sent_at", "ip_is_valid",
+)
+_TYPES = ("text", "text", "text", "text", "text", "text", "int4", "date", "text", "timestamptz", "bool")
+
+UPSERT = f"""
+WITH vault AS (
+    INSERT INTO pii_vault (field, token, key_id, ciphertext)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    ON CONFLICT (field, token) DO NOTHING
+)
+INSERT INTO user_logins ({", ".join(_COLUMNS)})
+SELECT * FROM unnest({", ".join(f"${i + 5}::{t}[]" for i, t in enumerate(_TYPES))})
+ON CONFLICT (message_id) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])}
+WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
+    IS DISTINCT FROM ({", ".join(f"EXCLUDED.{c}" for c in _COLUMNS[1:])})
+"""
+
+
+def upsert_arguments(records: list[dict]) -> list[list]:
+    """Column arrays for ``UPSERT``; duplicates within the batch collapse to the last one."""
+    latest = {r["message_id"]: r for r in records}
+    vault: dict[tuple[str, str], str] = {}
+    for r in latest.values():
+        vault[("ip", r["masked_ip"])] = r["ip_ciphertext"]
+        vault[("device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
+    fields, tokens = zip(*vault) if vault else ((), ())
+    ciphertexts = list(vault.values())
+    key_ids = [c.partition(".")[0] for c in ciphertexts]
+    rows = list(latest.values())
+    sent = [r["sent_at"] for r in rows]
+    columns = [
+        [r["message_id"] for r in rows],
+        [r["user_id"] for r in rows],
+        [r["device_type"] for r in rows],
+        [r["masked_ip"] for r in rows],
+        [r["masked_device_id"] for r in rows],
+        [r["locale"] for r in rows],
+        [r["app_version"] for r in rows],
+        [s.astimezone(timezone.utc).date() for s in sent],
+        [r["app_version_raw"] for r in rows],
+        sent,
+        [r["ip_is_valid"] for r in rows],
+    ]
+    return [list(fields), list(tokens), key_ids, ciphertexts, *columns]
+
+
+class PostgresSink:
+    """A single connection is enough: one statement per batch, batches in sequence."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self.dsn)
+        return self._conn
+
+    async def prepare(self) -> None:
+        """Connect and apply pending migrations (safe with many workers: advisory lock)."""
+        await migrate(await self._connection())
+
+    async def write(self, records: list[dict]) -> None:
+        conn = await self._connection()
+        try:
+            await conn.execute(UPSERT, *upsert_arguments(records))
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+            await self.close()
+            raise
+
+    async def write_batch(self, rows: list[dict]) -> list[tuple[dict, str]]:
+        """Write the batch; if PostgreSQL refuses a row's data, write row by row and return the refused.
+
+        Anything else (connection lost, timeout) propagates: the caller retries the batch.
+        """
+        try:
+            await self.write(rows)
+            return []
+        except ROW_ERRORS:
+            refused = []
+            for row in rows:
+                try:
+                    await self.write([row])
+                except ROW_ERRORS as exc:
+                    refused.append((row, exc.sqlstate))
+            return refused
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.close(timeout=2)
+            except Exception:
+                conn.terminate()

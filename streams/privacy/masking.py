@@ -1,0 +1,124 @@
+"""Masking of PII fields: keyed join tokens for analysts, AES-SIV ciphertexts for recovery.
+
+- Join token: ``<version>.<base64url(HMAC-SHA256(field key, canonical value))>``. Equal
+  values give equal tokens (duplicates stay visible); without the key the 2^32 IPv4
+  space cannot be brute-forced, unlike an unkeyed hash.
+- Recovery ciphertext: ``<key id>.<base64url(AES-SIV(pad(canonical)))>`` with the field
+  name and key id as associated data, so a ciphertext cannot be moved to another field
+  or key. Deterministic, so one vault row serves every duplicate; padded to 256-byte
+  blocks so the length of a value does not leak (any ASCII value the parser accepts
+  fits one block; only long non-ASCII values fall into a larger bucket).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from streams.errors import Refused
+from streams.privacy.keys import KeyRing
+
+PAD_BLOCK = 256  # covers every ASCII value up to the parser's 200-character limit
+TOKEN = re.compile(r"^([A-Za-z0-9_-]{1,16})\.[A-Za-z0-9_-]{43}$")
+
+
+def token_version(token: str) -> str:
+    """The version prefix of a well-formed join token; ValueError (without the text) otherwise."""
+    match = TOKEN.match(token)
+    if not match:
+        raise ValueError("not a join token: expected <version>.<43 base64url characters>")
+    return match.group(1)
+
+
+def canonical_ip(value: str) -> tuple[str, bool]:
+    """Canonical text of an IP and whether it was one.
+
+    Surrounding whitespace is dropped; IPv6 is compressed and lower-case; an
+    IPv4-mapped IPv6 address folds to its IPv4 form; a zone id (``%eth0``) is kept
+    as written. A value that is not an IP is masked as the trimmed string.
+    """
+    text = value.strip()
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text, False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped and not address.scope_id:
+        return str(address.ipv4_mapped), True
+    return address.compressed, True
+
+
+def canonical_device_id(value: str) -> str:
+    """Device ids are opaque: only surrounding whitespace is dropped."""
+    return value.strip()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def pad(data: bytes) -> bytes:
+    """2-byte length, the data, zeros to the next multiple of PAD_BLOCK."""
+    framed = len(data).to_bytes(2, "big") + data
+    return framed + b"\0" * (-len(framed) % PAD_BLOCK)
+
+
+def unpad(data: bytes) -> bytes:
+    size = int.from_bytes(data[:2], "big")
+    if size > len(data) - 2:
+        raise ValueError("bad padding")
+    return data[2 : 2 + size]
+
+
+class RevealError(Refused):
+    """A ciphertext that this keyring cannot open; never carries the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedValue:
+    token: str
+    ciphertext: str
+
+
+class Masker:
+    """Masks values with one keyring; results are cached since duplicates are common."""
+
+    def __init__(self, keyring: KeyRing, cache_size: int = 65536) -> None:
+        self.keyring = keyring
+        self._join = keyring.active_join_keys()
+        self._key_id = keyring.encryption_key_id
+        self._siv = {key_id: AESSIV(key) for key_id, key in keyring.encryption_keys.items()}
+        self.mask = lru_cache(maxsize=cache_size)(self._mask)
+
+    def token(self, field: str, canonical: str, version: str | None = None) -> str:
+        """The active version's token, or another loaded version's (used by join-key rotation)."""
+        key = self._join[field] if version is None else self.keyring.join_keys[version][field]
+        digest = hmac.digest(key, canonical.encode("utf-8"), "sha256")
+        return f"{version or self.keyring.join_version}.{_b64(digest)}"
+
+    def encrypt(self, field: str, canonical: str) -> str:
+        key_id = self._key_id
+        sealed = self._siv[key_id].encrypt(pad(canonical.encode("utf-8")), [field.encode(), key_id.encode()])
+        return f"{key_id}.{_b64(sealed)}"
+
+    def decrypt(self, field: str, ciphertext: str) -> str:
+        key_id, _, body = ciphertext.partition(".")
+        siv = self._siv.get(key_id)
+        if siv is None:
+            raise RevealError(f"no encryption key {key_id!r} in the keyring")
+        try:
+            return unpad(siv.decrypt(_unb64(body), [field.encode(), key_id.encode()])).decode("utf-8")
+        except Exception:
+            raise RevealError("ciphertext does not open with this key (wrong key or tampered)") from None
+
+    def _mask(self, field: str, canonical: str) -> MaskedValue:
+        return MaskedValue(self.token(field, canonical), self.encrypt(field, canonical))

@@ -1,0 +1,231 @@
+"""Key rotation jobs over the database, batched so each batch is one short transaction.
+
+Both jobs are safe to interrupt (a batch either commits whole or not at all) and to rerun
+(they only pick up what is still old). Neither needs the raw topic: everything is
+recomputed from ``pii_vault`` with the encryption key.
+
+- ``reencrypt``: vault rows under a non-active encryption key id are opened and sealed
+  again under the active one.
+- ``rejoin``: the join-key rotation. For each old-version vault row it decrypts the
+  value, computes the new version's token, adds the new vault row and an old->new entry
+  in ``join_token_map``; it then rewrites ``user_logins`` in keyset batches from that
+  map, switches the key file so new writes use the new version, and repeats until no
+  old-version token is left. Workers that still run with the old keyring keep writing
+  old tokens; the final check holds a table lock, so it either sees them (and does
+  another round) or they arrive after it (with their own vault row, and the next
+  ``streams keys rejoin`` converts them). Only then are old vault rows deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+
+import asyncpg
+
+from streams.errors import Refused
+from streams.privacy.masking import Masker, RevealError
+
+
+class Progress:
+    """A one-line text progress bar on stderr (no dependency, fine in CI logs)."""
+
+    def __init__(self, label: str, total: int, stream=sys.stderr) -> None:
+        self.label, self.total, self.done, self.stream = label, max(total, 0), 0, stream
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        width = 30
+        filled = width if not self.total else min(width, width * self.done // self.total)
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _open(masker: Masker, field: str, ciphertext: str) -> str:
+    try:
+        return masker.decrypt(field, ciphertext)
+    except RevealError as exc:
+        key_id = ciphertext.partition(".")[0]
+        raise Refused(f"a {field} vault row under key id {key_id!r} does not open ({exc}): restore that key") from None
+
+
+# --- encryption key ---------------------------------------------------------------
+
+async def reencrypt(
+    conn: asyncpg.Connection, masker: Masker, batch_size: int, max_batches: int | None = None, out=sys.stderr
+) -> int:
+    """Move vault rows to the active key id; returns how many rows it moved."""
+    active = masker.keyring.encryption_key_id
+    total = await conn.fetchval("SELECT count(*) FROM pii_vault WHERE key_id <> $1", active)
+    progress, moved, batches, last = Progress(f"re-encrypting to {active}", total, out), 0, 0, ("", "")
+    while max_batches is None or batches < max_batches:
+        async with conn.transaction():
+            rows = await conn.fetch(  # keyset walk along the primary key: linear, not quadratic
+                "SELECT field, token, ciphertext FROM pii_vault WHERE key_id <> $1 AND (field, token) > ($3, $4)"
+                " ORDER BY field, token LIMIT $2 FOR UPDATE",
+                active, batch_size, *last,
+            )
+            if not rows:
+                break
+            last = (rows[-1]["field"], rows[-1]["token"])
+            sealed = [masker.encrypt(r["field"], _open(masker, r["field"], r["ciphertext"])) for r in rows]
+            await conn.execute(
+                "UPDATE pii_vault v SET key_id = $1, ciphertext = n.ciphertext"
+                " FROM unnest($2::text[], $3::text[], $4::text[]) AS n(field, token, ciphertext)"
+                " WHERE v.field = n.field AND v.token = n.token",
+                active, [r["field"] for r in rows], [r["token"] for r in rows], sealed,
+            )
+        moved += len(rows)
+        batches += 1
+        progress.advance(len(rows))
+    progress.close()
+    return moved
+
+
+async def key_in_use(conn: asyncpg.Connection, key_id: str) -> int:
+    return await conn.fetchval("SELECT count(*) FROM pii_vault WHERE key_id = $1", key_id)
+
+
+# --- join key -----------------------------------------------------------------------
+
+_OLD_LOGINS = "split_part(masked_ip, '.', 1) <> $1 OR split_part(masked_device_id, '.', 1) <> $1"
+
+
+class Budget:
+    """How many batches a run may still do (``--max-batches``, for staged or test runs)."""
+
+    def __init__(self, max_batches: int | None) -> None:
+        self.left = max_batches
+
+    def take(self) -> bool:
+        if self.left is None:
+            return True
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+
+async def map_vault(conn: asyncpg.Connection, masker: Masker, target: str, batch_size: int, budget: Budget, out) -> bool:
+    """Add target-version vault rows and old->new map entries; False if the budget ran out."""
+    pending = """FROM pii_vault v WHERE split_part(v.token, '.', 1) <> $1 AND NOT EXISTS
+        (SELECT 1 FROM join_token_map m WHERE m.field = v.field AND m.old_token = v.token)"""
+    progress = Progress(f"mapping vault to {target}", await conn.fetchval(f"SELECT count(*) {pending}", target), out)
+    last = ("", "")
+    try:
+        while True:
+            rows = await conn.fetch(
+                f"SELECT v.field, v.token, v.key_id, v.ciphertext {pending} AND (v.field, v.token) > ($3, $4)"
+                " ORDER BY v.field, v.token LIMIT $2",
+                target, batch_size, *last,
+            )
+            if not rows:
+                return True
+            if not budget.take():
+                return False
+            last = (rows[-1]["field"], rows[-1]["token"])
+            new = [masker.token(r["field"], _open(masker, r["field"], r["ciphertext"]), target) for r in rows]
+            fields = [r["field"] for r in rows]
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO pii_vault (field, token, key_id, ciphertext)"
+                    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
+                    fields, new, [r["key_id"] for r in rows], [r["ciphertext"] for r in rows],
+                )
+                await conn.execute(
+                    "INSERT INTO join_token_map (field, old_token, new_token)"
+                    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING",
+                    fields, [r["token"] for r in rows], new,
+                )
+            progress.advance(len(rows))
+    finally:
+        progress.close()
+
+
+_REWRITE = f"""
+WITH batch AS (
+    SELECT message_id FROM user_logins WHERE message_id > $2 ORDER BY message_id LIMIT $3 FOR UPDATE
+), changed AS (
+    UPDATE user_logins u SET
+        masked_ip = coalesce((SELECT m.new_token FROM join_token_map m
+                              WHERE m.field = 'ip' AND m.old_token = u.masked_ip), u.masked_ip),
+        masked_device_id = coalesce((SELECT m.new_token FROM join_token_map m
+                                     WHERE m.field = 'device_id' AND m.old_token = u.masked_device_id), u.masked_device_id)
+    FROM batch b
+    WHERE u.message_id = b.message_id AND ({_OLD_LOGINS.replace("masked_", "u.masked_")})
+    RETURNING 1
+)
+SELECT (SELECT max(message_id) FROM batch) AS last, (SELECT count(*) FROM changed) AS changed
+"""
+
+
+async def rewrite_logins(conn: asyncpg.Connection, target: str, batch_size: int, budget: Budget, out) -> bool:
+    """Rewrite user_logins tokens through the map, in message_id order; False if the budget ran out."""
+    progress = Progress(f"rewriting user_logins to {target}", await conn.fetchval("SELECT count(*) FROM user_logins"), out)
+    last = ""
+    try:
+        while True:
+            if not budget.take():
+                return False
+            async with conn.transaction():
+                row = await conn.fetchrow(_REWRITE, target, last, batch_size)
+            if row["last"] is None:
+                return True
+            last = row["last"]
+            progress.advance(min(batch_size, progress.total - progress.done))
+    finally:
+        progress.close()
+
+
+async def finish(conn: asyncpg.Connection, target: str) -> int:
+    """Under a write lock: if no old token is left in user_logins, drop old vault rows and the map.
+
+    Returns how many user_logins rows still hold old tokens (0 means finished).
+    """
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE user_logins, pii_vault, join_token_map IN SHARE ROW EXCLUSIVE MODE")
+        left = await conn.fetchval(f"SELECT count(*) FROM user_logins WHERE {_OLD_LOGINS}", target)
+        if left:
+            return left
+        await conn.execute("DELETE FROM pii_vault WHERE split_part(token, '.', 1) <> $1", target)
+        await conn.execute("DELETE FROM join_token_map")
+        return 0
+
+
+async def rejoin(
+    conn: asyncpg.Connection,
+    masker: Masker,
+    target: str,
+    switch: Callable[[], None],
+    *,
+    batch_size: int,
+    max_batches: int | None = None,
+    rounds: int = 10,
+    wait: float = 2.0,
+    out=sys.stderr,
+) -> bool:
+    """Rotate every table to join version ``target``; False if stopped early by ``max_batches``.
+
+    ``switch`` makes ``target`` the active version for new writes (edits the key file);
+    it runs after the first full rewrite, and is idempotent.
+    """
+    budget = Budget(max_batches)
+    for round_no in range(rounds):
+        if not await map_vault(conn, masker, target, batch_size, budget, out):
+            return False
+        if not await rewrite_logins(conn, target, batch_size, budget, out):
+            return False
+        switch()
+        left = await finish(conn, target)
+        if not left:
+            return True
+        print(f"{left} rows still hold old join tokens (workers not restarted yet?); another round", file=out)
+        await asyncio.sleep(wait)
+    raise Refused(
+        f"rows with old join tokens keep arriving: restart every worker so it loads {target}, then rerun `streams keys rejoin`"
+    )
