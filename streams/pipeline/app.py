@@ -73,6 +73,10 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
     )
     codecs = Codecs()
     outputs = app.service(Outputs(settings))
+    if settings.metrics_port:  # /healthz, /readyz (ready once partitions are assigned)
+        from streams.health import HealthServer, HealthService, worker_readiness
+
+        app.service(HealthService(HealthServer(settings.metrics_port, lambda: worker_readiness(app))))
     stages = settings.stage_list
 
     def topic(name: str) -> faust.TopicT:

@@ -41,14 +41,16 @@ class Bridge:
         self.codec = Codecs().raw
         self.bridged = 0
         self.stopping = asyncio.Event()
+        self.producer: AsyncProducer | None = None  # set once up: readiness
+        self.queue_url: str | None = None
 
     async def run(self) -> None:
         settings = self.settings
         await asyncio.to_thread(ensure_topics, settings)
-        producer = AsyncProducer(settings.kafka_bootstrap)
+        producer = self.producer = AsyncProducer(settings.kafka_bootstrap)
         try:
             async with sqs_client(settings) as sqs:
-                url = await retry_forever(lambda: queue_url(sqs, settings), "SQS queue lookup", log, settings.retry_max_backoff)
+                url = self.queue_url = await retry_forever(lambda: queue_url(sqs, settings), "SQS queue lookup", log, settings.retry_max_backoff)
                 log.info("bridge: %s -> %s with %d pollers", settings.sqs_queue, settings.raw_topic, settings.bridge_pollers)
                 pollers = [asyncio.create_task(self._poll(sqs, url, producer)) for _ in range(settings.bridge_pollers)]
                 reporter = asyncio.create_task(self._report())
@@ -58,6 +60,14 @@ class Bridge:
         finally:
             await asyncio.to_thread(producer.close)
         log.info("bridge stopped after %d messages", self.bridged)
+
+    def readiness(self) -> str | None:
+        """``None`` once the producer is up and the queue URL resolved (``/readyz``); else why not."""
+        if self.stopping.is_set():
+            return "stopping"
+        if self.producer is None or self.queue_url is None:
+            return "starting: producer or SQS queue URL not ready"
+        return None
 
     def stop(self) -> None:
         """Finish the batches in flight (produce, ack, delete), then return from ``run``."""
@@ -136,6 +146,16 @@ def run_bridge(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop)
-        await bridge.run()
+        health = None
+        if settings.metrics_port:  # /healthz, /readyz
+            from streams.health import HealthServer
+
+            health = HealthServer(settings.metrics_port, bridge.readiness)
+            await health.start()
+        try:
+            await bridge.run()
+        finally:
+            if health is not None:
+                await health.stop()
 
     asyncio.run(run())
