@@ -25,9 +25,8 @@ from pathlib import Path
 
 from streams.pipeline.bridge import envelope
 from streams.io.codec import Codecs
-from confluent_kafka.admin import AdminClient
 
-from streams.io.kafka import ensure_topics, group_lag, send_records, topic_configs
+from streams.io.kafka import admin_client, ensure_topics, group_lag, send_records, topic_configs
 from streams.io.postgres import connect
 from streams.ops.state import row_count
 from streams_dev.sandbox import sandbox_env, settings_from_env
@@ -129,7 +128,7 @@ def measure(messages: int, workers: int, replay: bool, timeout: float) -> dict:
 def _cleanup(settings: Settings, base: Settings) -> None:
     """Leave no benchmark data behind on the shared stack; a failure here only warns."""
     try:
-        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        admin = admin_client(settings)
         for future in admin.delete_topics(list(topic_configs(settings)), request_timeout=30).values():
             future.result()
         admin.delete_consumer_groups([settings.app_id], request_timeout=30)[settings.app_id].result()

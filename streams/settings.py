@@ -25,6 +25,7 @@ class Settings(BaseSettings):
 
     # --- Kafka -----------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_extra: dict[str, str] = Field(default_factory=dict, description="librdkafka properties passed through (JSON)")
     raw_topic: str = "logins.raw"
     masked_topic: str = "logins.masked"
     dlq_topic: str = "logins.dlq"
@@ -40,10 +41,14 @@ class Settings(BaseSettings):
     aws_secret_access_key: SecretStr = SecretStr("x")
     bridge_pollers: int = Field(4, ge=1)
     bridge_wait_seconds: int = Field(1, ge=0, le=20)
-    bridge_visibility_timeout: int = Field(30, ge=1)
+    bridge_visibility_timeout: int = Field(30, ge=1, description="extended while a produce is pending")
+    bridge_attributes: str = Field("SentTimestamp", description="SQS attributes kept in the raw envelope (allow-list)")
+    bridge_stop_grace: float = Field(20.0, gt=0, description="seconds batches in flight get to finish on SIGTERM")
+    max_body_bytes: int = Field(262_144, ge=1, description="larger bodies are dead-lettered as too_large (SQS's own limit)")
 
     # --- PostgreSQL ------------------------------------------------------
     pg_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/streams")
+    pg_command_timeout: float = Field(30.0, gt=0, description="seconds a statement may take before it is retried")
 
     # --- Worker ----------------------------------------------------------
     stages: str = Field("mask,sink", description="comma-separated stages this worker runs")

@@ -68,7 +68,9 @@ class AvroCodec:
         fastavro.schemaless_writer(buf, self.schema, datum)
         return buf.getvalue()
 
-    def decode(self, data: bytes) -> dict:
+    def decode(self, data: bytes | None) -> dict:
+        if not data:  # a tombstone (null value) or an empty record: no datum at all
+            raise CodecError(f"empty record: no value ({self.name})")
         header = bytes(data[:HEADER_LEN])
         if header == self.header:
             writer, reader = self.schema, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import uuid
 
@@ -13,9 +13,24 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.errors import TransientError
+from streams.retry import Backoff
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def client_config(settings: Settings, **config: object) -> dict[str, object]:
+    """librdkafka configuration for any client: bootstrap, then STREAMS_KAFKA_EXTRA, then ``config``.
+
+    ``STREAMS_KAFKA_EXTRA`` is a JSON object of librdkafka properties passed through as
+    they are (e.g. ``{"message.max.bytes": "2000000"}``).
+    """
+    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_extra, **config}
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    """An admin client; librdkafka's own connection logs are off (callers report one line)."""
+    return AdminClient(client_config(settings, log_level=0))
 
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
@@ -30,7 +45,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
     """Create the pipeline's topics if missing, with the configured partition count."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = admin_client(settings)
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1, config=config)
@@ -59,8 +74,30 @@ def require_topics(settings: Settings, timeout: float = 15.0) -> None:
         ) from None
 
 
-class DeliveryError(Exception):
-    """The broker did not acknowledge every record of a batch."""
+# Errors that no retry can fix for that record (its size, its shape): the record is
+# dead-lettered instead. Everything else (broker down, timeouts, leader moves) is transient.
+PERMANENT_ERRORS = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_MSG,
+})
+
+Record = tuple[str, bytes | None, bytes | None]  # topic, key, value
+
+
+class DeliveryError(TransientError):
+    """Some records of a batch were not acknowledged; ``failed`` maps their index to the error."""
+
+    def __init__(self, failed: dict[int, KafkaError], total: int) -> None:
+        first = next(iter(failed.values()))
+        super().__init__(f"{len(failed)} of {total} records not acknowledged: {first.name()}")
+        self.failed = failed
+
+    @property
+    def permanent(self) -> list[int]:
+        return [i for i, err in self.failed.items() if err.code() in PERMANENT_ERRORS]
 
 
 class AsyncProducer:
@@ -70,18 +107,14 @@ class AsyncProducer:
     future per batch instead of per record.
     """
 
-    def __init__(self, bootstrap: str, **config: object) -> None:
-        self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "compression.type": "lz4",
-                "message.timeout.ms": 120_000,
-                **config,
-            }
-        )
+    def __init__(self, settings: Settings, **config: object) -> None:
+        defaults = {"linger.ms": 5, "compression.type": "lz4", "message.timeout.ms": 120_000}
+        self._producer = Producer({
+            **defaults,
+            **client_config(settings, **config),
+            "enable.idempotence": True,  # never weakened by STREAMS_KAFKA_EXTRA: delivery depends on them
+            "acks": "all",
+        })
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kafka-delivery", daemon=True)
         self._thread.start()
@@ -90,33 +123,86 @@ class AsyncProducer:
         while not self._closed.is_set():
             self._producer.poll(0.1)
 
-    async def send_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-        """Produce every ``(topic, key, value)`` and return once all are acknowledged."""
+    async def send_all(self, records: Sequence[Record]) -> None:
+        """Produce every ``(topic, key, value)``; return once all are acknowledged.
+
+        Raises ``DeliveryError`` naming each record that was not, whether librdkafka
+        refused it at once (``produce()`` raises for a record over the size limit) or
+        the broker did not acknowledge it.
+        """
         if not records:
             return
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        failed: dict[int, KafkaError] = {}
         pending = len(records)
-        errors: list[str] = []
+        lock = threading.Lock()
 
-        def on_delivery(err, _msg) -> None:  # runs on the delivery thread
+        def settle(index: int, err: KafkaError | None) -> None:  # delivery thread, or here
             nonlocal pending
-            if err is not None:
-                errors.append(err.str())
-            pending -= 1
-            if pending == 0:
+            with lock:
+                if err is not None:
+                    failed[index] = err
+                pending -= 1
+                last = pending == 0
+            if last:
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
-        for topic, key, value in records:
+        for index, (topic, key, value) in enumerate(records):
             while True:
                 try:
-                    self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                    self._producer.produce(
+                        topic, value=value, key=key, on_delivery=lambda err, _msg, i=index: settle(i, err)
+                    )
                     break
                 except BufferError:  # local queue full: let the delivery thread drain it
                     await asyncio.sleep(0.01)
+                except KafkaException as exc:  # refused before it was queued (e.g. too large)
+                    settle(index, exc.args[0])
+                    break
         await done
-        if errors:
-            raise DeliveryError(f"{len(errors)} of {len(records)} records not acknowledged: {errors[0]}")
+        if failed:
+            raise DeliveryError(failed, len(records))
+
+    async def deliver(
+        self,
+        records: Sequence[Record],
+        on_permanent: Callable[[Record, KafkaError], Record],
+        what: str,
+        log: logging.Logger,
+        max_backoff: float = 10.0,
+    ) -> int:
+        """Produce until every record is acknowledged; returns how many were replaced.
+
+        Only the records that failed are sent again (no copies of the acknowledged ones).
+        A record refused for good (``PERMANENT_ERRORS``) is replaced by what
+        ``on_permanent`` returns (its dead letter); a replacement refused for good raises.
+        Transient failures back off and retry for as long as they last.
+        """
+        pending = [(record, False) for record in records]  # (record, is a replacement)
+        replaced = 0
+        backoff = Backoff(max_backoff)
+        while pending:
+            try:
+                await self.send_all([record for record, _ in pending])
+                return replaced
+            except DeliveryError as exc:
+                permanent = set(exc.permanent)
+                retry = []
+                for i in sorted(exc.failed):
+                    record, is_replacement = pending[i]
+                    if i not in permanent:
+                        retry.append((record, is_replacement))
+                    elif is_replacement:
+                        raise
+                    else:
+                        retry.append((on_permanent(record, exc.failed[i]), True))
+                        replaced += 1
+                pending = retry
+                if len(permanent) < len(exc.failed):
+                    log.warning("%s: %s, attempt %d; retrying", what, exc, backoff.attempts + 1)
+                    await backoff.wait()
+        return replaced
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)
@@ -128,7 +214,7 @@ def send_records(settings: Settings, records: Sequence[tuple[str, bytes | None, 
     """Produce ``(topic, key, value)`` records and return once the broker acked all (commands, tests)."""
 
     async def send() -> None:
-        producer = AsyncProducer(settings.kafka_bootstrap)
+        producer = AsyncProducer(settings)
         try:
             for i in range(0, len(records), chunk):
                 await producer.send_all(records[i : i + chunk])
@@ -144,13 +230,10 @@ def metadata_consumer(settings: Settings, group: str | None = None, **config: ob
     Its own throwaway group unless ``group`` names one to read committed offsets of;
     librdkafka's own connection logs are off (callers report one line themselves).
     """
-    return Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": group or f"streams-reader-{uuid.uuid4()}",
-        "enable.auto.commit": False,
-        "log_level": 0,
+    return Consumer(client_config(
+        settings, **{"group.id": group or f"streams-reader-{uuid.uuid4()}", "enable.auto.commit": False, "log_level": 0},
         **config,
-    })
+    ))
 
 
 def total_lag(offsets: dict[tuple[str, int], tuple[int, int]]) -> int:

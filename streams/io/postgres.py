@@ -47,9 +47,9 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
     return applied
 
 
-async def connect(dsn: str, timeout: float = 15.0) -> asyncpg.Connection:
+async def connect(dsn: str, timeout: float = 15.0, command_timeout: float | None = None) -> asyncpg.Connection:
     """The one way to open a connection, so every caller gets the same bounds."""
-    return await asyncpg.connect(dsn, timeout=timeout)
+    return await asyncpg.connect(dsn, timeout=timeout, command_timeout=command_timeout)
 
 
 async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from confluent_kafka.admin import AdminClient
 
 from streams.settings import Settings
+from streams.io.kafka import admin_client
 from streams.io.postgres import connect
 from streams.io.sqs import sqs_client
 
 
 def check_kafka(settings: Settings, timeout: float) -> None:
-    AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=timeout)
+    admin_client(settings).list_topics(timeout=timeout)
 
 
 def check_postgres(settings: Settings, timeout: float) -> None:

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from streams.errors import Refused
-from streams.io.kafka import metadata_consumer
+from streams.io.kafka import admin_client, metadata_consumer
 from streams.ops.topology import stage_topic
 from streams.settings import Settings
 
@@ -103,7 +102,7 @@ class OffsetAdmin:
         self.group = settings.app_id
         self.timeout = timeout
         # librdkafka's own connection errors would precede our one-line error: keep them quiet.
-        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0})
+        self.admin = admin_client(settings)
 
     def live_members(self) -> list[str]:
         """Client ids of the group's current members (empty when no worker runs)."""

@@ -13,7 +13,9 @@ from mode import Service
 
 from streams.faults import fault_point
 from streams.io.codec import Codecs
-from streams.io.kafka import AsyncProducer
+from streams.io.kafka import AsyncProducer, Record
+from streams.pipeline.consumer import StreamsApp
+from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.delivery import Events, batch_agent, where
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
@@ -31,26 +33,35 @@ class Outputs(Service):
     def __init__(self, settings: Settings, **kwargs) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        self.codecs = Codecs()
         self.producer: AsyncProducer | None = None
-        self.sink = PostgresSink(settings.pg_dsn.get_secret_value())
+        self.sink = PostgresSink(settings.pg_dsn.get_secret_value(), settings.pg_command_timeout)
 
     async def on_start(self) -> None:
-        self.producer = AsyncProducer(self.settings.kafka_bootstrap)
+        self.producer = AsyncProducer(self.settings)
 
     async def on_stop(self) -> None:
         if self.producer is not None:
             self.producer.close()
         await self.sink.close()
 
-    async def produce(self, records: list[tuple[str, bytes, bytes]], what: str) -> None:
-        """Produce until the broker acked every record (a down broker is waited out)."""
+    async def produce(self, records: list[Record], stage: str, what: str) -> None:
+        """Produce until the broker acked every record (a down broker is waited out).
+
+        A record Kafka refuses for good (its size) is replaced by its dead letter.
+        """
         producer = self.producer
         assert producer is not None, "Outputs used before start"
-        await retry_forever(lambda: producer.send_all(records), what, log, self.settings.retry_max_backoff)
+        s = self.settings
+
+        def instead(record: Record, err) -> Record:
+            return refused_by_kafka(record, err, stage, self.codecs.dead_letter, s.dlq_topic)
+
+        await producer.deliver(records, instead, what, log, s.retry_max_backoff)
 
 
 def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
-    app = faust.App(
+    app = StreamsApp(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         key_serializer="raw",
@@ -98,7 +109,7 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
                 records.append((settings.dlq_topic if out.reason else settings.masked_topic, out.key, out.value))
                 if out.reason:
                     log.info("dead-lettered a record: %s", out.reason)
-            await outputs.produce(records, f"produce {len(records)} masked records")
+            await outputs.produce(records, "mask", f"produce {len(records)} masked records")
             fault_point("mask_after_produce")
 
         agent("mask", topic(settings.raw_topic), mask)
@@ -115,14 +126,16 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
             batch = sink_stage.plan([(e.message.key, e.message.value, where(e)) for e in events])
             fault_point("sink_before_commit")
             refused = await retry_forever(
-                lambda: outputs.sink.write_batch(batch.rows), f"write {len(batch.rows)} rows", log,
-                settings.retry_max_backoff,
-            ) if batch.rows else []
+                lambda: outputs.sink.write_batch(batch.rows, batch.deletes),
+                f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes", log, settings.retry_max_backoff,
+            ) if batch.rows or batch.deletes else []
+            if batch.deletes:
+                log.info("deleted the rows of %d tombstones", len(batch.deletes))
             dead = batch.dead + sink_stage.refused(batch, refused)
             fault_point("sink_after_commit")
             if dead:
                 await outputs.produce(
-                    [(settings.dlq_topic, key, value) for key, value in dead], f"produce {len(dead)} dead letters"
+                    [(settings.dlq_topic, key, value) for key, value in dead], "sink", f"produce {len(dead)} dead letters"
                 )
 
         agent("sink", topic(settings.masked_topic), sink)

@@ -3,6 +3,14 @@
 Each poller receives up to ten messages, produces them as raw envelopes, waits for the
 broker's acknowledgement and only then deletes them from SQS. A crash in between makes
 SQS redeliver after the visibility timeout; the message id keeps the row single.
+
+- While a produce is pending the messages are kept invisible (their visibility is
+  extended), so a slow broker never lets another poller take and produce them again.
+- A body over ``STREAMS_MAX_BODY_BYTES``, or a record Kafka refuses for its size, becomes
+  a ``too_large`` dead letter (payload truncated) and is then deleted: it never blocks.
+- A broker that is down is waited out with backoff, the messages not deleted.
+- Any other poller error is logged and ends the process (exit 70) for its supervisor
+  to restart: a poller never dies silently.
 """
 
 from __future__ import annotations
@@ -10,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 
 from streams.io.codec import Codecs
-from streams.io.kafka import AsyncProducer, DeliveryError, ensure_topics
+from streams.errors import Rejected
+from streams.io.kafka import AsyncProducer, Record, ensure_topics
+from streams.pipeline.dead_letters import Reason, dead_letter
 from streams.faults import fault_point
 from streams.retry import Backoff, retry_forever
 from streams.settings import Settings
@@ -21,15 +32,23 @@ from streams.io.sqs import queue_url, sqs_client
 log = logging.getLogger("streams.pipeline.bridge")
 
 
-def envelope(message: dict) -> dict:
-    """The raw envelope of one SQS message: its id, send time, body and attributes."""
-    attributes = dict(message.get("Attributes", {}))
+STAGE = "bridge"
+
+
+def envelope(message: dict, keep: Collection[str] = ("SentTimestamp",)) -> dict:
+    """The raw envelope of one SQS message: its id, send time, body, and the attributes in ``keep``.
+
+    SQS attributes can identify people (SenderId, custom message attributes), so only
+    an allow-list travels on (``STREAMS_BRIDGE_ATTRIBUTES``; custom ones as ``attr.NAME``).
+    """
+    system = message.get("Attributes", {})
+    attributes = {name: value for name, value in system.items() if name in keep}
     for name, attr in message.get("MessageAttributes", {}).items():
-        if "StringValue" in attr:
+        if f"attr.{name}" in keep and "StringValue" in attr:
             attributes[f"attr.{name}"] = attr["StringValue"]
     return {
         "message_id": message["MessageId"],
-        "sent_at": int(attributes.get("SentTimestamp", time.time() * 1000)),
+        "sent_at": int(system.get("SentTimestamp", time.time() * 1000)),
         "body": message["Body"],
         "attributes": attributes,
     }
@@ -38,8 +57,14 @@ def envelope(message: dict) -> dict:
 class Bridge:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.codec = Codecs().raw
+        self.codecs = Codecs()
+        self.codec = self.codecs.raw
+        self.keep_attributes = frozenset(a.strip() for a in settings.bridge_attributes.split(",") if a.strip())
         self.bridged = 0
+        self.dead_lettered = 0
+        self.visibility_extensions = 0
+        self.failed = False
+        self.failed_deletes = 0
         self.stopping = asyncio.Event()
         self.producer: AsyncProducer | None = None  # set once up: readiness
         self.queue_url: str | None = None
@@ -47,15 +72,20 @@ class Bridge:
     async def run(self) -> None:
         settings = self.settings
         await asyncio.to_thread(ensure_topics, settings)
-        producer = self.producer = AsyncProducer(settings.kafka_bootstrap)
+        producer = self.producer = AsyncProducer(settings)
         try:
             async with sqs_client(settings) as sqs:
                 url = self.queue_url = await retry_forever(lambda: queue_url(sqs, settings), "SQS queue lookup", log, settings.retry_max_backoff)
                 log.info("bridge: %s -> %s with %d pollers", settings.sqs_queue, settings.raw_topic, settings.bridge_pollers)
-                pollers = [asyncio.create_task(self._poll(sqs, url, producer)) for _ in range(settings.bridge_pollers)]
+                pollers = [asyncio.create_task(self._poller(sqs, url, producer)) for _ in range(settings.bridge_pollers)]
                 reporter = asyncio.create_task(self._report())
                 await self.stopping.wait()
-                await asyncio.gather(*pollers)
+                # Batches in flight finish (produce, ack, delete) unless the broker is down:
+                # then they are cancelled undeleted, and SQS redelivers them later.
+                _, unfinished = await asyncio.wait(pollers, timeout=settings.bridge_stop_grace)
+                for task in unfinished:
+                    task.cancel()
+                await asyncio.gather(*pollers, return_exceptions=True)
                 reporter.cancel()
         finally:
             await asyncio.to_thread(producer.close)
@@ -81,6 +111,55 @@ class Bridge:
                 log.info("bridged %d messages", self.bridged)
                 last = self.bridged
 
+    async def _poller(self, sqs, url: str, producer: AsyncProducer) -> None:
+        """One poller; an unexpected error stops the bridge with a log line, never silently."""
+        try:
+            await self._poll(sqs, url, producer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.critical("bridge poller failed (%s); stopping so the supervisor restarts the bridge", type(exc).__name__)
+            self.failed = True
+            self.stopping.set()
+
+    def _records(self, messages: list[dict]) -> list[Record]:
+        """Raw envelopes to produce, and ``too_large`` dead letters for bodies over the bound."""
+        s = self.settings
+        records: list[Record] = []
+        for m in messages:
+            body_bytes = len(m["Body"].encode("utf-8", "surrogatepass"))
+            if body_bytes > s.max_body_bytes:
+                detail = f"body of {body_bytes} bytes is over STREAMS_MAX_BODY_BYTES ({s.max_body_bytes})"
+                records.append(self._dead(m["MessageId"], Rejected(Reason.TOO_LARGE, detail), m["Body"].encode("utf-8", "surrogatepass")))
+            else:
+                records.append((s.raw_topic, m["MessageId"].encode("utf-8"), self.codec.encode(envelope(m, self.keep_attributes))))
+        return records
+
+    def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> Record:
+        datum = dead_letter(message_id, STAGE, rejected, payload, truncate=True)
+        self.dead_lettered += 1
+        return self.settings.dlq_topic, datum["message_id"].encode("utf-8"), self.codecs.dead_letter.encode(datum)
+
+    def _refused(self, record: Record, err) -> Record:
+        """A record Kafka refused for good (its size): its dead letter instead."""
+        _, key, value = record
+        message_id = (key or b"").decode("utf-8", "replace")
+        return self._dead(message_id, Rejected(Reason.TOO_LARGE, f"Kafka refused the record: {err.name()}"), value)
+
+    async def _keep_invisible(self, sqs, url: str, messages: list[dict]) -> None:
+        """Extend the messages' visibility while their produce is pending (cancelled when done)."""
+        timeout = self.settings.bridge_visibility_timeout
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": timeout}
+                   for i, m in enumerate(messages)]
+        while True:
+            await asyncio.sleep(timeout / 3)
+            try:
+                await sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries)
+                self.visibility_extensions += 1
+                log.info("extended visibility of %d messages (produce pending)", len(entries))
+            except Exception as exc:
+                log.warning("SQS visibility extension failed (%s)", type(exc).__name__)
+
     async def _poll(self, sqs, queue_url: str, producer: AsyncProducer) -> None:
         s = self.settings
         backoff = Backoff(s.retry_max_backoff)
@@ -102,15 +181,13 @@ class Bridge:
             messages = response.get("Messages", [])
             if not messages:
                 continue
-            records = [
-                (s.raw_topic, m["MessageId"].encode("utf-8"), self.codec.encode(envelope(m))) for m in messages
-            ]
+            keeper = asyncio.create_task(self._keep_invisible(sqs, queue_url, messages))
             try:
-                await producer.send_all(records)
-            except DeliveryError as exc:
-                # Not deleted, so SQS redelivers them after the visibility timeout.
-                log.warning("produce failed, leaving %d messages on the queue: %s", len(messages), exc)
-                continue
+                await producer.deliver(
+                    self._records(messages), self._refused, f"produce {len(messages)} messages", log, s.retry_max_backoff
+                )
+            finally:
+                keeper.cancel()
             fault_point("bridge_after_produce")
             await self._delete(sqs, queue_url, messages)
             self.bridged += len(messages)
@@ -126,6 +203,7 @@ class Bridge:
                 log.warning("SQS delete failed (%s), attempt %d", type(exc).__name__, attempt + 1)
             else:
                 failed = {f["Id"] for f in response.get("Failed", [])}
+                self.failed_deletes += len(failed)
                 entries = [e for e in entries if e["Id"] in failed]
                 if not entries:
                     return
@@ -140,8 +218,10 @@ def run_bridge(settings: Settings) -> None:
     from streams.io.kafka import require_topics
 
     require_topics(settings)
+    bridge_failed = False
 
     async def run() -> None:
+        nonlocal bridge_failed
         bridge = Bridge(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -154,8 +234,11 @@ def run_bridge(settings: Settings) -> None:
             await health.start()
         try:
             await bridge.run()
+            bridge_failed = bridge.failed
         finally:
             if health is not None:
                 await health.stop()
 
     asyncio.run(run())
+    if bridge_failed:
+        raise SystemExit(70)

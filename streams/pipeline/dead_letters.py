@@ -25,18 +25,51 @@ class Reason(str, Enum):
     EMPTY_FIELD = "empty_field"
     NUL_CHARACTER = "nul_character"
     INVALID_UNICODE = "invalid_unicode"
+    NUMBER_TOO_LONG = "number_too_long"
+    EMPTY_RECORD = "empty_record"
+    INVALID_MESSAGE_ID = "invalid_message_id"
+    TOO_LARGE = "too_large"
     UNDECODABLE_RECORD = "undecodable_record"
     PROCESSING_ERROR = "processing_error"
     REJECTED_BY_DATABASE = "rejected_by_database"
 
 
-def dead_letter(message_id: str, stage: str, rejected: Rejected, payload: bytes) -> dict:
-    """The DLQ datum for one rejected input."""
+MAX_PAYLOAD = 64 * 1024  # bytes of the input a too-large dead letter keeps
+MAX_MESSAGE_ID = 128  # characters: SQS ids are 36; longer ones are refused where they enter
+
+
+def dead_letter(message_id: str, stage: str, rejected: Rejected, payload: bytes | None, truncate: bool = False) -> dict:
+    """The DLQ datum for one rejected input (a null input has an empty payload).
+
+    With ``truncate`` (the input was too large to carry whole) the payload keeps its
+    first ``MAX_PAYLOAD`` bytes and says so; an over-long message id is cut the same way.
+    """
+    payload = payload or b""
+    truncated = truncate and len(payload) > MAX_PAYLOAD
     return {
-        "message_id": message_id,
+        "message_id": message_id[:MAX_MESSAGE_ID],
         "stage": stage,
         "reason": rejected.reason.value,
         "detail": rejected.detail,
-        "payload": payload,
+        "payload": payload[:MAX_PAYLOAD] if truncated else payload,
         "failed_at": int(time.time() * 1000),
+        "payload_truncated": truncated,
     }
+
+
+def refused_by_kafka(record: tuple, err, stage: str, codec, dlq_topic: str) -> tuple:
+    """The record to produce instead of one Kafka refused for good (its size).
+
+    A dead letter that is itself too large keeps its reason with its payload cut to
+    ``MAX_PAYLOAD``; any other record becomes a ``too_large`` dead letter. ``codec`` is
+    the dead-letter codec.
+    """
+    topic, key, value = record
+    if topic == dlq_topic:
+        datum = codec.decode(value)
+        datum["payload"], datum["payload_truncated"] = datum["payload"][:MAX_PAYLOAD], True
+    else:
+        message_id = (key or b"").decode("utf-8", "replace")
+        rejected = Rejected(Reason.TOO_LARGE, f"Kafka refused the record: {err.name()}")
+        datum = dead_letter(message_id, stage, rejected, value, truncate=True)
+    return dlq_topic, datum["message_id"].encode("utf-8", "replace"), codec.encode(datum)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from streams.io.codec import Codecs, CodecError
 from streams.errors import Rejected
-from streams.pipeline.dead_letters import Reason, dead_letter
+from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
+from streams.privacy.keys import PII_FIELDS
 from streams.privacy.masking import Masker, canonical_device_id, canonical_ip
 
 
@@ -119,6 +120,8 @@ def parse_json_object(body: str) -> dict:
         raise Rejected(Reason.TOO_DEEP, "nesting deeper than the parser allows") from None
     except json.JSONDecodeError as exc:
         raise Rejected(Reason.INVALID_JSON, f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError:  # Python's integer digit limit (4,300 digits); the message would quote the number
+        raise Rejected(Reason.NUMBER_TOO_LONG, "a number has more digits than the parser converts") from None
     if not isinstance(value, dict):
         raise Rejected(Reason.NOT_AN_OBJECT, f"body is a JSON {type(value).__name__}, not an object")
     if not _depth_ok(value):
@@ -134,7 +137,9 @@ def _check_text(name: str, value: str) -> str:
     except UnicodeEncodeError:
         raise Rejected(Reason.INVALID_UNICODE, f"field {name} contains a lone surrogate") from None
     if len(value) > MAX_CHARS[name]:
-        raise Rejected(Reason.FIELD_TOO_LONG, f"field {name} has {len(value)} characters, limit {MAX_CHARS[name]}")
+        # The length of a PII value is itself a hint: say only that it is too long.
+        size = "" if name in PII_FIELDS else f" has {len(value)} characters,"
+        raise Rejected(Reason.FIELD_TOO_LONG, f"field {name}{size} over the limit of {MAX_CHARS[name]} characters")
     return value
 
 
@@ -190,7 +195,7 @@ class MaskTransform:
         self.masker = masker
         self.codecs = codecs
 
-    def __call__(self, key: bytes | None, value: bytes, where: str) -> Output:
+    def __call__(self, key: bytes | None, value: bytes | None, where: str) -> Output:
         """Turn one consumed raw record into its output. Never raises."""
         message_id = where
         try:
@@ -199,18 +204,22 @@ class MaskTransform:
         except UnicodeDecodeError:
             pass
         try:
+            if not value:
+                raise Rejected(Reason.EMPTY_RECORD, "the record has no value (a tombstone or an empty record)")
             try:
                 envelope = self.codecs.raw.decode(value)
             except CodecError as exc:
                 raise Rejected(Reason.UNDECODABLE_RECORD, str(exc)) from None
             message_id = envelope["message_id"]
+            if not 0 < len(message_id) <= MAX_MESSAGE_ID:
+                raise Rejected(Reason.INVALID_MESSAGE_ID, f"message id must be 1 to {MAX_MESSAGE_ID} characters")
             return Output(message_id.encode("utf-8"), self.codecs.masked.encode(self._mask(envelope)))
         except Rejected as rejected:
             return self._dead(message_id, rejected, value)
         except Exception as exc:  # a bug must not stop the stream; the type name carries no PII
             return self._dead(message_id, Rejected(Reason.PROCESSING_ERROR, type(exc).__name__), value)
 
-    def batch(self, messages: Sequence[tuple[bytes | None, bytes, str]]) -> list[Output]:
+    def batch(self, messages: Sequence[tuple[bytes | None, bytes | None, str]]) -> list[Output]:
         """Outputs of a batch of ``(key, value, where)``, in order."""
         return [self(key, value, where) for key, value, where in messages]
 
@@ -234,8 +243,8 @@ class MaskTransform:
             "ip_is_valid": ip_is_valid,
         }
 
-    def _dead(self, message_id: str, rejected: Rejected, payload: bytes) -> Output:
+    def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> Output:
         datum = dead_letter(message_id, STAGE, rejected, payload)
         return Output(
-            message_id.encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum), rejected.reason.value
+            datum["message_id"].encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum), rejected.reason.value
         )

@@ -21,13 +21,16 @@ import asyncpg
 from streams.errors import Rejected
 from streams.io.codec import CodecError, Codecs
 from streams.io.postgres import connect, migrate
-from streams.pipeline.dead_letters import Reason, dead_letter
+from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
 
 log = logging.getLogger(__name__)
 
 STAGE = "sink"
-# SQLSTATE classes 22 (data exception) and 23 (integrity): retrying cannot fix the row.
-ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# SQLSTATE classes 22 (data exception), 23 (integrity) and 54 (program limit exceeded,
+# e.g. a key too long for its index): retrying cannot fix the row.
+ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
+# The connection is gone or hung: drop it, and the batch is retried on a new one.
+CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 Message = tuple[bytes | None, bytes, str]  # key, value, topic/partition/offset
 DeadLetter = tuple[bytes, bytes]  # key, encoded dead letter
@@ -38,6 +41,7 @@ class SinkBatch:
     """A batch planned for the database: rows to write, and dead letters already known."""
 
     rows: list[dict] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)  # message ids whose tombstone came last
     payloads: dict[str, bytes] = field(default_factory=dict)  # message id -> consumed bytes
     dead: list[DeadLetter] = field(default_factory=list)
 
@@ -49,16 +53,41 @@ class SinkStage:
         self.codecs = codecs
 
     def plan(self, messages: Sequence[Message]) -> SinkBatch:
+        """Rows to upsert and ids to delete (the last record per message id wins), and dead letters.
+
+        A tombstone (null value) on the compacted masked topic deletes its key's row; one
+        without a key deletes nothing and is dead-lettered.
+        """
         batch = SinkBatch()
+        last: dict[str, dict | None] = {}
         for key, value, where in messages:
-            try:
-                row = self.codecs.masked.decode(value)
-            except CodecError as exc:
-                message_id = (key or where.encode()).decode("utf-8", "replace")
-                batch.dead.append(self._dead(message_id, Rejected(Reason.UNDECODABLE_RECORD, str(exc)), value))
+            message_id = (key or where.encode()).decode("utf-8", "replace")
+            if value is None and key:
+                if len(message_id) <= MAX_MESSAGE_ID:
+                    last.pop(message_id, None)
+                    last[message_id] = None
                 continue
-            batch.rows.append(row)
-            batch.payloads[row["message_id"]] = value
+            try:
+                if value is None:
+                    raise Rejected(Reason.EMPTY_RECORD, "a tombstone without a key deletes nothing")
+                try:
+                    row = self.codecs.masked.decode(value)
+                except CodecError as exc:
+                    raise Rejected(Reason.UNDECODABLE_RECORD, str(exc)) from None
+                message_id = row["message_id"]
+                if not 0 < len(message_id) <= MAX_MESSAGE_ID:
+                    raise Rejected(Reason.INVALID_MESSAGE_ID, f"message id must be 1 to {MAX_MESSAGE_ID} characters")
+            except Rejected as rejected:
+                batch.dead.append(self._dead(message_id, rejected, value))
+                continue
+            last.pop(message_id, None)
+            last[message_id] = row
+            batch.payloads[message_id] = value
+        for message_id, row in last.items():
+            if row is None:
+                batch.deletes.append(message_id)
+            else:
+                batch.rows.append(row)
         return batch
 
     def refused(self, batch: SinkBatch, refused: list[tuple[dict, str]]) -> list[DeadLetter]:
@@ -69,9 +98,9 @@ class SinkStage:
             for row, sqlstate in refused
         ]
 
-    def _dead(self, message_id: str, rejected: Rejected, payload: bytes) -> DeadLetter:
+    def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> DeadLetter:
         datum = dead_letter(message_id, STAGE, rejected, payload)
-        return message_id.encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum)
+        return datum["message_id"].encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum)
 
 _COLUMNS = (
     "message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "locale",
@@ -125,36 +154,46 @@ def upsert_arguments(records: list[dict]) -> list[list]:
 class PostgresSink:
     """A single connection is enough: one statement per batch, batches in sequence."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, command_timeout: float = 30.0) -> None:
         self.dsn = dsn
+        self.command_timeout = command_timeout  # a half-open connection fails, it does not hang
         self._conn: asyncpg.Connection | None = None
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self.dsn)
+            self._conn = await connect(self.dsn, command_timeout=self.command_timeout)
         return self._conn
 
     async def prepare(self) -> None:
         """Connect and apply pending migrations (safe with many workers: advisory lock)."""
         await migrate(await self._connection())
 
-    async def write(self, records: list[dict]) -> None:
+    async def write(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
+        """Upsert ``records`` and delete the rows of ``deletes`` in one transaction."""
         conn = await self._connection()
         try:
-            await conn.execute(UPSERT, *upsert_arguments(records))
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+            if deletes:
+                async with conn.transaction():
+                    await conn.execute("DELETE FROM user_logins WHERE message_id = ANY($1::text[])", list(deletes))
+                    if records:
+                        await conn.execute(UPSERT, *upsert_arguments(records))
+            else:
+                await conn.execute(UPSERT, *upsert_arguments(records))
+        except CONNECTION_ERRORS:
             await self.close()
             raise
 
-    async def write_batch(self, rows: list[dict]) -> list[tuple[dict, str]]:
+    async def write_batch(self, rows: list[dict], deletes: Sequence[str] = ()) -> list[tuple[dict, str]]:
         """Write the batch; if PostgreSQL refuses a row's data, write row by row and return the refused.
 
         Anything else (connection lost, timeout) propagates: the caller retries the batch.
         """
         try:
-            await self.write(rows)
+            await self.write(rows, deletes)
             return []
         except ROW_ERRORS:
+            if deletes:
+                await self.write([], deletes)
             refused = []
             for row in rows:
                 try:

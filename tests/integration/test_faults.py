@@ -185,3 +185,22 @@ def test_agent_error_exits_instead_of_committing_or_stalling(fault_pipeline, poi
     assert "InjectedFault" in p.logs()
     p.start("worker", STREAMS_BATCH_SIZE="50")
     drained(p, set(ids))
+
+
+def test_broker_stall_longer_than_the_visibility_timeout_writes_each_message_once(fault_pipeline, private_stack):
+    """Issue 9 item 6: with a 2 s visibility and a broker down far longer, SQS must not hand the
+    message to another poller while its produce is pending (that wrote one message 4 times)."""
+    p = fault_pipeline
+    s = p.settings
+    bridge = p.start("bridge", STREAMS_BRIDGE_VISIBILITY_TIMEOUT="2", STREAMS_BRIDGE_POLLERS="4")
+    p.wait_for(lambda: "pollers" in p.logs(), 60, "the bridge to start polling")
+    stack.stop_service(private_stack, "kafka")
+    ids = p.send(logins(3, "stall"))
+    # Stall for at least 4 visibility timeouts: the bridge extends visibility every 2/3 s.
+    p.wait_for(lambda: p.logs().count("extended visibility") >= 12, 60, "the produce to stay pending past the visibility")
+    stack.start_service(private_stack, "kafka")
+    p.wait_for(lambda: p.queue_depth() == 0, 120, "every message deleted")
+    raw_keys = [k.decode() for k, _ in p.topic(s.raw_topic)]
+    assert sorted(raw_keys) == sorted(ids)  # one copy each
+    assert "not deleted" not in p.logs() and "receipt" not in p.logs().lower()
+    assert bridge.poll() is None

@@ -25,7 +25,7 @@ def test_round_trip_every_codec():
     raw = {"message_id": "m", "sent_at": SENT, "body": "{}", "attributes": {"SentTimestamp": "1"}}
     assert codecs.raw.decode(codecs.raw.encode(raw)) == raw
     assert codecs.masked.decode(codecs.masked.encode(masked_v2())) == masked_v2()
-    dead = {"message_id": "m", "stage": "mask", "reason": "invalid_json", "detail": "d", "payload": b"\xff\x00", "failed_at": SENT}
+    dead = {"message_id": "m", "stage": "mask", "reason": "invalid_json", "detail": "d", "payload": b"\xff\x00", "failed_at": SENT, "payload_truncated": False}
     assert codecs.dead_letter.decode(codecs.dead_letter.encode(dead)) == dead
 
 
