@@ -16,6 +16,7 @@ from pathlib import Path
 import fastavro
 from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
+from fastavro.types import Schema
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"  # package data (a symlink in a checkout)
 MAGIC = b"\xc3\x01"
@@ -72,8 +73,9 @@ class AvroCodec:
         if not data:  # a tombstone (null value) or an empty record: no datum at all
             raise CodecError(f"empty record: no value ({self.name})")
         header = bytes(data[:HEADER_LEN])
+        reader: Schema | None = None
         if header == self.header:
-            writer, reader = self.schema, None
+            writer: Schema | None = self.schema
         else:
             writer = self._writers.get(header)
             if writer is None:
@@ -81,10 +83,14 @@ class AvroCodec:
                     raise CodecError(f"not Avro single-object encoded ({self.name})")
                 raise CodecError(f"unknown writer schema fingerprint {header[2:].hex()} ({self.name})")
             reader = self.schema
+        assert writer is not None
         try:
-            return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, reader)
+            datum = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, reader)
         except Exception as exc:  # fastavro raises many types on corrupt input
             raise CodecError(f"corrupt {self.name} datum: {type(exc).__name__}") from None
+        if not isinstance(datum, dict):
+            raise CodecError(f"corrupt {self.name} datum: not a record")
+        return datum
 
 
 RAW = "raw_envelope"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import uuid
 
@@ -19,7 +21,7 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def client_config(settings: Settings, **config: object) -> dict[str, object]:
+def client_config(settings: Settings, **config: Any) -> dict[str, Any]:
     """librdkafka configuration for any client: bootstrap, then STREAMS_KAFKA_EXTRA, then ``config``.
 
     ``STREAMS_KAFKA_EXTRA`` is a JSON object of librdkafka properties passed through as
@@ -100,6 +102,15 @@ class DeliveryError(TransientError):
         return [i for i, err in self.failed.items() if err.code() in PERMANENT_ERRORS]
 
 
+def _resolve(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _delivered(settle: Callable[[int, KafkaError | None], None], index: int, err: KafkaError | None, _msg: object) -> None:
+    settle(index, err)
+
+
 class AsyncProducer:
     """Idempotent ``acks=all`` confluent-kafka producer whose batches can be awaited.
 
@@ -146,14 +157,12 @@ class AsyncProducer:
                 pending -= 1
                 last = pending == 0
             if last:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                loop.call_soon_threadsafe(_resolve, done)
 
         for index, (topic, key, value) in enumerate(records):
             while True:
                 try:
-                    self._producer.produce(
-                        topic, value=value, key=key, on_delivery=lambda err, _msg, i=index: settle(i, err)
-                    )
+                    self._producer.produce(topic, value=value, key=key, on_delivery=functools.partial(_delivered, settle, index))
                     break
                 except BufferError:  # local queue full: let the delivery thread drain it
                     await asyncio.sleep(0.01)
@@ -262,12 +271,12 @@ def group_lag(settings: Settings, topics: Sequence[str], group: str | None = Non
     finally:
         consumer.close()
 
-def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes]]:
+def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes | None]]:
     """``(key, value)`` of every record now in ``topic``, partition by partition.
 
     Joins no group and commits nothing, so it disturbs no worker.
     """
-    consumer = metadata_consumer(settings, **{"enable.partition.eof": True})
+    consumer = metadata_consumer(settings, None, **{"enable.partition.eof": True})
     try:
         metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if metadata is None or metadata.error is not None:
@@ -286,14 +295,15 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[tu
             msg = consumer.poll(timeout)
             if msg is None:
                 raise TimeoutError(f"reading {topic}: no record within {timeout}s")
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    remaining.pop(msg.partition(), None)
+            error, partition = msg.error(), msg.partition() or 0
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    remaining.pop(partition, None)
                     continue
-                raise RuntimeError(f"reading {topic}: {msg.error().str()}")
+                raise TransientError(f"reading {topic}: {error.str()}")
             records.append((msg.key(), msg.value()))
-            if msg.offset() + 1 >= remaining.get(msg.partition(), 0):
-                remaining.pop(msg.partition(), None)
+            if (msg.offset() or 0) + 1 >= remaining.get(partition, 0):
+                remaining.pop(partition, None)
         return records
     finally:
         consumer.close()

@@ -170,7 +170,7 @@ def reset_offsets(settings: Settings, stage: str, target: Target, dry_run: bool 
     watermarks = admin.watermarks(topic)
     committed = admin.committed(topic, list(watermarks))
     by_time = None
-    if target.kind == "timestamp":
+    if target.timestamp_ms is not None:
         by_time = admin.offsets_for_time(topic, list(watermarks), target.timestamp_ms)
     new = plan(target, committed, watermarks, by_time)
     if not dry_run and new:

@@ -7,6 +7,8 @@ the delivery rules (batch, write durably, then ack) in ``delivery.py``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any, cast
 
 import faust
 from mode import Service
@@ -45,7 +47,7 @@ class Outputs(Service):
             self.producer.close()
         await self.sink.close()
 
-    async def produce(self, records: list[Record], stage: str, what: str) -> None:
+    async def produce(self, records: Sequence[Record], stage: str, what: str) -> None:
         """Produce until the broker acked every record (a down broker is waited out).
 
         A record Kafka refuses for good (its size) is replaced by its dead letter.
@@ -83,11 +85,12 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         producer_acks=-1,
     )
     codecs = Codecs()
-    outputs = app.service(Outputs(settings))
+    outputs = Outputs(settings)
+    app.service(cast(Any, outputs))  # an instance works too: started and stopped with the app
     if settings.metrics_port:  # /healthz, /readyz (ready once partitions are assigned)
         from streams.health import HealthServer, HealthService, worker_readiness
 
-        app.service(HealthService(HealthServer(settings.metrics_port, lambda: worker_readiness(app))))
+        app.service(cast(Any, HealthService(HealthServer(settings.metrics_port, lambda: worker_readiness(app)))))
     stages = settings.stage_list
 
     def topic(name: str) -> faust.TopicT:

@@ -156,6 +156,12 @@ def _field(obj: dict, name: str, nullable: bool) -> str | None:
     return _check_text(name, value)
 
 
+def _required(obj: dict, name: str) -> str:
+    value = _field(obj, name, nullable=False)
+    assert value is not None  # _field refuses null for a required field
+    return value
+
+
 def _json_type(value: object) -> str:
     return {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}.get(
         type(value), type(value).__name__
@@ -168,7 +174,7 @@ def parse_login(body: str) -> Login:
     missing = [name for name in (*REQUIRED, *NULLABLE) if name not in obj]
     if missing:
         raise Rejected(Reason.MISSING_FIELD, "missing: " + ", ".join(missing))
-    values = {name: _field(obj, name, nullable=False) for name in REQUIRED}
+    values = {name: _required(obj, name) for name in REQUIRED}
     locale = _field(obj, "locale", nullable=True)
     return Login(
         user_id=values["user_id"],

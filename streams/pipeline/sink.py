@@ -71,9 +71,10 @@ class SinkStage:
                 if value is None:
                     raise Rejected(Reason.EMPTY_RECORD, "a tombstone without a key deletes nothing")
                 try:
-                    row = self.codecs.masked.decode(value)
+                    row: dict | None = self.codecs.masked.decode(value)
                 except CodecError as exc:
                     raise Rejected(Reason.UNDECODABLE_RECORD, str(exc)) from None
+                assert row is not None
                 message_id = row["message_id"]
                 if not 0 < len(message_id) <= MAX_MESSAGE_ID:
                     raise Rejected(Reason.INVALID_MESSAGE_ID, f"message id must be 1 to {MAX_MESSAGE_ID} characters")
