@@ -3,11 +3,16 @@
 - Join token: ``<version>.<base64url(HMAC-SHA256(field key, canonical value))>``. Equal
   values give equal tokens (duplicates stay visible); without the key the 2^32 IPv4
   space cannot be brute-forced, unlike an unkeyed hash.
-- Recovery ciphertext: ``<key id>.<base64url(AES-SIV(pad(canonical)))>`` with the field
-  name and key id as associated data, so a ciphertext cannot be moved to another field
-  or key. Deterministic, so one vault row serves every duplicate; padded to 256-byte
-  blocks so the length of a value does not leak (any ASCII value the parser accepts
-  fits one block; only long non-ASCII values fall into a larger bucket).
+- Recovery ciphertext: ``<key id>.v2.<base64url(AES-SIV(pad(canonical)))>`` with the
+  field name, key id and join token as associated data, so a ciphertext cannot be moved
+  to another field, key or token (a copy under another token does not open).
+  Deterministic, so one vault row serves every duplicate; padded to 256-byte blocks so
+  the length of a value does not leak (any ASCII value the parser accepts fits one
+  block; only long non-ASCII values fall into a larger bucket).
+- Older ciphertexts, ``<key id>.<base64url>`` (associated data: field and key id only),
+  still open; the reader tells the formats apart by the ``v2`` marker (base64url has no
+  dot). They are not bound to a token, so ``reveal`` also recomputes the token from the
+  plaintext (``Masker.belongs``) and refuses a mismatch, whatever the format.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from streams.errors import Refused
 from streams.privacy.keys import KeyRing
 
 PAD_BLOCK = 256  # covers every ASCII value up to the parser's 200-character limit
+BOUND = "v2"  # ciphertext format marker: the join token is part of the associated data
 TOKEN = re.compile(r"^([A-Za-z0-9_-]{1,16})\.[A-Za-z0-9_-]{43}$")
 
 
@@ -83,6 +89,31 @@ class RevealError(Refused):
     """A ciphertext that this keyring cannot open; never carries the value."""
 
 
+class MissingKeyError(RevealError):
+    """The key a ciphertext or token needs is not in the keyring (retired, or another key file)."""
+
+
+def ciphertext_key_id(ciphertext: str) -> str:
+    """The encryption key id a ciphertext names (its prefix, in both formats)."""
+    return ciphertext.partition(".")[0]
+
+
+def _bound_ad(field: str, key_id: str, token: str) -> list[bytes]:
+    return [field.encode(), key_id.encode(), BOUND.encode(), token.encode()]
+
+
+def parse_ciphertext(field: str, ciphertext: str, token: str | None) -> tuple[str, str, list[bytes]]:
+    """``(key id, base64url body, associated data)`` of either ciphertext format."""
+    parts = ciphertext.split(".")
+    if len(parts) == 2:  # older format: not bound to a token
+        return parts[0], parts[1], [field.encode(), parts[0].encode()]
+    if len(parts) == 3 and parts[1] == BOUND:
+        if token is None:
+            raise RevealError("a token-bound ciphertext opens only with its join token")
+        return parts[0], parts[2], _bound_ad(field, parts[0], token)
+    raise RevealError("not a recovery ciphertext: expected <key id>.[v2.]<base64url>")
+
+
 @dataclass(frozen=True, slots=True)
 class MaskedValue:
     token: str
@@ -105,20 +136,39 @@ class Masker:
         digest = hmac.digest(key, canonical.encode("utf-8"), "sha256")
         return f"{version or self.keyring.join_version}.{_b64(digest)}"
 
-    def encrypt(self, field: str, canonical: str) -> str:
+    def encrypt(self, field: str, canonical: str, token: str) -> str:
+        """A token-bound ciphertext under the active key: ``<key id>.v2.<base64url>``."""
         key_id = self._key_id
-        sealed = self._siv[key_id].encrypt(pad(canonical.encode("utf-8")), [field.encode(), key_id.encode()])
-        return f"{key_id}.{_b64(sealed)}"
+        sealed = self._siv[key_id].encrypt(pad(canonical.encode("utf-8")), _bound_ad(field, key_id, token))
+        return f"{key_id}.{BOUND}.{_b64(sealed)}"
 
-    def decrypt(self, field: str, ciphertext: str) -> str:
-        key_id, _, body = ciphertext.partition(".")
+    def decrypt(self, field: str, ciphertext: str, token: str | None = None) -> str:
+        """Open either format; a token-bound one opens only with the token it was sealed for."""
+        key_id, body, associated = parse_ciphertext(field, ciphertext, token)
         siv = self._siv.get(key_id)
         if siv is None:
-            raise RevealError(f"no encryption key {key_id!r} in the keyring")
+            raise MissingKeyError(f"no encryption key {key_id!r} in the keyring")
         try:
-            return unpad(siv.decrypt(_unb64(body), [field.encode(), key_id.encode()])).decode("utf-8")
+            return unpad(siv.decrypt(_unb64(body), associated)).decode("utf-8")
         except Exception:
-            raise RevealError("ciphertext does not open with this key (wrong key or tampered)") from None
+            raise RevealError(
+                "ciphertext does not open with this key (wrong key, tampered, or moved to another token)"
+            ) from None
+
+    def belongs(self, field: str, token: str, canonical: str) -> bool:
+        """Whether ``token`` is this value's token under the token's own join version.
+
+        Catches a ciphertext copied under another token (an unbound, older ciphertext
+        opens anywhere). ``MissingKeyError`` when that join version is not loaded.
+        """
+        try:
+            version = token_version(token)
+        except ValueError:
+            return False
+        if field not in self.keyring.join_keys.get(version, {}):
+            raise MissingKeyError(f"join version {version!r} is not in the keyring, so the token cannot be checked")
+        return hmac.compare_digest(self.token(field, canonical, version), token)
 
     def _mask(self, field: str, canonical: str) -> MaskedValue:
-        return MaskedValue(self.token(field, canonical), self.encrypt(field, canonical))
+        token = self.token(field, canonical)
+        return MaskedValue(token, self.encrypt(field, canonical, token))

@@ -4,10 +4,12 @@ Both jobs are safe to interrupt (a batch either commits whole or not at all) and
 (they only pick up what is still old). Neither needs the raw topic: everything is
 recomputed from ``pii_vault`` with the encryption key.
 
-- ``reencrypt``: vault rows under a non-active encryption key id are opened and sealed
-  again under the active one.
+- ``reencrypt``: vault rows under a non-active encryption key id, or in the older
+  ciphertext format not bound to the token, are opened and sealed again under the
+  active key, bound to their token.
 - ``rejoin``: the join-key rotation. For each old-version vault row it decrypts the
-  value, computes the new version's token, adds the new vault row and an old->new entry
+  value, computes the new version's token, adds the new vault row (a new ciphertext
+  bound to the new token, under the active key) and an old->new entry
   in ``join_token_map``; it then rewrites ``user_logins`` in keyset batches from that
   map, switches the key file so new writes use the new version, and repeats until no
   old-version token is left. Workers that still run with the old keyring keep writing
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import asyncpg
 
 from streams.errors import Refused
-from streams.privacy.masking import Masker, RevealError
+from streams.privacy.masking import BOUND, Masker, MissingKeyError, RevealError, ciphertext_key_id
 
 
 class Progress:
@@ -46,34 +48,56 @@ class Progress:
         self.stream.flush()
 
 
-def _open(masker: Masker, field: str, ciphertext: str) -> str:
+def _open(masker: Masker, field: str, ciphertext: str, token: str) -> str:
+    """The value of one vault row, checked against its token where that join version is loaded.
+
+    Opens both ciphertext formats (rotation moves older, unbound ones to the token-bound
+    one). A value that does not belong to its token (a ciphertext copied under another
+    token) stops the job: carrying it on would bind the wrong person to that token.
+    """
+    key_id = ciphertext_key_id(ciphertext)
     try:
-        return masker.decrypt(field, ciphertext)
+        value = masker.decrypt(field, ciphertext, token)
     except RevealError as exc:
-        key_id = ciphertext.partition(".")[0]
         raise Refused(f"a {field} vault row under key id {key_id!r} does not open ({exc}): restore that key") from None
+    try:
+        belongs = masker.belongs(field, token, value)
+    except MissingKeyError:  # an old join version already removed: the encryption key is all we need
+        belongs = True
+    if not belongs:
+        raise Refused(
+            f"a {field} vault row under key id {key_id!r} holds a value that does not belong to its token"
+            " (copied or tampered): investigate pii_vault before rotating"
+        )
+    return value
 
 
 # --- encryption key ---------------------------------------------------------------
 
+# Another key id than the active one ($1), or the older format without the token in its
+# associated data (``<key id>.<body>``: no ``v2`` marker in the second part).
+_STALE = f"key_id <> $1 OR split_part(ciphertext, '.', 2) <> '{BOUND}'"
+
 async def reencrypt(
     conn: asyncpg.Connection, masker: Masker, batch_size: int, max_batches: int | None = None, out=sys.stderr
 ) -> int:
-    """Move vault rows to the active key id; returns how many rows it moved."""
+    """Move vault rows to the active key id and the token-bound format; returns how many rows it moved."""
     active = masker.keyring.encryption_key_id
-    total = await conn.fetchval("SELECT count(*) FROM pii_vault WHERE key_id <> $1", active)
+    total = await conn.fetchval(f"SELECT count(*) FROM pii_vault WHERE {_STALE}", active)
     progress, moved, batches, last = Progress(f"re-encrypting to {active}", total, out), 0, 0, ("", "")
     while max_batches is None or batches < max_batches:
         async with conn.transaction():
             rows = await conn.fetch(  # keyset walk along the primary key: linear, not quadratic
-                "SELECT field, token, ciphertext FROM pii_vault WHERE key_id <> $1 AND (field, token) > ($3, $4)"
+                f"SELECT field, token, ciphertext FROM pii_vault WHERE ({_STALE}) AND (field, token) > ($3, $4)"
                 " ORDER BY field, token LIMIT $2 FOR UPDATE",
                 active, batch_size, *last,
             )
             if not rows:
                 break
             last = (rows[-1]["field"], rows[-1]["token"])
-            sealed = [masker.encrypt(r["field"], _open(masker, r["field"], r["ciphertext"])) for r in rows]
+            sealed = [
+                masker.encrypt(r["field"], _open(masker, r["field"], r["ciphertext"], r["token"]), r["token"]) for r in rows
+            ]
             await conn.execute(
                 "UPDATE pii_vault v SET key_id = $1, ciphertext = n.ciphertext"
                 " FROM unnest($2::text[], $3::text[], $4::text[]) AS n(field, token, ciphertext)"
@@ -129,13 +153,16 @@ async def map_vault(conn: asyncpg.Connection, masker: Masker, target: str, batch
             if not budget.take():
                 return False
             last = (rows[-1]["field"], rows[-1]["token"])
-            new = [masker.token(r["field"], _open(masker, r["field"], r["ciphertext"]), target) for r in rows]
+            values = [_open(masker, r["field"], r["ciphertext"], r["token"]) for r in rows]
             fields = [r["field"] for r in rows]
+            new = [masker.token(f, v, target) for f, v in zip(fields, values)]
+            # The new row gets a ciphertext of its own, bound to its new token (active key).
+            sealed = [masker.encrypt(f, v, t) for f, v, t in zip(fields, values, new)]
             async with conn.transaction():
                 await conn.execute(
                     "INSERT INTO pii_vault (field, token, key_id, ciphertext)"
                     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
-                    fields, new, [r["key_id"] for r in rows], [r["ciphertext"] for r in rows],
+                    fields, new, [masker.keyring.encryption_key_id] * len(rows), sealed,
                 )
                 await conn.execute(
                     "INSERT INTO join_token_map (field, old_token, new_token)"

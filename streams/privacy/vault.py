@@ -1,7 +1,11 @@
 """Supervised recovery: look a token or a message up in ``pii_vault`` and decrypt it.
 
 Only a holder of the encryption key can open a ciphertext; every attempt, refused or not,
-leaves an audit record (``streams.privacy.audit``) before anything is shown.
+leaves an audit record (``streams.privacy.audit``) before anything is shown. A value is
+shown only if it belongs to its token: the token is recomputed from the plaintext with the
+token's own join version, so a ciphertext copied under another token is refused (and
+audited), never revealed as that token's value. Needs only the ``streams_reveal`` role's
+privileges (no migration, no write but the audit row).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncpg
 from streams.privacy import audit
 from streams.errors import Refused
 from streams.privacy.keys import PII_FIELDS
-from streams.privacy.masking import Masker, RevealError, token_version
+from streams.privacy.masking import Masker, MissingKeyError, RevealError, token_version
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,29 @@ async def reveal(
     if not rows:
         await audit.record(conn, operator, "not_found", **note)
         raise Refused("no pii_vault entry for that token: check the token, or that the vault was not purged")
-    try:
-        found = [Revealed(r["field"], r["token"], masker.decrypt(r["field"], r["ciphertext"])) for r in rows]
-        found.sort(key=lambda item: PII_FIELDS.index(item.field))
-    except RevealError as exc:
-        await audit.record(conn, operator, "refused_key", **note)
-        raise Refused(f"{exc}: use the key file that holds this encryption key id") from None
+    found = []
+    for r in sorted(rows, key=lambda r: PII_FIELDS.index(r["field"])):
+        where = {**note, "field": r["field"], "token": r["token"]}
+        try:
+            value = masker.decrypt(r["field"], r["ciphertext"], r["token"])
+        except MissingKeyError as exc:
+            await audit.record(conn, operator, "refused_key", **where)
+            raise Refused(f"{exc}: use the key file that holds this encryption key id") from None
+        except RevealError as exc:
+            await audit.record(conn, operator, "does_not_open", **where)
+            raise Refused(f"{exc}: use the key file that holds this encryption key id") from None
+        try:
+            belongs = masker.belongs(r["field"], r["token"], value)
+        except MissingKeyError as exc:
+            await audit.record(conn, operator, "unverifiable", **where)
+            raise Refused(f"{exc}: run `streams keys rejoin` to move it to the current version") from None
+        if not belongs:
+            await audit.record(conn, operator, "token_mismatch", **where)
+            raise Refused(
+                f"the {r['field']} vault entry does not belong to its token (a ciphertext copied or tampered with): "
+                "nothing revealed; investigate pii_vault"
+            )
+        found.append(Revealed(r["field"], r["token"], value))
     for item in found:
         await audit.record(conn, operator, "revealed", **{**note, "field": item.field, "token": item.token})
     return found

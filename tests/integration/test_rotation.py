@@ -1,17 +1,20 @@
 """Both key rotations end to end on the real stack, each interrupted once and resumed.
 
-Afterwards every row reveals to its original, duplicates still share one token, and no
-table holds two encryption key ids or two join versions.
+Afterwards every row reveals to its original, duplicates still share one token, no
+table holds two encryption key ids or two join versions, and every vault ciphertext is
+in the token-bound format (older, unbound ones opened and moved).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from streams.privacy.keys import load_keyring
-from streams.privacy.masking import Masker, canonical_device_id, canonical_ip
+from streams.privacy.masking import Masker, canonical_device_id, canonical_ip, pad
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +43,25 @@ def decrypted_rows(pipeline) -> dict[str, tuple]:
         " LEFT JOIN pii_vault d ON d.field = 'device_id' AND d.token = u.masked_device_id"
     )
     return {
-        r["message_id"]: (masker.decrypt("ip", r["ip_c"]), masker.decrypt("device_id", r["dev_c"]), r["masked_ip"], r["masked_device_id"])
+        r["message_id"]: (
+            masker.decrypt("ip", r["ip_c"], r["masked_ip"]), masker.decrypt("device_id", r["dev_c"], r["masked_device_id"]),
+            r["masked_ip"], r["masked_device_id"],
+        )
         for r in rows
     }
+
+
+def make_legacy(pipeline) -> int:
+    """Rewrite every vault row in the format written before token binding (AD: field, key id)."""
+    ring = load_keyring(pipeline.settings.keys_file)
+    masker = Masker(ring)
+    rows = pipeline.query("SELECT field, token, key_id, ciphertext FROM pii_vault")
+    for r in rows:
+        value = masker.decrypt(r["field"], r["ciphertext"], r["token"])
+        sealed = AESSIV(ring.encryption_keys[r["key_id"]]).encrypt(pad(value.encode()), [r["field"].encode(), r["key_id"].encode()])
+        legacy = f"{r['key_id']}." + base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
+        pipeline.query("UPDATE pii_vault SET ciphertext = $1 WHERE field = $2 AND token = $3", legacy, r["field"], r["token"])
+    return len(rows)
 
 
 def versions(pipeline) -> dict[str, set[str]]:
@@ -72,6 +91,7 @@ def test_encryption_and_join_key_rotation_end_to_end(pipeline, sample_path):
     bridge = pipeline.start("bridge")
     worker = pipeline.start("worker")
     send(sample + BATCHES["first"])
+    assert make_legacy(pipeline) > 40  # rows as an older version wrote them: rotation must still open them
 
     # --- encryption key: k2 for new writes once workers restart; old rows move in batches
     keys(pipeline, "rotate", "encryption")
@@ -131,5 +151,9 @@ def test_encryption_and_join_key_rotation_end_to_end(pipeline, sample_path):
 
     # The CLI reveal agrees with the rotated vault.
     some_id = next(m for m, r in sent.items() if r["user_id"] == "rot-9")
-    out = pipeline.run("reveal", "--message-id", some_id, "--operator", "ops")
+    out = pipeline.run("reveal", "--message-id", some_id, "--operator", "ops", "--reason", "INC-5")
     assert [json.loads(line)["value"] for line in out.stdout.splitlines()] == ["2001:db8::9", SHARED_DEVICE]
+
+    # Rotation wrote the token-bound format only: every vault ciphertext is k2.v2.<...>.
+    assert {r["f"] for r in pipeline.query("SELECT DISTINCT split_part(ciphertext, '.', 1) || '.' || split_part(ciphertext, '.', 2) AS f"
+                                           " FROM pii_vault")} == {"k2.v2"}

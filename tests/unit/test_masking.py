@@ -1,5 +1,6 @@
 """Masking: canonical values, tokens, recovery ciphertexts."""
 
+import base64
 import json
 
 import pytest
@@ -54,13 +55,56 @@ def test_token_shape_and_no_plaintext():
 
 def test_ciphertext_reveals_only_with_the_right_key_and_field():
     m = masker()
-    ciphertext = m.mask("device_id", "593-47-5928").ciphertext
-    assert ciphertext.startswith("k1.")
-    assert m.decrypt("device_id", ciphertext) == "593-47-5928"
+    masked = m.mask("device_id", "593-47-5928")
+    ciphertext, token = masked.ciphertext, masked.token
+    assert ciphertext.startswith("k1.v2.")
+    assert m.decrypt("device_id", ciphertext, token) == "593-47-5928"
     with pytest.raises(RevealError):
-        m.decrypt("ip", ciphertext)
+        m.decrypt("ip", ciphertext, token)
     with pytest.raises(RevealError):
-        masker().decrypt("device_id", ciphertext)
+        masker().decrypt("device_id", ciphertext, token)
+
+
+def legacy_ciphertext(m: Masker, field: str, value: str) -> str:
+    """A ciphertext in the format written before token binding: AD = field, key id."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+    from streams.privacy.masking import pad
+
+    sealed = AESSIV(m.keyring.encryption_keys["k1"]).encrypt(pad(value.encode()), [field.encode(), b"k1"])
+    return "k1." + base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
+
+
+def test_new_ciphertexts_are_bound_to_their_token():
+    m = masker()
+    a, b = m.mask("ip", "192.0.2.1"), m.mask("ip", "192.0.2.2")
+    assert m.decrypt("ip", a.ciphertext, a.token) == "192.0.2.1"
+    with pytest.raises(RevealError) as info:  # copied under another token: does not open
+        m.decrypt("ip", a.ciphertext, b.token)
+    assert "192.0.2" not in str(info.value)
+    with pytest.raises(RevealError):  # stripped of its format marker: does not open either
+        m.decrypt("ip", a.ciphertext.replace(".v2.", "."), a.token)
+
+
+def test_older_unbound_ciphertexts_still_open_and_belongs_catches_a_copy():
+    m = masker()
+    old = legacy_ciphertext(m, "ip", "192.0.2.1")
+    own, other = m.token("ip", "192.0.2.1"), m.token("ip", "192.0.2.2")
+    assert m.decrypt("ip", old) == m.decrypt("ip", old, other) == "192.0.2.1"  # opens under any token...
+    assert m.belongs("ip", own, "192.0.2.1")
+    assert not m.belongs("ip", other, "192.0.2.1")  # ...so the token is recomputed from the value
+    assert not m.belongs("ip", "not a token", "192.0.2.1")
+
+
+def test_belongs_needs_the_tokens_join_version_and_decrypt_names_a_missing_key():
+    from streams.privacy.masking import MissingKeyError
+
+    m = masker()
+    with pytest.raises(MissingKeyError):
+        m.belongs("ip", "h7." + "A" * 43, "192.0.2.1")
+    with pytest.raises(MissingKeyError) as info:
+        m.decrypt("ip", "k9.v2." + "A" * 40, "h1." + "A" * 43)
+    assert "k9" in str(info.value)
 
 
 def test_ciphertext_length_does_not_depend_on_value_length():
@@ -124,12 +168,14 @@ def test_property_token_changes_with_the_key(field, value):
 @given(fields, st.one_of(ips, values))
 def test_property_reveal_of_mask_is_the_canonical_value(field, raw):
     canonical = canonical_ip(raw)[0] if field == "ip" else canonical_device_id(raw)
-    assert M1.decrypt(field, M1.mask(field, canonical).ciphertext) == canonical
+    masked = M1.mask(field, canonical)
+    assert M1.decrypt(field, masked.ciphertext, masked.token) == canonical
+    assert M1.belongs(field, masked.token, canonical)
 
 
 @given(fields, st.text(st.characters(max_codepoint=127), max_size=200), st.text(st.characters(max_codepoint=127), max_size=200))
 def test_property_ciphertext_length_does_not_depend_on_value_length(field, a, b):
-    assert len(M1.encrypt(field, a)) == len(M1.encrypt(field, b))
+    assert len(M1.encrypt(field, a, M1.token(field, a))) == len(M1.encrypt(field, b, M1.token(field, b)))
 
 
 @settings(max_examples=200)
