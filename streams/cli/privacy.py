@@ -1,7 +1,8 @@
 """``streams keys ...`` and ``streams reveal``: key management and supervised recovery.
 
 Nothing here prints key bytes or logs a revealed value; the value goes to stdout only,
-after its audit record is committed.
+after its audit record is committed. ``reveal`` never migrates (it runs as the
+least-privilege ``streams_reveal`` role); the key jobs, run by the schema owner, do.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ def _positive(text: str) -> int:
     return value
 
 
-async def _connect(settings: Settings):
-    from streams.io.postgres import connect, migrate
+async def _connect(settings: Settings, migrate: bool = True, timeout: float = 15.0):
+    """A connection; the key jobs (run by the schema owner) migrate first, reveal never does."""
+    from streams.io import postgres
 
     try:
-        conn = await connect(settings.pg_dsn.get_secret_value())
-        await migrate(conn)
+        conn = await postgres.connect(settings.pg_dsn.get_secret_value(), timeout=timeout)
+        if migrate:
+            await postgres.migrate(conn)
     except Exception as exc:
         raise Refused(
             f"cannot reach PostgreSQL ({type(exc).__name__}): start it with `streams stack up` or set STREAMS_PG_DSN"
@@ -39,9 +42,9 @@ async def _connect(settings: Settings):
     return conn
 
 
-def _with_db(settings: Settings, job):
+def _with_db(settings: Settings, job, migrate: bool = True):
     async def go():
-        conn = await _connect(settings)
+        conn = await _connect(settings, migrate)
         try:
             return await job(conn)
         finally:
@@ -145,19 +148,59 @@ def _keys_rejoin(settings: Settings, args) -> None:
 
 # --- reveal ---------------------------------------------------------------------------
 
+def _audit_no_keys(settings: Settings, args) -> None:
+    """Best effort: record a reveal attempt refused for want of key material."""
+    from streams.privacy import audit
+    from streams.privacy.masking import TOKEN
+
+    token = args.token if args.token and TOKEN.match(args.token) else None  # never a pasted value
+
+    async def go():
+        conn = await _connect(settings, migrate=False, timeout=5.0)
+        try:
+            await audit.record(
+                conn, args.operator.strip(), "no_keys",
+                reason=args.reason.strip(), field=args.field, token=token, message_id=args.message_id,
+            )
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(go())
+    except Exception:  # the key error is what the operator must see; no database is no audit
+        pass
+
+
 def _reveal(settings: Settings, args) -> None:
+    import asyncpg
+
     from streams.privacy.vault import reveal
 
     if not args.operator.strip():
         raise Refused("--operator must name the person revealing (it goes to the audit trail)")
-    masker = _masker(settings)
-    found = _with_db(
-        settings,
-        lambda conn: reveal(
-            conn, masker, args.operator.strip(),
-            token=args.token, message_id=args.message_id, field=args.field, reason=args.reason,
-        ),
-    )
+    if not args.reason.strip():
+        raise Refused("--reason must give the ticket or reason (it goes to the audit trail)")
+    try:
+        masker = _masker(settings)
+    except keymod.KeyMaterialError:
+        _audit_no_keys(settings, args)
+        raise
+    try:
+        found = _with_db(
+            settings,
+            lambda conn: reveal(
+                conn, masker, args.operator.strip(),
+                token=args.token, message_id=args.message_id, field=args.field, reason=args.reason.strip(),
+            ),
+            migrate=False,  # reveal runs as the least-privilege streams_reveal role
+        )
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+        raise Refused(
+            f"PostgreSQL refused the reveal ({type(exc).__name__}): the database must be migrated"
+            " (`streams migrate`, as the schema owner) and STREAMS_PG_DSN's role granted streams_reveal"
+        ) from None
+    except asyncpg.PostgresError as exc:  # the server's message is not quoted: keep values out of errors
+        raise Refused(f"PostgreSQL refused the reveal ({type(exc).__name__}, SQLSTATE {exc.sqlstate})") from None
     for item in found:  # JSON lines: a value may hold tabs or newlines
         print(json.dumps({"field": item.field, "token": item.token, "value": item.value}, ensure_ascii=False))
 
@@ -193,6 +236,9 @@ def register(sub) -> None:
     what.add_argument("--token", help="a masked_ip or masked_device_id value")
     what.add_argument("--message-id", help="reveal the ip and device id of one login")
     p.add_argument("--field", choices=["ip", "device_id"], help="only this field")
-    p.add_argument("--operator", required=True, help="who is revealing (recorded in pii_reveal_audit)")
-    p.add_argument("--reason", help="ticket or reason (recorded)")
+    p.add_argument(
+        "--operator", required=True,
+        help="who is revealing (recorded in pii_reveal_audit beside the database session user and the OS user)",
+    )
+    p.add_argument("--reason", required=True, help="ticket or reason (recorded)")
     p.set_defaults(func=_reveal)

@@ -1,12 +1,33 @@
 """The reveal audit trail: who asked to see which token or message, when, and what happened.
 
-Written before a revealed value is shown, so a value is never shown without its record.
-It never holds the value itself, only identifiers an investigator can follow.
+Written before a revealed value is shown, so a value is never shown without its record;
+refusals are recorded too. It never holds the value itself, only identifiers an
+investigator can follow. ``pii_reveal_audit`` is append-only (triggers refuse UPDATE,
+DELETE and TRUNCATE, for the owner too), and the database stamps each row with its own
+``session_user`` and clock (migration 0003), so neither can be chosen by the writer.
+
+Outcomes: ``revealed``; refusals ``no_keys`` (no key material at all), ``malformed_token``,
+``not_found`` (no login or vault row), ``refused_key`` (the encryption key id is not in
+the keyring), ``does_not_open`` (wrong key, tampered, or a token-bound ciphertext moved to
+another token), ``unverifiable`` (the token's join version is not in the keyring), and
+``token_mismatch`` (the value does not belong to the token: a ciphertext copied under
+another token).
 """
 
 from __future__ import annotations
 
+import getpass
+import os
+
 import asyncpg
+
+
+def os_user() -> str:
+    """The operating-system user running this process (beside the free-text operator)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in the environment nor in the passwd database
+        return f"uid:{os.getuid()}"
 
 
 async def record(
@@ -19,8 +40,9 @@ async def record(
     token: str | None = None,
     message_id: str | None = None,
 ) -> None:
+    """One audit row, committed (autocommit) before the caller shows anything."""
     await conn.execute(
-        "INSERT INTO pii_reveal_audit (operator, reason, field, token, message_id, outcome)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
-        operator, reason, field, token, message_id, outcome,
+        "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        operator, os_user(), reason, field, token, message_id, outcome,
     )

@@ -34,9 +34,21 @@ def test_keys_lifecycle_never_prints_key_bytes(tmp_path):
     assert "active key" in one_line_error(streams(tmp_path, "keys", "retire", "k2"))
 
 
+NO_DB = "postgresql://postgres@127.0.0.1:1/none"  # nothing listens: the best-effort audit of a refusal fails fast
+
+
 def test_reveal_without_the_key_refuses_in_one_line(tmp_path):
-    line = one_line_error(streams(tmp_path, "reveal", "--token", "h1." + "A" * 43, "--operator", "ann"))
+    line = one_line_error(streams(
+        tmp_path, "reveal", "--token", "h1." + "A" * 43, "--operator", "ann", "--reason", "INC-1", STREAMS_PG_DSN=NO_DB
+    ))
     assert "keys init" in line and not (tmp_path / "keys.json").exists()
+
+
+def test_reveal_requires_a_reason(tmp_path):
+    result = streams(tmp_path, "reveal", "--token", "h1." + "A" * 43, "--operator", "ann", STREAMS_PG_DSN=NO_DB)
+    assert result.returncode == 2 and "--reason" in result.stderr and "Traceback" not in result.stderr
+    blank = streams(tmp_path, "reveal", "--token", "h1." + "A" * 43, "--operator", "ann", "--reason", " ", STREAMS_PG_DSN=NO_DB)
+    assert "--reason" in one_line_error(blank)
 
 
 def test_malformed_key_file_is_one_line(tmp_path):
