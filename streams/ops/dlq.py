@@ -1,9 +1,18 @@
 """Inspect dead letters and send chosen ones back through the pipeline (``streams dlq``).
 
 Listing shows reason codes, counts and message ids only: the payload may hold PII.
-Redrive re-produces a dead letter's original payload, keyed by its original message id,
-onto the input topic of the stage that refused it (mask -> raw topic, sink -> masked
-topic), so once the cause is fixed it lands on the same row as any other delivery would.
+Redrive produces a dead letter, keyed by its original message id, onto the input topic of
+the stage that refused it (mask -> raw topic, sink -> masked topic), so once the cause is
+fixed it lands on the same row as any other delivery would.
+
+- A mask-stage dead letter holds the raw envelope: it goes back as it is (the mask stage
+  masks it with the keys of the day).
+- A sink-stage dead letter holds a masked record frozen with the keys of its day (join
+  token version, encryption key id), which a `keys rejoin` or `retire` may have retired
+  since. It is re-masked first: its ciphertexts are opened with the keyring and the values
+  masked again under the current keys (token and token-bound ciphertext), as rotation
+  does. One whose encryption key is no longer in the keyring is refused, and so is the
+  whole redrive, before anything is sent: a redrive never brings back a retired token or key.
 """
 
 from __future__ import annotations
@@ -12,10 +21,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from streams.errors import Refused
+from streams.io.codec import CodecError, Codecs
 from streams.io.kafka import send_records
 from streams.ops.state import dead_letters
 from streams.ops.topology import stage_topic
+from streams.privacy.keys import PII_FIELDS, KeyRing, settings_keyring
+from streams.privacy.masking import Masker, MissingKeyError, RevealError, ciphertext_key_id
 from streams.settings import Settings
+
+SINK = "sink"  # the stage whose dead letters hold masked records
 
 
 @dataclass
@@ -48,13 +62,64 @@ def select(letters: list[dict], reasons: list[str], ids: list[str], stage: str |
     return list(chosen.values())
 
 
-def redrive_records(settings: Settings, chosen: list[dict]) -> list[tuple[str, bytes, bytes]]:
-    """``(topic, key, value)`` to produce: the original payload back to the refusing stage's input."""
-    return [(stage_topic(settings, d["stage"]), d["message_id"].encode("utf-8"), d["payload"]) for d in chosen]
+def remask(masker: Masker, codec, message_id: str, payload: bytes) -> bytes:
+    """A sink-stage dead letter's masked record, masked again under ``masker``'s current keys.
+
+    Refused (one line, no value) when the payload is not a masked record, when a
+    ciphertext's encryption key is not in the keyring (retired), or when it does not open.
+    """
+    try:
+        record = codec.decode(payload)
+    except (CodecError, TypeError):
+        raise Refused(f"dead letter {message_id}: its payload is not a masked record, so it cannot be re-masked") from None
+    for field in PII_FIELDS:
+        ciphertext, token = record[f"{field}_ciphertext"], record[f"masked_{field}"]
+        key_id = ciphertext_key_id(ciphertext)
+        try:
+            value = masker.decrypt(field, ciphertext, token)
+        except MissingKeyError:
+            raise Refused(
+                f"dead letter {message_id}: its {field} is under encryption key {key_id!r}, which is retired"
+                " (not in the keyring); it cannot be redriven"
+            ) from None
+        except RevealError:
+            raise Refused(
+                f"dead letter {message_id}: its {field} ciphertext does not open with key {key_id!r}; it cannot be redriven"
+            ) from None
+        fresh = masker.mask(field, value)
+        record[f"masked_{field}"], record[f"{field}_ciphertext"] = fresh.token, fresh.ciphertext
+    return codec.encode(record)
+
+
+def redrive_records(
+    settings: Settings, chosen: list[dict], keyring: KeyRing | None = None
+) -> list[tuple[str, bytes, bytes]]:
+    """``(topic, key, value)`` to produce back to the refusing stage's input.
+
+    Mask-stage payloads go back as they are; sink-stage ones are re-masked under the
+    current keys (``keyring``, loaded from the settings when not given, never generated).
+    """
+    masker = codec = None
+    records = []
+    for d in chosen:
+        payload = d["payload"]
+        if d["stage"] == SINK:
+            if d.get("payload_truncated"):
+                raise Refused(f"dead letter {d['message_id']}: its payload was cut to fit Kafka; it cannot be redriven")
+            if masker is None:
+                masker = Masker(keyring or settings_keyring(settings.model_copy(update={"dev_keys": False})))
+                codec = Codecs().masked
+            payload = remask(masker, codec, d["message_id"], payload)
+        records.append((stage_topic(settings, d["stage"]), d["message_id"].encode("utf-8"), payload))
+    return records
 
 
 def redrive(settings: Settings, reasons: list[str], ids: list[str], stage: str | None, dry_run: bool) -> dict[str, int]:
-    """Re-produce the chosen dead letters; returns how many went to each topic."""
+    """Re-produce the chosen dead letters; returns how many went to each topic.
+
+    Every record is prepared (sink-stage ones re-masked) before any is sent, so a refusal
+    sends nothing; a dry run prepares them too, so it shows the same refusals.
+    """
     if not reasons and not ids:
         raise Refused("choose what to redrive: --reason CODE and/or --id MESSAGE_ID (see `streams dlq list`)")
     chosen = select(dead_letters(settings), reasons, ids, stage)
