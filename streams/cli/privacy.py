@@ -27,12 +27,12 @@ def _positive(text: str) -> int:
     return value
 
 
-async def _connect(settings: Settings, migrate: bool = True, timeout: float = 15.0):
+async def _connect(settings: Settings, migrate: bool = True, connect_timeout: float = 15.0):
     """A connection; the key jobs (run by the schema owner) migrate first, reveal never does."""
     from streams.io import postgres
 
     try:
-        conn = await postgres.connect(settings.pg_dsn.get_secret_value(), timeout=timeout)
+        conn = await postgres.connect(settings.pg_dsn.get_secret_value(), timeout=connect_timeout)
         if migrate:
             await postgres.migrate(conn)
     except Exception as exc:
@@ -156,7 +156,7 @@ def _audit_no_keys(settings: Settings, args) -> None:
     token = args.token if args.token and TOKEN.match(args.token) else None  # never a pasted value
 
     async def go():
-        conn = await _connect(settings, migrate=False, timeout=5.0)
+        conn = await _connect(settings, migrate=False, connect_timeout=5.0)
         try:
             await audit.record(
                 conn, args.operator.strip(), "no_keys",

@@ -72,22 +72,22 @@ def remask(masker: Masker, codec, message_id: str, payload: bytes) -> bytes:
         record = codec.decode(payload)
     except (CodecError, TypeError):
         raise Refused(f"dead letter {message_id}: its payload is not a masked record, so it cannot be re-masked") from None
-    for field in PII_FIELDS:
-        ciphertext, token = record[f"{field}_ciphertext"], record[f"masked_{field}"]
+    for name in PII_FIELDS:
+        ciphertext, token = record[f"{name}_ciphertext"], record[f"masked_{name}"]
         key_id = ciphertext_key_id(ciphertext)
         try:
-            value = masker.decrypt(field, ciphertext, token)
+            value = masker.decrypt(name, ciphertext, token)
         except MissingKeyError:
             raise Refused(
-                f"dead letter {message_id}: its {field} is under encryption key {key_id!r}, which is retired"
+                f"dead letter {message_id}: its {name} is under encryption key {key_id!r}, which is retired"
                 " (not in the keyring); it cannot be redriven"
             ) from None
         except RevealError:
             raise Refused(
-                f"dead letter {message_id}: its {field} ciphertext does not open with key {key_id!r}; it cannot be redriven"
+                f"dead letter {message_id}: its {name} ciphertext does not open with key {key_id!r}; it cannot be redriven"
             ) from None
-        fresh = masker.mask(field, value)
-        record[f"masked_{field}"], record[f"{field}_ciphertext"] = fresh.token, fresh.ciphertext
+        fresh = masker.mask(name, value)
+        record[f"masked_{name}"], record[f"{name}_ciphertext"] = fresh.token, fresh.ciphertext
     return codec.encode(record)
 
 

@@ -155,9 +155,9 @@ async def map_vault(conn: asyncpg.Connection, masker: Masker, target: str, batch
             last = (rows[-1]["field"], rows[-1]["token"])
             values = [_open(masker, r["field"], r["ciphertext"], r["token"]) for r in rows]
             fields = [r["field"] for r in rows]
-            new = [masker.token(f, v, target) for f, v in zip(fields, values)]
+            new = [masker.token(f, v, target) for f, v in zip(fields, values, strict=True)]
             # The new row gets a ciphertext of its own, bound to its new token (active key).
-            sealed = [masker.encrypt(f, v, t) for f, v, t in zip(fields, values, new)]
+            sealed = [masker.encrypt(f, v, t) for f, v, t in zip(fields, values, new, strict=True)]
             async with conn.transaction():
                 await conn.execute(
                     "INSERT INTO pii_vault (field, token, key_id, ciphertext)"

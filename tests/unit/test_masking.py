@@ -132,7 +132,6 @@ def test_short_key_is_refused_without_printing_it():
 
 # --- properties (hypothesis) ---------------------------------------------------------
 
-import base64  # noqa: E402
 import hashlib  # noqa: E402
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
