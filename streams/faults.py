@@ -3,7 +3,8 @@
 The runtime keeps only this hook: a no-op unless ``configure`` was given a spec (the
 ``STREAMS_FAULT`` setting). ``STREAMS_FAULT=<point>[@<n>][:raise]`` SIGKILLs this process the n-th time (default:
 first) it reaches ``fault_point(<point>)``, or with ``:raise`` raises ``InjectedFault``
-there (an agent bug). Unset in production, where the check is one
+there (an agent bug), or with ``:hang`` never returns from ``fault_hang(<point>)`` (a call
+that hangs: the liveness probe must catch it). Unset in production, where the check is one
 falsy test per batch. Points: bridge_after_produce (Kafka acked, SQS not deleted),
 mask_after_produce (masked records acked, raw offsets not acked), sink_before_commit
 (batch decoded, database not written), sink_after_commit (database committed, masked
@@ -12,6 +13,7 @@ offsets not acked).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -24,7 +26,7 @@ _fault_hits = 0
 
 def configure(spec: str) -> None:
     """Arm the hook from the ``fault`` setting (empty: off)."""
-    global _FAULT_NAME, _FAULT_AT, _FAULT_MODE, _fault_hits
+    global _FAULT_NAME, _FAULT_AT, _FAULT_MODE, _fault_hits  # noqa: PLW0603
     point, _, _FAULT_MODE = spec.partition(":")
     _FAULT_NAME, _, _FAULT_AT = point.partition("@")
     _fault_hits = 0
@@ -34,10 +36,17 @@ class InjectedFault(RuntimeError):
     """Raised by ``fault_point`` in ``:raise`` mode."""
 
 
+async def fault_hang(name: str) -> None:
+    """Hang here forever (a call that never returns) when the spec is ``<name>:hang``."""
+    if _FAULT_NAME and name == _FAULT_NAME and _FAULT_MODE == "hang":
+        logging.getLogger("streams.fault").warning("fault injected at %s (hang)", name)
+        await asyncio.Event().wait()
+
+
 def fault_point(name: str) -> None:
     """Die here, like a power cut, when ``STREAMS_FAULT`` names this point."""
     global _fault_hits
-    if _FAULT_NAME and name == _FAULT_NAME:
+    if _FAULT_NAME and name == _FAULT_NAME and _FAULT_MODE != "hang":
         _fault_hits += 1
         if _fault_hits >= int(_FAULT_AT or 1):
             logging.getLogger("streams.fault").warning("fault injected at %s (%s)", name, _FAULT_MODE or "kill")

@@ -19,6 +19,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from mode import Service
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from streams.metrics import LIVENESS, exposition
 
 log = logging.getLogger("streams.health")
 
@@ -38,6 +41,7 @@ class HealthServer:
         self._runner: web.ServerRunner | None = None
         self.add_route("/healthz", self._healthz)
         self.add_route("/readyz", self._readyz)
+        self.add_route("/metrics", self._metrics)
 
     def add_route(self, path: str, handler: Handler) -> None:
         """Serve ``GET`` (and ``HEAD``) of ``path`` with ``handler(request) -> Response``."""
@@ -54,7 +58,13 @@ class HealthServer:
         return result
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
+        stuck = LIVENESS.stuck_for()
+        if stuck is not None:  # work in flight, no progress and no retry: a restart may help
+            return web.Response(status=503, text=f"stuck: no progress for {stuck:.0f}s\n")
         return web.Response(text="ok\n")
+
+    async def _metrics(self, request: web.BaseRequest) -> web.Response:
+        return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         reason = await self.readiness()

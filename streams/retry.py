@@ -13,6 +13,8 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from streams.metrics import LIVENESS, RETRIES
+
 T = TypeVar("T")
 
 FIRST_DELAY = 0.2
@@ -21,13 +23,16 @@ FIRST_DELAY = 0.2
 class Backoff:
     """Delays of 0.2 s doubling up to ``cap``, each jittered to 50-100 %."""
 
-    def __init__(self, cap: float = 10.0, first: float = FIRST_DELAY) -> None:
-        self.cap, self.first = cap, first
+    def __init__(self, cap: float = 10.0, operation: str = "other", first: float = FIRST_DELAY) -> None:
+        self.cap, self.first, self.operation = cap, first, operation
         self.delay = first
         self.attempts = 0
 
     async def wait(self) -> None:
+        """Sleep before the next attempt; counted, and a sign of life (the work is not stuck)."""
         self.attempts += 1
+        RETRIES.labels(self.operation).inc()
+        LIVENESS.beat()
         await asyncio.sleep(self.delay * (0.5 + random.random() / 2))
         self.delay = min(self.delay * 2, self.cap)
 
@@ -41,12 +46,16 @@ async def retry_forever(
     log: logging.Logger,
     max_backoff: float = 10.0,
     retry_on: tuple[type[BaseException], ...] = (Exception,),
+    label: str = "other",
 ) -> T:
-    """Run ``operation`` until it succeeds."""
-    backoff = Backoff(max_backoff)
+    """Run ``operation`` until it succeeds; ``label`` names it in metrics (no counts, no data)."""
+    backoff = Backoff(max_backoff, label)
     while True:
         try:
             return await operation()
         except retry_on as exc:
-            log.warning("%s failed (%s), attempt %d; retrying", what, type(exc).__name__, backoff.attempts + 1)
+            log.warning(
+                "%s failed (%s), attempt %d; retrying", what, type(exc).__name__, backoff.attempts + 1,
+                extra={"operation": label, "attempt": backoff.attempts + 1},
+            )
             await backoff.wait()

@@ -7,6 +7,7 @@ needs no configuration; production overrides them through the environment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,7 +72,10 @@ class Settings(BaseSettings):
         default_factory=lambda: _default_home() / "logs", description="where `streams run` puts its children's logs"
     )
     log_level: str = Field("INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    log_format: Literal["text", "json"] = Field("text", description="json: one object per line, for log shippers")
     metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port for /healthz, /readyz, /metrics; 0 = off")
+    stuck_after: float = Field(120.0, gt=0, description="/healthz fails after this long without progress or retry")
+    lag_interval: float = Field(10.0, gt=0, description="seconds between consumer-lag gauge updates")
     fault: str = Field("", description="fault injection for tests and chaos: <point>[@<n>][:raise]")
 
     # --- Local stack -----------------------------------------------------

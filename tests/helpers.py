@@ -93,6 +93,9 @@ class Pipeline:
         for proc, _ in self.procs:
             children.kill(proc)
 
+    def log_of(self, proc: subprocess.Popen) -> str:
+        return next(path.read_text(errors="replace") for p, path in self.procs if p is proc)
+
     def logs(self) -> str:
         return "".join(path.read_text(errors="replace") for _, path in self.procs if path.exists())
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, settings.log_format)
         args.func(settings, args)
     except StreamsError as exc:
         print(f"streams {args.command}: {exc}", file=sys.stderr)

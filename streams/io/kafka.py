@@ -180,6 +180,7 @@ class AsyncProducer:
         what: str,
         log: logging.Logger,
         max_backoff: float = 10.0,
+        label: str = "kafka produce",
     ) -> int:
         """Produce until every record is acknowledged; returns how many were replaced.
 
@@ -190,7 +191,7 @@ class AsyncProducer:
         """
         pending = [(record, False) for record in records]  # (record, is a replacement)
         replaced = 0
-        backoff = Backoff(max_backoff)
+        backoff = Backoff(max_backoff, label)
         while pending:
             try:
                 await self.send_all([record for record, _ in pending])

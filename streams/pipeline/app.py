@@ -7,14 +7,17 @@ the delivery rules (batch, write durably, then ack) in ``delivery.py``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
 import faust
 from mode import Service
 
-from streams.faults import fault_point
+from streams import metrics
+from streams.faults import fault_hang, fault_point
 from streams.io.codec import Codecs
+from streams.logs import logging_config
 from streams.io.kafka import AsyncProducer, Record
 from streams.pipeline.consumer import StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
@@ -100,6 +103,21 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         app.agent(source, name=name, concurrency=1)(
             batch_agent(name, settings.batch_size, settings.batch_within, handle)
         )
+        lag_topics[name] = source.get_topic_name()
+
+    lag_topics: dict[str, str] = {}
+
+    @app.timer(interval=settings.lag_interval)
+    async def report_lag() -> None:
+        """Consumer lag per stage and partition as a gauge (the group's committed vs end offsets)."""
+        import asyncio
+
+        from streams.io.kafka import group_lag
+
+        offsets = await asyncio.to_thread(group_lag, settings, list(lag_topics.values()))
+        stage_of = {t: s for s, t in lag_topics.items()}
+        for (t, partition), (committed, end) in offsets.items():
+            metrics.CONSUMER_LAG.labels(stage_of[t], t, str(partition)).set(max(end - committed, 0))
 
     if "mask" in stages:
         assert keyring is not None, "the mask stage needs keys"
@@ -111,9 +129,13 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
             for out in outputs_:
                 records.append((settings.dlq_topic if out.reason else settings.masked_topic, out.key, out.value))
                 if out.reason:
-                    log.info("dead-lettered a record: %s", out.reason)
+                    log.info("dead-lettered a record: %s", out.reason, extra={"stage": "mask", "reason": out.reason})
+                    metrics.DEAD_LETTERS.labels("mask", out.reason).inc()
             await outputs.produce(records, "mask", f"produce {len(records)} masked records")
             fault_point("mask_after_produce")
+            dead = sum(1 for out in outputs_ if out.reason)
+            metrics.RECORDS_OUT.labels("mask", "masked").inc(len(outputs_) - dead)
+            metrics.RECORDS_OUT.labels("mask", "dead_letter").inc(dead)
 
         agent("mask", topic(settings.raw_topic), mask)
 
@@ -124,22 +146,37 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         async def sink(events: Events) -> None:
             nonlocal prepared
             if not prepared:  # migrations, once, before the first write (advisory-locked)
-                await retry_forever(outputs.sink.prepare, "database migration", log, settings.retry_max_backoff)
+                await retry_forever(
+                    outputs.sink.prepare, "database migration", log, settings.retry_max_backoff, label="database migrate"
+                )
                 prepared = True
             batch = sink_stage.plan([(e.message.key, e.message.value, where(e)) for e in events])
             fault_point("sink_before_commit")
+            await fault_hang("sink_before_commit")
             refused = await retry_forever(
                 lambda: outputs.sink.write_batch(batch.rows, batch.deletes),
                 f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes", log, settings.retry_max_backoff,
+                label="database write",
             ) if batch.rows or batch.deletes else []
+            committed_at = time.time()
             if batch.deletes:
-                log.info("deleted the rows of %d tombstones", len(batch.deletes))
+                log.info("deleted the rows of %d tombstones", len(batch.deletes), extra={"stage": "sink", "count": len(batch.deletes)})
             dead = batch.dead + sink_stage.refused(batch, refused)
             fault_point("sink_after_commit")
             if dead:
                 await outputs.produce(
-                    [(settings.dlq_topic, key, value) for key, value in dead], "sink", f"produce {len(dead)} dead letters"
+                    [(settings.dlq_topic, key, value) for key, value, _ in dead], "sink", f"produce {len(dead)} dead letters"
                 )
+            for _, _, reason in dead:
+                metrics.DEAD_LETTERS.labels("sink", reason).inc()
+            written = len(batch.rows) - len(refused)
+            metrics.RECORDS_OUT.labels("sink", "row").inc(written)
+            metrics.RECORDS_OUT.labels("sink", "deleted").inc(len(batch.deletes))
+            metrics.RECORDS_OUT.labels("sink", "dead_letter").inc(len(dead))
+            refused_ids = {row["message_id"] for row, _ in refused}
+            for row in batch.rows:
+                if row["message_id"] not in refused_ids:
+                    metrics.END_TO_END.observe(max(committed_at - row["sent_at"].timestamp(), 0.0))
 
         agent("sink", topic(settings.masked_topic), sink)
 
@@ -155,10 +192,16 @@ def run_worker(settings: Settings) -> None:
     from streams.privacy.keys import settings_keyring
 
     keyring = settings_keyring(settings) if "mask" in settings.stage_list else None
+    metrics.LIVENESS.stuck_after = settings.stuck_after
+    if keyring is not None:
+        metrics.KEY_IN_USE.labels(keyring.join_version, keyring.encryption_key_id).set(1)
     require_topics(settings)
     if "sink" in settings.stage_list:
         require_migrated(settings.pg_dsn.get_secret_value())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings, keyring)
-    faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()
+    faust.Worker(
+        app, loglevel=settings.log_level.lower(), quiet=True,
+        logging_config=logging_config(settings.log_level, settings.log_format),
+    ).execute_from_commandline()

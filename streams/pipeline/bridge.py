@@ -28,6 +28,14 @@ from streams.faults import fault_point
 from streams.retry import Backoff, retry_forever
 from streams.settings import Settings
 from streams.io.sqs import queue_url, sqs_client
+from streams.metrics import (
+    DEAD_LETTERS,
+    LIVENESS,
+    RECORDS_OUT,
+    SQS_DELETE_FAILURES,
+    SQS_MESSAGES,
+    SQS_VISIBILITY_EXTENSIONS,
+)
 
 log = logging.getLogger("streams.pipeline.bridge")
 
@@ -75,7 +83,9 @@ class Bridge:
         producer = self.producer = AsyncProducer(settings)
         try:
             async with sqs_client(settings) as sqs:
-                url = self.queue_url = await retry_forever(lambda: queue_url(sqs, settings), "SQS queue lookup", log, settings.retry_max_backoff)
+                url = self.queue_url = await retry_forever(
+                    lambda: queue_url(sqs, settings), "SQS queue lookup", log, settings.retry_max_backoff, label="sqs queue lookup"
+                )
                 log.info("bridge: %s -> %s with %d pollers", settings.sqs_queue, settings.raw_topic, settings.bridge_pollers)
                 pollers = [asyncio.create_task(self._poller(sqs, url, producer)) for _ in range(settings.bridge_pollers)]
                 reporter = asyncio.create_task(self._report())
@@ -138,6 +148,7 @@ class Bridge:
     def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> Record:
         datum = dead_letter(message_id, STAGE, rejected, payload, truncate=True)
         self.dead_lettered += 1
+        DEAD_LETTERS.labels(STAGE, datum["reason"]).inc()
         return self.settings.dlq_topic, datum["message_id"].encode("utf-8"), self.codecs.dead_letter.encode(datum)
 
     def _refused(self, record: Record, err) -> Record:
@@ -156,13 +167,14 @@ class Bridge:
             try:
                 await sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries)
                 self.visibility_extensions += 1
+                SQS_VISIBILITY_EXTENSIONS.inc()
                 log.info("extended visibility of %d messages (produce pending)", len(entries))
             except Exception as exc:
                 log.warning("SQS visibility extension failed (%s)", type(exc).__name__)
 
     async def _poll(self, sqs, queue_url: str, producer: AsyncProducer) -> None:
         s = self.settings
-        backoff = Backoff(s.retry_max_backoff)
+        backoff = Backoff(s.retry_max_backoff, "sqs receive")
         while not self.stopping.is_set():
             try:
                 response = await sqs.receive_message(
@@ -181,21 +193,24 @@ class Bridge:
             messages = response.get("Messages", [])
             if not messages:
                 continue
+            SQS_MESSAGES.labels("received").inc(len(messages))
+            LIVENESS.started()
             keeper = asyncio.create_task(self._keep_invisible(sqs, queue_url, messages))
             try:
-                await producer.deliver(
-                    self._records(messages), self._refused, f"produce {len(messages)} messages", log, s.retry_max_backoff
-                )
+                records = self._records(messages)
+                await producer.deliver(records, self._refused, f"produce {len(messages)} messages", log, s.retry_max_backoff)
             finally:
                 keeper.cancel()
             fault_point("bridge_after_produce")
             await self._delete(sqs, queue_url, messages)
+            LIVENESS.finished()
             self.bridged += len(messages)
+            RECORDS_OUT.labels(STAGE, "bridged").inc(len(messages))
 
     async def _delete(self, sqs, queue_url: str, messages: list[dict]) -> None:
         """Delete acknowledged messages; failures are retried, and at worst come back as duplicates."""
         entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
-        backoff = Backoff(self.settings.retry_max_backoff)
+        backoff = Backoff(self.settings.retry_max_backoff, "sqs delete")
         for attempt in range(5):
             try:
                 response = await sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
@@ -204,6 +219,8 @@ class Bridge:
             else:
                 failed = {f["Id"] for f in response.get("Failed", [])}
                 self.failed_deletes += len(failed)
+                SQS_DELETE_FAILURES.inc(len(failed))
+                SQS_MESSAGES.labels("deleted").inc(len(entries) - len(failed))
                 entries = [e for e in entries if e["Id"] in failed]
                 if not entries:
                     return
@@ -218,6 +235,7 @@ def run_bridge(settings: Settings) -> None:
     from streams.io.kafka import require_topics
 
     require_topics(settings)
+    LIVENESS.stuck_after = settings.stuck_after
     bridge_failed = False
 
     async def run() -> None:

@@ -19,8 +19,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from streams.metrics import BATCH_SECONDS, BATCH_SIZE, LIVENESS, RECORDS_IN
 
 log = logging.getLogger("streams.worker")
 
@@ -51,12 +54,21 @@ def batch_agent(name: str, batch_size: int, within: float, handle: BatchHandler)
     bad record (that is a dead letter); whatever it does raise ends the process.
     """
 
+    in_ = RECORDS_IN.labels(name)
+    size, seconds = BATCH_SIZE.labels(name), BATCH_SECONDS.labels(name)
+
     async def agent(stream: Any) -> None:
         try:
             async for events in stream.noack_take(batch_size, within=within):
+                LIVENESS.started()
+                began = time.monotonic()
+                in_.inc(len(events))
                 await handle(events)
                 for event in events:
                     await stream.ack(event)
+                seconds.observe(time.monotonic() - began)
+                size.observe(len(events))
+                LIVENESS.finished()
         except Exception as exc:
             _die(name, exc)
 

@@ -33,7 +33,7 @@ ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyn
 CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 Message = tuple[bytes | None, bytes, str]  # key, value, topic/partition/offset
-DeadLetter = tuple[bytes, bytes]  # key, encoded dead letter
+DeadLetter = tuple[bytes, bytes, str]  # key, encoded dead letter, reason code
 
 
 @dataclass
@@ -101,7 +101,7 @@ class SinkStage:
 
     def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> DeadLetter:
         datum = dead_letter(message_id, STAGE, rejected, payload)
-        return datum["message_id"].encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum)
+        return datum["message_id"].encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum), datum["reason"]
 
 _COLUMNS = (
     "message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "locale",

@@ -27,7 +27,7 @@ def test_sample_flows_end_to_end(pipeline, sample_path):
     valid_ids = set(ids) - {sample_ids[bad_index]}
 
     bridge = pipeline.start("bridge")
-    worker = pipeline.start("worker")
+    worker = pipeline.start("worker", STREAMS_LOG_FORMAT="json")  # the leak checks below cover both formats
     pipeline.wait_for(lambda: pipeline.row_count() == len(valid_ids), 120, f"{len(valid_ids)} rows")
     pipeline.wait_for(lambda: pipeline.queue_depth() == 0, 60, "an empty queue")
     s = pipeline.settings
@@ -63,6 +63,9 @@ def test_sample_flows_end_to_end(pipeline, sample_path):
         assert value.encode() not in masked_bytes
         assert value not in dlq_text
         assert value not in logs
+    json_lines = [json.loads(line) for line in pipeline.log_of(worker).splitlines() if line.startswith("{")]
+    assert any(e["logger"].startswith("streams") for e in json_lines)
+    assert any(e["logger"].startswith("faust") for e in json_lines)  # Faust's own logs in the same format
 
     # The vault holds one ciphertext per distinct value per field, none in clear.
     vault = pipeline.query("SELECT field, count(*) AS n FROM pii_vault GROUP BY field ORDER BY field")

@@ -73,7 +73,8 @@ def test_sink_plan_tombstones_delete_and_the_last_record_per_id_wins():
     ])
     assert plan.deletes == ["a"]
     assert [r["message_id"] for r in plan.rows] == ["b"]
-    reasons = [CODECS.dead_letter.decode(v)["reason"] for _, v in plan.dead]
+    reasons = [CODECS.dead_letter.decode(v)["reason"] for _, v, _ in plan.dead]
+    assert reasons == [reason for _, _, reason in plan.dead]
     assert reasons == ["empty_record", "invalid_message_id"]
 
 

@@ -1,0 +1,81 @@
+"""What a process reports: Prometheus metrics on ``/metrics`` and the liveness of its work.
+
+Labels are stages, outcomes, reason codes, operations, topics and partitions: never a
+field value, a message id or a key byte. Names are documented in docs/deployment.md
+(with the alerts to set on them).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+
+RECORDS_IN = Counter("streams_records_in", "Records a stage consumed", ["stage"], registry=REGISTRY)
+RECORDS_OUT = Counter(
+    "streams_records_out", "Records a stage finished, by outcome (masked, row, deleted, dead_letter, bridged)",
+    ["stage", "outcome"], registry=REGISTRY,
+)
+DEAD_LETTERS = Counter("streams_dead_letters", "Dead letters produced", ["stage", "reason"], registry=REGISTRY)
+BATCH_SIZE = Histogram(
+    "streams_batch_size", "Records per batch", ["stage"], registry=REGISTRY,
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+BATCH_SECONDS = Histogram(
+    "streams_batch_seconds", "Time to make a batch durable", ["stage"], registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RETRIES = Counter("streams_retries", "Retry attempts after a transient failure", ["operation"], registry=REGISTRY)
+CONSUMER_LAG = Gauge(
+    "streams_consumer_lag", "Records not yet committed by the worker group", ["stage", "topic", "partition"],
+    registry=REGISTRY,
+)
+END_TO_END = Histogram(
+    "streams_end_to_end_seconds", "From SQS SentTimestamp to the row's database commit", registry=REGISTRY,
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
+)
+SQS_MESSAGES = Counter("streams_sqs_messages", "SQS messages by event (received, deleted)", ["event"], registry=REGISTRY)
+SQS_VISIBILITY_EXTENSIONS = Counter(
+    "streams_sqs_visibility_extensions", "Visibility extensions while a produce was pending", registry=REGISTRY
+)
+SQS_DELETE_FAILURES = Counter("streams_sqs_delete_failures", "SQS deletes refused (e.g. stale receipt handles)", registry=REGISTRY)
+KEY_IN_USE = Gauge(
+    "streams_key_in_use", "Masking keys in use by id (1 = active); never key bytes",
+    ["join_version", "encryption_key_id"], registry=REGISTRY,
+)
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+class Liveness:
+    """Is the process's work moving? Stuck = work in flight with no progress and no retry
+    attempt for ``stuck_after`` seconds. An idle process, or one waiting out an outage
+    (it retries), is alive; a call that hangs is not."""
+
+    def __init__(self) -> None:
+        self.stuck_after = 120.0
+        self._in_flight = 0
+        self._last_beat = time.monotonic()
+
+    def beat(self) -> None:
+        self._last_beat = time.monotonic()
+
+    def started(self) -> None:
+        self._in_flight += 1
+        self.beat()
+
+    def finished(self) -> None:
+        self._in_flight -= 1
+        self.beat()
+
+    def stuck_for(self) -> float | None:
+        """Seconds without progress while work is in flight, past the threshold; else None."""
+        quiet = time.monotonic() - self._last_beat
+        return quiet if self._in_flight > 0 and quiet > self.stuck_after else None
+
+
+LIVENESS = Liveness()
