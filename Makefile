@@ -5,6 +5,8 @@ PY      = $(VENV)/bin/python
 STREAMS = $(VENV)/bin/streams
 SAMPLE ?= $(firstword $(wildcard ../shared/data/sample_data.json) data/sample_data.json)
 PYTEST_ARGS ?=
+# `make run` serves the bridge's metrics on METRICS_PORT and the worker's on the next port.
+METRICS_PORT ?= 9400
 
 .PHONY: install run test unit lint lock stack-up stack-down stack-status bench chaos clean
 
@@ -33,7 +35,7 @@ lint: install
 ## Run the pipeline on the local stack over the sample data; DRAIN=1 exits when done.
 run: install
 	$(STREAMS) stack up
-	STREAMS_DEV_KEYS=1 $(STREAMS) run --seed $(SAMPLE) $(if $(DRAIN),--drain)
+	STREAMS_DEV_KEYS=1 STREAMS_METRICS_PORT=$(METRICS_PORT) $(STREAMS) run --seed $(SAMPLE) $(if $(DRAIN),--drain)
 
 ## The whole test suite against the real local stack.
 test: install

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from streams.errors import TransientError
 from streams.metrics import LIVENESS, RETRIES
 
 T = TypeVar("T")
@@ -38,6 +40,26 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay, self.attempts = self.first, 0
+
+
+def wait_at_start(check: Callable[[], T], what: str, log: logging.Logger, timeout: float) -> T:
+    """Run a start-up ``check`` until it passes or ``timeout`` seconds have gone by.
+
+    A dependency that is briefly down while a process (re)starts - a broker restart, a
+    database failover - is waited out, not a crash loop; one still down after
+    ``timeout`` re-raises its ``TransientError``, which names the setting to check.
+    """
+    deadline = time.monotonic() + timeout
+    delay = FIRST_DELAY
+    while True:
+        try:
+            return check()
+        except TransientError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: %s; waiting", what, exc)
+            time.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, 5.0)
 
 
 async def retry_forever(

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(500, ge=1)
     batch_within: float = Field(0.5, gt=0)
     retry_max_backoff: float = Field(10.0, gt=0)
+    startup_timeout: float = Field(30.0, ge=0, description="seconds a starting stage waits for Kafka and PostgreSQL")
 
     data_dir: Path = Field(
         default_factory=lambda: _default_home() / "faust",

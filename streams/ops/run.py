@@ -38,8 +38,13 @@ def print_summary(settings: Settings) -> None:
 
 def run_pipeline(settings: Settings, drain: bool = False) -> int:
     log_dir = settings.log_dir
-    procs = [children.start_stage(c, log_dir / f"{c}.log") for c in ("bridge", "worker")]
+    # With STREAMS_METRICS_PORT=P the bridge serves on P and the worker on P+1.
+    port = settings.metrics_port
+    envs = [{"STREAMS_METRICS_PORT": str(port + i)} if port else {} for i in range(2)]
+    procs = [children.start_stage(c, log_dir / f"{c}.log", env) for c, env in zip(("bridge", "worker"), envs, strict=True)]
     print(f"bridge pid {procs[0].pid}, worker pid {procs[1].pid}; logs in {log_dir}")
+    if port:
+        print(f"metrics: curl http://127.0.0.1:{port}/metrics (bridge), http://127.0.0.1:{port + 1}/metrics (worker)")
     stop_requested = False
 
     def request_stop(*_):

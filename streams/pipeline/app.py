@@ -26,7 +26,7 @@ from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
 from streams.privacy.keys import KeyRing
 from streams.privacy.masking import Masker
-from streams.retry import retry_forever
+from streams.retry import retry_forever, wait_at_start
 from streams.settings import Settings
 
 log = logging.getLogger("streams.worker")
@@ -114,7 +114,11 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
 
         from streams.io.kafka import group_lag
 
-        offsets = await asyncio.to_thread(group_lag, settings, list(lag_topics.values()))
+        try:
+            offsets = await asyncio.to_thread(group_lag, settings, list(lag_topics.values()))
+        except Exception as exc:  # Kafka down: keep the last values; a timer must never stop the app
+            log.debug("consumer lag not updated (%s)", type(exc).__name__)
+            return
         stage_of = {t: s for s, t in lag_topics.items()}
         for (t, partition), (committed, end) in offsets.items():
             metrics.CONSUMER_LAG.labels(stage_of[t], t, str(partition)).set(max(end - committed, 0))
@@ -195,9 +199,9 @@ def run_worker(settings: Settings) -> None:
     metrics.LIVENESS.stuck_after = settings.stuck_after
     if keyring is not None:
         metrics.KEY_IN_USE.labels(keyring.join_version, keyring.encryption_key_id).set(1)
-    require_topics(settings)
+    wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
     if "sink" in settings.stage_list:
-        require_migrated(settings.pg_dsn.get_secret_value())
+        wait_at_start(lambda: require_migrated(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings, keyring)

@@ -25,7 +25,7 @@ from streams.errors import Rejected
 from streams.io.kafka import AsyncProducer, Record, ensure_topics
 from streams.pipeline.dead_letters import Reason, dead_letter
 from streams.faults import fault_point
-from streams.retry import Backoff, retry_forever
+from streams.retry import Backoff, retry_forever, wait_at_start
 from streams.settings import Settings
 from streams.io.sqs import queue_url, sqs_client
 from streams.metrics import (
@@ -234,7 +234,7 @@ def run_bridge(settings: Settings) -> None:
 
     from streams.io.kafka import require_topics
 
-    require_topics(settings)
+    wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
     LIVENESS.stuck_after = settings.stuck_after
     bridge_failed = False
 

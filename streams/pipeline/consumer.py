@@ -1,4 +1,10 @@
-"""A Faust consumer that commits past holes in a partition (compacted topics, replays).
+"""Faust's Kafka transport, corrected where it loses work or gives up.
+
+1. A consumer that commits past holes in a partition (compacted topics, replays).
+2. Producer and consumer start-up that waits out a broker that is down at that moment
+   (a restart, a failover) with backoff, instead of crashing the worker.
+
+On 1:
 
 faust-streaming 0.15.3 never commits past a hole right after the first record it reads:
 its drain loop only records a gap when the previous read offset is truthy, so the hole
@@ -17,10 +23,17 @@ faust-streaming's ``_new_offset`` or the drain loop's gap check change upstream.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaConnectionError
 from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from streams.retry import Backoff
+
+log = logging.getLogger("streams.worker")
 
 FAUST_VERSION = "0.15.3"
 
@@ -38,8 +51,35 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
         return super()._new_offset(tp)
 
 
+async def _start_until_connected(start: Callable[[], Awaitable[None]], what: str) -> None:
+    """``start()`` until the broker answers: a broker down is transient, not a crash."""
+    backoff = Backoff(10.0, f"kafka {what} start")
+    while True:
+        try:
+            return await start()
+        except KafkaConnectionError as exc:
+            log.warning("Kafka %s cannot start (%s), attempt %d; retrying", what, type(exc).__name__, backoff.attempts + 1)
+            await backoff.wait()
+
+
+class PatientProducer(faust_aiokafka.Producer):
+    async def on_start(self) -> None:
+        await _start_until_connected(super().on_start, "producer")
+
+
+class PatientConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def on_start(self) -> None:
+        await _start_until_connected(super().on_start, "consumer")
+
+
+class PatientHoleTolerantConsumer(HoleTolerantConsumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return PatientConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
 class StreamsTransport(faust_aiokafka.Transport):
-    Consumer = HoleTolerantConsumer
+    Consumer = PatientHoleTolerantConsumer
+    Producer = PatientProducer
 
 
 class StreamsApp(faust.App):

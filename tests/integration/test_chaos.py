@@ -13,9 +13,11 @@ def test_small_chaos_run_loses_and_doubles_nothing(private_stack, tmp_path):
     report = chaos.run(private_stack, messages=3000, malformed=0.02, kills=2, rate=150, workdir=tmp_path, timeout=240)
     print(report.table())
     assert report.faults == {"worker SIGKILL": 2, "bridge SIGKILL": 2, "kafka restart": 1, "postgres restart": 1}
-    assert report.messages == 3000 and report.malformed > 0
-    assert report.lost == 0 and report.unexpected_rows == 0
-    assert report.rows == report.messages - report.malformed
+    assert report.injected == {"raw tombstone": 1, "over-long message id": 1, "masked tombstone": 3}
+    assert report.messages == 3000 + 2 and report.malformed > 2
+    assert report.lost == 0 and report.unexpected_rows == 0 and report.content_mismatches == 0
+    assert report.rows == report.messages - report.malformed  # masked tombstones deleted their rows
     assert report.dead_lettered_ids == report.malformed and report.missing_dead_letters == 0
+    assert report.wrong_reasons == 0 and report.failed_deletes == 0
     assert report.queue_depth == 0 and report.lag == 0
     assert report.ok

@@ -1,6 +1,7 @@
 """Our corrections to Faust internals hold only for the exact code they correct.
 
-streams/pipeline/consumer.py works around faust-streaming 0.15.3's head-gap stall; if
+streams/pipeline/consumer.py works around faust-streaming 0.15.3's head-gap stall and
+wraps its Kafka clients' start-up (and re-creates its consumer thread the same way); if
 that code changes upstream the workaround may be wrong or unneeded, so these fail and
 someone re-reads it.
 """
@@ -13,12 +14,16 @@ from collections import defaultdict
 
 import faust
 from faust.transport.consumer import Consumer as FaustConsumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.drivers.aiokafka import Consumer as FaustKafkaConsumer
 from intervaltree import IntervalTree
 
 from streams.pipeline.consumer import FAUST_VERSION, HoleTolerantConsumer
 
 PINNED = {
+    "aiokafka.Consumer._new_consumer_thread": "0870ec53dea75083",
+    "aiokafka.Producer.on_start": "219c9a7a785d77b2",
+    "aiokafka.AIOKafkaConsumerThread.on_start": "38b4e8bd1e10723a",
     "Consumer._new_offset": "1d2c7ea89a7ad4f1",
     "Consumer._drain_messages": "44a2500309e83c63",
 }
@@ -34,6 +39,9 @@ def test_faust_version_is_the_one_the_workaround_was_written_for():
 
 def test_faust_code_the_workaround_depends_on_is_unchanged():
     assert {
+        "aiokafka.Consumer._new_consumer_thread": _digest(faust_aiokafka.Consumer._new_consumer_thread),
+        "aiokafka.Producer.on_start": _digest(faust_aiokafka.Producer.on_start),
+        "aiokafka.AIOKafkaConsumerThread.on_start": _digest(faust_aiokafka.AIOKafkaConsumerThread.on_start),
         "Consumer._new_offset": _digest(FaustConsumer._new_offset),
         "Consumer._drain_messages": _digest(FaustConsumer._drain_messages),
     } == PINNED
