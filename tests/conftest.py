@@ -2,8 +2,9 @@
 
 By default the tests use the local process stack (``streams stack up``, started here if
 needed). With ``STREAMS_TEST_STACK=containers`` and a Docker engine, testcontainers
-provides Kafka, PostgreSQL and ElasticMQ instead. Each test gets its own topics, queue,
-database, consumer group and keys, so tests never see each other's data.
+provides Kafka, PostgreSQL and ElasticMQ instead (``make containers-test``). Each test
+gets its own topics, queue, database, consumer group and keys, so tests never see each
+other's data.
 """
 
 from __future__ import annotations
@@ -36,24 +37,11 @@ def sample_path() -> Path:
 
 
 def _container_stack():
-    """Kafka, PostgreSQL and ElasticMQ in containers: needs a Docker engine (not on the build machines)."""
-    from testcontainers.core.container import DockerContainer
-    from testcontainers.core.waiting_utils import wait_for_logs
-    from testcontainers.kafka import KafkaContainer
-    from testcontainers.postgres import PostgresContainer
+    """Kafka (apache/kafka, KRaft), PostgreSQL and ElasticMQ in containers: tests/containers/stack.py."""
+    from tests.containers.stack import ContainerStack
 
-    kafka = KafkaContainer("apache/kafka:3.9.1").with_kraft()
-    postgres = PostgresContainer("postgres:16-alpine", username="postgres", password="postgres", dbname="streams")
-    sqs = DockerContainer("softwaremill/elasticmq-native:1.6.16").with_exposed_ports(9324)
-    for container in (kafka, postgres, sqs):
-        container.start()
-    wait_for_logs(sqs, "started", timeout=60)
-    settings = Settings(
-        kafka_bootstrap=kafka.get_bootstrap_server(),
-        pg_dsn=postgres.get_connection_url(driver=None),
-        sqs_endpoint=f"http://{sqs.get_container_host_ip()}:{sqs.get_exposed_port(9324)}",
-    )
-    return settings, lambda: [c.stop() for c in (sqs, postgres, kafka)]
+    stack = ContainerStack()
+    return stack.start(), stack.stop
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +49,10 @@ def stack_settings():
     """Base settings pointing at a running stack."""
     if os.environ.get("STREAMS_TEST_STACK") == "containers":
         settings, stop = _container_stack()
-        yield settings
-        stop()
+        try:
+            yield settings
+        finally:
+            stop()
         return
     from streams_dev import stack
 

@@ -1,0 +1,135 @@
+"""docker-compose.yml end to end: the sample lands (99 rows, one dead letter, an empty queue),
+then three workers in one group each hold partitions. Runs through the lab's engine
+(``make containers-test``) with docker-compose 1.29; the file is also valid for v2."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import uuid
+
+import pytest
+
+from tests.containers.conftest import run
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.containers
+
+READY = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/readyz', timeout=3).status)"
+
+
+class Compose:
+    def __init__(self) -> None:
+        binary = shutil.which("docker-compose")
+        self.base = [binary] if binary else ["docker", "compose"]
+        self.project = f"streamstest{uuid.uuid4().hex[:8]}"
+
+    def __call__(self, *args: str, timeout: float = 120, check: bool = True):
+        return run(*self.base, "-p", self.project, *args, timeout=timeout, check=check)
+
+    def psql(self, sql: str) -> str | None:
+        result = self("exec", "-T", "postgres", "psql", "-U", "postgres", "-d", "streams", "-Atc", sql, check=False)
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    def rows(self) -> int:
+        out = self.psql("SELECT count(*) FROM user_logins")
+        return int(out) if out and out.isdigit() else -1
+
+    def kafka(self, *args: str) -> str:
+        return self("exec", "-T", "kafka", *args, timeout=90).stdout
+
+    def diagnostics(self) -> str:
+        ps = self("ps", check=False).stdout
+        logs = self(
+            "logs", "--no-color", "--tail", "60", "bridge", "worker", "seed", "keys", "migrate", check=False
+        ).stdout
+        raw = self(
+            "exec",
+            "-T",
+            "kafka",
+            "/opt/kafka/bin/kafka-get-offsets.sh",
+            "--bootstrap-server",
+            "localhost:9092",
+            "--topic",
+            "logins.raw",
+            check=False,
+        ).stdout
+        return f"--- ps\n{ps}\n--- raw end offsets\n{raw}\n--- logs\n{logs[-8000:]}"
+
+
+def group_members(compose: Compose) -> list[int]:
+    """Partitions held by each member of the workers' group (kafka-consumer-groups --members)."""
+    out = compose.kafka(
+        "/opt/kafka/bin/kafka-consumer-groups.sh",
+        "--bootstrap-server",
+        "localhost:9092",
+        "--describe",
+        "--group",
+        "streams",
+        "--members",
+    )
+    counts = []
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "streams" and fields[-1].isdigit():
+            counts.append(int(fields[-1]))
+    return counts
+
+
+def test_compose_end_to_end_then_three_workers(docker_engine, record_property):
+    compose = Compose()
+    t0 = time.monotonic()
+    try:
+        compose("up", "-d", "--build", timeout=1500)
+        t_up = time.monotonic() - t0
+        try:
+            wait_for(lambda: compose.rows() == 99, 300, "99 rows in user_logins")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{compose.diagnostics()}") from None
+        t_rows = time.monotonic() - t0
+
+        # One dead letter, reason missing_field, and nothing left on the queue (through the app's CLI).
+        status = wait_for(
+            lambda: (
+                (out := compose("exec", "-T", "bridge", "streams", "status", check=False).stdout)
+                and re.search(r"queue login-queue: ~0 messages", out)
+                and out
+            ),
+            120,
+            "an empty queue",
+        )
+        dlq = compose("exec", "-T", "bridge", "streams", "dlq", "list").stdout
+        letters = [m.groups() for m in re.finditer(r"^(\w+)\s+(\w+)\s+(\d+)\b", dlq, re.M)]
+        assert letters == [("mask", "missing_field", "1")], dlq
+        assert compose.rows() == 99, status
+        # The keys came from the one-shot init service, never from a worker.
+        assert "wrote new keys" in compose("logs", "--no-color", "keys").stdout
+        assert "generated a DEV masking key" not in compose("logs", "--no-color", "worker").stdout
+
+        # Three workers in one group: every one gets partitions (12: raw and masked, 6 each).
+        compose("up", "-d", "--no-deps", "--scale", "worker=3", "worker", timeout=300)
+        workers = compose("ps", "-q", "worker").stdout.split()
+        assert len(workers) == 3, workers
+
+        def every_worker_ready() -> bool:
+            codes = [run("docker", "exec", w, "python", "-c", READY, check=False).stdout.strip() for w in workers]
+            return all(code == "200" for code in codes)
+
+        def three_members_with_partitions() -> list[int] | None:
+            counts = group_members(compose)
+            return counts if len(counts) == 3 and all(counts) and sum(counts) == 12 else None
+
+        try:
+            counts = wait_for(three_members_with_partitions, 240, "three group members each holding partitions", 2)
+            wait_for(every_worker_ready, 120, "/readyz 200 in every worker", 2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{compose.diagnostics()}") from None
+        assert compose.rows() == 99  # rebalancing wrote nothing twice (upserts) and lost nothing
+        t_scaled = time.monotonic() - t0
+        record_property("timings", f"up {t_up:.0f}s, 99 rows {t_rows:.0f}s, scaled {t_scaled:.0f}s, members {counts}")
+        print(
+            f"\ncompose timings: up {t_up:.0f}s, 99 rows at {t_rows:.0f}s, 3 workers ready at {t_scaled:.0f}s; partitions per member {counts}"
+        )
+    finally:
+        compose("down", "-v", "--remove-orphans", timeout=300, check=False)
