@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `make run` serves the bridge's metrics on METRICS_PORT and the worker's on the next port.
 METRICS_PORT ?= 9400
 
-.PHONY: install run test unit lint lock stack-up stack-down stack-status bench chaos clean
+.PHONY: install run test unit lint lock stack-up stack-down stack-status bench chaos clean image containers-test
 
 # The runtime package (streams) and the development tooling (dev/: local stack, chaos,
 # tests, linters), both editable, from the hash-pinned lock.
@@ -64,6 +64,32 @@ N ?= 100000
 K ?= 5
 chaos: install
 	$(PY) -m streams_dev.chaos --messages $(N) --kills $(K)
+
+## The production image, streams:local (the Dockerfile; --network host for the lab's engine).
+image:
+	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-$$(docker buildx version >/dev/null 2>&1 && echo 1 || echo 0)} \
+	  docker build --network host --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t streams:local .
+
+## Container tests on a Docker engine: the image, docker-compose end to end (then 3 workers),
+## and the integration subset on testcontainers. Uses ../shared/docker-lab's engine when
+## there (DOCKER_LAB= to use your own DOCKER_HOST). Fails if the engine cannot start or a
+## test is skipped (STREAMS_CONTAINERS_REQUIRED=1).
+DOCKER_LAB ?= $(wildcard ../shared/docker-lab)
+CONTAINER_TESTS ?= tests/containers tests/integration/test_end_to_end.py tests/integration/test_replay.py \
+	tests/integration/test_scaling.py tests/integration/test_health.py
+containers-test: install
+	@set -e; \
+	if [ -n "$(DOCKER_LAB)" ]; then \
+	  t0=$$(date +%s); \
+	  lab=$$($(DOCKER_LAB)/up | tail -n 1) || { echo "containers-test: the Docker engine did not start: see the lines above ($(DOCKER_LAB)/up)" >&2; exit 1; }; \
+	  case "$$lab" in "export DOCKER_HOST="*) eval "$$lab" ;; *) echo "containers-test: unexpected output of $(DOCKER_LAB)/up: $$lab" >&2; exit 1 ;; esac; \
+	  echo "containers-test: engine up in $$(( $$(date +%s) - t0 )) s ($$DOCKER_HOST)"; \
+	fi; \
+	docker info >/dev/null 2>&1 || { echo "containers-test: no Docker engine answers (DOCKER_HOST=$${DOCKER_HOST:-unset}): $$(docker info 2>&1 | tail -n 1)" >&2; exit 1; }; \
+	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || { echo "containers-test: neither docker-compose nor docker compose is installed" >&2; exit 1; }; \
+	docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0; \
+	STREAMS_TEST_STACK=containers STREAMS_CONTAINERS_REQUIRED=1 STREAMS_SAMPLE_DATA=$(SAMPLE) \
+	  $(PY) -m pytest -p no:cacheprovider -rs --durations=15 $(CONTAINER_TESTS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

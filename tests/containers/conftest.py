@@ -30,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if item not in mine]
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """With STREAMS_CONTAINERS_REQUIRED=1 (CI) a skipped test fails the run: a skip would hide
+    a broken Docker path. Session-wide, so it covers the integration subset run with it."""
+    if os.environ.get("STREAMS_CONTAINERS_REQUIRED") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped:
+        reporter.ensure_newline()
+        reporter.write_line(f"STREAMS_CONTAINERS_REQUIRED=1: {len(skipped)} skipped test(s) fail the run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def engine_problem() -> str | None:
     """Why the Docker engine cannot be used, or None."""
     try:
