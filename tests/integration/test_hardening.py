@@ -5,31 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 
-from streams.io.codec import Codecs
 from streams.io.kafka import ensure_topics, send_records
 from streams.pipeline.sink import PostgresSink
+from tests.factories import CODECS, LOGIN, masked_value, raw_value
 
 pytestmark = pytest.mark.integration
 
-CODECS = Codecs()
-BODY = {"user_id": "u", "app_version": "1.0", "device_type": "ios", "ip": "192.0.2.1", "locale": None, "device_id": "d"}
+BODY = LOGIN
 
 
-def raw(message_id: str, body: str) -> bytes:
-    return CODECS.raw.encode({"message_id": message_id, "sent_at": 1_764_000_000_000, "body": body, "attributes": {}})
-
-
-def masked(message_id: str) -> bytes:
-    return CODECS.masked.encode({
-        "message_id": message_id, "sent_at": datetime(2026, 1, 1, tzinfo=timezone.utc), "user_id": "u",
-        "device_type": "ios", "locale": None, "app_version_raw": "1", "app_version": 1000000,
-        "masked_ip": f"h1.{message_id}", "masked_device_id": "h1.b", "ip_ciphertext": "k1.c",
-        "device_id_ciphertext": "k1.d", "ip_is_valid": True,
-    })
 
 
 def reasons(p) -> list[str]:
@@ -40,7 +27,7 @@ def test_a_raw_tombstone_is_dead_lettered_and_the_partition_moves_on(pipeline):
     p, s = pipeline, pipeline.settings
     ensure_topics(s)
     send_records(s, [(s.raw_topic, b"t-1", None)] + [
-        (s.raw_topic, f"ok-{i}".encode(), raw(f"ok-{i}", json.dumps({**BODY, "user_id": f"u{i}"}))) for i in range(5)
+        (s.raw_topic, f"ok-{i}".encode(), raw_value(f"ok-{i}", json.dumps({**BODY, "user_id": f"u{i}"}))) for i in range(5)
     ])
     worker = p.start("worker")
     p.wait_for(lambda: p.row_count() == 5, 120, "5 rows behind the tombstone")
@@ -52,7 +39,7 @@ def test_a_raw_tombstone_is_dead_lettered_and_the_partition_moves_on(pipeline):
 def test_a_masked_tombstone_deletes_its_row_and_a_replay_keeps_it_deleted(pipeline):
     p, s = pipeline, pipeline.settings
     ensure_topics(s)
-    send_records(s, [(s.masked_topic, m.encode(), masked(m)) for m in ("keep", "gone")], chunk=10)
+    send_records(s, [(s.masked_topic, m.encode(), masked_value(m)) for m in ("keep", "gone")], chunk=10)
     worker = p.start("worker", STREAMS_STAGES="sink")
     p.wait_for(lambda: p.row_count() == 2, 120, "2 rows")
     send_records(s, [(s.masked_topic, b"gone", None)])
@@ -71,9 +58,9 @@ def test_a_dead_letter_over_kafkas_size_limit_is_truncated_and_the_batch_goes_on
     """A near-1 MB invalid body: its dead letter is over the limit; the valid records are produced once."""
     p, s = pipeline, pipeline.settings
     ensure_topics(s)
-    big = raw("big", "{" + "x" * 999_900)  # just under the 1,000,000-byte limit; its dead letter is over
+    big = raw_value("big", "{" + "x" * 999_900)  # just under the 1,000,000-byte limit; its dead letter is over
     send_records(s, [(s.raw_topic, b"big", big)] + [
-        (s.raw_topic, f"ok-{i}".encode(), raw(f"ok-{i}", json.dumps({**BODY, "user_id": f"u{i}"}))) for i in range(3)
+        (s.raw_topic, f"ok-{i}".encode(), raw_value(f"ok-{i}", json.dumps({**BODY, "user_id": f"u{i}"}))) for i in range(3)
     ])
     p.start("worker")
     p.wait_for(lambda: p.row_count() == 3, 120, "3 rows")
@@ -88,7 +75,7 @@ def test_an_over_long_message_id_on_the_masked_topic_is_dead_lettered_not_retrie
     p, s = pipeline, pipeline.settings
     ensure_topics(s)
     long_id = "x" * 6000
-    send_records(s, [(s.masked_topic, b"long", masked(long_id)), (s.masked_topic, b"fine", masked("fine"))])
+    send_records(s, [(s.masked_topic, b"long", masked_value(long_id)), (s.masked_topic, b"fine", masked_value("fine"))])
     p.start("worker", STREAMS_STAGES="sink")
     p.wait_for(lambda: p.row_count() == 1, 120, "the valid row")
     p.wait_for(lambda: reasons(p) == ["invalid_message_id"], 60, "an invalid_message_id dead letter")
@@ -129,7 +116,7 @@ def test_a_hung_statement_times_out_as_a_transient_failure(pipeline):
             async with holder.transaction():
                 await holder.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
                 with pytest.raises(TimeoutError):
-                    await sink.write([CODECS.masked.decode(masked(f"t-{uuid.uuid4().hex[:6]}"))])
+                    await sink.write([CODECS.masked.decode(masked_value(f"t-{uuid.uuid4().hex[:6]}"))])
             assert sink._conn is None  # dropped: the retry gets a fresh connection
         finally:
             await sink.close()

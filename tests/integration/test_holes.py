@@ -9,39 +9,29 @@ Stock faust-streaming 0.15.3 never commits past offset 1 there.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 from confluent_kafka import Producer
 
-from streams.io.codec import Codecs
 from streams.io.kafka import ensure_topics, group_lag
+from tests.factories import masked_value
 
 pytestmark = pytest.mark.integration
 
-
-def masked(message_id: str) -> dict:
-    return {
-        "message_id": message_id, "sent_at": datetime(2026, 11, 30, tzinfo=timezone.utc), "user_id": "u",
-        "device_type": "ios", "locale": None, "app_version_raw": "1.0", "app_version": 1000000,
-        "masked_ip": f"h1.{message_id}", "masked_device_id": f"h1.d{message_id}",
-        "ip_ciphertext": "k1.c", "device_id_ciphertext": "k1.d", "ip_is_valid": True,
-    }
 
 
 def test_sink_commits_to_the_end_of_a_partition_with_a_hole_after_offset_0(pipeline):
     s = pipeline.settings
     ensure_topics(s)
-    codec = Codecs().masked
     ids = [f"hole-{i}-{uuid.uuid4().hex[:6]}" for i in range(5)]
     tx = Producer({"bootstrap.servers": s.kafka_bootstrap, "transactional.id": f"hole-{uuid.uuid4()}"})
     tx.init_transactions(30)
     tx.begin_transaction()
-    tx.produce(s.masked_topic, key=ids[0].encode(), value=codec.encode(masked(ids[0])), partition=0)
+    tx.produce(s.masked_topic, key=ids[0].encode(), value=(masked_value(ids[0])), partition=0)
     tx.commit_transaction(30)  # record at 0, commit marker at 1
     plain = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True})
     for mid in ids[1:]:
-        plain.produce(s.masked_topic, key=mid.encode(), value=codec.encode(masked(mid)), partition=0)
+        plain.produce(s.masked_topic, key=mid.encode(), value=(masked_value(mid)), partition=0)
     assert plain.flush(30) == 0
 
     pipeline.start("worker", STREAMS_STAGES="sink")

@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 
 from confluent_kafka import KafkaError
 
-from streams.io.codec import Codecs
 from streams.pipeline.bridge import envelope
 from streams.pipeline.dead_letters import MAX_PAYLOAD, refused_by_kafka
 from streams.pipeline.mask import MaskTransform, parse_login
 from streams.pipeline.sink import SinkStage
 from streams.privacy.keys import generate_document, parse_keyring
 from streams.privacy.masking import Masker
+from tests.factories import CODECS, LOGIN, masked_value, raw_value
 
-CODECS = Codecs()
 TRANSFORM = MaskTransform(Masker(parse_keyring(json.dumps(generate_document()), "test")), CODECS)
-BODY = {"user_id": "u", "app_version": "1.0", "device_type": "ios", "ip": "192.0.2.1", "locale": None, "device_id": "d"}
+BODY = LOGIN
 
 
-def raw(message_id: str, body: str) -> bytes:
-    return CODECS.raw.encode({"message_id": message_id, "sent_at": 1, "body": body, "attributes": {}})
-
-
-def masked(message_id: str) -> bytes:
-    return CODECS.masked.encode({
-        "message_id": message_id, "sent_at": datetime(2026, 1, 1, tzinfo=timezone.utc), "user_id": "u",
-        "device_type": "ios", "locale": None, "app_version_raw": "1", "app_version": 1000000,
-        "masked_ip": "h1.a", "masked_device_id": "h1.b", "ip_ciphertext": "k1.c", "device_id_ciphertext": "k1.d",
-        "ip_is_valid": True,
-    })
 
 
 def test_raw_tombstone_is_an_empty_record_dead_letter():
@@ -42,34 +29,34 @@ def test_raw_tombstone_is_an_empty_record_dead_letter():
 
 
 def test_a_5000_digit_number_has_its_own_reason():
-    out = TRANSFORM(b"m", raw("m", '{"user_id": ' + "9" * 5000 + "}"), "t/0/0")
+    out = TRANSFORM(b"m", raw_value("m", '{"user_id": ' + "9" * 5000 + "}"), "t/0/0")
     assert out.reason == "number_too_long"
     assert "9999" not in CODECS.dead_letter.decode(out.value)["detail"]
 
 
 def test_over_long_message_id_is_refused_where_it_enters():
-    out = TRANSFORM(b"x", raw("x" * 6000, json.dumps(BODY)), "t/0/0")
+    out = TRANSFORM(b"x", raw_value("x" * 6000, json.dumps(BODY)), "t/0/0")
     assert out.reason == "invalid_message_id"
     assert len(out.key) == 128
 
 
 def test_pii_field_too_long_does_not_say_its_length():
     for field in ("ip", "device_id"):
-        out = TRANSFORM(b"m", raw("m", json.dumps({**BODY, field: "1" * 237})), "t/0/0")
+        out = TRANSFORM(b"m", raw_value("m", json.dumps({**BODY, field: "1" * 237})), "t/0/0")
         detail = CODECS.dead_letter.decode(out.value)["detail"]
         assert out.reason == "field_too_long" and "237" not in detail and field in detail
-    out = TRANSFORM(b"m", raw("m", json.dumps({**BODY, "device_type": "x" * 40})), "t/0/0")
+    out = TRANSFORM(b"m", raw_value("m", json.dumps({**BODY, "device_type": "x" * 40})), "t/0/0")
     assert "40" in CODECS.dead_letter.decode(out.value)["detail"]  # not PII: the length helps
 
 
 def test_sink_plan_tombstones_delete_and_the_last_record_per_id_wins():
     plan = SinkStage(CODECS).plan([
-        (b"a", masked("a"), "m/0/0"),
+        (b"a", masked_value("a"), "m/0/0"),
         (b"a", None, "m/0/1"),          # delete after the upsert: deleted
         (b"b", None, "m/0/2"),
-        (b"b", masked("b"), "m/0/3"),   # upsert after the delete: written
+        (b"b", masked_value("b"), "m/0/3"),   # upsert after the delete: written
         (None, None, "m/0/4"),          # no key: nothing to delete, a dead letter
-        (b"c", masked("x" * 300), "m/0/5"),
+        (b"c", masked_value("x" * 300), "m/0/5"),
     ])
     assert plan.deletes == ["a"]
     assert [r["message_id"] for r in plan.rows] == ["b"]
@@ -80,7 +67,7 @@ def test_sink_plan_tombstones_delete_and_the_last_record_per_id_wins():
 
 def test_a_dead_letter_too_large_for_kafka_keeps_its_reason_with_a_truncated_payload():
     err = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
-    big = TRANSFORM(b"m", raw("m", "{" * 5 + "x" * 900_000), "t/0/0")
+    big = TRANSFORM(b"m", raw_value("m", "{" * 5 + "x" * 900_000), "t/0/0")
     topic, key, value = refused_by_kafka(("dlq", big.key, big.value), err, "mask", CODECS.dead_letter, "dlq")
     dead = CODECS.dead_letter.decode(value)
     assert (topic, key, dead["reason"], dead["payload_truncated"]) == ("dlq", b"m", "invalid_json", True)
