@@ -77,7 +77,7 @@ def group_members(compose: Compose) -> list[int]:
     return counts
 
 
-def test_compose_end_to_end_then_three_workers(docker_engine, record_property):
+def test_compose_end_to_end_then_three_workers(docker_engine, record_property, capsys):
     compose = Compose()
     t0 = time.monotonic()
     try:
@@ -128,8 +128,9 @@ def test_compose_end_to_end_then_three_workers(docker_engine, record_property):
         assert compose.rows() == 99  # rebalancing wrote nothing twice (upserts) and lost nothing
         t_scaled = time.monotonic() - t0
         record_property("timings", f"up {t_up:.0f}s, 99 rows {t_rows:.0f}s, scaled {t_scaled:.0f}s, members {counts}")
-        print(
-            f"\ncompose timings: up {t_up:.0f}s, 99 rows at {t_rows:.0f}s, 3 workers ready at {t_scaled:.0f}s; partitions per member {counts}"
-        )
+        with capsys.disabled():
+            print(
+                f"\ncompose timings: up {t_up:.0f}s, 99 rows at {t_rows:.0f}s, 3 workers ready at {t_scaled:.0f}s; partitions per member {counts}"
+            )
     finally:
         compose("down", "-v", "--remove-orphans", timeout=300, check=False)

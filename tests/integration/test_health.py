@@ -37,10 +37,10 @@ async def test_readiness_reason_routes_and_errors():
     async def boom():
         raise RuntimeError("secret detail")
 
-    async def metrics(request):
+    async def extra(request):
         from aiohttp import web
 
-        return web.Response(text="streams_up 1\n")
+        return web.Response(text="extra 1\n")
 
     await server.start()
     try:
@@ -49,9 +49,9 @@ async def test_readiness_reason_routes_and_errors():
         assert await call("/readyz") == (503, "not ready: no partitions assigned\n")
         state["reason"] = None
         assert await call("/readyz") == (200, "ready\n")
-        assert (await call("/metrics"))[0] == 404
-        server.add_route("/metrics", metrics)  # registrable while running
-        assert await call("/metrics") == (200, "streams_up 1\n")
+        assert (await call("/extra"))[0] == 404
+        server.add_route("/extra", extra)  # registrable while running
+        assert await call("/extra") == (200, "extra 1\n")
         server._ready = boom
         status, body = await call("/readyz")
         assert status == 503 and "RuntimeError" in body and "secret" not in body
