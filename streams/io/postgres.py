@@ -106,11 +106,18 @@ def connection_failure(exc: BaseException) -> StreamsError:
     )
 
 
+async def _connect_or_explain(dsn: str) -> asyncpg.Connection:
+    try:
+        return await connect(dsn)
+    except Exception as exc:
+        raise connection_failure(exc) from None
+
+
 def require_migrated(dsn: str) -> list[str]:
     """Connect and migrate (``streams migrate``); a failure is one line naming the fix."""
 
     async def go() -> list[str]:
-        conn = await connect(dsn)
+        conn = await _connect_or_explain(dsn)
         try:
             return await migrate(conn)
         finally:
@@ -118,6 +125,8 @@ def require_migrated(dsn: str) -> list[str]:
 
     try:
         return asyncio.run(go())
+    except StreamsError:
+        raise
     except asyncpg.InsufficientPrivilegeError:
         raise ConfigError(
             "the role in STREAMS_PG_DSN may not change the schema: run `streams migrate` as the schema owner"
@@ -137,7 +146,7 @@ def require_schema(dsn: str) -> int:
     latest = latest_version()
 
     async def go() -> int | None:
-        conn = await connect(dsn)
+        conn = await _connect_or_explain(dsn)
         try:
             return await schema_version(conn)
         finally:
@@ -145,6 +154,8 @@ def require_schema(dsn: str) -> int:
 
     try:
         version = asyncio.run(go())
+    except StreamsError:
+        raise
     except asyncpg.InsufficientPrivilegeError:
         raise ConfigError(
             "the role in STREAMS_PG_DSN may not read schema_migrations: grant it streams_worker "

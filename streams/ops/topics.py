@@ -115,7 +115,7 @@ def inspect(settings: Settings, wanted: list[TopicSpec], timeout: float) -> dict
         found[spec.name] = Found(len(topic.partitions), min(replicas), None)
         resources.append(ConfigResource(ResourceType.TOPIC, spec.name))
     if resources:
-        managed = {k for spec in wanted for k in spec.config}
+        managed = {spec.name: spec.config.keys() for spec in wanted}
         for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
             entry = found[resource.name]
             assert entry is not None
@@ -126,7 +126,7 @@ def inspect(settings: Settings, wanted: list[TopicSpec], timeout: float) -> dict
                     raise
                 log.warning("not allowed to read the configuration of topic %s (DESCRIBE_CONFIGS)", resource.name)
                 continue
-            entry.config = {k: v.value for k, v in entries.items() if k in managed}
+            entry.config = {k: v.value for k, v in entries.items() if k in managed[resource.name]}
     return found
 
 

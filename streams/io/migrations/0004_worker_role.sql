@@ -24,9 +24,10 @@ END
 $$;
 GRANT USAGE ON SCHEMA public TO streams_worker;
 -- The sink upserts logins (INSERT ... ON CONFLICT DO UPDATE reads and updates) and deletes
--- the rows of tombstones. It only adds vault ciphertexts (ON CONFLICT DO NOTHING): reading
--- the vault stays with streams_reveal (docs/privacy.md), so a leaked worker login cannot.
+-- the rows of tombstones. It only adds vault ciphertexts (ON CONFLICT (field, token) DO
+-- NOTHING, which reads the conflict columns): the ciphertexts stay readable by
+-- streams_reveal alone (docs/privacy.md), not by a leaked worker login.
 GRANT SELECT, INSERT, UPDATE, DELETE ON user_logins TO streams_worker;
-GRANT INSERT ON pii_vault TO streams_worker;
+GRANT INSERT, SELECT (field, token) ON pii_vault TO streams_worker;
 -- The start-up check: is the schema at the version this worker needs?
 GRANT SELECT ON schema_migrations TO streams_worker;
