@@ -40,7 +40,7 @@ class LocalCA:
         self.name = name
         self._key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self._cert = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -67,7 +67,7 @@ class LocalCA:
     def issue(self, name: str, hosts: tuple[str, ...] = HOSTS, client: bool = False) -> Issued:
         """A certificate for ``hosts`` (server) or for the subject ``CN=name`` (client)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         sans: list[x509.GeneralName] = []
         for host in hosts:
             try:

@@ -97,7 +97,7 @@ def connection_failure(exc: BaseException) -> StreamsError:
         )
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return ConfigError("the database in STREAMS_PG_DSN does not exist: create it, or fix the DSN")
-    if isinstance(exc, asyncpg.ClientConfigurationError) or isinstance(exc, FileNotFoundError):
+    if isinstance(exc, (asyncpg.ClientConfigurationError, FileNotFoundError)):
         return ConfigError(f"STREAMS_PG_DSN is not usable ({type(exc).__name__}): check its sslmode, sslrootcert and other options")
     if isinstance(exc, ConnectionError) and "ssl" in str(exc).lower():
         return ConfigError("PostgreSQL does not offer TLS: check sslmode in STREAMS_PG_DSN, or enable ssl on the server")

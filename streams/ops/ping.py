@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-
-from streams.settings import Settings
 from streams.io.kafka import preflight
 from streams.io.postgres import connect, connection_failure
 from streams.io.sqs import queue_url, sqs_client
+from streams.settings import Settings
 
 
 def check_kafka(settings: Settings, timeout: float) -> None:

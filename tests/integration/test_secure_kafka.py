@@ -139,7 +139,7 @@ def test_topics_prepared_by_admin_then_bridge_worker_and_commands_run_without_cr
 
     sample = json.loads(sample_path.read_text())[:20]
     ids = p.send(sample)
-    valid = [i for i, r in zip(ids, sample) if "foo" not in r]
+    valid = [i for i, r in zip(ids, sample, strict=True) if "foo" not in r]
     bridge = p.start("bridge")
     worker = p.start("worker")
     p.wait_for(lambda: p.row_count() == len(valid), 180, f"{len(valid)} rows through SASL_SSL")

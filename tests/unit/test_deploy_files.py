@@ -17,7 +17,9 @@ SERVICES = COMPOSE["services"]
 
 
 def test_compose_has_the_stack_and_the_stages():
-    assert {"kafka", "postgres", "sqs", "seed", "bridge", "worker"} <= set(SERVICES)
+    assert {"kafka", "postgres", "sqs", "seed", "migrate", "bridge", "worker"} <= set(SERVICES)
+    # The worker never migrates (its role needs only DML): the one-shot migrate runs first.
+    assert SERVICES["worker"]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert SERVICES["kafka"]["image"].startswith("apache/kafka:")
     assert SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
 
@@ -29,7 +31,7 @@ def test_every_long_running_service_has_a_health_check():
 
 def test_commands_are_real_streams_commands():
     parser = build_parser()
-    for name in ("seed", "bridge", "worker"):
+    for name in ("seed", "migrate", "bridge", "worker"):
         parser.parse_args(SERVICES[name]["command"])  # exits on an unknown command
         health = SERVICES.get(name, {}).get("healthcheck", {}).get("test", [])
         if health[:2] == ["CMD", "streams"]:
@@ -38,7 +40,7 @@ def test_commands_are_real_streams_commands():
 
 def test_environment_names_are_settings():
     fields = {f"STREAMS_{name.upper()}" for name in Settings.model_fields}
-    for name in ("seed", "bridge", "worker"):
+    for name in ("seed", "migrate", "bridge", "worker"):
         env = SERVICES[name]["environment"]
         assert env, name
         unknown = {k for k in env if k.startswith("STREAMS_")} - fields

@@ -17,7 +17,14 @@ import uuid
 from pathlib import Path
 
 from .process import (
-    LOOPBACK, NotReady, Service, StackError, ensure_jars, port_open, require_java, spawn,
+    LOOPBACK,
+    NotReady,
+    Service,
+    StackError,
+    ensure_jars,
+    port_open,
+    require_java,
+    spawn,
 )
 
 VERSION = "3.9.1"
