@@ -118,7 +118,11 @@ class Settings(BaseSettings):
     pg_port: int = 5432
     sqs_port: int = 9324
 
-    @field_validator("sqs_endpoint", "sqs_queue_url", "sqs_region", "kafka_sasl_username", mode="before")
+    @field_validator(
+        "sqs_endpoint", "sqs_queue_url", "sqs_region", "aws_access_key_id", "aws_secret_access_key",
+        "kafka_sasl_username", "kafka_sasl_password", "kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file",
+        "kafka_ssl_key_password", mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

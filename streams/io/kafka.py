@@ -92,7 +92,13 @@ def require_topics(settings: Settings) -> None:
     from streams.ops.topics import require
 
     preflight(settings)
-    require(settings)
+    try:
+        require(settings)
+    except KafkaException as exc:
+        raise TransientError(
+            f"Kafka at {settings.kafka_bootstrap} stopped answering while the topics were checked "
+            f"({exc.args[0].name()}): check it runs, and the principal's DESCRIBE rights on the topics"
+        ) from None
 
 
 # Errors that no retry can fix for that record (its size, its shape): the record is
