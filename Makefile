@@ -32,10 +32,14 @@ lint: install
 	$(VENV)/bin/ruff format --check streams dev tests benchmarks
 	$(VENV)/bin/mypy
 
+# Dev mode on the local stack (local SQS credentials, queues created on first use, a dev key):
+# dev/streams_dev/local.env, also what the test sandboxes set. `streams run` migrates first.
+DEV_ENV = $(shell grep -v '^\#' dev/streams_dev/local.env)
+
 ## Run the pipeline on the local stack over the sample data; DRAIN=1 exits when done.
 run: install
 	$(STREAMS) stack up
-	STREAMS_DEV_KEYS=1 STREAMS_METRICS_PORT=$(METRICS_PORT) $(STREAMS) run --seed $(SAMPLE) $(if $(DRAIN),--drain)
+	$(DEV_ENV) STREAMS_METRICS_PORT=$(METRICS_PORT) $(STREAMS) run --seed $(SAMPLE) $(if $(DRAIN),--drain)
 
 ## The whole test suite against the real local stack.
 test: install

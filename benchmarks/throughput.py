@@ -27,6 +27,7 @@ from streams.pipeline.bridge import envelope
 from streams.io.codec import Codecs
 
 from streams.io.kafka import admin_client, ensure_topics, group_lag, send_records, topic_configs
+from streams.io.postgres import require_migrated
 from streams.io.postgres import connect
 from streams.ops.state import row_count
 from streams_dev.sandbox import sandbox_env, settings_from_env
@@ -117,6 +118,7 @@ def measure(messages: int, workers: int, replay: bool, timeout: float) -> dict:
     env = sandbox_env(base, keys_dir, prefix="bench")
     settings = settings_from_env(env)
     ensure_topics(settings)
+    require_migrated(settings.pg_dsn.get_secret_value())  # workers only check the schema version
     sample = [r for r in json.loads(SAMPLE.read_text()) if "ip" in r]
     records = [sample[i % len(sample)] for i in range(messages)]
     try:

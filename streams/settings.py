@@ -6,10 +6,11 @@ needs no configuration; production overrides them through the environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.errors import ConfigError
@@ -17,6 +18,16 @@ from streams.errors import ConfigError
 
 def _default_home() -> Path:
     return Path.home() / ".local" / "share" / "streams"
+
+
+class TopicOverride(BaseModel):
+    """Per-topic exceptions to the topic defaults (``STREAMS_TOPIC_OVERRIDES``)."""
+
+    model_config = {"extra": "forbid"}
+
+    partitions: int | None = Field(None, ge=1)
+    replication_factor: int | None = Field(None, ge=1)
+    min_insync_replicas: int | None = Field(None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -27,19 +38,43 @@ class Settings(BaseSettings):
     # --- Kafka -----------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_extra: dict[str, str] = Field(default_factory=dict, description="librdkafka properties passed through (JSON)")
+    # One set of security settings, mapped once into librdkafka's and aiokafka's (Faust's)
+    # dialects by streams.io.kafka_security.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_file: Path | None = Field(None, description="CA bundle the broker certificate must chain to; none = system store")
+    kafka_ssl_cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    kafka_ssl_key_file: Path | None = Field(None, description="its private key (PEM)")
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_timeout: float = Field(15.0, gt=0, description="seconds a start-up or command connection check may take")
     raw_topic: str = "logins.raw"
     masked_topic: str = "logins.masked"
     dlq_topic: str = "logins.dlq"
+    # Topics as code (streams topics plan|apply): defaults for every topic, exceptions per topic.
     topic_partitions: int = Field(6, ge=1)
+    topic_replication_factor: int = Field(1, ge=1, description="local default 1; 3 on a real cluster")
+    topic_min_insync_replicas: int = Field(1, ge=1, description="local default 1; 2 on a real cluster")
+    topic_overrides: dict[Literal["raw", "masked", "dlq"], TopicOverride] = Field(
+        default_factory=dict, description='JSON, e.g. {"dlq": {"partitions": 1}}'
+    )
+    accept_low_replication: bool = Field(
+        False, description="start even if a topic's replication factor or min.insync.replicas is below the setting"
+    )
     raw_retention_ms: int = Field(7 * 24 * 3600 * 1000, description="raw topic and DLQ hold PII: bounded")
     app_id: str = Field("streams", description="Faust app id; mask and sink consumer groups derive from it")
 
     # --- SQS -------------------------------------------------------------
-    sqs_endpoint: str = "http://127.0.0.1:9324"
+    sqs_endpoint: str | None = Field("http://127.0.0.1:9324", description="empty: AWS's own endpoint for the region")
     sqs_queue: str = "login-queue"
-    sqs_region: str = "us-east-1"
-    aws_access_key_id: SecretStr = SecretStr("x")
-    aws_secret_access_key: SecretStr = SecretStr("x")
+    sqs_queue_url: str | None = Field(None, description="the queue's URL; else looked up by name (GetQueueUrl)")
+    sqs_create_queue: bool = Field(False, description="create a missing queue: local stack and dev runs only")
+    sqs_region: str | None = Field(None, description="else AWS_REGION, AWS_DEFAULT_REGION or the profile's region")
+    # Explicit keys only when given; otherwise botocore's default credential chain
+    # (environment, shared config/profile, web identity (IRSA), container or instance role).
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
     bridge_pollers: int = Field(4, ge=1)
     bridge_wait_seconds: int = Field(1, ge=0, le=20)
     bridge_visibility_timeout: int = Field(30, ge=1, description="extended while a produce is pending")
@@ -87,9 +122,43 @@ class Settings(BaseSettings):
     pg_port: int = 5432
     sqs_port: int = 9324
 
+    @field_validator(
+        "sqs_endpoint", "sqs_queue_url", "sqs_region", "aws_access_key_id", "aws_secret_access_key",
+        "kafka_sasl_username", "kafka_sasl_password", "kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file",
+        "kafka_ssl_key_password", mode="before",
+    )
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
     @property
     def stage_list(self) -> list[str]:
         return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    @property
+    def region(self) -> str | None:
+        """The SQS region: STREAMS_SQS_REGION, else AWS_REGION or AWS_DEFAULT_REGION (else the profile's)."""
+        return self.sqs_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
+def _check_combinations(settings: Settings) -> None:
+    """Settings valid one by one but not together: one line naming what to set."""
+    s = settings
+    if s.kafka_security_protocol.startswith("SASL"):
+        if not s.kafka_sasl_username:
+            raise ConfigError(f"STREAMS_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol} needs STREAMS_KAFKA_SASL_USERNAME")
+        if s.kafka_sasl_password is None:
+            raise ConfigError(f"STREAMS_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol} needs STREAMS_KAFKA_SASL_PASSWORD")
+    if (s.kafka_ssl_cert_file is None) != (s.kafka_ssl_key_file is None):
+        raise ConfigError("set both STREAMS_KAFKA_SSL_CERT_FILE and STREAMS_KAFKA_SSL_KEY_FILE, or neither")
+    for name in ("kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file"):
+        path = getattr(s, name)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"invalid setting STREAMS_{name.upper()}: no such file {path}")
+    if (s.aws_access_key_id is None) != (s.aws_secret_access_key is None):
+        raise ConfigError(
+            "set both STREAMS_AWS_ACCESS_KEY_ID and STREAMS_AWS_SECRET_ACCESS_KEY, or neither (the default AWS credential chain)"
+        )
 
 
 def load_settings(**overrides) -> Settings:
@@ -103,4 +172,5 @@ def load_settings(**overrides) -> Settings:
     unknown = set(settings.stage_list) - {"mask", "sink"}
     if unknown or not settings.stage_list:
         raise ConfigError(f"invalid setting STREAMS_STAGES={settings.stages!r}: use 'mask', 'sink' or 'mask,sink'")
+    _check_combinations(settings)
     return settings

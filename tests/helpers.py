@@ -15,7 +15,7 @@ import asyncpg
 
 from streams.io.codec import Codecs
 from streams.io.kafka import group_lag, read_topic, total_lag
-from streams.io.postgres import fetch
+from streams.io.postgres import fetch, require_migrated
 from streams.io.sqs import bodies_from_json, send_to_queue
 from streams.ops import children
 from streams.ops.state import current_queue_depth, dead_letters
@@ -53,6 +53,7 @@ class Pipeline:
         self.procs: list[tuple[subprocess.Popen, Path]] = []
         self.stopped: set[subprocess.Popen] = set()
         self.codecs = Codecs()
+        self.migrated = False
 
     @property
     def settings(self) -> Settings:
@@ -71,7 +72,16 @@ class Pipeline:
         return wait_for(check, timeout, what)
 
     # --- processes ---------------------------------------------------------
+    def migrate(self) -> None:
+        """``streams migrate`` as the sandbox's owner role, once (workers never migrate)."""
+        if not self.migrated:
+            require_migrated(self.settings.pg_dsn.get_secret_value())
+            self.migrated = True
+
     def start(self, command: str, *args: str, **env: str) -> subprocess.Popen:
+        """Start a stage process; before a worker, migrate the database as `streams run` does."""
+        if command == "worker":
+            self.migrate()
         log_path = self.workdir / f"{command}-{len(self.procs)}.log"
         proc = children.start_stage(command, log_path, {**self.env, **env}, *args)
         self.procs.append((proc, log_path))

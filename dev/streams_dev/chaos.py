@@ -38,7 +38,7 @@ import asyncpg
 
 from streams.io.codec import Codecs
 from streams.io.kafka import ensure_topics, read_topic, send_records
-from streams.io.postgres import fetch
+from streams.io.postgres import fetch, require_migrated
 from streams.io.sqs import bodies_from_json, ensure_queue, send_bodies, sqs_client
 from streams.ops import children
 from streams.ops.state import current_queue_depth, dead_letters, pipeline_lag
@@ -203,6 +203,7 @@ def run(base: Settings, messages: int, malformed: float, kills: int, rate: float
     )
     s = settings_from_env(env)
     ensure_topics(s)
+    require_migrated(s.pg_dsn.get_secret_value())  # the workers only check the schema version
     report = Report()
     bodies = make_bodies(messages, malformed)
     valid_ids: dict[str, str] = {}  # message id -> body

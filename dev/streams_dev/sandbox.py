@@ -18,8 +18,22 @@ from streams.settings import Settings
 
 
 def settings_from_env(env: dict[str, str]) -> Settings:
-    """The Settings a stage process started with ``env`` would see."""
-    return Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in env.items()})
+    """The Settings a stage process started with ``env`` would see (its ``STREAMS_*`` part)."""
+    return Settings(**{k.removeprefix("STREAMS_").lower(): v for k, v in env.items() if k.startswith("STREAMS_")})
+
+
+LOCAL_ENV_FILE = Path(__file__).resolve().parent / "local.env"
+
+
+def local_env() -> dict[str, str]:
+    """Dev mode on the local stack (``local.env``, also read by the Makefile's run target):
+    local SQS credentials and region, queues created on first use, a generated dev key."""
+    env = {}
+    for line in LOCAL_ENV_FILE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            env[name.strip()] = value.strip()
+    return env
 
 
 async def create_database(admin_dsn: str, name: str) -> None:
@@ -36,8 +50,9 @@ def sandbox_env(base: Settings, workdir: Path, prefix: str = "t", **extra: str) 
     admin_dsn = base.pg_dsn.get_secret_value()
     asyncio.run(create_database(admin_dsn, tag))
     return {
+        **local_env(),
         "STREAMS_KAFKA_BOOTSTRAP": base.kafka_bootstrap,
-        "STREAMS_SQS_ENDPOINT": base.sqs_endpoint,
+        "STREAMS_SQS_ENDPOINT": base.sqs_endpoint or "",
         "STREAMS_PG_DSN": admin_dsn.rsplit("/", 1)[0] + "/" + tag,
         "STREAMS_RAW_TOPIC": f"{tag}.raw",
         "STREAMS_MASKED_TOPIC": f"{tag}.masked",

@@ -46,15 +46,20 @@ def _dlq(settings: Settings, args) -> None:
 
 
 def _kafka_call(fn, settings: Settings):
-    """Run ``fn``; a Kafka that does not answer becomes one line naming the fix."""
+    """Check the connection first (wrong credentials or an untrusted CA: one line naming the
+    setting, bounded by STREAMS_KAFKA_TIMEOUT), then run ``fn``; a Kafka that stops answering
+    becomes one line naming the fix."""
     from confluent_kafka import KafkaException
 
+    from streams.io.kafka import preflight
+
+    preflight(settings)
     try:
         return fn()
     except KafkaException as exc:
         raise Refused(
             f"Kafka at {settings.kafka_bootstrap} refused or did not answer ({exc.args[0].name()}): "
-            "check it runs (`streams stack up`) and STREAMS_KAFKA_BOOTSTRAP"
+            "check it runs (`streams stack up`), STREAMS_KAFKA_BOOTSTRAP and the principal's ACLs"
         ) from None
 
 

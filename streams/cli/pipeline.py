@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from streams import faults
-from streams.errors import Refused
+from streams.errors import Refused, StreamsError
 from streams.settings import Settings
 
 
@@ -46,6 +46,8 @@ def _ping(settings: Settings, args) -> None:
     for name in args.services or list(CHECKS):
         try:
             CHECKS[name](settings, args.timeout)
+        except StreamsError as exc:  # already one line naming the setting
+            raise Refused(f"{name}: {exc}") from None
         except Exception as exc:
             raise Refused(f"{name} does not answer ({type(exc).__name__}): check its setting and that it runs") from None
         print(f"{name} ok")

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-import functools
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import uuid
-
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
-from streams.errors import TransientError
+from streams.errors import ConfigError, TransientError
+from streams.io.kafka_security import explain, librdkafka_security
 from streams.retry import Backoff
 from streams.settings import Settings
 
@@ -22,17 +23,50 @@ log = logging.getLogger(__name__)
 
 
 def client_config(settings: Settings, **config: Any) -> dict[str, Any]:
-    """librdkafka configuration for any client: bootstrap, then STREAMS_KAFKA_EXTRA, then ``config``.
+    """librdkafka configuration for any client: bootstrap and security, then STREAMS_KAFKA_EXTRA, then ``config``.
 
-    ``STREAMS_KAFKA_EXTRA`` is a JSON object of librdkafka properties passed through as
-    they are (e.g. ``{"message.max.bytes": "2000000"}``).
+    The security settings (``STREAMS_KAFKA_SECURITY_PROTOCOL``, ``..._SASL_*``, ``..._SSL_*``)
+    are mapped by ``kafka_security.librdkafka_security``, the same settings Faust's
+    aiokafka gets through ``kafka_security.faust_credentials``. ``STREAMS_KAFKA_EXTRA``
+    is a JSON object of librdkafka properties passed through as they are (e.g.
+    ``{"message.max.bytes": "2000000"}``).
     """
-    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_extra, **config}
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        **librdkafka_security(settings),
+        **settings.kafka_extra,
+        **config,
+    }
 
 
-def admin_client(settings: Settings) -> AdminClient:
+def admin_client(settings: Settings, **config: Any) -> AdminClient:
     """An admin client; librdkafka's own connection logs are off (callers report one line)."""
-    return AdminClient(client_config(settings, log_level=0))
+    return AdminClient(client_config(settings, log_level=0, **config))
+
+
+def preflight(settings: Settings, timeout: float | None = None) -> None:
+    """Connect, authenticate and read the cluster metadata, or raise one line naming the setting.
+
+    Bounded by ``timeout`` (default ``STREAMS_KAFKA_TIMEOUT``): a wrong password or an
+    untrusted CA ends as soon as librdkafka reports it, an unreachable broker at the deadline.
+    Raises ``ConfigError`` for what a setting must fix (credentials, TLS) and
+    ``TransientError`` for a broker that does not answer.
+    """
+    timeout = settings.kafka_timeout if timeout is None else timeout
+    errors: list[KafkaError] = []
+    admin = admin_client(settings, error_cb=errors.append)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin.list_topics(timeout=min(1.0, max(deadline - time.monotonic(), 0.1)))
+            return
+        except KafkaException as exc:
+            last = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        admin.poll(0)  # serve the error callback
+        fatal = [e for e in errors if e.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL)]
+        if fatal or time.monotonic() >= deadline:
+            message = explain(settings, errors + ([last] if last is not None else []), timeout)
+            raise (ConfigError if fatal else TransientError)(message)
 
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
@@ -46,33 +80,24 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
-    """Create the pipeline's topics if missing, with the configured partition count."""
-    admin = admin_client(settings)
-    existing = set(admin.list_topics(timeout=timeout).topics)
-    wanted = [
-        NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1, config=config)
-        for name, config in topic_configs(settings).items()
-        if name not in existing
-    ]
-    if not wanted:
-        return
-    for name, future in admin.create_topics(wanted, request_timeout=timeout).items():
-        try:
-            future.result()
-            log.info("created topic %s with %d partitions", name, settings.topic_partitions)
-        except KafkaException as exc:
-            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
-                raise
+    """Create the pipeline's missing topics as the settings describe them (``streams topics apply``)."""
+    from streams.ops.topics import create_missing
+
+    create_missing(settings, timeout=timeout)
 
 
-def require_topics(settings: Settings, timeout: float = 15.0) -> None:
-    """``ensure_topics`` at process start: an unreachable Kafka is one line naming the fix."""
+def require_topics(settings: Settings) -> None:
+    """At process start: connect (one line naming the setting if that fails), create missing
+    topics, and refuse topics whose replication is below the settings (see ``streams.ops.topics``)."""
+    from streams.ops.topics import require
+
+    preflight(settings)
     try:
-        ensure_topics(settings, timeout=timeout)
-    except Exception as exc:
+        require(settings)
+    except KafkaException as exc:
         raise TransientError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap} ({type(exc).__name__}): "
-            "start it (`streams stack up` locally) or set STREAMS_KAFKA_BOOTSTRAP"
+            f"Kafka at {settings.kafka_bootstrap} stopped answering while the topics were checked "
+            f"({exc.args[0].name()}): check it runs, and the principal's DESCRIBE rights on the topics"
         ) from None
 
 

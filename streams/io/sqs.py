@@ -9,8 +9,9 @@ from pathlib import Path
 
 from aiobotocore.session import get_session
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
-from streams.errors import Refused
+from streams.errors import ConfigError, Refused
 from streams.settings import Settings
 
 BATCH = 10  # SQS's limit for batch send, receive and delete
@@ -18,25 +19,84 @@ BATCH = 10  # SQS's limit for batch send, receive and delete
 
 @asynccontextmanager
 async def sqs_client(settings: Settings, max_pool: int = 20):
-    async with get_session().create_client(
+    """An SQS client. Keys only when both STREAMS_AWS_* are given; otherwise botocore's default
+    chain (environment, shared config and credentials files / AWS_PROFILE, web identity
+    (IRSA), container and instance roles), exactly as the AWS CLI would find them."""
+    session = get_session()
+    region = settings.region or session.get_config_variable("region")
+    if not region:
+        raise ConfigError("no AWS region: set STREAMS_SQS_REGION (or AWS_REGION / AWS_DEFAULT_REGION, or a profile's region)")
+    keys = {}
+    if settings.aws_access_key_id is not None and settings.aws_secret_access_key is not None:
+        keys = {
+            "aws_access_key_id": settings.aws_access_key_id.get_secret_value(),
+            "aws_secret_access_key": settings.aws_secret_access_key.get_secret_value(),
+        }
+    elif await session.get_credentials() is None:
+        raise ConfigError(
+            "no AWS credentials found (environment, AWS_PROFILE / shared files, web identity, instance role): "
+            "provide them the AWS way, or set STREAMS_AWS_ACCESS_KEY_ID and STREAMS_AWS_SECRET_ACCESS_KEY"
+        )
+    async with session.create_client(
         "sqs",
         endpoint_url=settings.sqs_endpoint,
-        region_name=settings.sqs_region,
-        aws_access_key_id=settings.aws_access_key_id.get_secret_value(),
-        aws_secret_access_key=settings.aws_secret_access_key.get_secret_value(),
+        region_name=region,
         config=Config(max_pool_connections=max_pool, retries={"max_attempts": 3, "mode": "standard"}),
+        **keys,
     ) as client:
         yield client
 
 
+_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+
+
 async def queue_url(client, settings: Settings) -> str:
-    """The configured queue's URL."""
-    return await ensure_queue(client, settings.sqs_queue)
+    """The configured queue's URL: STREAMS_SQS_QUEUE_URL, or GetQueueUrl of STREAMS_SQS_QUEUE.
+
+    A missing queue is created only with STREAMS_SQS_CREATE_QUEUE=1 (local stack, dev runs);
+    otherwise it is one line naming the settings. Production needs only
+    ``sqs:GetQueueUrl`` (or the URL), never ``sqs:CreateQueue``.
+    """
+    if settings.sqs_queue_url:
+        try:
+            await client.get_queue_attributes(QueueUrl=settings.sqs_queue_url, AttributeNames=["QueueArn"])
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                raise ConfigError(f"no SQS queue at STREAMS_SQS_QUEUE_URL={settings.sqs_queue_url}: check the URL") from None
+            raise _client_failure(exc, "GetQueueAttributes") from None
+        return settings.sqs_queue_url
+    try:
+        return (await client.get_queue_url(QueueName=settings.sqs_queue))["QueueUrl"]
+    except ClientError as exc:
+        if _code(exc) not in _MISSING:
+            raise _client_failure(exc, "GetQueueUrl") from None
+    if settings.sqs_create_queue:
+        return await ensure_queue(client, settings.sqs_queue)
+    raise ConfigError(
+        f"SQS queue {settings.sqs_queue!r} does not exist: check STREAMS_SQS_QUEUE (or set STREAMS_SQS_QUEUE_URL); "
+        "STREAMS_SQS_CREATE_QUEUE=1 creates it, for the local stack only"
+    )
 
 
 async def ensure_queue(client, name: str) -> str:
-    """Queue URL, creating the queue if it does not exist (local stack and tests)."""
+    """Queue URL, creating the queue if it does not exist (local stack, dev mode and tests only)."""
     return (await client.create_queue(QueueName=name))["QueueUrl"]
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+_DENIED = ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch",
+           "UnrecognizedClientException", "ExpiredToken", "ExpiredTokenException")
+
+
+def _client_failure(exc: ClientError, action: str) -> Exception:
+    """An SQS refusal that no retry fixes becomes one line; others stay as they are (retried)."""
+    code = _code(exc)
+    if code in _DENIED:
+        return ConfigError(f"SQS refused {action} ({code}): check the AWS credentials and that they allow sqs:{action}")
+    return exc
 
 
 async def queue_depth(client, queue_url: str) -> int:

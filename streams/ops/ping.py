@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import asyncio
 
-
+from streams.io.kafka import preflight
+from streams.io.postgres import connect, connection_failure
+from streams.io.sqs import queue_url, sqs_client
 from streams.settings import Settings
-from streams.io.kafka import admin_client
-from streams.io.postgres import connect
-from streams.io.sqs import sqs_client
 
 
 def check_kafka(settings: Settings, timeout: float) -> None:
-    admin_client(settings).list_topics(timeout=timeout)
+    preflight(settings, timeout)
 
 
 def check_postgres(settings: Settings, timeout: float) -> None:
     async def go() -> None:
-        conn = await connect(settings.pg_dsn.get_secret_value(), timeout=timeout)
+        try:
+            conn = await connect(settings.pg_dsn.get_secret_value(), timeout=timeout)
+        except Exception as exc:
+            raise connection_failure(exc) from None
         try:
             await conn.fetchval("SELECT 1")
         finally:
@@ -27,9 +29,9 @@ def check_postgres(settings: Settings, timeout: float) -> None:
 
 
 def check_sqs(settings: Settings, timeout: float) -> None:
-    async def go() -> None:
+    async def go() -> None:  # what the bridge needs (GetQueueUrl), not ListQueues
         async with sqs_client(settings) as sqs:
-            await asyncio.wait_for(sqs.list_queues(), timeout)
+            await asyncio.wait_for(queue_url(sqs, settings), timeout)
 
     asyncio.run(go())
 

@@ -1,6 +1,7 @@
 """``streams run``: the bridge and a worker as child processes, with progress and a summary.
 
-Children log to files under ``STREAMS_LOG_DIR``; this process prints one progress line
+It runs ``streams migrate`` first, as whoever STREAMS_PG_DSN names (the worker itself
+only checks the schema version). Children log to files under ``STREAMS_LOG_DIR``; this process prints one progress line
 every few seconds. Ctrl-C (or SIGTERM) stops both children cleanly. With ``drain`` it
 stops once the queue is empty and both stages have committed everything. It needs no
 development tooling: any reachable Kafka, SQS and PostgreSQL will do.
@@ -13,7 +14,7 @@ import signal
 import sys
 import time
 
-from streams.io.postgres import fetch
+from streams.io.postgres import fetch, require_migrated
 from streams.ops import children
 from streams.ops.state import current_queue_depth, dead_letter_counts, pipeline_lag, row_count
 from streams.settings import Settings
@@ -37,6 +38,10 @@ def print_summary(settings: Settings) -> None:
 
 
 def run_pipeline(settings: Settings, drain: bool = False) -> int:
+    """Migrate (the worker never does: its role needs only DML), then run both stages."""
+    applied = require_migrated(settings.pg_dsn.get_secret_value())
+    if applied:
+        print(f"migrations applied: {', '.join(applied)}")
     log_dir = settings.log_dir
     # With STREAMS_METRICS_PORT=P the bridge serves on P and the worker on P+1.
     port = settings.metrics_port

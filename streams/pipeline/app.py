@@ -19,6 +19,7 @@ from streams.faults import fault_hang, fault_point
 from streams.io.codec import Codecs
 from streams.logs import logging_config
 from streams.io.kafka import AsyncProducer, Record
+from streams.io.kafka_security import faust_credentials
 from streams.pipeline.consumer import StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.delivery import Events, batch_agent, where
@@ -65,10 +66,20 @@ class Outputs(Service):
         await producer.deliver(records, instead, what, log, s.retry_max_backoff)
 
 
+def broker_urls(settings: Settings) -> str:
+    """Faust's broker list from STREAMS_KAFKA_BOOTSTRAP (``host:port,host:port``)."""
+    return ";".join(f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",") if host.strip())
+
+
 def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
     app = StreamsApp(
         settings.app_id,
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        broker=broker_urls(settings),
+        # The same security settings librdkafka gets (streams.io.kafka_security).
+        broker_credentials=faust_credentials(settings),
+        # Topics are code (`streams topics plan|apply`, checked at start): Faust must not
+        # declare any behind that, with its own partitions and replication factor 1.
+        topic_allow_declare=False,
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
@@ -145,15 +156,8 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
 
     if "sink" in stages:
         sink_stage = SinkStage(codecs)
-        prepared = False
 
         async def sink(events: Events) -> None:
-            nonlocal prepared
-            if not prepared:  # migrations, once, before the first write (advisory-locked)
-                await retry_forever(
-                    outputs.sink.prepare, "database migration", log, settings.retry_max_backoff, label="database migrate"
-                )
-                prepared = True
             batch = sink_stage.plan([(e.message.key, e.message.value, where(e)) for e in events])
             fault_point("sink_before_commit")
             await fault_hang("sink_before_commit")
@@ -188,11 +192,15 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
 
 
 def run_worker(settings: Settings) -> None:
-    """Start the worker: keys, topics and database checked first (fail closed), then Faust until SIGTERM."""
+    """Start the worker: keys, topics and database checked first (fail closed), then Faust until SIGTERM.
+
+    The worker never changes the schema (its role needs only DML): the database must be
+    at the latest migration (`streams migrate`, a separate step) or it refuses to start.
+    """
     import asyncio
 
     from streams.io.kafka import require_topics
-    from streams.io.postgres import require_migrated
+    from streams.io.postgres import require_schema
     from streams.privacy.keys import settings_keyring
 
     keyring = settings_keyring(settings) if "mask" in settings.stage_list else None
@@ -201,7 +209,7 @@ def run_worker(settings: Settings) -> None:
         metrics.KEY_IN_USE.labels(keyring.join_version, keyring.encryption_key_id).set(1)
     wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
     if "sink" in settings.stage_list:
-        wait_at_start(lambda: require_migrated(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout)
+        wait_at_start(lambda: require_schema(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings, keyring)

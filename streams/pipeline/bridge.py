@@ -20,6 +20,8 @@ import logging
 import time
 from collections.abc import Collection
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from streams.io.codec import Codecs
 from streams.errors import Rejected
 from streams.io.kafka import AsyncProducer, Record, ensure_topics
@@ -83,8 +85,11 @@ class Bridge:
         producer = self.producer = AsyncProducer(settings)
         try:
             async with sqs_client(settings) as sqs:
+                # A dependency that does not answer is waited out; a missing queue or refused
+                # credentials (ConfigError) stop the bridge with one line.
                 url = self.queue_url = await retry_forever(
-                    lambda: queue_url(sqs, settings), "SQS queue lookup", log, settings.retry_max_backoff, label="sqs queue lookup"
+                    lambda: queue_url(sqs, settings), "SQS queue lookup", log, settings.retry_max_backoff,
+                    retry_on=(ClientError, BotoCoreError, OSError, asyncio.TimeoutError), label="sqs queue lookup",
                 )
                 log.info("bridge: %s -> %s with %d pollers", settings.sqs_queue, settings.raw_topic, settings.bridge_pollers)
                 pollers = [asyncio.create_task(self._poller(sqs, url, producer)) for _ in range(settings.bridge_pollers)]

@@ -20,7 +20,7 @@ import asyncpg
 
 from streams.errors import Rejected
 from streams.io.codec import CodecError, Codecs
-from streams.io.postgres import connect, migrate
+from streams.io.postgres import connect
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
 
 log = logging.getLogger(__name__)
@@ -164,10 +164,6 @@ class PostgresSink:
         if self._conn is None or self._conn.is_closed():
             self._conn = await connect(self.dsn, command_timeout=self.command_timeout)
         return self._conn
-
-    async def prepare(self) -> None:
-        """Connect and apply pending migrations (safe with many workers: advisory lock)."""
-        await migrate(await self._connection())
 
     async def write(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
         """Upsert ``records`` and delete the rows of ``deletes`` in one transaction."""

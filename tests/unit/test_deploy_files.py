@@ -25,6 +25,8 @@ APP_SERVICES = ("keys", "migrate", "seed", "bridge", "worker")
 def test_compose_has_the_stack_and_the_stages():
     assert "version" not in COMPOSE  # the Compose specification: docker-compose 1.29 and v2
     assert {"kafka", "postgres", "sqs", *APP_SERVICES} <= set(SERVICES)
+    # The worker never migrates (its role needs only DML): the one-shot migrate runs first.
+    assert SERVICES["worker"]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert SERVICES["kafka"]["image"].startswith("apache/kafka:")
     assert SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert SERVICES["postgres"]["image"] == "postgres:16"

@@ -45,7 +45,7 @@ class Sqs(Service):
     def prepare(self) -> None:
         self._java = require_java()
         ensure_jars(POM, self.jar_dir, self.dir / "maven.log")
-        region = self.settings.sqs_region
+        region = self.settings.region or "us-east-1"
         queues = self.dir / "queues.conf"
         if not queues.exists():  # ElasticMQ logs an error for a missing or empty file
             queues.write_text("queues {}\n")
@@ -105,7 +105,7 @@ aws {{
             import botocore.session
 
             self._sqs = botocore.session.get_session().create_client(
-                "sqs", endpoint_url=f"http://{LOOPBACK}:{self.port}", region_name=self.settings.sqs_region,
+                "sqs", endpoint_url=f"http://{LOOPBACK}:{self.port}", region_name=self.settings.region or "us-east-1",
                 aws_access_key_id="x", aws_secret_access_key="x",
                 config=botocore.config.Config(connect_timeout=min(timeout, 5), read_timeout=min(timeout, 10),
                                               retries={"max_attempts": 1}),
