@@ -297,6 +297,22 @@ def group_lag(settings: Settings, topics: Sequence[str], group: str | None = Non
     finally:
         consumer.close()
 
+_SETTLING = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    """Low and high watermarks; a partition whose leader is still being elected (a topic
+    just created) is asked again until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _SETTLING or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes | None]]:
     """``(key, value)`` of every record now in ``topic``, partition by partition.
 
@@ -309,7 +325,7 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[tu
             return []
         ends = {}
         for p in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            low, high = _watermarks(consumer, TopicPartition(topic, p), timeout)
             if high > low:
                 ends[p] = high
         if not ends:
