@@ -43,7 +43,9 @@ def logging_config(level: str = "INFO", fmt: str = "text") -> dict:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"streams": formatter},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "streams", "stream": "ext://sys.stderr"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "streams", "stream": "ext://sys.stderr"}
+        },
         "root": {"level": level.upper(), "handlers": ["stderr"]},
     }
 

@@ -15,35 +15,53 @@ REGISTRY = CollectorRegistry()
 
 RECORDS_IN = Counter("streams_records_in", "Records a stage consumed", ["stage"], registry=REGISTRY)
 RECORDS_OUT = Counter(
-    "streams_records_out", "Records a stage finished, by outcome (masked, row, deleted, dead_letter, bridged)",
-    ["stage", "outcome"], registry=REGISTRY,
+    "streams_records_out",
+    "Records a stage finished, by outcome (masked, row, deleted, dead_letter, bridged)",
+    ["stage", "outcome"],
+    registry=REGISTRY,
 )
 DEAD_LETTERS = Counter("streams_dead_letters", "Dead letters produced", ["stage", "reason"], registry=REGISTRY)
 BATCH_SIZE = Histogram(
-    "streams_batch_size", "Records per batch", ["stage"], registry=REGISTRY,
+    "streams_batch_size",
+    "Records per batch",
+    ["stage"],
+    registry=REGISTRY,
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
 )
 BATCH_SECONDS = Histogram(
-    "streams_batch_seconds", "Time to make a batch durable", ["stage"], registry=REGISTRY,
+    "streams_batch_seconds",
+    "Time to make a batch durable",
+    ["stage"],
+    registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 RETRIES = Counter("streams_retries", "Retry attempts after a transient failure", ["operation"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
-    "streams_consumer_lag", "Records not yet committed by the worker group", ["stage", "topic", "partition"],
+    "streams_consumer_lag",
+    "Records not yet committed by the worker group",
+    ["stage", "topic", "partition"],
     registry=REGISTRY,
 )
 END_TO_END = Histogram(
-    "streams_end_to_end_seconds", "From SQS SentTimestamp to the row's database commit", registry=REGISTRY,
+    "streams_end_to_end_seconds",
+    "From SQS SentTimestamp to the row's database commit",
+    registry=REGISTRY,
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
 )
-SQS_MESSAGES = Counter("streams_sqs_messages", "SQS messages by event (received, deleted)", ["event"], registry=REGISTRY)
+SQS_MESSAGES = Counter(
+    "streams_sqs_messages", "SQS messages by event (received, deleted)", ["event"], registry=REGISTRY
+)
 SQS_VISIBILITY_EXTENSIONS = Counter(
     "streams_sqs_visibility_extensions", "Visibility extensions while a produce was pending", registry=REGISTRY
 )
-SQS_DELETE_FAILURES = Counter("streams_sqs_delete_failures", "SQS deletes refused (e.g. stale receipt handles)", registry=REGISTRY)
+SQS_DELETE_FAILURES = Counter(
+    "streams_sqs_delete_failures", "SQS deletes refused (e.g. stale receipt handles)", registry=REGISTRY
+)
 KEY_IN_USE = Gauge(
-    "streams_key_in_use", "Masking keys in use by id (1 = active); never key bytes",
-    ["join_version", "encryption_key_id"], registry=REGISTRY,
+    "streams_key_in_use",
+    "Masking keys in use by id (1 = active); never key bytes",
+    ["join_version", "encryption_key_id"],
+    registry=REGISTRY,
 )
 
 

@@ -77,7 +77,10 @@ async def retry_forever(
             return await operation()
         except retry_on as exc:
             log.warning(
-                "%s failed (%s), attempt %d; retrying", what, type(exc).__name__, backoff.attempts + 1,
+                "%s failed (%s), attempt %d; retrying",
+                what,
+                type(exc).__name__,
+                backoff.attempts + 1,
                 extra={"operation": label, "attempt": backoff.attempts + 1},
             )
             await backoff.wait()

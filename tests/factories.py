@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from streams.io.codec import Codecs
 
 CODECS = Codecs()
-LOGIN = {"user_id": "u", "app_version": "1.0", "device_type": "ios", "ip": "192.0.2.1", "locale": None, "device_id": "d"}
+LOGIN = {
+    "user_id": "u",
+    "app_version": "1.0",
+    "device_type": "ios",
+    "ip": "192.0.2.1",
+    "locale": None,
+    "device_id": "d",
+}
 
 
 def raw_value(message_id: str, body: str) -> bytes:
@@ -17,9 +24,19 @@ def raw_value(message_id: str, body: str) -> bytes:
 
 def masked_value(message_id: str) -> bytes:
     """A masked record as the mask stage encodes it (placeholder tokens and ciphertexts)."""
-    return CODECS.masked.encode({
-        "message_id": message_id, "sent_at": datetime(2026, 1, 1, tzinfo=timezone.utc), "user_id": "u",
-        "device_type": "ios", "locale": None, "app_version_raw": "1", "app_version": 1000000,
-        "masked_ip": f"h1.{message_id}", "masked_device_id": "h1.b", "ip_ciphertext": "k1.c",
-        "device_id_ciphertext": "k1.d", "ip_is_valid": True,
-    })
+    return CODECS.masked.encode(
+        {
+            "message_id": message_id,
+            "sent_at": datetime(2026, 1, 1, tzinfo=UTC),
+            "user_id": "u",
+            "device_type": "ios",
+            "locale": None,
+            "app_version_raw": "1",
+            "app_version": 1000000,
+            "masked_ip": f"h1.{message_id}",
+            "masked_device_id": "h1.b",
+            "ip_ciphertext": "k1.c",
+            "device_id_ciphertext": "k1.d",
+            "ip_is_valid": True,
+        }
+    )

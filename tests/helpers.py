@@ -38,7 +38,7 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def isolated_pipeline(stack: Settings, workdir: Path, **extra_env: str) -> "Pipeline":
+def isolated_pipeline(stack: Settings, workdir: Path, **extra_env: str) -> Pipeline:
     """A Pipeline on ``stack`` with its own topics, queue, database, consumer group and keys."""
     env = sandbox_env(stack, workdir, STREAMS_BATCH_WITHIN="0.2", STREAMS_BRIDGE_VISIBILITY_TIMEOUT="5", **extra_env)
     return Pipeline(env, workdir)
@@ -66,7 +66,9 @@ class Pipeline:
             for proc, log_path in self.procs:
                 if proc.poll() is not None and proc not in self.stopped:
                     tail = log_path.read_text(errors="replace")[-3000:]
-                    raise AssertionError(f"{proc.args[3]} exited with {proc.returncode} while waiting for {what}:\n{tail}")
+                    raise AssertionError(
+                        f"{proc.args[3]} exited with {proc.returncode} while waiting for {what}:\n{tail}"
+                    )
             return condition()
 
         return wait_for(check, timeout, what)
@@ -91,7 +93,11 @@ class Pipeline:
         full_env = {**os.environ, **self.env, **env}
         return subprocess.run(
             [sys.executable, "-m", "streams", command, *args],
-            env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+            env=full_env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def stop(self, proc: subprocess.Popen, timeout: float = 30) -> int:

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -68,7 +68,9 @@ MALFORMED = [
 class Report:
     messages: int = 0
     malformed: int = 0
-    faults: dict[str, int] = field(default_factory=lambda: {"worker SIGKILL": 0, "bridge SIGKILL": 0, "kafka restart": 0, "postgres restart": 0})
+    faults: dict[str, int] = field(
+        default_factory=lambda: {"worker SIGKILL": 0, "bridge SIGKILL": 0, "kafka restart": 0, "postgres restart": 0}
+    )
     rows: int = 0
     lost: int = 0
     unexpected_rows: int = 0
@@ -90,8 +92,13 @@ class Report:
     @property
     def ok(self) -> bool:
         return not (
-            self.lost or self.unexpected_rows or self.missing_dead_letters or self.wrong_reasons
-            or self.content_mismatches or self.queue_depth or self.lag
+            self.lost
+            or self.unexpected_rows
+            or self.missing_dead_letters
+            or self.wrong_reasons
+            or self.content_mismatches
+            or self.queue_depth
+            or self.lag
         )
 
     def table(self) -> str:
@@ -123,8 +130,14 @@ class Report:
 
 
 def login(i: int) -> dict:
-    return {"user_id": f"c{i}", "app_version": f"{i % 4}.{i % 100}", "device_type": "ios",
-            "ip": f"10.{i % 256}.{(i // 256) % 256}.1", "locale": None if i % 3 else "DE", "device_id": f"dev-{i}"}
+    return {
+        "user_id": f"c{i}",
+        "app_version": f"{i % 4}.{i % 100}",
+        "device_type": "ios",
+        "ip": f"10.{i % 256}.{(i // 256) % 256}.1",
+        "locale": None if i % 3 else "DE",
+        "device_id": f"dev-{i}",
+    }
 
 
 def make_bodies(n: int, malformed_ratio: float, seed: int = 7) -> list[tuple[str, str | None]]:
@@ -146,20 +159,42 @@ def inject_records(s: Settings) -> tuple[dict[str, str], set[str]]:
     long_id = f"long-{tag}-" + "x" * 6000
     expected = {f"tomb-{tag}": "empty_record", long_id[:MAX_MESSAGE_ID]: "invalid_message_id"}
     deleted = {f"gone-{tag}-{i}" for i in range(3)}
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     masked = [
-        (s.masked_topic, mid.encode(), codecs.masked.encode({
-            "message_id": mid, "sent_at": now, "user_id": "gone", "device_type": "ios", "locale": None,
-            "app_version_raw": "1", "app_version": 1000000, "masked_ip": f"h1.{mid}", "masked_device_id": "h1.d",
-            "ip_ciphertext": "k1.v2.c", "device_id_ciphertext": "k1.v2.d", "ip_is_valid": True,
-        }))
+        (
+            s.masked_topic,
+            mid.encode(),
+            codecs.masked.encode(
+                {
+                    "message_id": mid,
+                    "sent_at": now,
+                    "user_id": "gone",
+                    "device_type": "ios",
+                    "locale": None,
+                    "app_version_raw": "1",
+                    "app_version": 1000000,
+                    "masked_ip": f"h1.{mid}",
+                    "masked_device_id": "h1.d",
+                    "ip_ciphertext": "k1.v2.c",
+                    "device_id_ciphertext": "k1.v2.d",
+                    "ip_is_valid": True,
+                }
+            ),
+        )
         for mid in sorted(deleted)
     ]
-    send_records(s, [
-        (s.raw_topic, f"tomb-{tag}".encode(), None),
-        (s.raw_topic, b"long", codecs.raw.encode({"message_id": long_id, "sent_at": 1, "body": "{}", "attributes": {}})),
-        *masked,
-    ])
+    send_records(
+        s,
+        [
+            (s.raw_topic, f"tomb-{tag}".encode(), None),
+            (
+                s.raw_topic,
+                b"long",
+                codecs.raw.encode({"message_id": long_id, "sent_at": 1, "body": "{}", "attributes": {}}),
+            ),
+            *masked,
+        ],
+    )
     send_records(s, [(s.masked_topic, mid.encode(), None) for mid in sorted(deleted)])
     return expected, deleted
 
@@ -190,16 +225,28 @@ class Stages:
         children.stop(self.procs.values())
 
 
-def run(base: Settings, messages: int, malformed: float, kills: int, rate: float, workdir: Path,
-        timeout: float = 600, say=print) -> Report:
+def run(
+    base: Settings,
+    messages: int,
+    malformed: float,
+    kills: int,
+    rate: float,
+    workdir: Path,
+    timeout: float = 600,
+    say=print,
+) -> Report:
     """One chaos run on the running stack ``base``; ``base``'s Kafka and PostgreSQL get restarted."""
     from streams_dev import stack
 
     visibility = 5
     env = sandbox_env(
-        base, workdir, prefix="chaos",
-        STREAMS_BRIDGE_VISIBILITY_TIMEOUT=str(visibility), STREAMS_RETRY_MAX_BACKOFF="2",
-        STREAMS_TOPIC_PARTITIONS="3", STREAMS_MAX_BODY_BYTES=str(MAX_BODY),
+        base,
+        workdir,
+        prefix="chaos",
+        STREAMS_BRIDGE_VISIBILITY_TIMEOUT=str(visibility),
+        STREAMS_RETRY_MAX_BACKOFF="2",
+        STREAMS_TOPIC_PARTITIONS="3",
+        STREAMS_MAX_BODY_BYTES=str(MAX_BODY),
     )
     s = settings_from_env(env)
     ensure_topics(s)
@@ -231,7 +278,9 @@ def run(base: Settings, messages: int, malformed: float, kills: int, rate: float
     feeder = threading.Thread(target=lambda: asyncio.run(feed()), name="chaos-feed")
     began = time.monotonic()
     feeder.start()
-    planned = [("worker", i) for i in range(kills)] + [("bridge", i) for i in range(kills)] + [("kafka", 0), ("postgres", 0)]
+    planned = (
+        [("worker", i) for i in range(kills)] + [("bridge", i) for i in range(kills)] + [("kafka", 0), ("postgres", 0)]
+    )
     random.Random(11).shuffle(planned)
     send_estimate = messages / rate
     try:
@@ -304,7 +353,9 @@ def _audit(s: Settings, report: Report, valid: dict[str, str], malformed: dict[s
     report.dead_letter_records = len(dead)
     report.dead_lettered_ids = len(set(dead))
     report.missing_dead_letters = len(set(malformed) - set(dead)) + len(set(dead) - set(malformed))
-    report.wrong_reasons = sum(1 for d in letters if d["message_id"] in malformed and d["reason"] != malformed[d["message_id"]])
+    report.wrong_reasons = sum(
+        1 for d in letters if d["message_id"] in malformed and d["reason"] != malformed[d["message_id"]]
+    )
     report.dlq_redelivered_ids = sum(1 for n in Counter(dead).values() if n > 1)
     raw_keys = [k for k, _ in read_topic(s, s.raw_topic)]
     report.raw_records = len(raw_keys)
@@ -326,8 +377,11 @@ def _content_mismatches(s: Settings, rows: list, valid: dict[str, str]) -> int:
             continue
         login = parse_login(body)
         expected = {
-            "user_id": login.user_id, "device_type": login.device_type, "locale": login.locale,
-            "app_version_raw": login.app_version_raw, "app_version": login.app_version,
+            "user_id": login.user_id,
+            "device_type": login.device_type,
+            "locale": login.locale,
+            "app_version_raw": login.app_version_raw,
+            "app_version": login.app_version,
             "masked_ip": masker.token("ip", canonical_ip(login.ip)[0]),
             "masked_device_id": masker.token("device_id", canonical_device_id(login.device_id)),
         }

@@ -68,10 +68,14 @@ def register(sub) -> None:
     p = sub.add_parser("replay", help="move a stage's committed offsets so it reprocesses (workers stopped)")
     p.add_argument("stage", choices=["mask", "sink"], help="mask reads the raw topic, sink the masked topic")
     p.add_argument(
-        "--to", required=True, metavar="WHERE",
+        "--to",
+        required=True,
+        metavar="WHERE",
         help="earliest | latest | ISO time (UTC if no zone) | epoch ms | partition:offset[,partition:offset...]",
     )
-    p.add_argument("--dry-run", action="store_true", help="show each partition's offset before and after; change nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="show each partition's offset before and after; change nothing"
+    )
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("status", help="per-stage offsets and lag, rows, dead letters, queue depth")
@@ -82,7 +86,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("dlq", help="list dead letters, or redrive chosen ones after a fix")
     p.add_argument("action", choices=["list", "redrive"])
-    p.add_argument("--reason", action="append", default=[], help="redrive dead letters with this reason code (repeatable)")
+    p.add_argument(
+        "--reason", action="append", default=[], help="redrive dead letters with this reason code (repeatable)"
+    )
     p.add_argument("--id", action="append", default=[], help="redrive this message id (repeatable)")
     p.add_argument("--stage", choices=["mask", "sink"], help="only dead letters from this stage")
     p.add_argument("--sample", type=int, default=5, help="message ids shown per reason by list")

@@ -49,7 +49,9 @@ def _ping(settings: Settings, args) -> None:
         except StreamsError as exc:  # already one line naming the setting
             raise Refused(f"{name}: {exc}") from None
         except Exception as exc:
-            raise Refused(f"{name} does not answer ({type(exc).__name__}): check its setting and that it runs") from None
+            raise Refused(
+                f"{name} does not answer ({type(exc).__name__}): check its setting and that it runs"
+            ) from None
         print(f"{name} ok")
 
 

@@ -12,8 +12,8 @@ import asyncio
 import json
 import sys
 
-from streams.privacy import keys as keymod
 from streams.errors import Refused
+from streams.privacy import keys as keymod
 from streams.settings import Settings
 
 
@@ -60,10 +60,11 @@ def _keys_json(settings: Settings) -> str | None:
 def _masker(settings: Settings):
     from streams.privacy.masking import Masker
 
-    return Masker(keymod.settings_keyring(settings.model_copy(update={'dev_keys': False})))
+    return Masker(keymod.settings_keyring(settings.model_copy(update={"dev_keys": False})))
 
 
 # --- keys -----------------------------------------------------------------------------
+
 
 def _keys_init(settings: Settings, args) -> None:
     path = settings.keys_file
@@ -73,7 +74,7 @@ def _keys_init(settings: Settings, args) -> None:
 
 
 def _keys_list(settings: Settings, args) -> None:
-    ring = keymod.settings_keyring(settings.model_copy(update={'dev_keys': False}))
+    ring = keymod.settings_keyring(settings.model_copy(update={"dev_keys": False}))
     print(json.dumps(ring.describe(), indent=2))
 
 
@@ -133,8 +134,14 @@ def _keys_rejoin(settings: Settings, args) -> None:
     done = _with_db(
         settings,
         lambda conn: rejoin(
-            conn, Masker(ring), target, switch,
-            batch_size=args.batch_size, max_batches=args.max_batches, rounds=args.rounds, wait=args.wait,
+            conn,
+            Masker(ring),
+            target,
+            switch,
+            batch_size=args.batch_size,
+            max_batches=args.max_batches,
+            rounds=args.rounds,
+            wait=args.wait,
         ),
     )
     if not done:
@@ -148,6 +155,7 @@ def _keys_rejoin(settings: Settings, args) -> None:
 
 # --- reveal ---------------------------------------------------------------------------
 
+
 def _audit_no_keys(settings: Settings, args) -> None:
     """Best effort: record a reveal attempt refused for want of key material."""
     from streams.privacy import audit
@@ -159,8 +167,13 @@ def _audit_no_keys(settings: Settings, args) -> None:
         conn = await _connect(settings, migrate=False, connect_timeout=5.0)
         try:
             await audit.record(
-                conn, args.operator.strip(), "no_keys",
-                reason=args.reason.strip(), field=args.field, token=token, message_id=args.message_id,
+                conn,
+                args.operator.strip(),
+                "no_keys",
+                reason=args.reason.strip(),
+                field=args.field,
+                token=token,
+                message_id=args.message_id,
             )
         finally:
             await conn.close()
@@ -189,8 +202,13 @@ def _reveal(settings: Settings, args) -> None:
         found = _with_db(
             settings,
             lambda conn: reveal(
-                conn, masker, args.operator.strip(),
-                token=args.token, message_id=args.message_id, field=args.field, reason=args.reason.strip(),
+                conn,
+                masker,
+                args.operator.strip(),
+                token=args.token,
+                message_id=args.message_id,
+                field=args.field,
+                reason=args.reason.strip(),
             ),
             migrate=False,  # reveal runs as the least-privilege streams_reveal role
         )
@@ -237,7 +255,8 @@ def register(sub) -> None:
     what.add_argument("--message-id", help="reveal the ip and device id of one login")
     p.add_argument("--field", choices=["ip", "device_id"], help="only this field")
     p.add_argument(
-        "--operator", required=True,
+        "--operator",
+        required=True,
         help="who is revealing (recorded in pii_reveal_audit beside the database session user and the OS user)",
     )
     p.add_argument("--reason", required=True, help="ticket or reason (recorded)")

@@ -103,13 +103,15 @@ def require_topics(settings: Settings) -> None:
 
 # Errors that no retry can fix for that record (its size, its shape): the record is
 # dead-lettered instead. Everything else (broker down, timeouts, leader moves) is transient.
-PERMANENT_ERRORS = frozenset({
-    KafkaError.MSG_SIZE_TOO_LARGE,
-    KafkaError.INVALID_MSG_SIZE,
-    KafkaError.RECORD_LIST_TOO_LARGE,
-    KafkaError.INVALID_RECORD,
-    KafkaError.INVALID_MSG,
-})
+PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+    }
+)
 
 Record = tuple[str, bytes | None, bytes | None]  # topic, key, value
 
@@ -132,7 +134,9 @@ def _resolve(done: asyncio.Future) -> None:
         done.set_result(None)
 
 
-def _delivered(settle: Callable[[int, KafkaError | None], None], index: int, err: KafkaError | None, _msg: object) -> None:
+def _delivered(
+    settle: Callable[[int, KafkaError | None], None], index: int, err: KafkaError | None, _msg: object
+) -> None:
     settle(index, err)
 
 
@@ -145,12 +149,14 @@ class AsyncProducer:
 
     def __init__(self, settings: Settings, **config: object) -> None:
         defaults = {"linger.ms": 5, "compression.type": "lz4", "message.timeout.ms": 120_000}
-        self._producer = Producer({
-            **defaults,
-            **client_config(settings, **config),
-            "enable.idempotence": True,  # never weakened by STREAMS_KAFKA_EXTRA: delivery depends on them
-            "acks": "all",
-        })
+        self._producer = Producer(
+            {
+                **defaults,
+                **client_config(settings, **config),
+                "enable.idempotence": True,  # never weakened by STREAMS_KAFKA_EXTRA: delivery depends on them
+                "acks": "all",
+            }
+        )
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kafka-delivery", daemon=True)
         self._thread.start()
@@ -187,7 +193,9 @@ class AsyncProducer:
         for index, (topic, key, value) in enumerate(records):
             while True:
                 try:
-                    self._producer.produce(topic, value=value, key=key, on_delivery=functools.partial(_delivered, settle, index))
+                    self._producer.produce(
+                        topic, value=value, key=key, on_delivery=functools.partial(_delivered, settle, index)
+                    )
                     break
                 except BufferError:  # local queue full: let the delivery thread drain it
                     await asyncio.sleep(0.01)
@@ -265,10 +273,13 @@ def metadata_consumer(settings: Settings, group: str | None = None, **config: ob
     Its own throwaway group unless ``group`` names one to read committed offsets of;
     librdkafka's own connection logs are off (callers report one line themselves).
     """
-    return Consumer(client_config(
-        settings, **{"group.id": group or f"streams-reader-{uuid.uuid4()}", "enable.auto.commit": False, "log_level": 0},
-        **config,
-    ))
+    return Consumer(
+        client_config(
+            settings,
+            **{"group.id": group or f"streams-reader-{uuid.uuid4()}", "enable.auto.commit": False, "log_level": 0},
+            **config,
+        )
+    )
 
 
 def total_lag(offsets: dict[tuple[str, int], tuple[int, int]]) -> int:
@@ -276,7 +287,9 @@ def total_lag(offsets: dict[tuple[str, int], tuple[int, int]]) -> int:
     return sum(max(end - committed, 0) for committed, end in offsets.values())
 
 
-def group_lag(settings: Settings, topics: Sequence[str], group: str | None = None) -> dict[tuple[str, int], tuple[int, int]]:
+def group_lag(
+    settings: Settings, topics: Sequence[str], group: str | None = None
+) -> dict[tuple[str, int], tuple[int, int]]:
     """``(topic, partition) -> (committed offset, end offset)`` for the worker group."""
     consumer = metadata_consumer(settings, group=group or settings.app_id)
     try:
@@ -296,6 +309,7 @@ def group_lag(settings: Settings, topics: Sequence[str], group: str | None = Non
         return result
     finally:
         consumer.close()
+
 
 _SETTLING = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
 

@@ -63,7 +63,9 @@ def ssl_context(settings: Settings) -> ssl.SSLContext:
             purpose=ssl.Purpose.SERVER_AUTH, cafile=str(s.kafka_ssl_ca_file) if s.kafka_ssl_ca_file else None
         )
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"invalid setting STREAMS_KAFKA_SSL_CA_FILE: not a PEM CA bundle ({type(exc).__name__})") from None
+        raise ConfigError(
+            f"invalid setting STREAMS_KAFKA_SSL_CA_FILE: not a PEM CA bundle ({type(exc).__name__})"
+        ) from None
     if s.kafka_ssl_cert_file is not None:
         password = s.kafka_ssl_key_password.get_secret_value() if s.kafka_ssl_key_password else None
         try:
@@ -111,9 +113,8 @@ def explain(settings: Settings, errors: list[Any], timeout: float, what: str = "
         if "certificate verify failed" in tls_text and ("hostname" in tls_text or "ip address mismatch" in tls_text):
             return f"{where}: the broker's TLS certificate does not match its host name: check STREAMS_KAFKA_BOOTSTRAP"
         if "certificate verify failed" in tls_text or "could not be verified" in tls_text:
-            return (
-                f"{where}: the broker's TLS certificate is not trusted: check STREAMS_KAFKA_SSL_CA_FILE"
-                + ("" if s.kafka_ssl_ca_file else " (unset: the system trust store was used)")
+            return f"{where}: the broker's TLS certificate is not trusted: check STREAMS_KAFKA_SSL_CA_FILE" + (
+                "" if s.kafka_ssl_ca_file else " (unset: the system trust store was used)"
             )
         if uses_tls(s):
             return f"{where}: TLS handshake failed: check STREAMS_KAFKA_SSL_CA_FILE and STREAMS_KAFKA_SSL_CERT_FILE/KEY_FILE"

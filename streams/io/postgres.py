@@ -89,7 +89,9 @@ def connection_failure(exc: BaseException) -> StreamsError:
             )
         return ConfigError(f"PostgreSQL's TLS certificate is not trusted ({why}): check sslrootcert in STREAMS_PG_DSN")
     if isinstance(exc, ssl.SSLError):
-        return ConfigError(f"TLS with PostgreSQL failed ({exc.reason or type(exc).__name__}): check sslmode and sslrootcert in STREAMS_PG_DSN")
+        return ConfigError(
+            f"TLS with PostgreSQL failed ({exc.reason or type(exc).__name__}): check sslmode and sslrootcert in STREAMS_PG_DSN"
+        )
     if isinstance(exc, (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
         return ConfigError(
             f"PostgreSQL refused the login ({type(exc).__name__}): check the user and password in STREAMS_PG_DSN"
@@ -98,9 +100,13 @@ def connection_failure(exc: BaseException) -> StreamsError:
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return ConfigError("the database in STREAMS_PG_DSN does not exist: create it, or fix the DSN")
     if isinstance(exc, (asyncpg.ClientConfigurationError, FileNotFoundError)):
-        return ConfigError(f"STREAMS_PG_DSN is not usable ({type(exc).__name__}): check its sslmode, sslrootcert and other options")
+        return ConfigError(
+            f"STREAMS_PG_DSN is not usable ({type(exc).__name__}): check its sslmode, sslrootcert and other options"
+        )
     if isinstance(exc, ConnectionError) and "ssl" in str(exc).lower():
-        return ConfigError("PostgreSQL does not offer TLS: check sslmode in STREAMS_PG_DSN, or enable ssl on the server")
+        return ConfigError(
+            "PostgreSQL does not offer TLS: check sslmode in STREAMS_PG_DSN, or enable ssl on the server"
+        )
     return TransientError(
         f"cannot reach PostgreSQL ({type(exc).__name__}): start it (`streams stack up` locally) or set STREAMS_PG_DSN"
     )

@@ -25,7 +25,9 @@ async def sqs_client(settings: Settings, max_pool: int = 20):
     session = get_session()
     region = settings.region or session.get_config_variable("region")
     if not region:
-        raise ConfigError("no AWS region: set STREAMS_SQS_REGION (or AWS_REGION / AWS_DEFAULT_REGION, or a profile's region)")
+        raise ConfigError(
+            "no AWS region: set STREAMS_SQS_REGION (or AWS_REGION / AWS_DEFAULT_REGION, or a profile's region)"
+        )
     keys = {}
     if settings.aws_access_key_id is not None and settings.aws_secret_access_key is not None:
         keys = {
@@ -62,7 +64,9 @@ async def queue_url(client, settings: Settings) -> str:
             await client.get_queue_attributes(QueueUrl=settings.sqs_queue_url, AttributeNames=["QueueArn"])
         except ClientError as exc:
             if _code(exc) in _MISSING:
-                raise ConfigError(f"no SQS queue at STREAMS_SQS_QUEUE_URL={settings.sqs_queue_url}: check the URL") from None
+                raise ConfigError(
+                    f"no SQS queue at STREAMS_SQS_QUEUE_URL={settings.sqs_queue_url}: check the URL"
+                ) from None
             raise _client_failure(exc, "GetQueueAttributes") from None
         return settings.sqs_queue_url
     try:
@@ -87,8 +91,15 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-_DENIED = ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch",
-           "UnrecognizedClientException", "ExpiredToken", "ExpiredTokenException")
+_DENIED = (
+    "AccessDenied",
+    "AccessDeniedException",
+    "InvalidClientTokenId",
+    "SignatureDoesNotMatch",
+    "UnrecognizedClientException",
+    "ExpiredToken",
+    "ExpiredTokenException",
+)
 
 
 def _client_failure(exc: ClientError, action: str) -> Exception:

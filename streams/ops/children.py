@@ -22,7 +22,8 @@ def start_stage(command: str, log_path: Path, env: Mapping[str, str] | None = No
         return subprocess.Popen(
             [sys.executable, "-m", "streams", command, *args],
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
 

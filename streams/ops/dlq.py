@@ -71,7 +71,9 @@ def remask(masker: Masker, codec, message_id: str, payload: bytes) -> bytes:
     try:
         record = codec.decode(payload)
     except (CodecError, TypeError):
-        raise Refused(f"dead letter {message_id}: its payload is not a masked record, so it cannot be re-masked") from None
+        raise Refused(
+            f"dead letter {message_id}: its payload is not a masked record, so it cannot be re-masked"
+        ) from None
     for name in PII_FIELDS:
         ciphertext, token = record[f"{name}_ciphertext"], record[f"masked_{name}"]
         key_id = ciphertext_key_id(ciphertext)

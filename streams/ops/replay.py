@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 
@@ -54,7 +54,7 @@ def parse_target(text: str) -> Target:
             " epoch milliseconds, or partition:offset pairs like 0:10,3:0"
         ) from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return Target("timestamp", timestamp_ms=int(moment.timestamp() * 1000))
 
 
@@ -107,7 +107,9 @@ class OffsetAdmin:
     def live_members(self) -> list[str]:
         """Client ids of the group's current members (empty when no worker runs)."""
         try:
-            description = self.admin.describe_consumer_groups([self.group], request_timeout=self.timeout)[self.group].result()
+            description = self.admin.describe_consumer_groups([self.group], request_timeout=self.timeout)[
+                self.group
+            ].result()
         except Exception as exc:  # an unknown group has no members
             if "GROUP_ID_NOT_FOUND" in str(exc):
                 return []
@@ -116,9 +118,13 @@ class OffsetAdmin:
 
     def assignment(self) -> dict[str, list[tuple[str, int]]]:
         """Member id -> the partitions it holds, for operators and the scaling test."""
-        description = self.admin.describe_consumer_groups([self.group], request_timeout=self.timeout)[self.group].result()
+        description = self.admin.describe_consumer_groups([self.group], request_timeout=self.timeout)[
+            self.group
+        ].result()
         return {
-            m.member_id: sorted((tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else []))
+            m.member_id: sorted(
+                (tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else [])
+            )
             for m in description.members
         }
 
@@ -147,13 +153,17 @@ class OffsetAdmin:
     def offsets_for_time(self, topic: str, partitions: list[int], timestamp_ms: int) -> dict[int, int]:
         consumer = self._consumer()
         try:
-            found = consumer.offsets_for_times([TopicPartition(topic, p, timestamp_ms) for p in partitions], timeout=self.timeout)
+            found = consumer.offsets_for_times(
+                [TopicPartition(topic, p, timestamp_ms) for p in partitions], timeout=self.timeout
+            )
             return {tp.partition: tp.offset for tp in found}
         finally:
             consumer.close()
 
     def alter(self, topic: str, new: dict[int, int]) -> None:
-        request = ConsumerGroupTopicPartitions(self.group, [TopicPartition(topic, p, o) for p, o in sorted(new.items())])
+        request = ConsumerGroupTopicPartitions(
+            self.group, [TopicPartition(topic, p, o) for p, o in sorted(new.items())]
+        )
         self.admin.alter_consumer_group_offsets([request], request_timeout=self.timeout)[self.group].result()
 
 

@@ -26,13 +26,17 @@ def print_summary(settings: Settings) -> None:
     rows = asyncio.run(row_count(settings))
     print(f"\nrows in user_logins: {rows}")
     counts = dead_letter_counts(settings)
-    print(f"dead letters: {sum(counts.values())}" + "".join(f"\n  {reason}: {n}" for reason, n in sorted(counts.items())))
+    print(
+        f"dead letters: {sum(counts.values())}" + "".join(f"\n  {reason}: {n}" for reason, n in sorted(counts.items()))
+    )
     print("a few masked rows:")
-    sample = asyncio.run(fetch(
-        settings.pg_dsn.get_secret_value(),
-        "SELECT user_id, device_type, masked_ip, masked_device_id, locale, app_version, app_version_raw, create_date"
-        " FROM user_logins ORDER BY sent_at, message_id LIMIT 3",
-    ))
+    sample = asyncio.run(
+        fetch(
+            settings.pg_dsn.get_secret_value(),
+            "SELECT user_id, device_type, masked_ip, masked_device_id, locale, app_version, app_version_raw, create_date"
+            " FROM user_logins ORDER BY sent_at, message_id LIMIT 3",
+        )
+    )
     for row in sample:
         print("  " + " | ".join(f"{k}={v}" for k, v in row.items()))
 
@@ -46,7 +50,9 @@ def run_pipeline(settings: Settings, drain: bool = False) -> int:
     # With STREAMS_METRICS_PORT=P the bridge serves on P and the worker on P+1.
     port = settings.metrics_port
     envs = [{"STREAMS_METRICS_PORT": str(port + i)} if port else {} for i in range(2)]
-    procs = [children.start_stage(c, log_dir / f"{c}.log", env) for c, env in zip(("bridge", "worker"), envs, strict=True)]
+    procs = [
+        children.start_stage(c, log_dir / f"{c}.log", env) for c, env in zip(("bridge", "worker"), envs, strict=True)
+    ]
     print(f"bridge pid {procs[0].pid}, worker pid {procs[1].pid}; logs in {log_dir}")
     if port:
         print(f"metrics: curl http://127.0.0.1:{port}/metrics (bridge), http://127.0.0.1:{port + 1}/metrics (worker)")

@@ -13,7 +13,7 @@ import asyncpg
 from streams.io.codec import Codecs
 from streams.io.kafka import group_lag, read_topic, total_lag
 from streams.io.postgres import connect
-from streams.io.sqs import queue_url, queue_depth, sqs_client
+from streams.io.sqs import queue_depth, queue_url, sqs_client
 from streams.ops.topology import worker_inputs
 from streams.settings import Settings
 

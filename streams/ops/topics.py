@@ -143,19 +143,30 @@ def plan(settings: Settings, timeout: float | None = None) -> list[Step]:
             continue
         problems = []
         if have.replication_factor < spec.replication_factor:
-            problems.append(Step(
-                spec.name, "manual",
-                f"replication factor {have.replication_factor} is below {spec.replication_factor} "
-                "(reassign its partitions with kafka-reassign-partitions)",
-            ))
+            problems.append(
+                Step(
+                    spec.name,
+                    "manual",
+                    f"replication factor {have.replication_factor} is below {spec.replication_factor} "
+                    "(reassign its partitions with kafka-reassign-partitions)",
+                )
+            )
         elif have.replication_factor > spec.replication_factor:
-            log.info("topic %s has replication factor %d (settings: %d)", spec.name, have.replication_factor, spec.replication_factor)
+            log.info(
+                "topic %s has replication factor %d (settings: %d)",
+                spec.name,
+                have.replication_factor,
+                spec.replication_factor,
+            )
         if have.partitions != spec.partitions:
-            problems.append(Step(
-                spec.name, "manual",
-                f"{have.partitions} partitions, settings say {spec.partitions} (not changed here: adding partitions "
-                "moves keys; see docs/operations.md)",
-            ))
+            problems.append(
+                Step(
+                    spec.name,
+                    "manual",
+                    f"{have.partitions} partitions, settings say {spec.partitions} (not changed here: adding partitions "
+                    "moves keys; see docs/operations.md)",
+                )
+            )
         if have.config is None:
             problems.append(Step(spec.name, "manual", "configuration not readable (DESCRIBE_CONFIGS denied)"))
         else:
@@ -178,8 +189,11 @@ def apply(settings: Settings, timeout: float | None = None) -> list[Step]:
         admin = admin_client(settings)
         resources = [
             ConfigResource(
-                ResourceType.TOPIC, s.topic,
-                incremental_configs=[ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in s.alter.items()],
+                ResourceType.TOPIC,
+                s.topic,
+                incremental_configs=[
+                    ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in s.alter.items()
+                ],
             )
             for s in alters
         ]
@@ -206,7 +220,10 @@ def _create(settings: Settings, missing: list[TopicSpec], timeout: float) -> Non
     if not missing:
         return
     admin = admin_client(settings)
-    new = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor, config=s.config) for s in missing]
+    new = [
+        NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor, config=s.config)
+        for s in missing
+    ]
     for name, future in admin.create_topics(new, request_timeout=timeout).items():
         try:
             future.result()
@@ -228,7 +245,9 @@ def _refusal(settings: Settings, exc: KafkaException, what: str) -> ConfigError:
             f"cannot {what}: the cluster has fewer brokers than the replication factor: check STREAMS_TOPIC_REPLICATION_FACTOR"
         )
     if error.code() == KafkaError.INVALID_CONFIG:
-        return ConfigError(f"cannot {what}: the broker refused its configuration ({error.name()}): check STREAMS_TOPIC_*")
+        return ConfigError(
+            f"cannot {what}: the broker refused its configuration ({error.name()}): check STREAMS_TOPIC_*"
+        )
     return ConfigError(f"cannot {what}: {error.name()}")
 
 

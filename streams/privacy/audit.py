@@ -44,5 +44,11 @@ async def record(
     await conn.execute(
         "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        operator, os_user(), reason, field, token, message_id, outcome,
+        operator,
+        os_user(),
+        reason,
+        field,
+        token,
+        message_id,
+        outcome,
     )

@@ -121,7 +121,7 @@ def _new_key(size: int) -> str:
 
 def next_id(existing, prefix: str) -> str:
     """The next free id after the highest numbered one: h1 -> h2, k7 -> k8."""
-    numbers = [int(i[len(prefix):]) for i in existing if i.startswith(prefix) and i[len(prefix):].isdigit()]
+    numbers = [int(i[len(prefix) :]) for i in existing if i.startswith(prefix) and i[len(prefix) :].isdigit()]
     return f"{prefix}{max(numbers, default=0) + 1}"
 
 
@@ -154,7 +154,9 @@ def add_join_version(doc: dict) -> str:
 def editable_document(keys_file: Path, keys_json: str | None = None) -> dict:
     """The key file's document, for commands that change keys (never the env/KMS copy)."""
     if keys_json:
-        raise KeyMaterialError("keys come from STREAMS_KEYS_JSON: change them in your secret store, not with this command")
+        raise KeyMaterialError(
+            "keys come from STREAMS_KEYS_JSON: change them in your secret store, not with this command"
+        )
     text = read_key_file(keys_file)
     parse_keyring(text, str(keys_file))
     return json.loads(text)
@@ -203,7 +205,9 @@ def read_key_file(keys_file: Path) -> str:
     try:
         return keys_file.read_text()
     except OSError as exc:
-        raise KeyMaterialError(f"cannot read {keys_file} ({exc.strerror}): check its owner and STREAMS_KEYS_FILE") from None
+        raise KeyMaterialError(
+            f"cannot read {keys_file} ({exc.strerror}): check its owner and STREAMS_KEYS_FILE"
+        ) from None
 
 
 def load_keyring(keys_file: Path, keys_json: str | None = None, dev_keys: bool = False) -> KeyRing:
@@ -211,7 +215,9 @@ def load_keyring(keys_file: Path, keys_json: str | None = None, dev_keys: bool =
     if keys_json:
         return parse_keyring(keys_json, "STREAMS_KEYS_JSON")
     if dev_keys and not keys_file.exists() and publish_document(keys_file, generate_document()):
-        log.warning("generated a DEV masking key at %s (STREAMS_DEV_KEYS); use real key management in production", keys_file)
+        log.warning(
+            "generated a DEV masking key at %s (STREAMS_DEV_KEYS); use real key management in production", keys_file
+        )
     return parse_keyring(read_key_file(keys_file), str(keys_file))
 
 

@@ -78,6 +78,7 @@ def _open(masker: Masker, field: str, ciphertext: str, token: str) -> str:
 # associated data (``<key id>.<body>``: no ``v2`` marker in the second part).
 _STALE = f"key_id <> $1 OR split_part(ciphertext, '.', 2) <> '{BOUND}'"
 
+
 async def reencrypt(
     conn: asyncpg.Connection, masker: Masker, batch_size: int, max_batches: int | None = None, out=sys.stderr
 ) -> int:
@@ -90,19 +91,25 @@ async def reencrypt(
             rows = await conn.fetch(  # keyset walk along the primary key: linear, not quadratic
                 f"SELECT field, token, ciphertext FROM pii_vault WHERE ({_STALE}) AND (field, token) > ($3, $4)"
                 " ORDER BY field, token LIMIT $2 FOR UPDATE",
-                active, batch_size, *last,
+                active,
+                batch_size,
+                *last,
             )
             if not rows:
                 break
             last = (rows[-1]["field"], rows[-1]["token"])
             sealed = [
-                masker.encrypt(r["field"], _open(masker, r["field"], r["ciphertext"], r["token"]), r["token"]) for r in rows
+                masker.encrypt(r["field"], _open(masker, r["field"], r["ciphertext"], r["token"]), r["token"])
+                for r in rows
             ]
             await conn.execute(
                 "UPDATE pii_vault v SET key_id = $1, ciphertext = n.ciphertext"
                 " FROM unnest($2::text[], $3::text[], $4::text[]) AS n(field, token, ciphertext)"
                 " WHERE v.field = n.field AND v.token = n.token",
-                active, [r["field"] for r in rows], [r["token"] for r in rows], sealed,
+                active,
+                [r["field"] for r in rows],
+                [r["token"] for r in rows],
+                sealed,
             )
         moved += len(rows)
         batches += 1
@@ -135,7 +142,9 @@ class Budget:
         return True
 
 
-async def map_vault(conn: asyncpg.Connection, masker: Masker, target: str, batch_size: int, budget: Budget, out) -> bool:
+async def map_vault(
+    conn: asyncpg.Connection, masker: Masker, target: str, batch_size: int, budget: Budget, out
+) -> bool:
     """Add target-version vault rows and old->new map entries; False if the budget ran out."""
     pending = """FROM pii_vault v WHERE split_part(v.token, '.', 1) <> $1 AND NOT EXISTS
         (SELECT 1 FROM join_token_map m WHERE m.field = v.field AND m.old_token = v.token)"""
@@ -146,7 +155,9 @@ async def map_vault(conn: asyncpg.Connection, masker: Masker, target: str, batch
             rows = await conn.fetch(
                 f"SELECT v.field, v.token, v.key_id, v.ciphertext {pending} AND (v.field, v.token) > ($3, $4)"
                 " ORDER BY v.field, v.token LIMIT $2",
-                target, batch_size, *last,
+                target,
+                batch_size,
+                *last,
             )
             if not rows:
                 return True
@@ -162,12 +173,17 @@ async def map_vault(conn: asyncpg.Connection, masker: Masker, target: str, batch
                 await conn.execute(
                     "INSERT INTO pii_vault (field, token, key_id, ciphertext)"
                     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
-                    fields, new, [masker.keyring.encryption_key_id] * len(rows), sealed,
+                    fields,
+                    new,
+                    [masker.keyring.encryption_key_id] * len(rows),
+                    sealed,
                 )
                 await conn.execute(
                     "INSERT INTO join_token_map (field, old_token, new_token)"
                     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING",
-                    fields, [r["token"] for r in rows], new,
+                    fields,
+                    [r["token"] for r in rows],
+                    new,
                 )
             progress.advance(len(rows))
     finally:
@@ -193,7 +209,9 @@ SELECT (SELECT max(message_id) FROM batch) AS last, (SELECT count(*) FROM change
 
 async def rewrite_logins(conn: asyncpg.Connection, target: str, batch_size: int, budget: Budget, out) -> bool:
     """Rewrite user_logins tokens through the map, in message_id order; False if the budget ran out."""
-    progress = Progress(f"rewriting user_logins to {target}", await conn.fetchval("SELECT count(*) FROM user_logins"), out)
+    progress = Progress(
+        f"rewriting user_logins to {target}", await conn.fetchval("SELECT count(*) FROM user_logins"), out
+    )
     last = ""
     try:
         while True:
@@ -242,7 +260,7 @@ async def rejoin(
     it runs after the first full rewrite, and is idempotent.
     """
     budget = Budget(max_batches)
-    for round_no in range(rounds):
+    for _round_no in range(rounds):
         if not await map_vault(conn, masker, target, batch_size, budget, out):
             return False
         if not await rewrite_logins(conn, target, batch_size, budget, out):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from streams.privacy import audit
 from streams.errors import Refused
+from streams.privacy import audit
 from streams.privacy.keys import PII_FIELDS
 from streams.privacy.masking import Masker, MissingKeyError, RevealError, token_version
 
@@ -28,11 +28,12 @@ class Revealed:
 
 
 async def _vault_rows(conn: asyncpg.Connection, pairs: list[tuple[str, str]]) -> list[asyncpg.Record]:
-    fields, tokens = zip(*pairs)
+    fields, tokens = zip(*pairs, strict=False)
     return await conn.fetch(
         "SELECT v.field, v.token, v.ciphertext FROM pii_vault v"
         " JOIN unnest($1::text[], $2::text[]) AS q(field, token) USING (field, token)",
-        list(fields), list(tokens),
+        list(fields),
+        list(tokens),
     )
 
 

@@ -25,10 +25,13 @@ def fixed_keys() -> str:
     def key(n: int) -> str:
         return base64.b64encode(bytes(rng.randrange(256) for _ in range(n))).decode()
 
-    return json.dumps({
-        "join": {"active": "h1", "versions": {"h1": {"ip": key(32), "device_id": key(32)}}},
-        "encryption": {"active": "k1", "keys": {"k1": key(64)}},
-    }, indent=2)
+    return json.dumps(
+        {
+            "join": {"active": "h1", "versions": {"h1": {"ip": key(32), "device_id": key(32)}}},
+            "encryption": {"active": "k1", "keys": {"k1": key(64)}},
+        },
+        indent=2,
+    )
 
 
 def bodies() -> list[str]:
@@ -39,23 +42,32 @@ def bodies() -> list[str]:
     out += [body for _, body, _ in CATALOGUE if len(body) < 20_000]
     rng = random.Random(7)
     for i in range(500):
-        out.append(json.dumps({
-            "user_id": f"u-{i}-{rng.getrandbits(32):08x}",
-            "app_version": rng.choice(["2.3.0", "0.96", "5.0.1", "10.2", "1.2.3.4", "beta"]),
-            "device_type": rng.choice(["ios", "android"]),
-            "ip": rng.choice([f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}",
-                              f"2001:db8::{rng.getrandbits(16):x}", f"::ffff:192.0.2.{rng.randrange(256)}"]),
-            "locale": rng.choice(["EN", "RU", None]),
-            "device_id": f"{rng.getrandbits(48):012x}-{i}",
-        }))
+        out.append(
+            json.dumps(
+                {
+                    "user_id": f"u-{i}-{rng.getrandbits(32):08x}",
+                    "app_version": rng.choice(["2.3.0", "0.96", "5.0.1", "10.2", "1.2.3.4", "beta"]),
+                    "device_type": rng.choice(["ios", "android"]),
+                    "ip": rng.choice(
+                        [
+                            f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}",
+                            f"2001:db8::{rng.getrandbits(16):x}",
+                            f"::ffff:192.0.2.{rng.randrange(256)}",
+                        ]
+                    ),
+                    "locale": rng.choice(["EN", "RU", None]),
+                    "device_id": f"{rng.getrandbits(48):012x}-{i}",
+                }
+            )
+        )
     return out
 
 
 def main() -> None:
     from streams.io.codec import Codecs
+    from streams.pipeline.mask import MaskTransform
     from streams.privacy.keys import parse_keyring
     from streams.privacy.masking import Masker
-    from streams.pipeline.mask import MaskTransform
 
     keys = fixed_keys()
     (HERE / "keys.json").write_text(keys)
@@ -77,8 +89,18 @@ def main() -> None:
                 result = {"dead_letter": dead}
             else:
                 result = {"out_value": out.value.hex()}
-            fh.write(json.dumps({"key": key.hex() if key is not None else None, "value": value.hex(),
-                                 "out_key": out.key.hex(), "reason": out.reason, **result}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "key": key.hex() if key is not None else None,
+                        "value": value.hex(),
+                        "out_key": out.key.hex(),
+                        "reason": out.reason,
+                        **result,
+                    }
+                )
+                + "\n"
+            )
     print(f"wrote {len(inputs)} cases")
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from streams.settings import Settings
 from streams_dev import stack
 from streams_dev.sandbox import private_settings
-from streams.settings import Settings
 from tests.helpers import isolated_pipeline
-
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +46,7 @@ def restore(settings: Settings) -> None:
 def fault_pipeline(private_stack: Settings, tmp_path: Path):
     """The ``pipeline`` fixture of tests/conftest.py, on the private stack."""
     restore(private_stack)
-    p = isolated_pipeline(
-        private_stack, tmp_path, STREAMS_RETRY_MAX_BACKOFF="2", STREAMS_TOPIC_PARTITIONS="3"
-    )
+    p = isolated_pipeline(private_stack, tmp_path, STREAMS_RETRY_MAX_BACKOFF="2", STREAMS_TOPIC_PARTITIONS="3")
     yield p
     p.stop_all()
     restore(private_stack)

@@ -8,7 +8,14 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-GOOD = {"user_id": "u-ok", "app_version": "2.3.0", "device_type": "ios", "ip": "198.51.100.7", "locale": "DE", "device_id": "111-22-3333"}
+GOOD = {
+    "user_id": "u-ok",
+    "app_version": "2.3.0",
+    "device_type": "ios",
+    "ip": "198.51.100.7",
+    "locale": "DE",
+    "device_id": "111-22-3333",
+}
 BLOCKED = {**GOOD, "user_id": "u-blocked", "ip": "198.51.100.8", "device_id": "444-55-6666"}
 BROKEN = {"foo": "oops_wrong_msg_type", "bar": "123"}
 
@@ -17,7 +24,9 @@ def test_redrive_after_cause_removed_lands_with_original_id(pipeline):
     s = pipeline.settings
     bridge = pipeline.start("bridge")
     pipeline.start("worker")
-    pipeline.wait_for(lambda: pipeline.query("SELECT to_regclass('user_logins') AS t")[0]["t"], 120, "the migrated table")
+    pipeline.wait_for(
+        lambda: pipeline.query("SELECT to_regclass('user_logins') AS t")[0]["t"], 120, "the migrated table"
+    )
     # The cause: a constraint a DBA added by mistake refuses one user's rows.
     pipeline.query("ALTER TABLE user_logins ADD CONSTRAINT no_blocked CHECK (user_id <> 'u-blocked')")
     good_id, blocked_id, broken_id = pipeline.send([GOOD, BLOCKED, BROKEN])
@@ -47,7 +56,8 @@ def test_redrive_after_cause_removed_lands_with_original_id(pipeline):
     assert done.returncode == 0 and f"1 to {s.raw_topic}" in done.stdout, done.stderr
     pipeline.wait_for(
         lambda: [d["message_id"] for d in pipeline.dead_letters() if d["reason"] == "missing_field"] == [broken_id] * 2,
-        120, "the broken message dead-lettered again by the mask stage",
+        120,
+        "the broken message dead-lettered again by the mask stage",
     )
     assert pipeline.row_count() == 2
     assert pipeline.stop(bridge) == 0
@@ -64,7 +74,9 @@ def test_sink_redrive_remasks_under_current_keys_and_refuses_a_retired_key(pipel
     s = pipeline.settings
     bridge = pipeline.start("bridge")
     worker = pipeline.start("worker")
-    pipeline.wait_for(lambda: pipeline.query("SELECT to_regclass('user_logins') AS t")[0]["t"], 120, "the migrated table")
+    pipeline.wait_for(
+        lambda: pipeline.query("SELECT to_regclass('user_logins') AS t")[0]["t"], 120, "the migrated table"
+    )
     pipeline.query("ALTER TABLE user_logins ADD CONSTRAINT no_blocked CHECK (user_id NOT LIKE 'u-blocked%')")
     _, under_k1 = pipeline.send([GOOD, BLOCKED])  # masked under h1 / k1
     pipeline.wait_for(lambda: len(pipeline.dead_letters()) == 1 and pipeline.row_count() == 1, 120, "k1 dead letter")
@@ -83,7 +95,8 @@ def test_sink_redrive_remasks_under_current_keys_and_refuses_a_retired_key(pipel
     keys(pipeline, "reencrypt")
     keys(pipeline, "retire", "k1")
     assert json.loads(keys(pipeline, "list").stdout) == {
-        "join": {"active": "h2", "next": None, "versions": ["h2"]}, "encryption": {"active": "k2", "keys": ["k2"]},
+        "join": {"active": "h2", "next": None, "versions": ["h2"]},
+        "encryption": {"active": "k2", "keys": ["k2"]},
     }
     pipeline.query("ALTER TABLE user_logins DROP CONSTRAINT no_blocked")
 
@@ -104,15 +117,21 @@ def test_sink_redrive_remasks_under_current_keys_and_refuses_a_retired_key(pipel
     assert row["masked_ip"].startswith("h2.") and row["masked_device_id"].startswith("h2.")
     vault = pipeline.query(
         "SELECT field, key_id, ciphertext FROM pii_vault WHERE (field, token) IN (('ip', $1), ('device_id', $2))",
-        row["masked_ip"], row["masked_device_id"],
+        row["masked_ip"],
+        row["masked_device_id"],
     )
     assert len(vault) == 2 and all(v["key_id"] == "k2" and v["ciphertext"].startswith("k2.v2.") for v in vault)
     assert pipeline.query("SELECT count(*) AS n FROM user_logins WHERE message_id = $1", under_k1)[0]["n"] == 0
-    assert {r["v"] for r in pipeline.query(
-        "SELECT split_part(masked_ip, '.', 1) AS v FROM user_logins UNION SELECT split_part(token, '.', 1) FROM pii_vault"
-    )} == {"h2"}
+    assert {
+        r["v"]
+        for r in pipeline.query(
+            "SELECT split_part(masked_ip, '.', 1) AS v FROM user_logins UNION SELECT split_part(token, '.', 1) FROM pii_vault"
+        )
+    } == {"h2"}
     assert {r["key_id"] for r in pipeline.query("SELECT DISTINCT key_id FROM pii_vault")} == {"k2"}
     out = pipeline.run("reveal", "--message-id", under_k2, "--operator", "ops", "--reason", "INC-7")
-    assert [json.loads(line)["value"] for line in out.stdout.splitlines()] == ["198.51.100.9", "777-88-9999"], out.stderr
+    assert [json.loads(line)["value"] for line in out.stdout.splitlines()] == ["198.51.100.9", "777-88-9999"], (
+        out.stderr
+    )
     pipeline.stop(worker)
     pipeline.stop(bridge)

@@ -10,8 +10,22 @@ pytestmark = pytest.mark.integration
 
 SHARED_IP = "203.0.113.77"
 PAIR = [
-    {"user_id": "pair-1", "app_version": "2.00", "device_type": "ios", "ip": SHARED_IP, "locale": "DE", "device_id": "900-00-0001"},
-    {"user_id": "pair-2", "app_version": "0.60", "device_type": "android", "ip": "::ffff:" + SHARED_IP, "locale": None, "device_id": "900-00-0002"},
+    {
+        "user_id": "pair-1",
+        "app_version": "2.00",
+        "device_type": "ios",
+        "ip": SHARED_IP,
+        "locale": "DE",
+        "device_id": "900-00-0001",
+    },
+    {
+        "user_id": "pair-2",
+        "app_version": "0.60",
+        "device_type": "android",
+        "ip": "::ffff:" + SHARED_IP,
+        "locale": None,
+        "device_id": "900-00-0002",
+    },
 ]
 
 
@@ -40,7 +54,9 @@ def test_sample_flows_end_to_end(pipeline, sample_path):
     assert sum(r["message_id"] in set(sample_ids) for r in rows) == 99
 
     dead = pipeline.dead_letters()
-    assert [(d["message_id"], d["reason"], d["stage"]) for d in dead] == [(sample_ids[bad_index], "missing_field", "mask")]
+    assert [(d["message_id"], d["reason"], d["stage"]) for d in dead] == [
+        (sample_ids[bad_index], "missing_field", "mask")
+    ]
     assert "user_id" in dead[0]["detail"]
 
     by_id = {r["message_id"]: r for r in rows}
@@ -76,7 +92,9 @@ def test_sample_flows_end_to_end(pipeline, sample_path):
     before = table_dump(pipeline)
     replay_group = s.app_id + "-replay"
     sink = pipeline.start("worker", STREAMS_STAGES="sink", STREAMS_APP_ID=replay_group)
-    pipeline.wait_for(lambda: pipeline.lag([s.masked_topic], group=replay_group) == 0, 90, "the replayed sink to catch up")
+    pipeline.wait_for(
+        lambda: pipeline.lag([s.masked_topic], group=replay_group) == 0, 90, "the replayed sink to catch up"
+    )
     assert pipeline.stop(sink) == 0
     assert table_dump(pipeline) == before
 

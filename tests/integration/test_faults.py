@@ -197,7 +197,9 @@ def test_broker_stall_longer_than_the_visibility_timeout_writes_each_message_onc
     stack.stop_service(private_stack, "kafka")
     ids = p.send(logins(3, "stall"))
     # Stall for at least 4 visibility timeouts: the bridge extends visibility every 2/3 s.
-    p.wait_for(lambda: p.logs().count("extended visibility") >= 12, 60, "the produce to stay pending past the visibility")
+    p.wait_for(
+        lambda: p.logs().count("extended visibility") >= 12, 60, "the produce to stay pending past the visibility"
+    )
     stack.start_service(private_stack, "kafka")
     p.wait_for(lambda: p.queue_depth() == 0, 120, "every message deleted")
     raw_keys = [k.decode() for k, _ in p.topic(s.raw_topic)]

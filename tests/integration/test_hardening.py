@@ -17,8 +17,6 @@ pytestmark = pytest.mark.integration
 BODY = LOGIN
 
 
-
-
 def reasons(p) -> list[str]:
     return sorted(d["reason"] for d in p.dead_letters())
 
@@ -26,9 +24,14 @@ def reasons(p) -> list[str]:
 def test_a_raw_tombstone_is_dead_lettered_and_the_partition_moves_on(pipeline):
     p, s = pipeline, pipeline.settings
     ensure_topics(s)
-    send_records(s, [(s.raw_topic, b"t-1", None)] + [
-        (s.raw_topic, f"ok-{i}".encode(), raw_value(f"ok-{i}", json.dumps({**BODY, "user_id": f"u{i}"}))) for i in range(5)
-    ])
+    send_records(
+        s,
+        [(s.raw_topic, b"t-1", None)]
+        + [
+            (s.raw_topic, f"ok-{i}".encode(), raw_value(f"ok-{i}", json.dumps({**BODY, "user_id": f"u{i}"})))
+            for i in range(5)
+        ],
+    )
     worker = p.start("worker")
     p.wait_for(lambda: p.row_count() == 5, 120, "5 rows behind the tombstone")
     p.wait_for(lambda: reasons(p) == ["empty_record"], 60, "one empty_record dead letter")
@@ -59,9 +62,14 @@ def test_a_dead_letter_over_kafkas_size_limit_is_truncated_and_the_batch_goes_on
     p, s = pipeline, pipeline.settings
     ensure_topics(s)
     big = raw_value("big", "{" + "x" * 999_900)  # just under the 1,000,000-byte limit; its dead letter is over
-    send_records(s, [(s.raw_topic, b"big", big)] + [
-        (s.raw_topic, f"ok-{i}".encode(), raw_value(f"ok-{i}", json.dumps({**BODY, "user_id": f"u{i}"}))) for i in range(3)
-    ])
+    send_records(
+        s,
+        [(s.raw_topic, b"big", big)]
+        + [
+            (s.raw_topic, f"ok-{i}".encode(), raw_value(f"ok-{i}", json.dumps({**BODY, "user_id": f"u{i}"})))
+            for i in range(3)
+        ],
+    )
     p.start("worker")
     p.wait_for(lambda: p.row_count() == 3, 120, "3 rows")
     p.wait_for(lambda: len(p.dead_letters()) == 1, 60, "the dead letter")
@@ -85,7 +93,9 @@ def test_bridge_dead_letters_bodies_over_the_bound_and_records_kafka_refuses(pip
     p, s = pipeline, pipeline.settings
     ids = p.send(["y" * 150_000, "z" * 95_000, json.dumps(BODY)])
     # 150,000 bytes is over STREAMS_MAX_BODY_BYTES; 95,000 passes it but not librdkafka's message.max.bytes.
-    bridge = p.start("bridge", STREAMS_MAX_BODY_BYTES="100000", STREAMS_KAFKA_EXTRA=json.dumps({"message.max.bytes": "90000"}))
+    bridge = p.start(
+        "bridge", STREAMS_MAX_BODY_BYTES="100000", STREAMS_KAFKA_EXTRA=json.dumps({"message.max.bytes": "90000"})
+    )
     p.wait_for(lambda: p.queue_depth() == 0, 60, "the queue emptied: every message deleted")
     p.wait_for(lambda: len(p.dead_letters()) == 2, 60, "two dead letters")
     dead = {d["message_id"]: d for d in p.dead_letters()}

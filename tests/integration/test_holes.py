@@ -39,8 +39,11 @@ def offsets_in(settings, topic: str) -> list[int]:
 def test_sink_commits_to_the_end_of_a_compacted_partition_with_a_hole_after_offset_0(pipeline):
     s = pipeline.settings
     compact_fast = {
-        "cleanup.policy": "compact", "segment.ms": "100", "min.cleanable.dirty.ratio": "0.001",
-        "min.compaction.lag.ms": "0", "delete.retention.ms": "100",
+        "cleanup.policy": "compact",
+        "segment.ms": "100",
+        "min.cleanable.dirty.ratio": "0.001",
+        "min.compaction.lag.ms": "0",
+        "delete.retention.ms": "100",
     }
     admin = admin_client(s)
     topic = NewTopic(s.masked_topic, num_partitions=s.topic_partitions, replication_factor=1, config=compact_fast)

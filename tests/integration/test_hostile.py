@@ -16,7 +16,14 @@ from streams.privacy.masking import canonical_ip
 
 pytestmark = pytest.mark.integration
 
-BASE = {"user_id": "h", "app_version": "1.2.3", "device_type": "ios", "ip": "192.0.2.10", "locale": "EN", "device_id": "d-1"}
+BASE = {
+    "user_id": "h",
+    "app_version": "1.2.3",
+    "device_type": "ios",
+    "ip": "192.0.2.10",
+    "locale": "EN",
+    "device_id": "d-1",
+}
 
 
 def obj(**changes) -> str:
@@ -78,8 +85,8 @@ def test_hostile_catalogue(pipeline):
     s = p.settings
     ensure_topics(s)
     ids = p.send([body for _, body, _ in CATALOGUE])
-    expected_dead = {i: reason for i, (_, _, reason) in zip(ids, CATALOGUE) if reason}
-    expected_rows = {i: json.loads(body) for i, (_, body, reason) in zip(ids, CATALOGUE) if not reason}
+    expected_dead = {i: reason for i, (_, _, reason) in zip(ids, CATALOGUE, strict=False) if reason}
+    expected_rows = {i: json.loads(body) for i, (_, body, reason) in zip(ids, CATALOGUE, strict=False) if not reason}
 
     # Straight onto the raw topic: bytes that are not an envelope, an empty body, and
     # the same message id twice, twice in one batch, and with different content.
@@ -97,7 +104,9 @@ def test_hostile_catalogue(pipeline):
     p.start("bridge")
     worker = p.start("worker")
     p.wait_for(lambda: p.row_count() == len(expected_rows) + 2, 120, "the catalogue's rows")
-    produce_raw(p, [(b"dup-a", raw.encode(envelope("dup-a", first))), (b"dup-b", raw.encode(envelope("dup-b", changed)))])
+    produce_raw(
+        p, [(b"dup-a", raw.encode(envelope("dup-a", first))), (b"dup-b", raw.encode(envelope("dup-b", changed)))]
+    )
     p.wait_for(lambda: p.lag([s.raw_topic, s.masked_topic]) == 0 and p.queue_depth() == 0, 120, "a drained pipeline")
     assert worker.poll() is None
 
@@ -105,7 +114,11 @@ def test_hostile_catalogue(pipeline):
     assert set(rows) == set(expected_rows) | {"dup-a", "dup-b"}
     for message_id, sent in expected_rows.items():
         row = rows[message_id]
-        assert (row["user_id"], row["device_type"], row["locale"]) == (sent["user_id"], sent["device_type"], sent["locale"])
+        assert (row["user_id"], row["device_type"], row["locale"]) == (
+            sent["user_id"],
+            sent["device_type"],
+            sent["locale"],
+        )
         assert row["app_version_raw"] == sent["app_version"]
     assert rows["dup-a"]["user_id"] == "dup-first"
     assert rows["dup-b"]["user_id"] == "dup-second"  # the later record of an id wins

@@ -48,8 +48,13 @@ def test_metrics_match_what_happened(pipeline, sample_path):
     def settled():
         w = scrape(worker_port)
         lag = sum(v for k, v in w.items() if k.startswith("streams_consumer_lag{"))
-        return w if value(w, "streams_records_out_total", stage="sink", outcome="row") == 99 and lag == 0 and any(
-            k.startswith("streams_consumer_lag{") for k in w) else None
+        return (
+            w
+            if value(w, "streams_records_out_total", stage="sink", outcome="row") == 99
+            and lag == 0
+            and any(k.startswith("streams_consumer_lag{") for k in w)
+            else None
+        )
 
     w = p.wait_for(settled, 60, "the worker's counters and lag gauges to settle")
     assert value(w, "streams_records_in_total", stage="mask") == 100
@@ -59,8 +64,11 @@ def test_metrics_match_what_happened(pipeline, sample_path):
     assert value(w, "streams_batch_size_count", stage="sink") >= 1
     assert any(k.startswith("streams_key_in_use{") and v == 1 for k, v in w.items())
 
-    b = p.wait_for(lambda: (m := scrape(bridge_port)) and value(m, "streams_sqs_messages_total", event="deleted") == 100 and m,
-                   60, "the bridge's counters")
+    b = p.wait_for(
+        lambda: (m := scrape(bridge_port)) and value(m, "streams_sqs_messages_total", event="deleted") == 100 and m,
+        60,
+        "the bridge's counters",
+    )
     assert value(b, "streams_sqs_messages_total", event="received") == 100
     assert value(b, "streams_records_out_total", stage="bridge", outcome="bridged") == 100
 
@@ -69,13 +77,24 @@ def test_metrics_match_what_happened(pipeline, sample_path):
         for field in ("ip", "device_id", "user_id"):
             if field in record:
                 assert str(record[field]) not in text
-    assert not re.search(r'message_id|[0-9a-f]{8}-[0-9a-f]{4}-', text)
+    assert not re.search(r"message_id|[0-9a-f]{8}-[0-9a-f]{4}-", text)
 
 
 def test_healthz_fails_when_an_agent_hangs(pipeline):
     p = pipeline
     port = free_port()
-    p.send([{"user_id": "u", "app_version": "1", "device_type": "ios", "ip": "192.0.2.1", "locale": None, "device_id": "d"}])
+    p.send(
+        [
+            {
+                "user_id": "u",
+                "app_version": "1",
+                "device_type": "ios",
+                "ip": "192.0.2.1",
+                "locale": None,
+                "device_id": "d",
+            }
+        ]
+    )
     p.start("bridge")
     p.start("worker", STREAMS_METRICS_PORT=str(port), STREAMS_STUCK_AFTER="2", STREAMS_FAULT="sink_before_commit:hang")
     p.wait_for(lambda: get(port, "/healthz")[0] == 503, 120, "/healthz to report the hung sink")
@@ -87,7 +106,14 @@ def test_waiting_out_a_database_outage_is_not_stuck(fault_pipeline, private_stac
     port = free_port()
     p.start("bridge")
     p.start("worker", STREAMS_METRICS_PORT=str(port), STREAMS_STUCK_AFTER="2", STREAMS_RETRY_MAX_BACKOFF="0.5")
-    login = {"user_id": "u", "app_version": "1", "device_type": "ios", "ip": "192.0.2.1", "locale": None, "device_id": "d"}
+    login = {
+        "user_id": "u",
+        "app_version": "1",
+        "device_type": "ios",
+        "ip": "192.0.2.1",
+        "locale": None,
+        "device_id": "d",
+    }
     p.send([login])
     p.wait_for(lambda: p.row_count() == 1, 120, "the first row")
     stack.stop_service(private_stack, "postgres")

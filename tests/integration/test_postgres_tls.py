@@ -83,8 +83,9 @@ def test_migrate_and_the_sink_run_over_verified_tls(tls_postgres, tls_database, 
 @pytest.mark.parametrize("command", [("migrate",), ("worker",)])
 def test_an_untrusted_server_certificate_is_one_line(tls_postgres, tls_database, stack_settings, tmp_path, command):
     server, _, rogue = tls_postgres
-    p = isolated_pipeline(stack_settings, tmp_path, STREAMS_PG_DSN=server.dsn(tls_database, rootcert=rogue),
-                          STREAMS_STAGES="sink")
+    p = isolated_pipeline(
+        stack_settings, tmp_path, STREAMS_PG_DSN=server.dsn(tls_database, rootcert=rogue), STREAMS_STAGES="sink"
+    )
     result = p.run(*command, STREAMS_LOG_LEVEL="WARNING", timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     line = one_line(result)

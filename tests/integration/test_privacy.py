@@ -25,8 +25,15 @@ pytestmark = pytest.mark.integration
 
 
 def login(n: int, ip, device_id, **extra) -> dict:
-    return {"user_id": f"hostile-{n}", "app_version": "2.3.0", "device_type": "android", "ip": ip,
-            "locale": "DE", "device_id": device_id, **extra}
+    return {
+        "user_id": f"hostile-{n}",
+        "app_version": "2.3.0",
+        "device_type": "android",
+        "ip": ip,
+        "locale": "DE",
+        "device_id": device_id,
+        **extra,
+    }
 
 
 VALID = [
@@ -82,7 +89,7 @@ def test_hostile_values_never_leak_and_reveal_is_audited(pipeline, sample_path, 
     assert pipeline.stop(worker) == 0
 
     # Reveal: by message id, by token, and the three refusals, each one line.
-    for message_id, record in zip(hostile_ids, VALID):
+    for message_id, record in zip(hostile_ids, VALID, strict=False):
         out = pipeline.run("reveal", "--message-id", message_id, "--operator", "ann", "--reason", "INC-1")
         assert out.returncode == 0, out.stderr
         revealed = [json.loads(line) for line in out.stdout.splitlines()]
@@ -148,11 +155,16 @@ def seeded(pipeline) -> Masker:
         pipeline.query(
             "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id,"
             " create_date, app_version_raw, sent_at) VALUES ($1, 'u', 'ios', $2, $3, current_date, '1.0', now())",
-            message_id, ip_m.token, dev_m.token,
+            message_id,
+            ip_m.token,
+            dev_m.token,
         )
         pipeline.query(
             "INSERT INTO pii_vault (field, token, key_id, ciphertext) VALUES ('ip', $1, 'k1', $2), ('device_id', $3, 'k1', $4)",
-            ip_m.token, ip_m.ciphertext, dev_m.token, dev_m.ciphertext,
+            ip_m.token,
+            ip_m.ciphertext,
+            dev_m.token,
+            dev_m.ciphertext,
         )
     return masker
 
@@ -175,14 +187,19 @@ def test_audit_trail_is_append_only_even_for_the_owner(pipeline):
     assert values(reveal(pipeline, "--message-id", "m-a")) == list(LOGINS["m-a"])
     before = pipeline.query("SELECT * FROM pii_reveal_audit ORDER BY id")
     assert len(before) == 2
-    for sql in ("UPDATE pii_reveal_audit SET operator = 'nobody'", "DELETE FROM pii_reveal_audit",
-                "TRUNCATE pii_reveal_audit"):
+    for sql in (
+        "UPDATE pii_reveal_audit SET operator = 'nobody'",
+        "DELETE FROM pii_reveal_audit",
+        "TRUNCATE pii_reveal_audit",
+    ):
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
             pipeline.query(sql)  # as postgres, the owner (a superuser here)
     assert pipeline.query("SELECT * FROM pii_reveal_audit ORDER BY id") == before
     # The database stamps who and when; an INSERT cannot choose them.
-    pipeline.query("INSERT INTO pii_reveal_audit (operator, outcome, db_user, revealed_at)"
-                   " VALUES ('x', 'test', 'someone-else', '2000-01-01')")
+    pipeline.query(
+        "INSERT INTO pii_reveal_audit (operator, outcome, db_user, revealed_at)"
+        " VALUES ('x', 'test', 'someone-else', '2000-01-01')"
+    )
     forged = pipeline.query("SELECT db_user, revealed_at FROM pii_reveal_audit WHERE outcome = 'test'")[0]
     assert forged["db_user"] == "postgres" and forged["revealed_at"].year > 2000
 
@@ -204,7 +221,10 @@ def test_a_login_role_granted_streams_reveal_can_reveal_and_nothing_more(pipelin
         assert [tuple(a) for a in audit] == [("ann", role, getpass.getuser(), "revealed")] * 2
         refused = reveal(pipeline, "--token", "h1." + "A" * 43, STREAMS_PG_DSN=dsn)  # a refusal, audited as the role
         assert "no pii_vault entry" in one_line_error(refused)
-        assert pipeline.query("SELECT db_user, outcome FROM pii_reveal_audit ORDER BY id DESC LIMIT 1")[0]["db_user"] == role
+        assert (
+            pipeline.query("SELECT db_user, outcome FROM pii_reveal_audit ORDER BY id DESC LIMIT 1")[0]["db_user"]
+            == role
+        )
 
         async def attempt(sql: str) -> None:
             conn = await asyncpg.connect(dsn)
@@ -213,9 +233,15 @@ def test_a_login_role_granted_streams_reveal_can_reveal_and_nothing_more(pipelin
             finally:
                 await conn.close()
 
-        for sql in ("DELETE FROM pii_reveal_audit", "UPDATE pii_reveal_audit SET operator = 'nobody'",
-                    "TRUNCATE pii_reveal_audit", "UPDATE pii_vault SET ciphertext = 'x'",
-                    "DELETE FROM pii_vault", "DELETE FROM user_logins", "CREATE TABLE mine (x int)"):
+        for sql in (
+            "DELETE FROM pii_reveal_audit",
+            "UPDATE pii_reveal_audit SET operator = 'nobody'",
+            "TRUNCATE pii_reveal_audit",
+            "UPDATE pii_vault SET ciphertext = 'x'",
+            "DELETE FROM pii_vault",
+            "DELETE FROM user_logins",
+            "CREATE TABLE mine (x int)",
+        ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 asyncio.run(attempt(sql))
         assert len(pipeline.query("SELECT 1 FROM pii_reveal_audit")) == 3
@@ -236,27 +262,37 @@ def test_a_ciphertext_copied_under_another_token_is_refused_and_audited(pipeline
     token_b = masker.token("ip", ip_b)
 
     # An older, unbound ciphertext opens anywhere: reveal recomputes the token and refuses.
-    pipeline.query("UPDATE pii_vault SET ciphertext = $1 WHERE field = 'ip' AND token = $2",
-                   legacy_ciphertext(pipeline, "ip", ip_a), token_b)
+    pipeline.query(
+        "UPDATE pii_vault SET ciphertext = $1 WHERE field = 'ip' AND token = $2",
+        legacy_ciphertext(pipeline, "ip", ip_a),
+        token_b,
+    )
     out = reveal(pipeline, "--message-id", "m-b", "--field", "ip")
     assert "does not belong to its token" in one_line_error(out)
     assert ip_a not in out.stdout + out.stderr
     assert outcomes(pipeline) == ["token_mismatch"]
 
     # A new, token-bound ciphertext does not even open under another token.
-    copied = pipeline.query("SELECT ciphertext FROM pii_vault WHERE field = 'device_id' AND token = $1",
-                            masker.token("device_id", dev_a))[0]["ciphertext"]
+    copied = pipeline.query(
+        "SELECT ciphertext FROM pii_vault WHERE field = 'device_id' AND token = $1", masker.token("device_id", dev_a)
+    )[0]["ciphertext"]
     assert copied.startswith("k1.v2.")
-    pipeline.query("UPDATE pii_vault SET ciphertext = $1 WHERE field = 'device_id' AND token = $2",
-                   copied, masker.token("device_id", LOGINS["m-b"][1]))
+    pipeline.query(
+        "UPDATE pii_vault SET ciphertext = $1 WHERE field = 'device_id' AND token = $2",
+        copied,
+        masker.token("device_id", LOGINS["m-b"][1]),
+    )
     out = reveal(pipeline, "--message-id", "m-b", "--field", "device_id")
     assert "does not open" in one_line_error(out) and dev_a not in out.stdout + out.stderr
     assert outcomes(pipeline) == ["token_mismatch", "does_not_open"]
 
     # A token of a join version the keyring does not hold cannot be checked: refused too.
     stray = "h9." + "B" * 43
-    pipeline.query("INSERT INTO pii_vault (field, token, key_id, ciphertext) VALUES ('ip', $1, 'k1', $2)",
-                   stray, legacy_ciphertext(pipeline, "ip", ip_a))
+    pipeline.query(
+        "INSERT INTO pii_vault (field, token, key_id, ciphertext) VALUES ('ip', $1, 'k1', $2)",
+        stray,
+        legacy_ciphertext(pipeline, "ip", ip_a),
+    )
     out = reveal(pipeline, "--token", stray)
     assert "h9" in one_line_error(out) and ip_a not in out.stdout
     assert outcomes(pipeline)[-1] == "unverifiable"

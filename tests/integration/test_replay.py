@@ -27,7 +27,8 @@ def replay(pipeline, *args: str, **env: str):
     """Run `streams replay`; a just-stopped worker may take a moment to leave the group."""
     return pipeline.wait_for(
         lambda: (r := pipeline.run("replay", *args, **env)).returncode == 0 and r,
-        60, f"replay {' '.join(args)} to succeed",
+        60,
+        f"replay {' '.join(args)} to succeed",
     )
 
 
@@ -73,7 +74,7 @@ def test_mask_replay_after_join_key_change_from_timestamp_then_earliest(pipeline
     first, second = sample[:50], sample[50:]
     s = pipeline.settings
     first_ids = set(pipeline.send(first))
-    bridge = pipeline.start("bridge")
+    pipeline.start("bridge")
     pipeline.start("worker")
     pipeline.wait_for(lambda: pipeline.row_count() == len(first), 120, "the first rows")
     boundary_ms = int(time.time() * 1000)
@@ -82,7 +83,9 @@ def test_mask_replay_after_join_key_change_from_timestamp_then_earliest(pipeline
     pipeline.wait_for(lambda: pipeline.lag([s.raw_topic, s.masked_topic]) == 0, 60, "committed offsets")
     for proc, _ in list(pipeline.procs):
         pipeline.stop(proc)
-    old = {r["message_id"]: (r["masked_ip"], r["masked_device_id"]) for r in pipeline.query("SELECT * FROM user_logins")}
+    old = {
+        r["message_id"]: (r["masked_ip"], r["masked_device_id"]) for r in pipeline.query("SELECT * FROM user_logins")
+    }
 
     # The masking change: a new join key version h2 (same encryption keys, so the vault stays readable).
     doc = json.loads(s.keys_file.read_text())

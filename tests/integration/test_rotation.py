@@ -20,7 +20,14 @@ pytestmark = pytest.mark.integration
 
 
 def login(n: int, ip: str, device_id: str) -> dict:
-    return {"user_id": f"rot-{n}", "app_version": "1.0", "device_type": "ios", "ip": ip, "locale": None, "device_id": device_id}
+    return {
+        "user_id": f"rot-{n}",
+        "app_version": "1.0",
+        "device_type": "ios",
+        "ip": ip,
+        "locale": None,
+        "device_id": device_id,
+    }
 
 
 SHARED_IP, SHARED_DEVICE = "192.0.2.10", "rot-shared-device"
@@ -44,8 +51,10 @@ def decrypted_rows(pipeline) -> dict[str, tuple]:
     )
     return {
         r["message_id"]: (
-            masker.decrypt("ip", r["ip_c"], r["masked_ip"]), masker.decrypt("device_id", r["dev_c"], r["masked_device_id"]),
-            r["masked_ip"], r["masked_device_id"],
+            masker.decrypt("ip", r["ip_c"], r["masked_ip"]),
+            masker.decrypt("device_id", r["dev_c"], r["masked_device_id"]),
+            r["masked_ip"],
+            r["masked_device_id"],
         )
         for r in rows
     }
@@ -58,17 +67,26 @@ def make_legacy(pipeline) -> int:
     rows = pipeline.query("SELECT field, token, key_id, ciphertext FROM pii_vault")
     for r in rows:
         value = masker.decrypt(r["field"], r["ciphertext"], r["token"])
-        sealed = AESSIV(ring.encryption_keys[r["key_id"]]).encrypt(pad(value.encode()), [r["field"].encode(), r["key_id"].encode()])
+        sealed = AESSIV(ring.encryption_keys[r["key_id"]]).encrypt(
+            pad(value.encode()), [r["field"].encode(), r["key_id"].encode()]
+        )
         legacy = f"{r['key_id']}." + base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
-        pipeline.query("UPDATE pii_vault SET ciphertext = $1 WHERE field = $2 AND token = $3", legacy, r["field"], r["token"])
+        pipeline.query(
+            "UPDATE pii_vault SET ciphertext = $1 WHERE field = $2 AND token = $3", legacy, r["field"], r["token"]
+        )
     return len(rows)
 
 
 def versions(pipeline) -> dict[str, set[str]]:
     q = pipeline.query
     return {
-        "logins": {r["v"] for r in q("SELECT split_part(masked_ip, '.', 1) AS v FROM user_logins"
-                                     " UNION SELECT split_part(masked_device_id, '.', 1) FROM user_logins")},
+        "logins": {
+            r["v"]
+            for r in q(
+                "SELECT split_part(masked_ip, '.', 1) AS v FROM user_logins"
+                " UNION SELECT split_part(masked_device_id, '.', 1) FROM user_logins"
+            )
+        },
         "vault": {r["v"] for r in q("SELECT DISTINCT split_part(token, '.', 1) AS v FROM pii_vault")},
         "key_ids": {r["key_id"] for r in q("SELECT DISTINCT key_id FROM pii_vault")},
     }
@@ -85,7 +103,7 @@ def test_encryption_and_join_key_rotation_end_to_end(pipeline, sample_path):
     sent: dict[str, dict] = {}
 
     def send(records):
-        sent.update(zip(pipeline.send(records), records))
+        sent.update(zip(pipeline.send(records), records, strict=False))
         pipeline.wait_for(lambda: pipeline.row_count() == len(sent), 120, f"{len(sent)} rows")
 
     bridge = pipeline.start("bridge")
@@ -155,5 +173,10 @@ def test_encryption_and_join_key_rotation_end_to_end(pipeline, sample_path):
     assert [json.loads(line)["value"] for line in out.stdout.splitlines()] == ["2001:db8::9", SHARED_DEVICE]
 
     # Rotation wrote the token-bound format only: every vault ciphertext is k2.v2.<...>.
-    assert {r["f"] for r in pipeline.query("SELECT DISTINCT split_part(ciphertext, '.', 1) || '.' || split_part(ciphertext, '.', 2) AS f"
-                                           " FROM pii_vault")} == {"k2.v2"}
+    assert {
+        r["f"]
+        for r in pipeline.query(
+            "SELECT DISTINCT split_part(ciphertext, '.', 1) || '.' || split_part(ciphertext, '.', 2) AS f"
+            " FROM pii_vault"
+        )
+    } == {"k2.v2"}

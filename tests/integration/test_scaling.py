@@ -53,7 +53,13 @@ def test_three_workers_split_six_partitions_and_survive_kill_and_join(pipeline, 
     assert {r["message_id"] for r in rows} == set(ids)  # no lost ids, no strays
     assert pipeline.dead_letters() == []
     owners = pipeline.wait_for(
-        lambda: (o := raw_owners(pipeline)) and len(o) == 3 and sorted(p for v in o.values() for p in v) == list(range(6)) and o,
-        180, "the group settled on the three live workers",
+        lambda: (
+            (o := raw_owners(pipeline))
+            and len(o) == 3
+            and sorted(p for v in o.values() for p in v) == list(range(6))
+            and o
+        ),
+        180,
+        "the group settled on the three live workers",
     )
     assert all(owners.values())

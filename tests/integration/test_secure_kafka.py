@@ -69,8 +69,13 @@ def secure_kafka():
     passwords = {"admin": secrets.token_urlsafe(12), APP_USER: secrets.token_urlsafe(12)}
     port, controller = _free_ports(2)
     admin_settings = Settings(
-        stack_dir=workdir, kafka_port=port, kafka_controller_port=controller, kafka_bootstrap=f"127.0.0.1:{port}",
-        kafka_security_protocol="SASL_SSL", kafka_sasl_username="admin", kafka_sasl_password=passwords["admin"],
+        stack_dir=workdir,
+        kafka_port=port,
+        kafka_controller_port=controller,
+        kafka_bootstrap=f"127.0.0.1:{port}",
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_username="admin",
+        kafka_sasl_password=passwords["admin"],
         kafka_ssl_ca_file=ca.cert_file,
     )
     kafka = SecureKafka(admin_settings, keystore=server.keystore, ca_file=ca.cert_file, users=passwords)
@@ -87,8 +92,9 @@ def grant_app_acls(secured: Secured, topic_prefix: str, group_prefix: str) -> No
     admin = admin_client(settings_from_env(secured.env("admin")))
 
     def acl(resource: ResourceType, name: str, operation: AclOperation) -> AclBinding:
-        return AclBinding(resource, name, ResourcePatternType.PREFIXED, f"User:{APP_USER}", "*", operation,
-                          AclPermissionType.ALLOW)
+        return AclBinding(
+            resource, name, ResourcePatternType.PREFIXED, f"User:{APP_USER}", "*", operation, AclPermissionType.ALLOW
+        )
 
     bindings = [
         acl(ResourceType.TOPIC, topic_prefix, op)

@@ -22,9 +22,17 @@ pytestmark = pytest.mark.integration
 
 CREDENTIAL = re.compile(r"Credential=([A-Z0-9]+)/\d{8}/([a-z0-9-]+)/sqs/aws4_request")
 AWS_VARS = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
 )
 
 
@@ -33,8 +41,13 @@ def aws_env(monkeypatch, tmp_path: Path):
     """No AWS or STREAMS_ credentials from the machine: empty shared files, no instance metadata."""
     for name in AWS_VARS:
         monkeypatch.delenv(name, raising=False)
-    for name in ("STREAMS_AWS_ACCESS_KEY_ID", "STREAMS_AWS_SECRET_ACCESS_KEY", "STREAMS_SQS_REGION",
-                 "STREAMS_SQS_QUEUE_URL", "STREAMS_SQS_CREATE_QUEUE"):
+    for name in (
+        "STREAMS_AWS_ACCESS_KEY_ID",
+        "STREAMS_AWS_SECRET_ACCESS_KEY",
+        "STREAMS_SQS_REGION",
+        "STREAMS_SQS_QUEUE_URL",
+        "STREAMS_SQS_CREATE_QUEUE",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
@@ -95,8 +108,13 @@ def test_explicit_keys_and_region_win_only_when_given(aws_env, stack_settings):
     aws_env.setenv("AWS_ACCESS_KEY_ID", "AKIAENVIRONMENT0001")
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
     aws_env.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    s = settings(stack_settings, sqs_create_queue=True, sqs_region="us-west-2",
-                 aws_access_key_id="AKIAEXPLICIT0000003", aws_secret_access_key="explicit-secret")
+    s = settings(
+        stack_settings,
+        sqs_create_queue=True,
+        sqs_region="us-west-2",
+        aws_access_key_id="AKIAEXPLICIT0000003",
+        aws_secret_access_key="explicit-secret",
+    )
     seen, _ = signed_by(s)
     assert seen == {("AKIAEXPLICIT0000003", "us-west-2")}
 

@@ -23,7 +23,9 @@ def test_status_reports_each_stage_rows_dead_letters_and_queue(pipeline, sample_
     pipeline.stop(worker)
 
     pipeline.send(sample[:7])  # a backlog the stopped worker has not seen
-    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 7 and pipeline.queue_depth() == 0, 60, "7 records of raw lag")
+    pipeline.wait_for(
+        lambda: pipeline.lag([s.raw_topic]) == 7 and pipeline.queue_depth() == 0, 60, "7 records of raw lag"
+    )
     out = pipeline.run("status")
     assert out.returncode == 0, out.stderr
     text = out.stdout

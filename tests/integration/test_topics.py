@@ -21,7 +21,10 @@ def test_plan_apply_and_alter_as_the_settings_say(pipeline):
     plan = pipeline.run("topics", "plan")
     assert plan.returncode == 0, plan.stderr
     assert plan.stdout.count("create ") == 3 and "3 to apply" in plan.stdout
-    assert f"create {s.masked_topic}: partitions=6 replication.factor=1 min.insync.replicas=1 cleanup.policy=compact" in plan.stdout
+    assert (
+        f"create {s.masked_topic}: partitions=6 replication.factor=1 min.insync.replicas=1 cleanup.policy=compact"
+        in plan.stdout
+    )
 
     applied = pipeline.run("topics", "apply", STREAMS_TOPIC_OVERRIDES='{"dlq": {"partitions": 2}}')
     assert applied.returncode == 0, applied.stderr
@@ -50,7 +53,9 @@ def test_a_replication_factor_below_the_setting_is_refused_in_one_line(pipeline)
         assert "STREAMS_ACCEPT_LOW_REPLICATION=1" in line
 
     # The operator's flag accepts it (with a warning); the plan shows what to fix by hand.
-    accepted = s.model_copy(update={"topic_replication_factor": 3, "topic_min_insync_replicas": 2, "accept_low_replication": True})
+    accepted = s.model_copy(
+        update={"topic_replication_factor": 3, "topic_min_insync_replicas": 2, "accept_low_replication": True}
+    )
     topics.require(accepted)
     refused = accepted.model_copy(update={"accept_low_replication": False})
     with pytest.raises(ConfigError, match="replication factor 1, below"):

@@ -63,7 +63,9 @@ def test_a_login_role_granted_streams_worker_runs_the_pipeline_and_cannot_change
         assert asyncio.run(refused("CREATE TABLE sneaky (id int)")) is asyncpg.InsufficientPrivilegeError
         assert asyncio.run(refused("ALTER TABLE user_logins ADD COLUMN x int")) is asyncpg.InsufficientPrivilegeError
         assert asyncio.run(refused("DROP TABLE user_logins")) is asyncpg.InsufficientPrivilegeError
-        assert asyncio.run(refused("SELECT ciphertext FROM pii_vault")) is asyncpg.InsufficientPrivilegeError  # reveal's only
+        assert (
+            asyncio.run(refused("SELECT ciphertext FROM pii_vault")) is asyncpg.InsufficientPrivilegeError
+        )  # reveal's only
         assert asyncio.run(refused("SELECT field, token FROM pii_vault")) is None  # the upsert's conflict check
         assert asyncio.run(refused("SELECT * FROM pii_reveal_audit")) is asyncpg.InsufficientPrivilegeError
         assert asyncio.run(refused("CREATE TEMP TABLE staged (id int)")) is None  # TEMP: a staged batch may use it

@@ -13,7 +13,11 @@ REPO = Path(__file__).resolve().parents[2]
 def streams(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "streams", *args],
-        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

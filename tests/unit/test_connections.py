@@ -35,15 +35,29 @@ def test_plaintext_adds_nothing_and_extra_passes_through():
 
 def test_sasl_ssl_in_both_dialects(tls):
     ca, _ = tls
-    s = settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-256", kafka_sasl_username="app",
-                 kafka_sasl_password="pw", kafka_ssl_ca_file=ca.cert_file)
+    s = settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-256",
+        kafka_sasl_username="app",
+        kafka_sasl_password="pw",
+        kafka_ssl_ca_file=ca.cert_file,
+    )
     assert librdkafka_security(s) == {
-        "security.protocol": "sasl_ssl", "sasl.mechanism": "SCRAM-SHA-256", "sasl.username": "app",
-        "sasl.password": "pw", "ssl.endpoint.identification.algorithm": "https", "ssl.ca.location": str(ca.cert_file),
+        "security.protocol": "sasl_ssl",
+        "sasl.mechanism": "SCRAM-SHA-256",
+        "sasl.username": "app",
+        "sasl.password": "pw",
+        "ssl.endpoint.identification.algorithm": "https",
+        "ssl.ca.location": str(ca.cert_file),
     }
     creds = faust_credentials(s)
     assert isinstance(creds, faust.SASLCredentials)
-    assert (creds.protocol.value, creds.mechanism.value, creds.username, creds.password) == ("SASL_SSL", "SCRAM-SHA-256", "app", "pw")
+    assert (creds.protocol.value, creds.mechanism.value, creds.username, creds.password) == (
+        "SASL_SSL",
+        "SCRAM-SHA-256",
+        "app",
+        "pw",
+    )
     assert creds.ssl_context.check_hostname and creds.ssl_context.verify_mode == ssl.CERT_REQUIRED
     assert [c["subject"] for c in creds.ssl_context.get_ca_certs()] == [((("commonName", ca.name),),)]
     assert "pw" not in repr(creds) and "pw" not in repr(s)
@@ -51,14 +65,22 @@ def test_sasl_ssl_in_both_dialects(tls):
 
 def test_sasl_plaintext_has_no_tls_and_ssl_has_no_sasl(tls):
     ca, client = tls
-    plain = settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_mechanism="PLAIN", kafka_sasl_username="u",
-                     kafka_sasl_password="p")
+    plain = settings(
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism="PLAIN",
+        kafka_sasl_username="u",
+        kafka_sasl_password="p",
+    )
     assert set(librdkafka_security(plain)) == {"security.protocol", "sasl.mechanism", "sasl.username", "sasl.password"}
     creds = faust_credentials(plain)
     assert creds.protocol.value == "SASL_PLAINTEXT" and creds.ssl_context is None
 
-    mtls = settings(kafka_security_protocol="SSL", kafka_ssl_ca_file=ca.cert_file, kafka_ssl_cert_file=client.cert,
-                    kafka_ssl_key_file=client.key)
+    mtls = settings(
+        kafka_security_protocol="SSL",
+        kafka_ssl_ca_file=ca.cert_file,
+        kafka_ssl_cert_file=client.cert,
+        kafka_ssl_key_file=client.key,
+    )
     conf = librdkafka_security(mtls)
     assert conf["security.protocol"] == "ssl" and "sasl.mechanism" not in conf
     assert (conf["ssl.certificate.location"], conf["ssl.key.location"]) == (str(client.cert), str(client.key))
@@ -78,7 +100,10 @@ def test_a_key_that_does_not_match_is_one_line(tls, tmp_path):
     ("env", "names"),
     [
         ({"STREAMS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "STREAMS_KAFKA_SASL_USERNAME"),
-        ({"STREAMS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "STREAMS_KAFKA_SASL_USERNAME": "u"}, "STREAMS_KAFKA_SASL_PASSWORD"),
+        (
+            {"STREAMS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "STREAMS_KAFKA_SASL_USERNAME": "u"},
+            "STREAMS_KAFKA_SASL_PASSWORD",
+        ),
         ({"STREAMS_KAFKA_SECURITY_PROTOCOL": "TLS"}, "STREAMS_KAFKA_SECURITY_PROTOCOL"),
         ({"STREAMS_KAFKA_SASL_MECHANISM": "GSSAPI"}, "STREAMS_KAFKA_SASL_MECHANISM"),
         ({"STREAMS_KAFKA_SSL_CA_FILE": "/nonexistent/ca.pem"}, "STREAMS_KAFKA_SSL_CA_FILE"),
@@ -111,8 +136,14 @@ def test_aws_keys_and_region_are_optional(monkeypatch):
 
 def test_faust_never_declares_topics_and_gets_the_credentials(tls):
     ca, _ = tls
-    s = settings(stages="sink", kafka_bootstrap="b1:9093,b2:9093", kafka_security_protocol="SASL_SSL",
-                 kafka_sasl_username="app", kafka_sasl_password="pw", kafka_ssl_ca_file=ca.cert_file)
+    s = settings(
+        stages="sink",
+        kafka_bootstrap="b1:9093,b2:9093",
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_username="app",
+        kafka_sasl_password="pw",
+        kafka_ssl_ca_file=ca.cert_file,
+    )
     assert broker_urls(s) == "kafka://b1:9093;kafka://b2:9093"
     app = create_app(s, None)
     assert app.conf.topic_allow_declare is False

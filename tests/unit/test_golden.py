@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from streams.io.codec import Codecs
+from streams.pipeline.mask import MaskTransform
 from streams.privacy.keys import parse_keyring
 from streams.privacy.masking import Masker
-from streams.pipeline.mask import MaskTransform
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 

@@ -18,8 +18,6 @@ TRANSFORM = MaskTransform(Masker(parse_keyring(json.dumps(generate_document()), 
 BODY = LOGIN
 
 
-
-
 def test_raw_tombstone_is_an_empty_record_dead_letter():
     for value in (None, b""):
         out = TRANSFORM(b"m-1", value, "t/0/5")
@@ -50,14 +48,16 @@ def test_pii_field_too_long_does_not_say_its_length():
 
 
 def test_sink_plan_tombstones_delete_and_the_last_record_per_id_wins():
-    plan = SinkStage(CODECS).plan([
-        (b"a", masked_value("a"), "m/0/0"),
-        (b"a", None, "m/0/1"),          # delete after the upsert: deleted
-        (b"b", None, "m/0/2"),
-        (b"b", masked_value("b"), "m/0/3"),   # upsert after the delete: written
-        (None, None, "m/0/4"),          # no key: nothing to delete, a dead letter
-        (b"c", masked_value("x" * 300), "m/0/5"),
-    ])
+    plan = SinkStage(CODECS).plan(
+        [
+            (b"a", masked_value("a"), "m/0/0"),
+            (b"a", None, "m/0/1"),  # delete after the upsert: deleted
+            (b"b", None, "m/0/2"),
+            (b"b", masked_value("b"), "m/0/3"),  # upsert after the delete: written
+            (None, None, "m/0/4"),  # no key: nothing to delete, a dead letter
+            (b"c", masked_value("x" * 300), "m/0/5"),
+        ]
+    )
     assert plan.deletes == ["a"]
     assert [r["message_id"] for r in plan.rows] == ["b"]
     reasons = [CODECS.dead_letter.decode(v)["reason"] for _, v, _ in plan.dead]
@@ -81,7 +81,8 @@ def test_a_dead_letter_too_large_for_kafka_keeps_its_reason_with_a_truncated_pay
 
 def test_envelope_keeps_only_allowed_attributes():
     message = {
-        "MessageId": "m", "Body": "{}",
+        "MessageId": "m",
+        "Body": "{}",
         "Attributes": {"SentTimestamp": "1700000000000", "SenderId": "AIDAEXAMPLE", "ApproximateReceiveCount": "1"},
         "MessageAttributes": {"email": {"StringValue": "a@b.c", "DataType": "String"}},
     }

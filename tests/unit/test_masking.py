@@ -1,12 +1,15 @@
 """Masking: canonical values, tokens, recovery ciphertexts."""
 
 import base64
+import hashlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.privacy.keys import KeyMaterialError, generate_document, parse_keyring
-from streams.privacy.masking import Masker, RevealError, canonical_device_id, canonical_ip
+from streams.privacy.masking import PAD_BLOCK, Masker, RevealError, canonical_device_id, canonical_ip, token_version
 
 
 def masker(doc=None):
@@ -114,7 +117,12 @@ def test_ciphertext_length_does_not_depend_on_value_length():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "{}", '{"join": {}, "encryption": {}}', json.dumps({**generate_document(), "join": {"active": "h9", "versions": {}}})],
+    [
+        "",
+        "{}",
+        '{"join": {}, "encryption": {}}',
+        json.dumps({**generate_document(), "join": {"active": "h9", "versions": {}}}),
+    ],
 )
 def test_malformed_key_material_is_one_clear_error(text):
     with pytest.raises(KeyMaterialError) as info:
@@ -132,11 +140,6 @@ def test_short_key_is_refused_without_printing_it():
 
 # --- properties (hypothesis) ---------------------------------------------------------
 
-import hashlib  # noqa: E402
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from streams.privacy.masking import PAD_BLOCK, token_version  # noqa: E402
 
 M1, M2 = masker(), masker()
 values = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60)
@@ -172,7 +175,11 @@ def test_property_reveal_of_mask_is_the_canonical_value(field, raw):
     assert M1.belongs(field, masked.token, canonical)
 
 
-@given(fields, st.text(st.characters(max_codepoint=127), max_size=200), st.text(st.characters(max_codepoint=127), max_size=200))
+@given(
+    fields,
+    st.text(st.characters(max_codepoint=127), max_size=200),
+    st.text(st.characters(max_codepoint=127), max_size=200),
+)
 def test_property_ciphertext_length_does_not_depend_on_value_length(field, a, b):
     assert len(M1.encrypt(field, a, M1.token(field, a))) == len(M1.encrypt(field, b, M1.token(field, b)))
 
@@ -200,7 +207,9 @@ def test_pad_block_holds_the_longest_ascii_value():
     assert PAD_BLOCK >= 200 + 2
 
 
-@pytest.mark.parametrize("text", ["", "h1.", "h1.short", "1.2.3.4", "h1." + "a" * 42 + "!", "toolongversion123." + "a" * 43])
+@pytest.mark.parametrize(
+    "text", ["", "h1.", "h1.short", "1.2.3.4", "h1." + "a" * 42 + "!", "toolongversion123." + "a" * 43]
+)
 def test_malformed_tokens_are_refused_without_echoing_them(text):
     with pytest.raises(ValueError) as info:
         token_version(text)

@@ -4,12 +4,19 @@ import datetime as dt
 import json
 
 from streams.io.codec import Codecs
+from streams.pipeline.mask import MaskTransform
 from streams.privacy.keys import generate_document, parse_keyring
 from streams.privacy.masking import Masker
-from streams.pipeline.mask import MaskTransform
 
-SENT = dt.datetime(2024, 5, 1, 23, 59, tzinfo=dt.timezone.utc)
-LOGIN = {"user_id": "u1", "app_version": "0.96", "device_type": "ios", "ip": "10.0.0.7", "locale": None, "device_id": "111-22-3333"}
+SENT = dt.datetime(2024, 5, 1, 23, 59, tzinfo=dt.UTC)
+LOGIN = {
+    "user_id": "u1",
+    "app_version": "0.96",
+    "device_type": "ios",
+    "ip": "10.0.0.7",
+    "locale": None,
+    "device_id": "111-22-3333",
+}
 
 codecs = Codecs()
 transform = MaskTransform(Masker(parse_keyring(json.dumps(generate_document()), "t")), codecs)

@@ -67,7 +67,7 @@ def _run_all(fn: Callable[[Service], None], svcs: list[Service]) -> None:
     with ThreadPoolExecutor(max_workers=len(svcs), thread_name_prefix="stack") as pool:
         futures = [(svc, pool.submit(fn, svc)) for svc in svcs]
         errors = []
-        for svc, fut in futures:
+        for _svc, fut in futures:
             exc = fut.exception()
             if exc is None:
                 continue

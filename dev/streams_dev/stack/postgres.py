@@ -21,7 +21,14 @@ from urllib.parse import unquote, urlsplit
 import psutil
 
 from .process import (
-    LOOPBACK, NotReady, Service, StackError, matches, read_pid, terminate, wait_until,
+    LOOPBACK,
+    NotReady,
+    Service,
+    StackError,
+    matches,
+    read_pid,
+    terminate,
+    wait_until,
 )
 
 SYSTEM_USER = "pgserver"  # the same user pgserver itself creates
@@ -94,8 +101,10 @@ class Postgres(Service):
         try:
             utils.ensure_user_exists(SYSTEM_USER)
         except (subprocess.CalledProcessError, OSError) as exc:
-            raise StackError(f"cannot create system user {SYSTEM_USER!r} to run postgres as (root is refused): "
-                             f"{exc}; run `useradd {SYSTEM_USER}` or use a non-root account") from None
+            raise StackError(
+                f"cannot create system user {SYSTEM_USER!r} to run postgres as (root is refused): "
+                f"{exc}; run `useradd {SYSTEM_USER}` or use a non-root account"
+            ) from None
         return SYSTEM_USER
 
     def _grant(self, user: str) -> None:
@@ -125,9 +134,21 @@ class Postgres(Service):
             self._grant(self._user)
         self._clear_stale_locks()
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run([self._bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "-U", "postgres",
-                       "--encoding=utf8", "--locale=C", "--no-instructions"],
-                      what="initdb", timeout=120)
+            self._run(
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "--auth=trust",
+                    "-U",
+                    "postgres",
+                    "--encoding=utf8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                what="initdb",
+                timeout=120,
+            )
 
     def _clear_stale_locks(self) -> None:
         """Deal with the lock files of a postmaster that died without cleaning up.
@@ -151,22 +172,44 @@ class Postgres(Service):
         ids = {} if self._user is None else {"user": self._user, "group": _gid(self._user), "extra_groups": []}
         with open(out_file, "ab") as out:
             try:
-                rc = subprocess.run(argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, timeout=timeout, **ids).returncode
+                rc = subprocess.run(
+                    argv,
+                    cwd=self.dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    timeout=timeout,
+                    **ids,
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = None
         if rc != 0:
             why = "timed out" if rc is None else "failed"
-            raise StackError(f"postgres {what} {why}: {self.last_log_line()} "
-                             f"(see {self.log_file})")
+            raise StackError(f"postgres {what} {why}: {self.last_log_line()} (see {self.log_file})")
 
     def launch(self) -> None:
         sock = self.data_dir
         # Unix socket paths are limited to ~107 bytes; TCP is what we use anyway.
         sock_opt = shlex.quote(str(sock)) if len(str(sock)) < 90 else "''"
         opts = f"-h {LOOPBACK} -p {self.port} -k {sock_opt}"
-        self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", str(int(self.ready_timeout)),
-                   "-o", opts, "-l", str(self.log_file), "start"], what="start", timeout=self.ready_timeout + 10)
+        self._run(
+            [
+                self._bin("pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                str(int(self.ready_timeout)),
+                "-o",
+                opts,
+                "-l",
+                str(self.log_file),
+                "start",
+            ],
+            what="start",
+            timeout=self.ready_timeout + 10,
+        )
         return None
 
     # -- readiness -------------------------------------------------------------
@@ -174,7 +217,7 @@ class Postgres(Service):
         """``SELECT 1`` over TCP, then create the app database if it is missing."""
         try:
             asyncio.run(self._probe(timeout))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise NotReady(f"connect failed: {exc}") from None
         except Exception as exc:  # asyncpg's "starting up" / "shutting down" errors
             if type(exc).__module__.startswith("asyncpg"):
@@ -184,8 +227,9 @@ class Postgres(Service):
     async def _probe(self, timeout: float) -> None:
         import asyncpg
 
-        conn = await asyncpg.connect(host=LOOPBACK, port=self.port, user="postgres", database="postgres",
-                                     timeout=timeout)
+        conn = await asyncpg.connect(
+            host=LOOPBACK, port=self.port, user="postgres", database="postgres", timeout=timeout
+        )
         try:
             await conn.fetchval("SELECT 1")
             if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database):
@@ -200,8 +244,21 @@ class Postgres(Service):
         If pg_ctl cannot do it (damaged pid file, wedged server), signal it directly."""
         self._user = self._system_user()
         try:
-            self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w",
-                       "-t", str(int(self.stop_timeout)), "stop"], what="stop", timeout=self.stop_timeout + 10)
+            self._run(
+                [
+                    self._bin("pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    str(int(self.stop_timeout)),
+                    "stop",
+                ],
+                what="stop",
+                timeout=self.stop_timeout + 10,
+            )
         except StackError:
             pass
         terminate(pid, self.marker, timeout=10.0)

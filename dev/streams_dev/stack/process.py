@@ -117,16 +117,23 @@ def _reap(pid: int) -> None:
 # --- spawn / terminate --------------------------------------------------------
 
 
-def spawn(argv: Sequence[str], *, pid_file: Path, log_file: Path, cwd: Path,
-          env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(
+    argv: Sequence[str], *, pid_file: Path, log_file: Path, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start ``argv`` detached (own session: Ctrl-C in the CLI must not kill it),
     stdout+stderr appended to ``log_file``, and record its pid."""
     with open(log_file, "ab") as log:
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            list(argv),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
         )
     pid_file.write_text(f"{proc.pid}\n")
     return proc
@@ -291,9 +298,10 @@ def ensure_jars(pom: Path, target: Path, log_file: Path) -> Path:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "wb") as log:
             rc = subprocess.run(
-                [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-                 f"-DoutputDirectory={staging}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={staging}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             ).returncode
         if rc != 0 or not any(staging.glob("*.jar")):
             shutil.rmtree(staging, ignore_errors=True)
@@ -370,7 +378,7 @@ class Service(abc.ABC):
             if port_taken(port):
                 raise StackError(f"port {port} is taken by another process: set {env}")
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Everything slow but idempotent that must precede launch (jars, config, storage)."""
 
     @abc.abstractmethod
@@ -410,8 +418,9 @@ class Service(abc.ABC):
             exited = proc.poll() if proc is not None else None
             if exited is not None or not matches(pid, self.marker):
                 code = f" (exit code {exited})" if exited is not None else ""
-                raise StackError(f"{self.name} exited during startup{code}: "
-                                 f"{self.last_log_line()} (see {self.log_file})")
+                raise StackError(
+                    f"{self.name} exited during startup{code}: {self.last_log_line()} (see {self.log_file})"
+                )
             remaining = deadline - time.monotonic()
             try:
                 self.probe(max(1.0, min(remaining, 10.0)))
@@ -421,8 +430,10 @@ class Service(abc.ABC):
             if time.monotonic() >= deadline:
                 # An instance started earlier with other ports/settings never answers here.
                 hint = "; if its settings changed, run `streams stack down` first" if proc is None else ""
-                raise StackError(f"{self.name} (pid {pid}) not ready after {self.ready_timeout:.0f}s: "
-                                 f"{last} (see {self.log_file}{hint})")
+                raise StackError(
+                    f"{self.name} (pid {pid}) not ready after {self.ready_timeout:.0f}s: "
+                    f"{last} (see {self.log_file}{hint})"
+                )
             time.sleep(0.2)
 
     def stop(self) -> int | None:

@@ -74,7 +74,7 @@ rest-stats {{
 
 queues-storage {{
   enabled = true
-  path = "{self.dir / 'queues.conf'}"
+  path = "{self.dir / "queues.conf"}"
 }}
 
 aws {{
@@ -84,8 +84,16 @@ aws {{
 """)
 
     def launch(self) -> subprocess.Popen:
-        argv = [self._java, "-Xmx256m", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
-                f"-Dconfig.file={self.config_file}", "-cp", f"{self.jar_dir}/*", "org.elasticmq.server.Main"]
+        argv = [
+            self._java,
+            "-Xmx256m",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            f"-Dconfig.file={self.config_file}",
+            "-cp",
+            f"{self.jar_dir}/*",
+            "org.elasticmq.server.Main",
+        ]
         return spawn(argv, pid_file=self.pid_file, log_file=self.log_file, cwd=self.dir)
 
     def probe(self, timeout: float) -> None:
@@ -105,9 +113,13 @@ aws {{
             import botocore.session
 
             self._sqs = botocore.session.get_session().create_client(
-                "sqs", endpoint_url=f"http://{LOOPBACK}:{self.port}", region_name=self.settings.region or "us-east-1",
-                aws_access_key_id="x", aws_secret_access_key="x",
-                config=botocore.config.Config(connect_timeout=min(timeout, 5), read_timeout=min(timeout, 10),
-                                              retries={"max_attempts": 1}),
+                "sqs",
+                endpoint_url=f"http://{LOOPBACK}:{self.port}",
+                region_name=self.settings.region or "us-east-1",
+                aws_access_key_id="x",
+                aws_secret_access_key="x",
+                config=botocore.config.Config(
+                    connect_timeout=min(timeout, 5), read_timeout=min(timeout, 10), retries={"max_attempts": 1}
+                ),
             )
         return self._sqs

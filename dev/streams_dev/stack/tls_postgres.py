@@ -69,8 +69,18 @@ class TlsPostgres:
         pwfile = self.dir / "pwfile"
         pwfile.write_text(self.password + "\n")
         self._own(pwfile, 0o600)
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=scram-sha-256",
-                  f"--pwfile={pwfile}", "--encoding=utf8", "--locale=C", "--no-instructions")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--encoding=utf8",
+            "--locale=C",
+            "--no-instructions",
+        )
         pwfile.unlink()
         for source, name in ((self.server.cert, "server.crt"), (self.server.key, "server.key")):
             target = self.data / name
@@ -94,8 +104,14 @@ class TlsPostgres:
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
 
-    def dsn(self, database: str = "postgres", user: str = "postgres", password: str | None = None,
-            rootcert: Path | None = None, sslmode: str = "verify-full") -> str:
+    def dsn(
+        self,
+        database: str = "postgres",
+        user: str = "postgres",
+        password: str | None = None,
+        rootcert: Path | None = None,
+        sslmode: str = "verify-full",
+    ) -> str:
         secret = self.password if password is None else password
         query = f"sslmode={sslmode}" + (f"&sslrootcert={rootcert}" if rootcert else "")
         return f"postgresql://{user}:{secret}@{LOOPBACK}:{self.port}/{database}?{query}"
