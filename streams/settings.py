@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     stages: str = Field("mask,sink", description="comma-separated stages this worker runs")
     batch_size: int = Field(500, ge=1)
     batch_within: float = Field(0.5, gt=0)
+    stream_buffer_maxsize: int = Field(
+        32768, ge=1, description="events Faust buffers per stream before it pauses fetching (memory: ~1 KiB each)"
+    )
     retry_max_backoff: float = Field(10.0, gt=0)
 
     data_dir: Path = Field(

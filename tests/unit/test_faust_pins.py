@@ -1,8 +1,10 @@
 """Our corrections to Faust internals hold only for the exact code they correct.
 
-streams/pipeline/consumer.py works around faust-streaming 0.15.3's head-gap stall; if
-that code changes upstream the workaround may be wrong or unneeded, so these fail and
-someone re-reads it.
+streams/pipeline/consumer.py works around faust-streaming 0.15.3's head-gap stall and
+replaces its drain loop (same loop, the callback run in place first); the agents ack
+with ``Event.ack`` because ``Stream.ack`` adds only sensor calls to it. If that code
+changes upstream the workaround may be wrong or unneeded, so these fail and someone
+re-reads it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import inspect
 from collections import defaultdict
 
 import faust
+from faust.events import Event
+from faust.streams import Stream
+from faust.transport.conductor import ConductorCompiler
 from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import Consumer as FaustKafkaConsumer
 from intervaltree import IntervalTree
@@ -21,6 +26,9 @@ from streams.pipeline.consumer import FAUST_VERSION, HoleTolerantConsumer
 PINNED = {
     "Consumer._new_offset": "1d2c7ea89a7ad4f1",
     "Consumer._drain_messages": "44a2500309e83c63",
+    "Stream.ack": "32d7171a89b0931d",
+    "Event.ack": "2d29a6eda87c4ce5",
+    "ConductorCompiler.build": "837cf521368c1ee4",
 }
 
 
@@ -36,7 +44,63 @@ def test_faust_code_the_workaround_depends_on_is_unchanged():
     assert {
         "Consumer._new_offset": _digest(FaustConsumer._new_offset),
         "Consumer._drain_messages": _digest(FaustConsumer._drain_messages),
+        "Stream.ack": _digest(Stream.ack),
+        "Event.ack": _digest(Event.ack),
+        "ConductorCompiler.build": _digest(ConductorCompiler.build),
     } == PINNED
+
+
+def _body(fn) -> list[str]:
+    lines = inspect.getsource(fn).splitlines()
+    start = next(i for i, line in enumerate(lines) if "callback = self.callback" in line)
+    return [line.strip() for line in lines[start:] if line.strip() and not line.strip().startswith("#")]
+
+
+def test_our_drain_loop_is_fausts_but_for_the_marked_change():
+    ours, theirs = _body(HoleTolerantConsumer._drain_messages), _body(FaustConsumer._drain_messages)
+    begin = ours.index("delivery = callback(message)")
+    end = ours.index("set_read_offset(tp, offset)")
+    flags = ["suspended = self.suspend_flow.is_set", "stopped = cast(Service, self)._stopped.is_set",
+             "crashed = cast(Service, self)._crashed.is_set"]
+    ours = [line for line in ours[:begin] if line not in flags] + ours[end:]
+    assert ours == _without_wait_first(theirs)
+
+
+def _without_wait_first(lines: list[str]) -> list[str]:
+    i = lines.index("await self.wait_first(")
+    assert lines[i + 1 : i + 3] == ["callback(message), self.suspend_flow.wait()", ")"]
+    return lines[:i] + lines[i + 3 :]
+
+
+async def test_a_callback_that_suspends_is_finished_as_a_task():
+    import asyncio
+
+    from streams.pipeline.consumer import finish
+
+    loop = asyncio.get_running_loop()
+    gate, log = loop.create_future(), []
+
+    async def deliver():
+        log.append("in")
+        log.append(await gate)
+        return "done"
+
+    coro = deliver()
+    waiting_on = coro.send(None)  # runs to the first suspension, as the drain loop does
+    task = asyncio.ensure_future(finish(coro, waiting_on))
+    await asyncio.sleep(0)
+    gate.set_result("value")
+    assert await task == "done" and log == ["in", "value"]
+
+    gate, coro = loop.create_future(), deliver()
+    task = asyncio.ensure_future(finish(coro, coro.send(None)))
+    await asyncio.sleep(0)
+    task.cancel()  # what wait_first does when the flow is suspended
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    assert task.cancelled()
 
 
 def _bare(cls):
