@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     sqs_region: str = "us-east-1"
     aws_access_key_id: SecretStr = SecretStr("x")
     aws_secret_access_key: SecretStr = SecretStr("x")
-    bridge_pollers: int = Field(4, ge=1)
+    bridge_pollers: int = Field(4, ge=1, description="concurrent SQS receivers")
+    bridge_inflight: int = Field(
+        2, ge=1, description="batches per poller being produced/acked/deleted while it receives the next"
+    )
     bridge_wait_seconds: int = Field(1, ge=0, le=20)
     bridge_visibility_timeout: int = Field(30, ge=1, description="extended while a produce is pending")
     bridge_attributes: str = Field("SentTimestamp", description="SQS attributes kept in the raw envelope (allow-list)")
