@@ -61,6 +61,9 @@ class Settings(BaseSettings):
         32768, ge=1, description="events Faust buffers per stream before it pauses fetching (memory: ~1 KiB each)"
     )
     retry_max_backoff: float = Field(10.0, gt=0)
+    mask_cache_size: int = Field(
+        16384, ge=0, description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none"
+    )
 
     data_dir: Path = Field(
         default_factory=lambda: _default_home() / "faust",

@@ -6,6 +6,7 @@ the delivery rules (batch, write durably, then ack) in ``delivery.py``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any, cast
@@ -102,26 +103,42 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions)
 
-    def agent(name: str, source: faust.TopicT, handle) -> None:
+    def agent(name: str, source: faust.TopicT, handle, depth: int) -> None:
         app.agent(source, name=name, concurrency=1)(
-            batch_agent(name, settings.batch_size, settings.batch_within, handle)
+            batch_agent(name, settings.batch_size, settings.batch_within, handle, depth)
         )
 
     if "mask" in stages:
         assert keyring is not None, "the mask stage needs keys"
-        transform = MaskTransform(Masker(keyring), codecs)
+        transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs)
 
-        async def mask(events: Events) -> None:
+        last_delivery: asyncio.Future | None = None
+
+        async def mask(events: Events) -> asyncio.Future:
+            """Transform now; produce once the previous batch's produce is acknowledged.
+
+            Returns the produce, which ``batch_agent`` awaits before it acks the batch, so
+            this batch's transform overlaps the previous batch's wait for the broker while
+            the records still reach Kafka in batch order.
+            """
+            nonlocal last_delivery
             outputs_ = transform.batch([(e.message.key, e.message.value, where(e)) for e in events])
             records = []
             for out in outputs_:
                 records.append((settings.dlq_topic if out.reason else settings.masked_topic, out.key, out.value))
                 if out.reason:
                     log.info("dead-lettered a record: %s", out.reason)
-            await outputs.produce(records, "mask", f"produce {len(records)} masked records")
-            fault_point("mask_after_produce")
 
-        agent("mask", topic(settings.raw_topic), mask)
+            async def deliver(previous: asyncio.Future | None) -> None:
+                if previous is not None:
+                    await previous
+                await outputs.produce(records, "mask", f"produce {len(records)} masked records")
+                fault_point("mask_after_produce")
+
+            last_delivery = asyncio.ensure_future(deliver(last_delivery))
+            return last_delivery
+
+        agent("mask", topic(settings.raw_topic), mask, depth=2)
 
     if "sink" in stages:
         sink_stage = SinkStage(codecs)
@@ -147,7 +164,7 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
                     [(settings.dlq_topic, key, value) for key, value in dead], "sink", f"produce {len(dead)} dead letters"
                 )
 
-        agent("sink", topic(settings.masked_topic), sink)
+        agent("sink", topic(settings.masked_topic), sink, depth=1)
 
     return app
 
