@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     stages: str = Field("mask,sink", description="comma-separated stages this worker runs")
     batch_size: int = Field(500, ge=1)
     batch_within: float = Field(0.5, gt=0)
+    stream_buffer_bytes: int = Field(
+        64 * 2**20, ge=2**20, description="bytes a worker may hold delivered but not yet acked (value + ~1 KiB per event)"
+    )
     stream_buffer_maxsize: int = Field(
         32768, ge=1, description="events Faust buffers per stream before it pauses fetching (memory: ~1 KiB each)"
     )

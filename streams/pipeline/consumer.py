@@ -23,6 +23,14 @@ Faust's loop with one change: the callback is first run in place; only if it sus
 does, abandoned on suspend, stop or crash. When any of those flags is already set, the
 message goes Faust's way from the start.
 
+Faust bounds a stream's buffer by a count of events (``stream_buffer_maxsize``), which a
+fast worker wants large; a count is no memory bound when records can be 256 KiB. This
+consumer also bounds, in bytes, what it has delivered and not yet seen acked
+(``STREAMS_STREAM_BUFFER_BYTES``, each event counted as its value plus
+``EVENT_OVERHEAD``): over the budget, the drain loop waits until acks bring it under half
+(or the flow is suspended or stopped, as Faust would). The count is reset on a rebalance,
+so a delivered message that is never acked (its partition went elsewhere) cannot stall it.
+
 Pinned to the exact Faust code it corrects: tests/unit/test_faust_pins.py fails when
 faust-streaming's ``_new_offset``, the drain loop or the conductor's message handler
 change upstream.
@@ -42,6 +50,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode import Service
 
 FAUST_VERSION = "0.15.3"
+EVENT_OVERHEAD = 1024  # bytes of Python objects per buffered event (record, Message, Event), measured roughly
+DEFAULT_BUFFER_BYTES = 64 * 2**20
 
 
 @types.coroutine
@@ -72,6 +82,34 @@ async def finish(coro: Coroutine, yielded: Any) -> Any:
 
 
 class HoleTolerantConsumer(faust_aiokafka.Consumer):
+    _buffered = 0  # bytes delivered to streams and not yet acked (see the module docstring)
+    _room: asyncio.Event | None = None
+
+    def _budget(self) -> int:
+        return int(getattr(self.app, "stream_buffer_bytes", DEFAULT_BUFFER_BYTES))
+
+    def ack(self, message: Any) -> bool:
+        was_acked = message.acked
+        result = super().ack(message)
+        if not was_acked and message.acked:
+            self._buffered -= len(message.value or b"") + EVENT_OVERHEAD
+            if self._room is not None and self._buffered <= self._budget() // 2:
+                self._room.set()
+        return result
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        self._buffered = 0
+        if self._room is not None:
+            self._room.set()
+        await super().on_partitions_revoked(revoked)
+
+    async def _wait_for_room(self) -> None:
+        """Over the byte budget: wait for acks (or a suspended flow, a stop, a crash)."""
+        if self._room is None:
+            self._room = asyncio.Event()
+        self._room.clear()
+        await self.wait_first(self._room.wait(), self.suspend_flow.wait())
+
     def _new_offset(self, tp: Any) -> int | None:
         acked = self._acked[tp]
         committed = self._committed_offset[tp]
@@ -94,6 +132,7 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
         suspended = self.suspend_flow.is_set
         stopped = cast(Service, self)._stopped.is_set
         crashed = cast(Service, self)._crashed.is_set
+        budget = self._budget()
 
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
@@ -136,6 +175,9 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
                                     self._n_acked = 0
                                     await self.commit()
                             # changed: was ``await self.wait_first(callback(message), self.suspend_flow.wait())``
+                            if self._buffered > budget:
+                                await self._wait_for_room()
+                            self._buffered += len(message.value or b"") + EVENT_OVERHEAD
                             delivery = callback(message)
                             if suspended() or stopped() or crashed():
                                 await self.wait_first(delivery, self.suspend_flow.wait())

@@ -19,6 +19,7 @@ from faust.streams import Stream
 from faust.transport.conductor import ConductorCompiler
 from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import Consumer as FaustKafkaConsumer
+from faust.types.tuples import ConsumerMessage, Message
 from intervaltree import IntervalTree
 
 from streams.pipeline.consumer import FAUST_VERSION, HoleTolerantConsumer
@@ -29,6 +30,9 @@ PINNED = {
     "Stream.ack": "32d7171a89b0931d",
     "Event.ack": "2d29a6eda87c4ce5",
     "ConductorCompiler.build": "837cf521368c1ee4",
+    "Consumer.ack": "5fcf41cf45153475",
+    "Consumer.on_partitions_revoked": "d04b7ae72c6fc206",
+    "Message.ack": "4751b72c4ed84153",
 }
 
 
@@ -47,6 +51,9 @@ def test_faust_code_the_workaround_depends_on_is_unchanged():
         "Stream.ack": _digest(Stream.ack),
         "Event.ack": _digest(Event.ack),
         "ConductorCompiler.build": _digest(ConductorCompiler.build),
+        "Consumer.ack": _digest(FaustConsumer.ack),
+        "Consumer.on_partitions_revoked": _digest(FaustConsumer.on_partitions_revoked),
+        "Message.ack": _digest(Message.ack),
     } == PINNED
 
 
@@ -58,10 +65,10 @@ def _body(fn) -> list[str]:
 
 def test_our_drain_loop_is_fausts_but_for_the_marked_change():
     ours, theirs = _body(HoleTolerantConsumer._drain_messages), _body(FaustConsumer._drain_messages)
-    begin = ours.index("delivery = callback(message)")
+    begin = ours.index("if self._buffered > budget:")
     end = ours.index("set_read_offset(tp, offset)")
     flags = ["suspended = self.suspend_flow.is_set", "stopped = cast(Service, self)._stopped.is_set",
-             "crashed = cast(Service, self)._crashed.is_set"]
+             "crashed = cast(Service, self)._crashed.is_set", "budget = self._budget()"]
     ours = [line for line in ours[:begin] if line not in flags] + ours[end:]
     assert ours == _without_wait_first(theirs)
 
@@ -131,3 +138,30 @@ def test_stock_faust_never_commits_past_a_hole_after_offset_0():
 def test_hole_tolerant_consumer_commits_to_the_end():
     assert _offsets_committed(HoleTolerantConsumer, [[0], [3, 4, 5, 6]]) == [1, 7]
     assert _offsets_committed(HoleTolerantConsumer, [[0, 1, 2], [3], [5, 6]]) == [3, 4, 7]
+
+
+def test_delivered_bytes_are_released_by_the_final_ack_once():
+    import asyncio
+
+    from streams.pipeline.consumer import EVENT_OVERHEAD
+
+    consumer = _bare(HoleTolerantConsumer)
+
+    class App:
+        stream_buffer_bytes = 10_000
+
+        class topics:
+            @staticmethod
+            def acks_enabled_for(topic):
+                return True
+
+    consumer.app = App()
+    consumer._committed_offset = defaultdict(lambda: None)
+    consumer._unacked_messages = set()
+    consumer._n_acked = 0
+    consumer._waiting_for_ack = None
+    message = ConsumerMessage("raw", 0, 5, 0.0, 0, None, b"k", b"v" * 100, None)
+    consumer._buffered = 100 + EVENT_OVERHEAD
+    consumer._room = asyncio.Event()
+    assert message.ack(consumer) and consumer._buffered == 0 and consumer._room.is_set()
+    assert not message.ack(consumer) and consumer._buffered == 0  # a second ack releases nothing
