@@ -145,27 +145,42 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         sink_stage = SinkStage(codecs)
         prepared = False
 
-        async def sink(events: Events) -> None:
-            nonlocal prepared
+        last_write: asyncio.Future | None = None
+
+        async def sink(events: Events) -> asyncio.Future:
+            """Decode and plan now; write once the previous batch's transaction committed.
+
+            Returns the write (commit, then the dead letters of refused rows), which
+            ``batch_agent`` awaits before it acks the batch: batches reach the database one
+            after another, in order, while the next one is decoded meanwhile.
+            """
+            nonlocal prepared, last_write
             if not prepared:  # migrations, once, before the first write (advisory-locked)
                 await retry_forever(outputs.sink.prepare, "database migration", log, settings.retry_max_backoff)
                 prepared = True
             batch = sink_stage.plan([(e.message.key, e.message.value, where(e)) for e in events])
-            fault_point("sink_before_commit")
-            refused = await retry_forever(
-                lambda: outputs.sink.write_batch(batch.rows, batch.deletes),
-                f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes", log, settings.retry_max_backoff,
-            ) if batch.rows or batch.deletes else []
-            if batch.deletes:
-                log.info("deleted the rows of %d tombstones", len(batch.deletes))
-            dead = batch.dead + sink_stage.refused(batch, refused)
-            fault_point("sink_after_commit")
-            if dead:
-                await outputs.produce(
-                    [(settings.dlq_topic, key, value) for key, value in dead], "sink", f"produce {len(dead)} dead letters"
-                )
 
-        agent("sink", topic(settings.masked_topic), sink, depth=1)
+            async def write(previous: asyncio.Future | None) -> None:
+                if previous is not None:
+                    await previous
+                fault_point("sink_before_commit")
+                refused = await retry_forever(
+                    lambda: outputs.sink.write_batch(batch.rows, batch.deletes),
+                    f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes", log, settings.retry_max_backoff,
+                ) if batch.rows or batch.deletes else []
+                if batch.deletes:
+                    log.info("deleted the rows of %d tombstones", len(batch.deletes))
+                dead = batch.dead + sink_stage.refused(batch, refused)
+                fault_point("sink_after_commit")
+                if dead:
+                    await outputs.produce(
+                        [(settings.dlq_topic, key, value) for key, value in dead], "sink", f"produce {len(dead)} dead letters"
+                    )
+
+            last_write = asyncio.ensure_future(write(last_write))
+            return last_write
+
+        agent("sink", topic(settings.masked_topic), sink, depth=2)
 
     return app
 
