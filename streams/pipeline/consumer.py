@@ -47,6 +47,7 @@ import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.sensors import Monitor
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.producer import ProducerBuffer
 from mode import Service
 
 FAUST_VERSION = "0.15.3"
@@ -218,8 +219,33 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
             unset_flag(flag_consumer_fetching)
 
 
+class QuickProducerBuffer(ProducerBuffer):
+    """Faust's ProducerBuffer, whose ``size`` (read by the conductor for every message)
+    looks the ``producer_threaded`` setting up once instead of each time."""
+
+    _threaded: bool | None = None
+
+    @property
+    def size(self) -> int:
+        threaded = self._threaded
+        if threaded is None:
+            threaded = self._threaded = bool(cast(Any, self.app).conf.producer_threaded)
+        if threaded:
+            if not self.queue:
+                return 0
+            return len(self.queue._queue)  # type: ignore[attr-defined]
+        return len(self.pending._queue)  # type: ignore[attr-defined]
+
+
+class StreamsProducer(faust_aiokafka.Producer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer.__class__ = QuickProducerBuffer
+
+
 class StreamsTransport(faust_aiokafka.Transport):
     Consumer = HoleTolerantConsumer
+    Producer = StreamsProducer
 
 
 class QuietMonitor(Monitor):
@@ -248,5 +274,14 @@ class QuietMonitor(Monitor):
 class StreamsApp(faust.App):
     """``faust.App`` whose consumer tolerates holes and drains cheaply (see the module docstring)."""
 
+    _event_class: Any = None
+
     def _new_transport(self) -> Any:
         return StreamsTransport(self.conf.broker_consumer, self)
+
+    def create_event(self, key: Any, value: Any, headers: Any, message: Any) -> Any:
+        """Faust's, with the ``Event`` setting looked up once instead of per message."""
+        cls = self._event_class
+        if cls is None:
+            cls = self._event_class = self.conf.Event
+        return cls(self, key, value, headers, message)
