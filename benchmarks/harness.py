@@ -105,7 +105,7 @@ class Sandbox:
             if doomed:
                 for future in admin.delete_topics(doomed, request_timeout=30).values():
                     future.result()
-            for group, future in admin.delete_consumer_groups(list(self.groups), request_timeout=30).items():
+            for future in admin.delete_consumer_groups(list(self.groups), request_timeout=30).values():
                 try:
                     future.result()
                 except Exception:
@@ -250,7 +250,6 @@ def measure(
         for cmd in cmds:
             children.append(subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, cwd=REPO,
                                              stdout=out, stderr=subprocess.STDOUT))
-    child = children[0]
     procs = [psutil.Process(c.pid) for c in children]
     start = time.monotonic()
     samples: list[tuple[float, int, float]] = []

@@ -43,8 +43,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from benchmarks.harness import (
     Result,
-    TopicProgress,
     Sandbox,
+    TopicProgress,
     fill,
     logins,
     measure,
@@ -53,7 +53,7 @@ from benchmarks.harness import (
 )
 from streams.io.codec import Codecs
 from streams.io.kafka import ensure_topics, read_topic
-from streams.io.sqs import send_bodies, sqs_client, queue_url
+from streams.io.sqs import queue_url, send_bodies, sqs_client
 from streams.pipeline.mask import MaskTransform
 from streams.privacy.keys import settings_keyring
 from streams.privacy.masking import Masker

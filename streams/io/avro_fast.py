@@ -20,7 +20,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # Millisecond timestamps that fastavro turns into a datetime (years 1 to 9999); outside
 # it raises, so the fast path leaves them to fastavro.
 TS_MIN, TS_MAX = -62135596800000, 253402300799999

@@ -44,8 +44,8 @@ from collections.abc import AsyncIterator, Coroutine, Generator
 from typing import Any, cast
 
 import faust
-from faust.transport.consumer import CONSUMER_FETCHING
 from faust.sensors import Monitor
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.producer import ProducerBuffer
 from mode import Service

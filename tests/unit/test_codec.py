@@ -6,10 +6,14 @@ import json
 import avro.schema
 import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
+from streams.io import avro_fast
 from streams.io.codec import MAGIC, SCHEMA_DIR, AvroCodec, CodecError, Codecs, fingerprint, schema_versions
 
-SENT = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc)
+SENT = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC)
 
 
 def masked_v2(**changes):
@@ -90,10 +94,6 @@ def test_schema_files_are_all_versioned():
 
 
 # --- the generated fast paths (streams/io/avro_fast.py) against fastavro itself ---------------
-
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
-
-from streams.io import avro_fast  # noqa: E402
 
 _text = st.text(max_size=300)
 _ts = st.one_of(st.integers(min_value=avro_fast.TS_MIN - 5, max_value=avro_fast.TS_MAX + 5),
