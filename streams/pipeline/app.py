@@ -17,7 +17,7 @@ from mode import Service
 from streams.faults import fault_point
 from streams.io.codec import Codecs
 from streams.io.kafka import AsyncProducer, Record
-from streams.pipeline.consumer import QuietMonitor, StreamsApp
+from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.delivery import Events, batch_agent, where
 from streams.pipeline.mask import MaskTransform
@@ -102,7 +102,8 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
     stages = settings.stage_list
 
     def topic(name: str) -> faust.TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions)
+        schema = RawSchema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+        return app.topic(name, schema=schema, partitions=settings.topic_partitions)
 
     def agent(name: str, source: faust.TopicT, handle, depth: int) -> None:
         app.agent(source, name=name, concurrency=1)(

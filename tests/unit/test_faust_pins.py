@@ -36,6 +36,9 @@ PINNED = {
     "Message.ack": "4751b72c4ed84153",
     "ProducerBuffer.size": "b543a978fdece62e",
     "App.create_event": "15fea3d1e95e6625",
+    "Schema.compile": "d46eec5ce3195b2c",
+    "Schema.loads_key": "9adc30303f20915c",
+    "Schema.loads_value": "61a4628b4e0966e6",
 }
 
 
@@ -59,7 +62,22 @@ def test_faust_code_the_workaround_depends_on_is_unchanged():
         "Message.ack": _digest(Message.ack),
         "ProducerBuffer.size": _digest(ProducerBuffer.size.fget),
         "App.create_event": _digest(faust.App.create_event),
+        "Schema.compile": _digest(faust.Schema.compile),
+        "Schema.loads_key": _digest(faust.Schema.loads_key),
+        "Schema.loads_value": _digest(faust.Schema.loads_value),
     } == PINNED
+
+
+def test_raw_schema_gives_what_the_raw_codec_gives():
+    from streams.pipeline.consumer import RawSchema
+
+    app = faust.App("pins", key_serializer="raw", value_serializer="raw")
+    ours = RawSchema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    stock = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    for key, value in ((b"k", b"\xc3\x01v"), (None, None), (b"", b""), (b"\xff", None)):
+        message = ConsumerMessage("t", 0, 1, 0.0, 0, None, key, value, None)
+        assert ours.loads_key(app, message) == stock.loads_key(app, message)
+        assert ours.loads_value(app, message) == stock.loads_value(app, message)
 
 
 def _body(fn) -> list[str]:
@@ -70,10 +88,10 @@ def _body(fn) -> list[str]:
 
 def test_our_drain_loop_is_fausts_but_for_the_marked_change():
     ours, theirs = _body(HoleTolerantConsumer._drain_messages), _body(FaustConsumer._drain_messages)
-    begin = ours.index("if self._buffered > budget:")
+    begin = ours.index("if self._buffered > budget or self._delivered >= max_delivered:")
     end = ours.index("set_read_offset(tp, offset)")
     flags = ["suspended = self.suspend_flow.is_set", "stopped = cast(Service, self)._stopped.is_set",
-             "crashed = cast(Service, self)._crashed.is_set", "budget = self._budget()"]
+             "crashed = cast(Service, self)._crashed.is_set", "budget, max_delivered = self._budget_cache = self._budget()"]
     ours = [line for line in ours[:begin] if line not in flags] + ours[end:]
     assert ours == _without_wait_first(theirs)
 
@@ -166,7 +184,8 @@ def test_delivered_bytes_are_released_by_the_final_ack_once():
     consumer._n_acked = 0
     consumer._waiting_for_ack = None
     message = ConsumerMessage("raw", 0, 5, 0.0, 0, None, b"k", b"v" * 100, None)
-    consumer._buffered = 100 + EVENT_OVERHEAD
+    consumer._buffered, consumer._delivered = 100 + EVENT_OVERHEAD, 1
+    consumer._budget_cache = (10_000, 100)
     consumer._room = asyncio.Event()
-    assert message.ack(consumer) and consumer._buffered == 0 and consumer._room.is_set()
-    assert not message.ack(consumer) and consumer._buffered == 0  # a second ack releases nothing
+    assert message.ack(consumer) and consumer._buffered == 0 == consumer._delivered and consumer._room.is_set()
+    assert not message.ack(consumer) and consumer._buffered == 0 == consumer._delivered  # a second ack releases nothing
