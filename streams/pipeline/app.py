@@ -17,6 +17,7 @@ from mode import Service
 from streams.faults import fault_point
 from streams.io.codec import Codecs
 from streams.io.kafka import AsyncProducer, Record
+from streams.loop import use_uvloop
 from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.delivery import Events, batch_agent, where
@@ -184,15 +185,6 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         agent("sink", topic(settings.masked_topic), sink, depth=2)
 
     return app
-
-
-def use_uvloop() -> None:
-    """uvloop for every event loop made from here on (the worker's and Faust's consumer thread's)."""
-    import asyncio
-
-    import uvloop
-
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def run_worker(settings: Settings) -> None:

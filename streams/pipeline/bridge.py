@@ -280,6 +280,9 @@ def run_bridge(settings: Settings) -> None:
             if health is not None:
                 await health.stop()
 
+    from streams.loop import use_uvloop
+
+    use_uvloop()
     asyncio.run(run())
     if bridge_failed:
         raise SystemExit(70)
