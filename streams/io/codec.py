@@ -12,7 +12,9 @@ import functools
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 from pathlib import Path
 
 import fastavro
@@ -57,7 +59,10 @@ class _Writer:
 class AvroCodec:
     """Encode with the latest version of a schema; decode any version of it."""
 
-    _fast_encode = _fast_decode = _fast_decode_millis = None  # set per instance when the schema compiles
+    # Set per instance when the schema compiles (plain functions in instance attributes).
+    _fast_encode: Callable[[dict], bytes] | None = None
+    _fast_decode: Callable[[bytes], dict] | None = None
+    _fast_decode_millis: Callable[[bytes], dict] | None = None
 
     def __init__(self, name: str, schema_dir: Path = SCHEMA_DIR) -> None:
         versions = schema_versions(name, schema_dir)
@@ -115,8 +120,9 @@ class AvroCodec:
 
     @functools.cached_property
     def _timestamps(self) -> list[str]:
+        fields: list[dict] = cast(dict, self.schema)["fields"]
         return [
-            f["name"] for f in self.schema["fields"]
+            f["name"] for f in fields
             if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis"
         ]
 

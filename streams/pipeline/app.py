@@ -92,7 +92,7 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         Monitor=QuietMonitor,
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
     )
-    app.stream_buffer_bytes = settings.stream_buffer_bytes  # read by the consumer (consumer.py)
+    app.stream_buffer_bytes = settings.stream_buffer_bytes  # type: ignore[attr-defined]  # read by consumer.py
     codecs = Codecs()
     outputs = Outputs(settings)
     app.service(cast(Any, outputs))  # an instance works too: started and stopped with the app

@@ -194,7 +194,7 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
                                 await self._wait_for_room()
                             self._buffered += len(message.value or b"") + EVENT_OVERHEAD
                             self._delivered += 1
-                            delivery = callback(message)
+                            delivery = cast(Coroutine, callback(message))
                             if suspended() or stopped() or crashed():
                                 await self.wait_first(delivery, self.suspend_flow.wait())
                             else:
