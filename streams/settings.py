@@ -75,7 +75,10 @@ class Settings(BaseSettings):
     # (environment, shared config/profile, web identity (IRSA), container or instance role).
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
-    bridge_pollers: int = Field(4, ge=1)
+    bridge_pollers: int = Field(4, ge=1, description="concurrent SQS receivers")
+    bridge_inflight: int = Field(
+        2, ge=1, description="batches per poller being produced/acked/deleted while it receives the next"
+    )
     bridge_wait_seconds: int = Field(1, ge=0, le=20)
     bridge_visibility_timeout: int = Field(30, ge=1, description="extended while a produce is pending")
     bridge_attributes: str = Field("SentTimestamp", description="SQS attributes kept in the raw envelope (allow-list)")
@@ -90,8 +93,17 @@ class Settings(BaseSettings):
     stages: str = Field("mask,sink", description="comma-separated stages this worker runs")
     batch_size: int = Field(500, ge=1)
     batch_within: float = Field(0.5, gt=0)
+    stream_buffer_bytes: int = Field(
+        64 * 2**20, ge=2**20, description="bytes a worker may hold delivered but not yet acked (value + ~1 KiB per event)"
+    )
+    stream_buffer_maxsize: int = Field(
+        32768, ge=1, description="events Faust buffers per stream before it pauses fetching (memory: ~1 KiB each)"
+    )
     retry_max_backoff: float = Field(10.0, gt=0)
     startup_timeout: float = Field(30.0, ge=0, description="seconds a starting stage waits for Kafka and PostgreSQL")
+    mask_cache_size: int = Field(
+        16384, ge=0, description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none"
+    )
 
     data_dir: Path = Field(
         default_factory=lambda: _default_home() / "faust",

@@ -7,16 +7,22 @@ and the highest version is the reader schema they all resolve to.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 from pathlib import Path
 
 import fastavro
 from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.types import Schema
+
+from streams.io import avro_fast
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"  # package data (a symlink in a checkout)
 MAGIC = b"\xc3\x01"
@@ -53,6 +59,11 @@ class _Writer:
 class AvroCodec:
     """Encode with the latest version of a schema; decode any version of it."""
 
+    # Set per instance when the schema compiles (plain functions in instance attributes).
+    _fast_encode: Callable[[dict], bytes] | None = None
+    _fast_decode: Callable[[bytes], dict] | None = None
+    _fast_decode_millis: Callable[[bytes], dict] | None = None
+
     def __init__(self, name: str, schema_dir: Path = SCHEMA_DIR) -> None:
         versions = schema_versions(name, schema_dir)
         self.name = name
@@ -62,14 +73,60 @@ class AvroCodec:
         self._writers = {
             MAGIC + fingerprint(schema): fastavro.parse_schema(schema) for schema in versions.values()
         }
+        # Generated fast paths for the latest version (flat records); fastavro stays the
+        # reference: whatever a fast path refuses, fastavro does (see avro_fast).
+        try:
+            self._fast_encode = avro_fast.compile_encoder(versions[self.version], self.header)
+            self._fast_decode = avro_fast.compile_decoder(versions[self.version], HEADER_LEN)
+            self._fast_decode_millis = avro_fast.compile_decoder(versions[self.version], HEADER_LEN, ts_millis=True)
+        except avro_fast.Unsupported:
+            pass
 
     def encode(self, datum: dict) -> bytes:
+        if self._fast_encode is not None:
+            try:
+                return self._fast_encode(datum)
+            except Exception:
+                pass  # fastavro decides: same bytes, or its own error
+        return self._encode(datum)
+
+    def _encode(self, datum: dict) -> bytes:
         buf = io.BytesIO()
         buf.write(self.header)
         fastavro.schemaless_writer(buf, self.schema, datum)
         return buf.getvalue()
 
     def decode(self, data: bytes | None) -> dict:
+        if data and self._fast_decode is not None and data[:HEADER_LEN] == self.header:
+            try:
+                return self._fast_decode(data)
+            except Exception:
+                pass  # fastavro decides: same datum, or its own error
+        return self._decode(data)
+
+    def decode_millis(self, data: bytes | None) -> dict:
+        """``decode``, with timestamps as epoch milliseconds (what ``encode`` takes back as they are)."""
+        if data and self._fast_decode_millis is not None and data[:HEADER_LEN] == self.header:
+            try:
+                return self._fast_decode_millis(data)
+            except Exception:
+                pass
+        datum = self._decode(data)
+        for name in self._timestamps:
+            value = datum.get(name)
+            if isinstance(value, dt.datetime):
+                datum[name] = _millis(value)
+        return datum
+
+    @functools.cached_property
+    def _timestamps(self) -> list[str]:
+        fields: list[dict] = cast(dict, self.schema)["fields"]
+        return [
+            f["name"] for f in fields
+            if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis"
+        ]
+
+    def _decode(self, data: bytes | None) -> dict:
         if not data:  # a tombstone (null value) or an empty record: no datum at all
             raise CodecError(f"empty record: no value ({self.name})")
         header = bytes(data[:HEADER_LEN])
@@ -91,6 +148,12 @@ class AvroCodec:
         if not isinstance(datum, dict):
             raise CodecError(f"corrupt {self.name} datum: not a record")
         return datum
+
+
+def _millis(value: dt.datetime) -> int:
+    """fastavro's own datetime -> timestamp-millis conversion (an aware datetime)."""
+    delta = value - avro_fast.EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1000 + int(delta.microseconds / 1000)
 
 
 RAW = "raw_envelope"

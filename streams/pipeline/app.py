@@ -6,6 +6,7 @@ the delivery rules (batch, write durably, then ack) in ``delivery.py``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -20,7 +21,8 @@ from streams.io.codec import Codecs
 from streams.logs import logging_config
 from streams.io.kafka import AsyncProducer, Record
 from streams.io.kafka_security import faust_credentials
-from streams.pipeline.consumer import StreamsApp
+from streams.loop import use_uvloop
+from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.delivery import Events, batch_agent, where
 from streams.pipeline.mask import MaskTransform
@@ -97,7 +99,14 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         # the agent is cancelled, its unfinished events stay unacked and are redelivered.
         stream_wait_empty=False,
         producer_acks=-1,
+        # Per-event cost (issue 12, profiled): Faust's repaired Cython stream iterator
+        # takes events already queued without awaiting the channel; the Monitor's
+        # per-event bookkeeping is off (nothing reads it).
+        cython_optimizations=True,
+        Monitor=QuietMonitor,
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
     )
+    app.stream_buffer_bytes = settings.stream_buffer_bytes  # type: ignore[attr-defined]  # read by consumer.py
     codecs = Codecs()
     outputs = Outputs(settings)
     app.service(cast(Any, outputs))  # an instance works too: started and stopped with the app
@@ -108,11 +117,12 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
     stages = settings.stage_list
 
     def topic(name: str) -> faust.TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions)
+        schema = RawSchema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+        return app.topic(name, schema=schema, partitions=settings.topic_partitions)
 
-    def agent(name: str, source: faust.TopicT, handle) -> None:
+    def agent(name: str, source: faust.TopicT, handle, depth: int) -> None:
         app.agent(source, name=name, concurrency=1)(
-            batch_agent(name, settings.batch_size, settings.batch_within, handle)
+            batch_agent(name, settings.batch_size, settings.batch_within, handle, depth)
         )
         lag_topics[name] = source.get_topic_name()
 
@@ -136,9 +146,18 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
 
     if "mask" in stages:
         assert keyring is not None, "the mask stage needs keys"
-        transform = MaskTransform(Masker(keyring), codecs)
+        transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs)
 
-        async def mask(events: Events) -> None:
+        last_delivery: asyncio.Future | None = None
+
+        async def mask(events: Events) -> asyncio.Future:
+            """Transform now; produce once the previous batch's produce is acknowledged.
+
+            Returns the produce, which ``batch_agent`` awaits before it acks the batch, so
+            this batch's transform overlaps the previous batch's wait for the broker while
+            the records still reach Kafka in batch order.
+            """
+            nonlocal last_delivery
             outputs_ = transform.batch([(e.message.key, e.message.value, where(e)) for e in events])
             records = []
             for out in outputs_:
@@ -146,47 +165,69 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
                 if out.reason:
                     log.info("dead-lettered a record: %s", out.reason, extra={"stage": "mask", "reason": out.reason})
                     metrics.DEAD_LETTERS.labels("mask", out.reason).inc()
-            await outputs.produce(records, "mask", f"produce {len(records)} masked records")
-            fault_point("mask_after_produce")
-            dead = sum(1 for out in outputs_ if out.reason)
-            metrics.RECORDS_OUT.labels("mask", "masked").inc(len(outputs_) - dead)
-            metrics.RECORDS_OUT.labels("mask", "dead_letter").inc(dead)
 
-        agent("mask", topic(settings.raw_topic), mask)
+            async def deliver(previous: asyncio.Future | None) -> None:
+                if previous is not None:
+                    await previous
+                await outputs.produce(records, "mask", f"produce {len(records)} masked records")
+                fault_point("mask_after_produce")
+                dead = sum(1 for out in outputs_ if out.reason)
+                metrics.RECORDS_OUT.labels("mask", "masked").inc(len(outputs_) - dead)
+                metrics.RECORDS_OUT.labels("mask", "dead_letter").inc(dead)
+
+            last_delivery = asyncio.ensure_future(deliver(last_delivery))
+            return last_delivery
+
+        agent("mask", topic(settings.raw_topic), mask, depth=2)
 
     if "sink" in stages:
         sink_stage = SinkStage(codecs)
 
-        async def sink(events: Events) -> None:
-            batch = sink_stage.plan([(e.message.key, e.message.value, where(e)) for e in events])
-            fault_point("sink_before_commit")
-            await fault_hang("sink_before_commit")
-            refused = await retry_forever(
-                lambda: outputs.sink.write_batch(batch.rows, batch.deletes),
-                f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes", log, settings.retry_max_backoff,
-                label="database write",
-            ) if batch.rows or batch.deletes else []
-            committed_at = time.time()
-            if batch.deletes:
-                log.info("deleted the rows of %d tombstones", len(batch.deletes), extra={"stage": "sink", "count": len(batch.deletes)})
-            dead = batch.dead + sink_stage.refused(batch, refused)
-            fault_point("sink_after_commit")
-            if dead:
-                await outputs.produce(
-                    [(settings.dlq_topic, key, value) for key, value, _ in dead], "sink", f"produce {len(dead)} dead letters"
-                )
-            for _, _, reason in dead:
-                metrics.DEAD_LETTERS.labels("sink", reason).inc()
-            written = len(batch.rows) - len(refused)
-            metrics.RECORDS_OUT.labels("sink", "row").inc(written)
-            metrics.RECORDS_OUT.labels("sink", "deleted").inc(len(batch.deletes))
-            metrics.RECORDS_OUT.labels("sink", "dead_letter").inc(len(dead))
-            refused_ids = {row["message_id"] for row, _ in refused}
-            for row in batch.rows:
-                if row["message_id"] not in refused_ids:
-                    metrics.END_TO_END.observe(max(committed_at - row["sent_at"].timestamp(), 0.0))
+        last_write: asyncio.Future | None = None
 
-        agent("sink", topic(settings.masked_topic), sink)
+        async def sink(events: Events) -> asyncio.Future:
+            """Decode and plan now; write once the previous batch's transaction committed.
+
+            Returns the write (commit, then the dead letters of refused rows), which
+            ``batch_agent`` awaits before it acks the batch: batches reach the database one
+            after another, in order, while the next one is decoded meanwhile.
+            """
+            nonlocal last_write
+            batch = sink_stage.plan([(e.message.key, e.message.value, where(e)) for e in events])
+
+            async def write(previous: asyncio.Future | None) -> None:
+                if previous is not None:
+                    await previous
+                fault_point("sink_before_commit")
+                await fault_hang("sink_before_commit")
+                refused = await retry_forever(
+                    lambda: outputs.sink.write_batch(batch.rows, batch.deletes),
+                    f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes", log, settings.retry_max_backoff,
+                    label="database write",
+                ) if batch.rows or batch.deletes else []
+                committed_at = time.time()
+                if batch.deletes:
+                    log.info("deleted the rows of %d tombstones", len(batch.deletes), extra={"stage": "sink", "count": len(batch.deletes)})
+                dead = batch.dead + sink_stage.refused(batch, refused)
+                fault_point("sink_after_commit")
+                if dead:
+                    await outputs.produce(
+                        [(settings.dlq_topic, key, value) for key, value, _ in dead], "sink", f"produce {len(dead)} dead letters"
+                    )
+                for _, _, reason in dead:
+                    metrics.DEAD_LETTERS.labels("sink", reason).inc()
+                metrics.RECORDS_OUT.labels("sink", "row").inc(len(batch.rows) - len(refused))
+                metrics.RECORDS_OUT.labels("sink", "deleted").inc(len(batch.deletes))
+                metrics.RECORDS_OUT.labels("sink", "dead_letter").inc(len(dead))
+                refused_ids = {row["message_id"] for row, _ in refused}
+                for row in batch.rows:
+                    if row["message_id"] not in refused_ids:
+                        metrics.END_TO_END.observe(max(committed_at - row["sent_at"].timestamp(), 0.0))
+
+            last_write = asyncio.ensure_future(write(last_write))
+            return last_write
+
+        agent("sink", topic(settings.masked_topic), sink, depth=2)
 
     return app
 
@@ -211,6 +252,7 @@ def run_worker(settings: Settings) -> None:
     if "sink" in settings.stage_list:
         wait_at_start(lambda: require_schema(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    use_uvloop()
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings, keyring)
     faust.Worker(

@@ -4,6 +4,10 @@ Each poller receives up to ten messages, produces them as raw envelopes, waits f
 broker's acknowledgement and only then deletes them from SQS. A crash in between makes
 SQS redeliver after the visibility timeout; the message id keeps the row single.
 
+Pipelined: while a batch is being produced, acknowledged and deleted, its poller already
+receives the next one (up to ``STREAMS_BRIDGE_INFLIGHT`` batches per poller), so SQS is
+never left waiting on Kafka; ``STREAMS_BRIDGE_POLLERS`` scales the receives.
+
 - While a produce is pending the messages are kept invisible (their visibility is
   extended), so a slow broker never lets another poller take and produce them again.
 - A body over ``STREAMS_MAX_BODY_BYTES``, or a record Kafka refuses for its size, becomes
@@ -84,7 +88,8 @@ class Bridge:
         await asyncio.to_thread(ensure_topics, settings)
         producer = self.producer = AsyncProducer(settings)
         try:
-            async with sqs_client(settings) as sqs:
+            pool = max(20, settings.bridge_pollers * (settings.bridge_inflight + 2))  # receive, deletes, extensions
+            async with sqs_client(settings, max_pool=pool) as sqs:
                 # A dependency that does not answer is waited out; a missing queue or refused
                 # credentials (ConfigError) stop the bridge with one line.
                 url = self.queue_url = await retry_forever(
@@ -178,39 +183,77 @@ class Bridge:
                 log.warning("SQS visibility extension failed (%s)", type(exc).__name__)
 
     async def _poll(self, sqs, queue_url: str, producer: AsyncProducer) -> None:
+        """Receive batches and hand each to ``_forward``, at most ``bridge_inflight`` at a time.
+
+        A forward that fails ends the poller with its exception (the process stops). On
+        stop, the batches in flight finish; if this poller is cancelled (the stop grace
+        ran out), they are cancelled undeleted and SQS redelivers them.
+        """
         s = self.settings
         backoff = Backoff(s.retry_max_backoff, "sqs receive")
-        while not self.stopping.is_set():
-            try:
-                response = await sqs.receive_message(
-                    QueueUrl=queue_url,
-                    MaxNumberOfMessages=10,
-                    WaitTimeSeconds=s.bridge_wait_seconds,
-                    VisibilityTimeout=s.bridge_visibility_timeout,
-                    AttributeNames=["All"],
-                    MessageAttributeNames=["All"],
-                )
-            except Exception as exc:
-                log.warning("SQS receive failed (%s); retrying", type(exc).__name__)
-                await backoff.wait()
-                continue
-            backoff.reset()
-            messages = response.get("Messages", [])
-            if not messages:
-                continue
-            SQS_MESSAGES.labels("received").inc(len(messages))
-            LIVENESS.started()
-            keeper = asyncio.create_task(self._keep_invisible(sqs, queue_url, messages))
-            try:
-                records = self._records(messages)
-                await producer.deliver(records, self._refused, f"produce {len(messages)} messages", log, s.retry_max_backoff)
-            finally:
-                keeper.cancel()
-            fault_point("bridge_after_produce")
-            await self._delete(sqs, queue_url, messages)
-            LIVENESS.finished()
-            self.bridged += len(messages)
-            RECORDS_OUT.labels(STAGE, "bridged").inc(len(messages))
+        inflight: set[asyncio.Task] = set()
+
+        def reap(done: set[asyncio.Task]) -> None:
+            for task in done:
+                inflight.discard(task)
+                task.result()  # a failed forward fails the poller
+
+        try:
+            while not self.stopping.is_set():
+                if len(inflight) >= s.bridge_inflight:
+                    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    reap(done)
+                    continue
+                messages = await self._receive(sqs, queue_url, backoff)
+                reap({t for t in inflight if t.done()})
+                if messages:
+                    inflight.add(asyncio.create_task(self._forward(sqs, queue_url, producer, messages)))
+            while inflight:
+                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                reap(done)
+        finally:
+            for task in inflight:
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def _receive(self, sqs, queue_url: str, backoff: Backoff) -> list[dict]:
+        """One receive of up to ten messages; a failure is logged and backed off (empty list)."""
+        s = self.settings
+        try:
+            response = await sqs.receive_message(
+                QueueUrl=queue_url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=s.bridge_wait_seconds,
+                VisibilityTimeout=s.bridge_visibility_timeout,
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            )
+        except Exception as exc:
+            log.warning("SQS receive failed (%s); retrying", type(exc).__name__)
+            await backoff.wait()
+            return []
+        backoff.reset()
+        messages = response.get("Messages", [])
+        SQS_MESSAGES.labels("received").inc(len(messages))
+        return messages
+
+    async def _forward(self, sqs, queue_url: str, producer: AsyncProducer, messages: list[dict]) -> None:
+        """Produce a batch, wait for the broker's ack, then delete it from SQS."""
+        LIVENESS.started()
+        keeper = asyncio.create_task(self._keep_invisible(sqs, queue_url, messages))
+        try:
+            await producer.deliver(
+                self._records(messages), self._refused, f"produce {len(messages)} messages", log,
+                self.settings.retry_max_backoff,
+            )
+        finally:
+            keeper.cancel()
+        fault_point("bridge_after_produce")
+        await self._delete(sqs, queue_url, messages)
+        LIVENESS.finished()
+        self.bridged += len(messages)
+        RECORDS_OUT.labels(STAGE, "bridged").inc(len(messages))
 
     async def _delete(self, sqs, queue_url: str, messages: list[dict]) -> None:
         """Delete acknowledged messages; failures are retried, and at worst come back as duplicates."""
@@ -262,6 +305,9 @@ def run_bridge(settings: Settings) -> None:
             if health is not None:
                 await health.stop()
 
+    from streams.loop import use_uvloop
+
+    use_uvloop()
     asyncio.run(run())
     if bridge_failed:
         raise SystemExit(70)

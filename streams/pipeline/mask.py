@@ -19,20 +19,17 @@ Nothing raised from here may carry a field value: details name fields, never val
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
-
-from streams.io.codec import Codecs, CodecError
 from streams.errors import Rejected
+from streams.io.codec import CodecError, Codecs
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
 from streams.privacy.keys import PII_FIELDS
 from streams.privacy.masking import Masker, canonical_device_id, canonical_ip
-
-
-
-
 
 STAGE = "mask"
 MAX_DEPTH = 64
@@ -62,6 +59,7 @@ class Login:
     app_version: int | None
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of a field with few distinct values
 def encode_app_version(text: str) -> int | None:
     """Order-preserving integer for ``MAJOR[.MINOR[.PATCH]]``: ``major*10^6 + minor*10^3 + patch``.
 
@@ -110,12 +108,23 @@ def _depth_ok(value: object, limit: int = MAX_DEPTH) -> bool:
     return True
 
 
+# ``json.loads(body, object_pairs_hook=..., parse_constant=...)`` builds this decoder anew
+# on every call; one is enough (``_loads`` keeps loads' own BOM check).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+
+
+def _loads(body: str) -> object:
+    if body.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", body, 0)
+    return _DECODER.decode(body)
+
+
 def parse_json_object(body: str) -> dict:
     """The body as one JSON object, or ``Rejected`` with why not."""
     if not body.strip():
         raise Rejected(Reason.EMPTY_BODY, "body is empty or whitespace")
     try:
-        value = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+        value = _loads(body)
     except RecursionError:
         raise Rejected(Reason.TOO_DEEP, "nesting deeper than the parser allows") from None
     except json.JSONDecodeError as exc:
@@ -124,7 +133,9 @@ def parse_json_object(body: str) -> dict:
         raise Rejected(Reason.NUMBER_TOO_LONG, "a number has more digits than the parser converts") from None
     if not isinstance(value, dict):
         raise Rejected(Reason.NOT_AN_OBJECT, f"body is a JSON {type(value).__name__}, not an object")
-    if not _depth_ok(value):
+    # Going deeper than MAX_DEPTH takes at least MAX_DEPTH containers, so a body with
+    # fewer brackets (counted in C, strings included) needs no walk.
+    if body.count("{") + body.count("[") >= MAX_DEPTH and not _depth_ok(value):
         raise Rejected(Reason.TOO_DEEP, f"nesting deeper than {MAX_DEPTH} levels")
     return value
 
@@ -168,27 +179,64 @@ def _json_type(value: object) -> str:
     )
 
 
+_EXPECTED = frozenset((*REQUIRED, *NULLABLE))
+_REQUIRED_LIMITS = tuple((name, MAX_CHARS[name]) for name in REQUIRED)
+
+
+def _plain_text(value: str, suspect: bool) -> bool:
+    """No NUL, no lone surrogate. A JSON string holds a NUL only through an escape (a raw
+    control character is invalid JSON) and a surrogate through an escape or as a non-ASCII
+    character, so an ASCII body without a backslash needs no look."""
+    if not suspect:
+        return True
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _login_values(body: str) -> tuple[str, str, str, str, str, str | None]:
+    """``(user_id, device_type, ip, device_id, app_version, locale)`` of a valid body.
+
+    The fast path checks that a field is valid; a field that is not goes through
+    ``_field``, which raises the reason (same fields in the same order as ever).
+    """
+    obj = parse_json_object(body)
+    if not _EXPECTED <= obj.keys():
+        missing = [name for name in (*REQUIRED, *NULLABLE) if name not in obj]
+        raise Rejected(Reason.MISSING_FIELD, "missing: " + ", ".join(missing))
+    suspect = "\\" in body or not body.isascii()
+    values = []
+    for name, limit in _REQUIRED_LIMITS:
+        value = obj[name]
+        if not (value.__class__ is str and len(value) <= limit and value.strip() and _plain_text(value, suspect)):
+            value = _required(obj, name)
+        values.append(value)
+    locale = obj["locale"]
+    if locale is not None and not (locale.__class__ is str and len(locale) <= MAX_CHARS["locale"] and _plain_text(locale, suspect)):
+        locale = _field(obj, "locale", nullable=True)
+    user_id, device_type, ip, device_id, app_version = values
+    return user_id, device_type, ip, device_id, app_version, locale
+
+
 def parse_login(body: str) -> Login:
     """Validate and flatten one SQS body into a ``Login``."""
-    obj = parse_json_object(body)
-    missing = [name for name in (*REQUIRED, *NULLABLE) if name not in obj]
-    if missing:
-        raise Rejected(Reason.MISSING_FIELD, "missing: " + ", ".join(missing))
-    values = {name: _required(obj, name) for name in REQUIRED}
-    locale = _field(obj, "locale", nullable=True)
+    user_id, device_type, ip, device_id, app_version, locale = _login_values(body)
     return Login(
-        user_id=values["user_id"],
-        device_type=values["device_type"],
-        ip=values["ip"],
-        device_id=values["device_id"],
+        user_id=user_id,
+        device_type=device_type,
+        ip=ip,
+        device_id=device_id,
         locale=locale,
-        app_version_raw=values["app_version"],
-        app_version=encode_app_version(values["app_version"]),
+        app_version_raw=app_version,
+        app_version=encode_app_version(app_version),
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
+class Output(NamedTuple):  # a tuple: cheaper to make than a frozen dataclass, as immutable
     """One record to produce: to the masked topic, or to the DLQ when ``reason`` is set."""
 
     key: bytes
@@ -200,6 +248,9 @@ class MaskTransform:
     def __init__(self, masker: Masker, codecs: Codecs) -> None:
         self.masker = masker
         self.codecs = codecs
+        self._decode = codecs.raw.decode_millis
+        self._encode = codecs.masked.encode
+        self._mask_value = masker.mask
 
     def __call__(self, key: bytes | None, value: bytes | None, where: str) -> Output:
         """Turn one consumed raw record into its output. Never raises."""
@@ -213,13 +264,13 @@ class MaskTransform:
             if not value:
                 raise Rejected(Reason.EMPTY_RECORD, "the record has no value (a tombstone or an empty record)")
             try:
-                envelope = self.codecs.raw.decode(value)
+                envelope = self._decode(value)  # sent_at stays epoch milliseconds: it is copied as it is
             except CodecError as exc:
                 raise Rejected(Reason.UNDECODABLE_RECORD, str(exc)) from None
             message_id = envelope["message_id"]
             if not 0 < len(message_id) <= MAX_MESSAGE_ID:
                 raise Rejected(Reason.INVALID_MESSAGE_ID, f"message id must be 1 to {MAX_MESSAGE_ID} characters")
-            return Output(message_id.encode("utf-8"), self.codecs.masked.encode(self._mask(envelope)))
+            return Output(message_id.encode("utf-8"), self._encode(self._mask(envelope)))
         except Rejected as rejected:
             return self._dead(message_id, rejected, value)
         except Exception as exc:  # a bug must not stop the stream; the type name carries no PII
@@ -230,18 +281,18 @@ class MaskTransform:
         return [self(key, value, where) for key, value, where in messages]
 
     def _mask(self, envelope: dict) -> dict:
-        login = parse_login(envelope["body"])
-        ip_canonical, ip_is_valid = canonical_ip(login.ip)
-        ip = self.masker.mask("ip", ip_canonical)
-        device = self.masker.mask("device_id", canonical_device_id(login.device_id))
+        user_id, device_type, ip_text, device_id, app_version, locale = _login_values(envelope["body"])
+        ip_canonical, ip_is_valid = canonical_ip(ip_text)
+        ip = self._mask_value("ip", ip_canonical)
+        device = self._mask_value("device_id", canonical_device_id(device_id))
         return {
             "message_id": envelope["message_id"],
             "sent_at": envelope["sent_at"],
-            "user_id": login.user_id,
-            "device_type": login.device_type,
-            "locale": login.locale,
-            "app_version_raw": login.app_version_raw,
-            "app_version": login.app_version,
+            "user_id": user_id,
+            "device_type": device_type,
+            "locale": locale,
+            "app_version_raw": app_version,
+            "app_version": encode_app_version(app_version),
             "masked_ip": ip.token,
             "masked_device_id": device.token,
             "ip_ciphertext": ip.ciphertext,

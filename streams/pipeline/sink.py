@@ -1,12 +1,13 @@
 """The sink stage: masked records in, rows in PostgreSQL (or dead letters) out.
 
 ``SinkStage.plan`` is the pure part: decode a batch, keep the rows, dead-letter what
-cannot be decoded. ``PostgresSink`` is the writer: one idempotent upsert statement per
-batch, and the row-error rules (which refusals are the row's fault, not the database's).
+cannot be decoded. ``PostgresSink`` is the writer: one transaction per batch, and the
+row-error rules (which refusals are the row's fault, not the database's).
 
-The statement writes ``pii_vault`` and ``user_logins`` together (a data-modifying CTE),
-so a batch is one round trip and one transaction. A row that is already identical is
-not touched at all, so a replay leaves the table byte-for-byte as it was.
+A batch is COPYed (binary) into two session-private staging tables, one COPY per table,
+then one statement (data-modifying CTEs) deletes the tombstoned rows, adds the new vault
+rows and upserts ``user_logins`` from the staged rows. A row that is already identical
+is not touched at all, so a replay leaves the table byte-for-byte as it was.
 """
 
 from __future__ import annotations
@@ -126,30 +127,61 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 
 def upsert_arguments(records: list[dict]) -> list[list]:
     """Column arrays for ``UPSERT``; duplicates within the batch collapse to the last one."""
+    vault, rows = staged_rows(records)
+    columns = [list(c) for c in zip(*rows)] if rows else [[] for _ in _COLUMNS]
+    fields, tokens, key_ids, ciphertexts = (list(c) for c in zip(*vault)) if vault else ([], [], [], [])
+    return [fields, tokens, key_ids, ciphertexts, *columns]
+
+
+def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
+    """``(vault rows, user_logins rows)`` as tuples in column order, each key once (the last wins).
+
+    Vault rows are ``(field, token, key_id, ciphertext)``, one per distinct token; login
+    rows follow ``_COLUMNS``.
+    """
     latest = {r["message_id"]: r for r in records}
     vault: dict[tuple[str, str], str] = {}
+    rows = []
+    utc = timezone.utc
     for r in latest.values():
         vault[("ip", r["masked_ip"])] = r["ip_ciphertext"]
         vault[("device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
-    fields, tokens = zip(*vault) if vault else ((), ())
-    ciphertexts = list(vault.values())
-    key_ids = [c.partition(".")[0] for c in ciphertexts]
-    rows = list(latest.values())
-    sent = [r["sent_at"] for r in rows]
-    columns = [
-        [r["message_id"] for r in rows],
-        [r["user_id"] for r in rows],
-        [r["device_type"] for r in rows],
-        [r["masked_ip"] for r in rows],
-        [r["masked_device_id"] for r in rows],
-        [r["locale"] for r in rows],
-        [r["app_version"] for r in rows],
-        [s.astimezone(timezone.utc).date() for s in sent],
-        [r["app_version_raw"] for r in rows],
-        sent,
-        [r["ip_is_valid"] for r in rows],
-    ]
-    return [list(fields), list(tokens), key_ids, ciphertexts, *columns]
+        sent = r["sent_at"]
+        rows.append((
+            r["message_id"], r["user_id"], r["device_type"], r["masked_ip"], r["masked_device_id"], r["locale"],
+            r["app_version"], sent.astimezone(utc).date(), r["app_version_raw"], sent, r["ip_is_valid"],
+        ))
+    return [(f, t, c.partition(".")[0], c) for (f, t), c in vault.items()], rows
+
+
+# COPY targets: session-private, emptied at every commit or rollback, typed like the real
+# tables (CREATE TABLE AS copies the column types, not the constraints: a refused value
+# is refused by the INSERT below with the same SQLSTATE class as before).
+_VAULT_COLUMNS = ("field", "token", "key_id", "ciphertext")
+STAGE_VAULT, STAGE_LOGINS = "streams_stage_vault", "streams_stage_logins"
+CREATE_STAGES = f"""
+CREATE TEMP TABLE IF NOT EXISTS {STAGE_VAULT} ON COMMIT DELETE ROWS AS
+    SELECT {", ".join(_VAULT_COLUMNS)} FROM pii_vault WITH NO DATA;
+CREATE TEMP TABLE IF NOT EXISTS {STAGE_LOGINS} ON COMMIT DELETE ROWS AS
+    SELECT {", ".join(_COLUMNS)} FROM user_logins WITH NO DATA;
+"""
+# One statement from the staged rows: tombstone deletes, vault rows, then the upsert that
+# leaves an identical row untouched. The three sets of keys never overlap (``plan``).
+MERGE_STAGED = f"""
+WITH deleted AS (
+    DELETE FROM user_logins WHERE message_id = ANY($1::text[])
+), vault AS (
+    INSERT INTO pii_vault ({", ".join(_VAULT_COLUMNS)})
+    SELECT {", ".join(_VAULT_COLUMNS)} FROM {STAGE_VAULT}
+    ON CONFLICT (field, token) DO NOTHING
+)
+INSERT INTO user_logins ({", ".join(_COLUMNS)})
+SELECT {", ".join(_COLUMNS)} FROM {STAGE_LOGINS}
+ON CONFLICT (message_id) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])}
+WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
+    IS DISTINCT FROM ({", ".join(f"EXCLUDED.{c}" for c in _COLUMNS[1:])})
+"""
 
 
 class PostgresSink:
@@ -159,6 +191,7 @@ class PostgresSink:
         self.dsn = dsn
         self.command_timeout = command_timeout  # a half-open connection fails, it does not hang
         self._conn: asyncpg.Connection | None = None
+        self._staged: asyncpg.Connection | None = None  # the connection whose staging tables exist
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -166,7 +199,29 @@ class PostgresSink:
         return self._conn
 
     async def write(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
-        """Upsert ``records`` and delete the rows of ``deletes`` in one transaction."""
+        """Upsert ``records`` and delete the rows of ``deletes`` in one transaction.
+
+        The rows are COPYed (binary) into session-private staging tables, one COPY per
+        table, and merged from there by one statement; the transaction commits before
+        this returns.
+        """
+        conn = await self._connection()
+        try:
+            if self._staged is not conn:
+                await conn.execute(CREATE_STAGES)
+                self._staged = conn
+            async with conn.transaction():
+                if records:
+                    vault, rows = staged_rows(records)
+                    await conn.copy_records_to_table(STAGE_VAULT, records=vault, columns=_VAULT_COLUMNS)
+                    await conn.copy_records_to_table(STAGE_LOGINS, records=rows, columns=_COLUMNS)
+                await conn.execute(MERGE_STAGED, list(deletes))
+        except CONNECTION_ERRORS:
+            await self.close()
+            raise
+
+    async def write_one(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
+        """``write`` by one ``UPSERT`` statement of column arrays (the row-by-row fallback)."""
         conn = await self._connection()
         try:
             if deletes:
@@ -190,11 +245,11 @@ class PostgresSink:
             return []
         except ROW_ERRORS:
             if deletes:
-                await self.write([], deletes)
+                await self.write_one([], deletes)
             refused = []
             for row in rows:
                 try:
-                    await self.write([row])
+                    await self.write_one([row])
                 except ROW_ERRORS as exc:
                     refused.append((row, exc.sqlstate))
             return refused

@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import hmac
 import ipaddress
 import re
@@ -42,6 +44,10 @@ def token_version(token: str) -> str:
     return match.group(1)
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zero, like ipaddress
+_DOTTED_QUAD = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
 def canonical_ip(value: str) -> tuple[str, bool]:
     """Canonical text of an IP and whether it was one.
 
@@ -50,6 +56,8 @@ def canonical_ip(value: str) -> tuple[str, bool]:
     as written. A value that is not an IP is masked as the trimmed string.
     """
     text = value.strip()
+    if _DOTTED_QUAD.fullmatch(text):  # the common case, already canonical: no ipaddress object
+        return text, True
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -64,8 +72,32 @@ def canonical_device_id(value: str) -> str:
     return value.strip()
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE, b"=").decode("ascii")
+
+
+class _HmacSha256:
+    """HMAC-SHA256 with the key schedule done once (RFC 2104): each digest copies two
+    keyed hash states, about a third of ``hmac.digest``'s cost."""
+
+    __slots__ = ("_inner", "_outer")
+    _IPAD = bytes(b ^ 0x36 for b in range(256))
+    _OPAD = bytes(b ^ 0x5C for b in range(256))
+
+    def __init__(self, key: bytes) -> None:
+        block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+        self._inner = hashlib.sha256(block.translate(self._IPAD))
+        self._outer = hashlib.sha256(block.translate(self._OPAD))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def _unb64(text: str) -> bytes:
@@ -128,13 +160,16 @@ class Masker:
         self._join = keyring.active_join_keys()
         self._key_id = keyring.encryption_key_id
         self._siv = {key_id: AESSIV(key) for key_id, key in keyring.encryption_keys.items()}
-        self.mask = lru_cache(maxsize=cache_size)(self._mask)
+        self._hmac = {field: _HmacSha256(key) for field, key in self._join.items()}
+        self.mask = lru_cache(maxsize=cache_size)(self._mask) if cache_size else self._mask
 
     def token(self, field: str, canonical: str, version: str | None = None) -> str:
         """The active version's token, or another loaded version's (used by join-key rotation)."""
-        key = self._join[field] if version is None else self.keyring.join_keys[version][field]
-        digest = hmac.digest(key, canonical.encode("utf-8"), "sha256")
-        return f"{version or self.keyring.join_version}.{_b64(digest)}"
+        if version is None:
+            digest = self._hmac[field].digest(canonical.encode("utf-8"))
+            return f"{self.keyring.join_version}.{_b64(digest)}"
+        digest = hmac.digest(self.keyring.join_keys[version][field], canonical.encode("utf-8"), "sha256")
+        return f"{version}.{_b64(digest)}"
 
     def encrypt(self, field: str, canonical: str, token: str) -> str:
         """A token-bound ciphertext under the active key: ``<key id>.v2.<base64url>``."""

@@ -6,10 +6,14 @@ import json
 import avro.schema
 import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
+from streams.io import avro_fast
 from streams.io.codec import MAGIC, SCHEMA_DIR, AvroCodec, CodecError, Codecs, fingerprint, schema_versions
 
-SENT = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc)
+SENT = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC)
 
 
 def masked_v2(**changes):
@@ -87,3 +91,70 @@ def test_schema_files_are_all_versioned():
     assert _names() == ["dead_letter", "masked_login", "raw_envelope"]
     for path in SCHEMA_DIR.glob("*.avsc"):
         assert ".v" in path.name, path
+
+
+# --- the generated fast paths (streams/io/avro_fast.py) against fastavro itself ---------------
+
+_text = st.text(max_size=300)
+_ts = st.one_of(st.integers(min_value=avro_fast.TS_MIN - 5, max_value=avro_fast.TS_MAX + 5),
+                st.integers(min_value=0, max_value=2_000_000_000_000))
+
+
+@st.composite
+def masked_millis(draw):
+    return {
+        "message_id": draw(_text), "sent_at": draw(st.integers(min_value=0, max_value=avro_fast.TS_MAX)),
+        "user_id": draw(_text), "device_type": draw(_text), "locale": draw(st.none() | _text),
+        "app_version_raw": draw(_text), "app_version": draw(st.none() | st.integers(-(2**31), 2**31 - 1)),
+        "masked_ip": draw(_text), "masked_device_id": draw(_text), "ip_ciphertext": draw(_text),
+        "device_id_ciphertext": draw(_text), "ip_is_valid": draw(st.booleans()),
+    }
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(masked_millis())
+def test_fast_encoder_writes_fastavros_bytes(datum):
+    codec = Codecs().masked
+    assert codec.encode(datum) == codec._encode(datum)
+    assert codec.decode(codec.encode(datum)) == codec._decode(codec._encode(datum))
+    assert codec.decode_millis(codec.encode(datum)) == datum
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(st.text(), _ts, st.text(max_size=2000), st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=4))
+def test_fast_raw_round_trip_matches_fastavro(message_id, sent_at, body, attributes):
+    codec = Codecs().raw
+    datum = {"message_id": message_id, "sent_at": sent_at, "body": body, "attributes": attributes}
+    try:
+        reference = codec._encode(datum)
+    except Exception:
+        return
+    assert codec.encode(datum) == reference
+    _same_decoding(codec, reference)
+
+
+def _same_decoding(codec, data):
+    try:
+        expected = codec._decode(data)
+    except CodecError as exc:
+        with pytest.raises(CodecError) as caught:
+            codec.decode(data)
+        assert str(caught.value) == str(exc)
+        return
+    assert codec.decode(data) == expected
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.binary(max_size=80), st.integers(min_value=0, max_value=60))
+def test_fast_decoders_agree_with_fastavro_on_corrupt_bytes(noise, cut):
+    codecs = Codecs()
+    for codec, datum in (
+        (codecs.raw, {"message_id": "m-1", "sent_at": 1_700_000_000_000, "body": '{"a": "é"}', "attributes": {"k": "v"}}),
+        (codecs.masked, {**masked_v2(), "sent_at": 1_700_000_000_000}),
+    ):
+        good = codec.encode(datum)
+        for data in (good[: HEADER + cut] + noise, good + noise, good[:HEADER] + noise, good[: len(good) - cut]):
+            _same_decoding(codec, data)
+
+
+HEADER = 10

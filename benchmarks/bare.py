@@ -1,0 +1,145 @@
+"""The comparators of ``benchmarks.run``: the same work without the project's machinery.
+
+Each runs as its own process (so its CPU and memory are measured like a stage's), with
+the stage's ``STREAMS_*`` environment, until SIGTERM:
+
+- ``kafka-mask OUT GROUP``: a bare confluent-kafka loop, consume -> the same ``MaskTransform``
+  -> produce (idempotent, acks=all) -> wait for the acks -> commit, batch after batch;
+- ``kafka-copy OUT GROUP``: the same loop with the transform replaced by a byte copy;
+- ``pg-copy DSN`` / ``pg-write DSN``: the masked topic's rows (and their vault rows) into a
+  fresh database, 500 at a time, by plain asyncpg COPY into both tables / by the sink's own
+  ``PostgresSink.write_batch`` (no Kafka, no Faust);
+- ``sqs POLLERS``: a bare receive(10) + delete_batch loop per poller, no Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from confluent_kafka import Consumer, Producer
+
+from streams.io.codec import Codecs
+from streams.io.kafka import client_config, read_topic
+from streams.settings import load_settings
+
+BATCH = 500
+stopping = False
+
+
+def _on_term(*_: object) -> None:
+    global stopping
+    stopping = True
+
+
+def kafka_loop(out_topic: str, group: str, copy: bool) -> None:
+    settings = load_settings()
+    if copy:
+        def transform(key, value, where):  # noqa: ARG001
+            return key, value
+    else:
+        from streams.pipeline.mask import MaskTransform
+        from streams.privacy.keys import settings_keyring
+        from streams.privacy.masking import Masker
+
+        mask = MaskTransform(Masker(settings_keyring(settings), cache_size=settings.mask_cache_size), Codecs())
+
+        def transform(key, value, where):
+            out = mask(key, value, where)
+            return out.key, out.value
+
+    consumer = Consumer(client_config(settings, **{
+        "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False,
+    }))
+    producer = Producer(client_config(settings, **{
+        "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
+    }))
+    consumer.subscribe([settings.raw_topic])
+    while not stopping:
+        batch = consumer.consume(num_messages=BATCH, timeout=0.5)
+        if not batch:
+            continue
+        for msg in batch:
+            if msg.error():
+                continue
+            key, value = transform(msg.key(), msg.value(), f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
+            while True:
+                try:
+                    producer.produce(out_topic, value=value, key=key)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+        producer.flush()  # every output acknowledged before the inputs are committed
+        consumer.commit(asynchronous=True)
+    consumer.close()
+
+
+def _masked_rows(settings) -> list[dict]:
+    codec = Codecs().masked
+    return [codec.decode(value) for _, value in read_topic(settings, settings.masked_topic) if value]
+
+
+async def pg_loop(dsn: str, how: str) -> None:
+    from streams.io.postgres import connect, migrate
+    from streams.pipeline.sink import _COLUMNS, PostgresSink, staged_rows
+
+    rows = _masked_rows(load_settings())
+    conn = await connect(dsn)
+    await migrate(conn)
+    sink = PostgresSink(dsn)
+    for i in range(0, len(rows), BATCH):
+        if stopping:
+            break
+        batch = rows[i : i + BATCH]
+        if how == "write":
+            await sink.write_batch(batch, [])
+            continue
+        vault, logins = staged_rows(batch)
+        async with conn.transaction():
+            await conn.copy_records_to_table("pii_vault", records=vault, columns=["field", "token", "key_id", "ciphertext"])
+            await conn.copy_records_to_table("user_logins", records=logins, columns=list(_COLUMNS))
+    await sink.close()
+    await conn.close()
+    while not stopping:
+        await asyncio.sleep(0.1)
+
+
+async def sqs_loop(pollers: int) -> None:
+    from streams.io.sqs import queue_url, sqs_client
+
+    settings = load_settings()
+    async with sqs_client(settings, max_pool=max(20, 2 * pollers)) as sqs:
+        url = await queue_url(sqs, settings)
+
+        async def poller() -> None:
+            while not stopping:
+                response = await sqs.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=settings.bridge_wait_seconds,
+                    VisibilityTimeout=settings.bridge_visibility_timeout, AttributeNames=["All"],
+                    MessageAttributeNames=["All"],
+                )
+                messages = response.get("Messages", [])
+                if messages:
+                    await sqs.delete_message_batch(QueueUrl=url, Entries=[
+                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)
+                    ])
+
+        await asyncio.gather(*(poller() for _ in range(pollers)))
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGTERM, _on_term)
+    kind, *args = argv
+    if kind in ("kafka-mask", "kafka-copy"):
+        kafka_loop(args[0], args[1], copy=kind == "kafka-copy")
+    elif kind in ("pg-copy", "pg-write"):
+        asyncio.run(pg_loop(args[0], kind.removeprefix("pg-")))
+    elif kind == "sqs":
+        asyncio.run(sqs_loop(int(args[0])))
+    else:
+        raise SystemExit(f"unknown comparator {kind}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
