@@ -36,6 +36,7 @@ def _on_term(*_: object) -> None:
 def kafka_loop(out_topic: str, group: str, copy: bool) -> None:
     settings = load_settings()
     if copy:
+
         def transform(key, value, where):  # noqa: ARG001
             return key, value
     else:
@@ -49,12 +50,27 @@ def kafka_loop(out_topic: str, group: str, copy: bool) -> None:
             out = mask(key, value, where)
             return out.key, out.value
 
-    consumer = Consumer(client_config(settings, **{
-        "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False,
-    }))
-    producer = Producer(client_config(settings, **{
-        "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
-    }))
+    consumer = Consumer(
+        client_config(
+            settings,
+            **{
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
+    )
+    producer = Producer(
+        client_config(
+            settings,
+            **{
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+            },
+        )
+    )
     consumer.subscribe([settings.raw_topic])
     while not stopping:
         batch = consumer.consume(num_messages=BATCH, timeout=0.5)
@@ -97,11 +113,13 @@ async def pg_loop(dsn: str, how: str) -> None:
             continue
         vault, logins = staged_rows(batch)
         async with conn.transaction():
-            await conn.copy_records_to_table("pii_vault", records=vault, columns=["field", "token", "key_id", "ciphertext"])
+            await conn.copy_records_to_table(
+                "pii_vault", records=vault, columns=["field", "token", "key_id", "ciphertext"]
+            )
             await conn.copy_records_to_table("user_logins", records=logins, columns=list(_COLUMNS))
     await sink.close()
     await conn.close()
-    while not stopping:
+    while not stopping:  # noqa: ASYNC110 - set by a signal handler
         await asyncio.sleep(0.1)
 
 
@@ -115,15 +133,19 @@ async def sqs_loop(pollers: int) -> None:
         async def poller() -> None:
             while not stopping:
                 response = await sqs.receive_message(
-                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=settings.bridge_wait_seconds,
-                    VisibilityTimeout=settings.bridge_visibility_timeout, AttributeNames=["All"],
+                    QueueUrl=url,
+                    MaxNumberOfMessages=10,
+                    WaitTimeSeconds=settings.bridge_wait_seconds,
+                    VisibilityTimeout=settings.bridge_visibility_timeout,
+                    AttributeNames=["All"],
                     MessageAttributeNames=["All"],
                 )
                 messages = response.get("Messages", [])
                 if messages:
-                    await sqs.delete_message_batch(QueueUrl=url, Entries=[
-                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)
-                    ])
+                    await sqs.delete_message_batch(
+                        QueueUrl=url,
+                        Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+                    )
 
         await asyncio.gather(*(poller() for _ in range(pollers)))
 

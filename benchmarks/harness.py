@@ -42,11 +42,18 @@ def logins(n: int, seed: int = 12) -> list[str]:
     out = []
     for i in range(n):
         ip = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" if i % 4 else f"2001:db8::{i:x}"
-        out.append(json.dumps({
-            "user_id": f"{rng.getrandbits(64):016x}-{i}", "app_version": rng.choice(["2.3.0", "0.96", "5.0.1", "10.2"]),
-            "device_type": rng.choice(["ios", "android"]), "ip": ip, "locale": rng.choice(["EN", "RU", None]),
-            "device_id": f"{rng.getrandbits(48):012x}-{i}",
-        }))
+        out.append(
+            json.dumps(
+                {
+                    "user_id": f"{rng.getrandbits(64):016x}-{i}",
+                    "app_version": rng.choice(["2.3.0", "0.96", "5.0.1", "10.2"]),
+                    "device_type": rng.choice(["ios", "android"]),
+                    "ip": ip,
+                    "locale": rng.choice(["EN", "RU", None]),
+                    "device_id": f"{rng.getrandbits(48):012x}-{i}",
+                }
+            )
+        )
     return out
 
 
@@ -132,8 +139,13 @@ def raw_records(topic: str, bodies: list[str], sent_at: int = 1_764_000_000_000)
     """The bridge's records for ``bodies`` (message ids ``b-<i>``), ready to produce."""
     codec = Codecs().raw
     return [
-        (topic, f"b-{i:08d}".encode(), codec.encode(envelope(
-            {"MessageId": f"b-{i:08d}", "Body": body, "Attributes": {"SentTimestamp": str(sent_at + i)}})))
+        (
+            topic,
+            f"b-{i:08d}".encode(),
+            codec.encode(
+                envelope({"MessageId": f"b-{i:08d}", "Body": body, "Attributes": {"SentTimestamp": str(sent_at + i)}})
+            ),
+        )
         for i, body in enumerate(bodies)
     ]
 
@@ -248,8 +260,15 @@ def measure(
     children = []
     with open(log_path, "ab") as out:
         for cmd in cmds:
-            children.append(subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, cwd=REPO,
-                                             stdout=out, stderr=subprocess.STDOUT))
+            children.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                    cwd=REPO,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     procs = [psutil.Process(c.pid) for c in children]
     start = time.monotonic()
     samples: list[tuple[float, int, float]] = []

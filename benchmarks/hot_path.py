@@ -11,11 +11,11 @@ import sys
 import time
 
 from streams.io.codec import Codecs
+from streams.pipeline.mask import MaskTransform
 from streams.privacy.keys import generate_document, parse_keyring
 from streams.privacy.masking import Masker
-from streams.pipeline.mask import MaskTransform
 
-SENT = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+SENT = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 
 
 def _per_record_us(fn, items: list, repeat: int = 3) -> float:
@@ -31,12 +31,22 @@ def _per_record_us(fn, items: list, repeat: int = 3) -> float:
 def main(n: int = 20_000) -> dict[str, float]:
     codecs = Codecs()
     bodies = [
-        json.dumps({"user_id": f"u{i}", "app_version": "2.3.0", "device_type": "ios",
-                    "ip": f"10.{i % 256}.{i // 256 % 256}.{i % 7}", "locale": "RU", "device_id": f"{i % 999:03}-00-{i:04}"})
+        json.dumps(
+            {
+                "user_id": f"u{i}",
+                "app_version": "2.3.0",
+                "device_type": "ios",
+                "ip": f"10.{i % 256}.{i // 256 % 256}.{i % 7}",
+                "locale": "RU",
+                "device_id": f"{i % 999:03}-00-{i:04}",
+            }
+        )
         for i in range(n)
     ]
-    envelopes = [codecs.raw.encode({"message_id": f"m-{i}", "sent_at": SENT, "body": b, "attributes": {}})
-                 for i, b in enumerate(bodies)]
+    envelopes = [
+        codecs.raw.encode({"message_id": f"m-{i}", "sent_at": SENT, "body": b, "attributes": {}})
+        for i, b in enumerate(bodies)
+    ]
     decoded = [codecs.raw.decode(e) for e in envelopes]
     results = {
         "raw envelope decode": _per_record_us(codecs.raw.decode, envelopes),

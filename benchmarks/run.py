@@ -80,6 +80,7 @@ def _cpu_per_call(fn: Callable[[object], object], items: list, repeat: int = 3, 
 
 def transform_costs(transform_factory: Callable[[], MaskTransform], raw: list[bytes], keyring) -> tuple[float, float]:
     """(µs CPU per record of the whole transform, µs of the primitives it cannot avoid)."""
+
     def fresh() -> Callable[[bytes], object]:  # an empty cache each round: no value seen before
         t = transform_factory()
         return lambda v: t(None, v, "bench")
@@ -133,7 +134,9 @@ class QueueProgress:
         import botocore.session
 
         self.client = botocore.session.get_session().create_client(
-            "sqs", endpoint_url=settings.sqs_endpoint, region_name=settings.sqs_region,
+            "sqs",
+            endpoint_url=settings.sqs_endpoint,
+            region_name=settings.sqs_region,
             aws_access_key_id=settings.aws_access_key_id.get_secret_value(),
             aws_secret_access_key=settings.aws_secret_access_key.get_secret_value(),
         )
@@ -141,9 +144,12 @@ class QueueProgress:
         self.total = total
 
     def __call__(self) -> int:
-        attrs = self.client.get_queue_attributes(QueueUrl=self.url, AttributeNames=[
-            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        return self.total - int(attrs["ApproximateNumberOfMessages"]) - int(attrs["ApproximateNumberOfMessagesNotVisible"])
+        attrs = self.client.get_queue_attributes(
+            QueueUrl=self.url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )["Attributes"]
+        return (
+            self.total - int(attrs["ApproximateNumberOfMessages"]) - int(attrs["ApproximateNumberOfMessagesNotVisible"])
+        )
 
 
 def row_counter(dsn: str) -> Callable[[], int]:
@@ -186,12 +192,20 @@ def _outputs(settings, topic: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=int(os.environ.get("BENCH_MESSAGES", 20_000)))
-    parser.add_argument("--kafka-messages", type=int, default=int(os.environ.get("BENCH_KAFKA_MESSAGES", 100_000)),
-                        help="backlog of the Kafka and sink rows (they run 5-50x faster than SQS allows)")
+    parser.add_argument(
+        "--kafka-messages",
+        type=int,
+        default=int(os.environ.get("BENCH_KAFKA_MESSAGES", 100_000)),
+        help="backlog of the Kafka and sink rows (they run 5-50x faster than SQS allows)",
+    )
     parser.add_argument("--pollers", type=int, default=int(os.environ.get("BENCH_POLLERS", 4)))
     parser.add_argument("--rss-backlogs", default=os.environ.get("BENCH_RSS_BACKLOGS", "10000,100000"))
-    parser.add_argument("--min-bare-copy", type=float, default=float(os.environ.get("BENCH_MIN_BARE_COPY", 40_000)),
-                        help="ev/s below which the bare byte-copy loop marks the run invalid")
+    parser.add_argument(
+        "--min-bare-copy",
+        type=float,
+        default=float(os.environ.get("BENCH_MIN_BARE_COPY", 40_000)),
+        help="ev/s below which the bare byte-copy loop marks the run invalid",
+    )
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--transform-costs", type=int, help=argparse.SUPPRESS)  # the child that measures them
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: kafka,sink,bridge,e2e,rss")
@@ -203,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         keyring = settings_keyring(settings)
         raw = [v for _, _, v in raw_records("t", logins(args.transform_costs))]
         whole, floor = transform_costs(
-            lambda: MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), Codecs()), raw, keyring)
+            lambda: MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), Codecs()), raw, keyring
+        )
         print(f"{whole:.2f} {floor:.2f}")
         return 0
     skip = set(filter(None, args.skip.split(",")))
@@ -220,20 +235,33 @@ def main(argv: list[str] | None = None) -> int:
         bodies = logins(max(n, nk))
         raw = raw_records(s.raw_topic, bodies[:nk])
         bodies = bodies[:n]
-        print(f"bench: {nk} / {n} distinct logins (Kafka / SQS), {PARTITIONS} partitions, {args.pollers} pollers; "
-              f"load average {load_before[0]:.1f} on {os.cpu_count()} cores", flush=True)
+        print(
+            f"bench: {nk} / {n} distinct logins (Kafka / SQS), {PARTITIONS} partitions, {args.pollers} pollers; "
+            f"load average {load_before[0]:.1f} on {os.cpu_count()} cores",
+            flush=True,
+        )
         fill(s, raw)
         codecs = Codecs()
         golden_transform = MaskTransform(Masker(keyring), codecs)
         expected = {k: golden_transform(k, v, "golden").value for _, k, v in raw}
         # In a process of its own: this one's heap (the expected outputs) would slow it.
-        costs = subprocess.run(python("-m", "benchmarks.run", "--transform-costs", "20000"), env={**os.environ, **sb.env()},
-                               capture_output=True, text=True, check=True).stdout.split()
+        costs = subprocess.run(
+            python("-m", "benchmarks.run", "--transform-costs", "20000"),
+            env={**os.environ, **sb.env()},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         transform_row = (float(costs[-2]), float(costs[-1]))
 
         def kafka_run(name: str, cmd: list[str], group: str, out: str, **env: str) -> Result:
-            child_env = sb.env(STREAMS_APP_ID=group, STREAMS_MASKED_TOPIC=out, STREAMS_STAGES="mask",
-                               STREAMS_LOG_LEVEL="WARNING", **env)
+            child_env = sb.env(
+                STREAMS_APP_ID=group,
+                STREAMS_MASKED_TOPIC=out,
+                STREAMS_STAGES="mask",
+                STREAMS_LOG_LEVEL="WARNING",
+                **env,
+            )
             ensure_topics(settings_from_env(child_env))  # so the progress reader sees 6 partitions from the start
             progress = TopicProgress(s, out, PARTITIONS)
             try:
@@ -266,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("copy", copy_bare, "comparator (plausibility floor)"),
             ]
             if copy_bare.rate is None or copy_bare.rate < args.min_bare_copy:
-                invalid.append(f"bare byte copy at {copy_bare.rate or 0:,.0f} ev/s < {args.min_bare_copy:,.0f} (--min-bare-copy)")
+                invalid.append(
+                    f"bare byte copy at {copy_bare.rate or 0:,.0f} ev/s < {args.min_bare_copy:,.0f} (--min-bare-copy)"
+                )
             if copy_bare.rate and copy_agent.rate and copy_bare.rate < copy_agent.rate:
                 invalid.append("bare byte copy slower than the Faust agent doing the same")
             if bare_mask.rate and mask.rate and bare_mask.rate < mask.rate:
@@ -275,8 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         if "sink" not in skip and "kafka" not in skip:
             dsn = sb.new_database("sink")
             g = sb.group("sink")
-            env = sb.env(STREAMS_APP_ID=g, STREAMS_MASKED_TOPIC=masked_topic, STREAMS_STAGES="sink",
-                         STREAMS_PG_DSN=dsn, STREAMS_LOG_LEVEL="WARNING")
+            env = sb.env(
+                STREAMS_APP_ID=g,
+                STREAMS_MASKED_TOPIC=masked_topic,
+                STREAMS_STAGES="sink",
+                STREAMS_PG_DSN=dsn,
+                STREAMS_LOG_LEVEL="WARNING",
+            )
             sink = measure("sink stage", [python("-m", "streams", "worker")], env, nk, row_counter(dsn), args.timeout)
             rows = row_counter(dsn)()
             checks.append(f"sink stage: {rows} rows for {nk} records" + ("" if rows == nk else " MISMATCH"))
@@ -284,17 +319,26 @@ def main(argv: list[str] | None = None) -> int:
             for kind, label in (("pg-copy", "COPY into both tables"), ("pg-write", "sink write path alone")):
                 dsn = sb.new_database(kind.replace("-", "_"))
                 env = sb.env(STREAMS_MASKED_TOPIC=masked_topic, STREAMS_LOG_LEVEL="WARNING")
-                r = measure(label, [python("-m", "benchmarks.bare", kind, dsn)], env, nk, row_counter(dsn), args.timeout)
+                r = measure(
+                    label, [python("-m", "benchmarks.bare", kind, dsn)], env, nk, row_counter(dsn), args.timeout
+                )
                 comparators.append(r)
-            results += [("sink", sink, "target ≥ 0.8× COPY"), ("sink", comparators[0], "comparator"),
-                        ("sink", comparators[1], "the sink's SQL alone")]
+            results += [
+                ("sink", sink, "target ≥ 0.8× COPY"),
+                ("sink", comparators[0], "comparator"),
+                ("sink", comparators[1], "the sink's SQL alone"),
+            ]
             if comparators[0].rate and sink.rate and comparators[0].rate < sink.rate:
                 invalid.append("COPY slower than the sink stage")
 
         if "bridge" not in skip:
             pollers = str(args.pollers)
-            env = sb.env(STREAMS_SQS_QUEUE=f"{s.sqs_queue}-bridge", STREAMS_RAW_TOPIC=sb.topic("raw-bridge"),
-                         STREAMS_BRIDGE_POLLERS=pollers, STREAMS_LOG_LEVEL="WARNING")
+            env = sb.env(
+                STREAMS_SQS_QUEUE=f"{s.sqs_queue}-bridge",
+                STREAMS_RAW_TOPIC=sb.topic("raw-bridge"),
+                STREAMS_BRIDGE_POLLERS=pollers,
+                STREAMS_LOG_LEVEL="WARNING",
+            )
             qs = settings_from_env(env)
             seed(qs, bodies)
             bridge = measure("bridge", [python("-m", "streams", "bridge")], env, n, QueueProgress(qs, n), args.timeout)
@@ -302,19 +346,37 @@ def main(argv: list[str] | None = None) -> int:
             env = sb.env(STREAMS_SQS_QUEUE=f"{s.sqs_queue}-bare", STREAMS_LOG_LEVEL="WARNING")
             qs = settings_from_env(env)
             seed(qs, bodies)
-            bare_sqs = measure("bare SQS loop", [python("-m", "benchmarks.bare", "sqs", pollers)], env, n,
-                               QueueProgress(qs, n), args.timeout)
+            bare_sqs = measure(
+                "bare SQS loop",
+                [python("-m", "benchmarks.bare", "sqs", pollers)],
+                env,
+                n,
+                QueueProgress(qs, n),
+                args.timeout,
+            )
             results += [("bridge", bridge, "target ≥ 0.9× bare SQS loop"), ("bridge", bare_sqs, "comparator")]
 
         if "e2e" not in skip:
             dsn = sb.new_database("e2e")
-            env = sb.env(STREAMS_SQS_QUEUE=f"{s.sqs_queue}-e2e", STREAMS_RAW_TOPIC=sb.topic("raw-e2e"),
-                         STREAMS_MASKED_TOPIC=sb.topic("masked-e2e"), STREAMS_DLQ_TOPIC=sb.topic("dlq-e2e"),
-                         STREAMS_APP_ID=sb.group("e2e"), STREAMS_PG_DSN=dsn, STREAMS_BRIDGE_POLLERS=str(args.pollers),
-                         STREAMS_LOG_LEVEL="WARNING")
+            env = sb.env(
+                STREAMS_SQS_QUEUE=f"{s.sqs_queue}-e2e",
+                STREAMS_RAW_TOPIC=sb.topic("raw-e2e"),
+                STREAMS_MASKED_TOPIC=sb.topic("masked-e2e"),
+                STREAMS_DLQ_TOPIC=sb.topic("dlq-e2e"),
+                STREAMS_APP_ID=sb.group("e2e"),
+                STREAMS_PG_DSN=dsn,
+                STREAMS_BRIDGE_POLLERS=str(args.pollers),
+                STREAMS_LOG_LEVEL="WARNING",
+            )
             seed(settings_from_env(env), bodies)
-            e2e = measure("end to end", [python("-m", "streams", "worker"), python("-m", "streams", "bridge")], env, n,
-                          row_counter(dsn), args.timeout)
+            e2e = measure(
+                "end to end",
+                [python("-m", "streams", "worker"), python("-m", "streams", "bridge")],
+                env,
+                n,
+                row_counter(dsn),
+                args.timeout,
+            )
             rows = row_counter(dsn)()
             checks.append(f"end to end: {rows} rows for {n} messages" + ("" if rows == n else " MISMATCH"))
             results.append(("e2e", e2e, "target ≥ 0.8× bare SQS loop"))
@@ -324,16 +386,27 @@ def main(argv: list[str] | None = None) -> int:
             for backlog in (int(b) for b in args.rss_backlogs.split(",") if b):
                 topic = sb.topic(f"raw-rss{backlog}")
                 dsn = sb.new_database(f"rss{backlog}")
-                env = sb.env(STREAMS_RAW_TOPIC=topic, STREAMS_MASKED_TOPIC=sb.topic(f"masked-rss{backlog}"),
-                             STREAMS_DLQ_TOPIC=sb.topic(f"dlq-rss{backlog}"), STREAMS_APP_ID=sb.group(f"rss{backlog}"),
-                             STREAMS_PG_DSN=dsn, STREAMS_LOG_LEVEL="WARNING")
+                env = sb.env(
+                    STREAMS_RAW_TOPIC=topic,
+                    STREAMS_MASKED_TOPIC=sb.topic(f"masked-rss{backlog}"),
+                    STREAMS_DLQ_TOPIC=sb.topic(f"dlq-rss{backlog}"),
+                    STREAMS_APP_ID=sb.group(f"rss{backlog}"),
+                    STREAMS_PG_DSN=dsn,
+                    STREAMS_LOG_LEVEL="WARNING",
+                )
                 rs = settings_from_env(env)
                 ensure_topics(rs)
                 more = logins(backlog, seed=backlog)
                 for i in range(0, backlog, 100_000):
                     fill(rs, raw_records(topic, more[i : i + 100_000], sent_at=1_764_000_000_000 + i))
-                r = measure(f"worker, backlog {backlog}", [python("-m", "streams", "worker")], env, backlog,
-                            row_counter(dsn), args.timeout * max(1, backlog // nk))
+                r = measure(
+                    f"worker, backlog {backlog}",
+                    [python("-m", "streams", "worker")],
+                    env,
+                    backlog,
+                    row_counter(dsn),
+                    args.timeout * max(1, backlog // nk),
+                )
                 rss.append((backlog, r))
     finally:
         sb.close()
@@ -342,8 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     for check in checks:
         if "MISMATCH" in check:
             invalid.append(check)
-    _print_table(n, args, results, transform_row if "transform_row" in locals() else None, rss,
-                 load_before, load_after, time.monotonic() - started)
+    _print_table(
+        n,
+        args,
+        results,
+        transform_row if "transform_row" in locals() else None,
+        rss,
+        load_before,
+        load_after,
+        time.monotonic() - started,
+    )
     print()
     for check in checks:
         print(f"check: {check}")
@@ -362,22 +443,31 @@ def _fmt(value: float | None, spec: str = ",.0f") -> str:
 
 def _print_table(n, args, results, transform_row, rss, load_before, load_after, seconds) -> None:
     print()
-    print(f"`python -m benchmarks.run --messages {n} --kafka-messages {args.kafka_messages} --pollers {args.pollers} "
-          f"--rss-backlogs {args.rss_backlogs}`: "
-          f"{seconds:.0f} s, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"`python -m benchmarks.run --messages {n} --kafka-messages {args.kafka_messages} --pollers {args.pollers} "
+        f"--rss-backlogs {args.rss_backlogs}`: "
+        f"{seconds:.0f} s, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after, "
+        f"{os.cpu_count()} cores"
+    )
     print()
     print("| stage | row | steady ev/s | CPU s / 100k | × comparator | note |")
     print("|---|---|---:|---:|---:|---|")
     if transform_row:
         whole, floor = transform_row
-        print(f"| mask transform alone | MaskTransform, distinct values | {1e6 / whole:,.0f} | {whole / 10:.2f} | | "
-              f"{whole:.1f} µs CPU/record (target ≤ 20); the primitives alone, stock calls: {floor:.1f} µs |")
+        print(
+            f"| mask transform alone | MaskTransform, distinct values | {1e6 / whole:,.0f} | {whole / 10:.2f} | | "
+            f"{whole:.1f} µs CPU/record (target ≤ 20); the primitives alone, stock calls: {floor:.1f} µs |"
+        )
     by_group: dict[str, list[tuple[Result, str]]] = {}
     for group, r, note in results:
         by_group.setdefault(group, []).append((r, note))
-    labels = {"mask": "mask stage", "copy": "agent shape, byte copy", "sink": "sink stage", "bridge": "bridge",
-              "e2e": "end to end"}
+    labels = {
+        "mask": "mask stage",
+        "copy": "agent shape, byte copy",
+        "sink": "sink stage",
+        "bridge": "bridge",
+        "e2e": "end to end",
+    }
     bare_sqs = next((r for g, r, _ in results if g == "bridge" and r.name == "bare SQS loop"), None)
     for group, rows in by_group.items():
         base = rows[1][0] if len(rows) > 1 else bare_sqs if group == "e2e" else None
@@ -385,11 +475,15 @@ def _print_table(n, args, results, transform_row, rss, load_before, load_after, 
             ratio = ""
             if i == 0 and base is not None and base.rate and r.rate:
                 ratio = f"{r.rate / base.rate:.2f}"
-            print(f"| {labels[group] if i == 0 else ''} | {r.name} | {_fmt(r.rate)} | {_fmt(r.cpu_per_100k, '.2f')} | "
-                  f"{ratio} | {note} |")
+            print(
+                f"| {labels[group] if i == 0 else ''} | {r.name} | {_fmt(r.rate)} | {_fmt(r.cpu_per_100k, '.2f')} | "
+                f"{ratio} | {note} |"
+            )
     for backlog, r in rss:
-        print(f"| worker peak RSS | mask,sink, backlog {backlog:,} | {_fmt(r.rate)} | {_fmt(r.cpu_per_100k, '.2f')} | | "
-              f"peak RSS {_fmt(r.peak_rss_mib, '.0f')} MiB (target ≤ 200) |")
+        print(
+            f"| worker peak RSS | mask,sink, backlog {backlog:,} | {_fmt(r.rate)} | {_fmt(r.cpu_per_100k, '.2f')} | | "
+            f"peak RSS {_fmt(r.peak_rss_mib, '.0f')} MiB (target ≤ 200) |"
+        )
 
 
 if __name__ == "__main__":

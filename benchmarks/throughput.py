@@ -21,20 +21,18 @@ import time
 import uuid
 from pathlib import Path
 
-
-
-from streams.pipeline.bridge import envelope
 from streams.io.codec import Codecs
-
 from streams.io.kafka import admin_client, ensure_topics, group_lag, send_records, topic_configs
-from streams.io.postgres import require_migrated
-from streams.io.postgres import connect
+from streams.io.postgres import connect, require_migrated
 from streams.ops.state import row_count
-from streams_dev.sandbox import sandbox_env, settings_from_env
+from streams.pipeline.bridge import envelope
 from streams.settings import Settings
+from streams_dev.sandbox import sandbox_env, settings_from_env
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = next((p for p in (REPO.parent / "shared/data/sample_data.json", REPO / "data/sample_data.json") if p.exists()), None)
+SAMPLE = next(
+    (p for p in (REPO.parent / "shared/data/sample_data.json", REPO / "data/sample_data.json") if p.exists()), None
+)
 
 
 def produce_raw(settings: Settings, records: list[object], chunk: int = 5000) -> list[str]:
@@ -46,9 +44,11 @@ def produce_raw(settings: Settings, records: list[object], chunk: int = 5000) ->
         (
             settings.raw_topic,
             mid.encode(),
-            codec.encode(envelope({"MessageId": mid, "Body": json.dumps(r), "Attributes": {"SentTimestamp": str(now)}})),
+            codec.encode(
+                envelope({"MessageId": mid, "Body": json.dumps(r), "Attributes": {"SentTimestamp": str(now)}})
+            ),
         )
-        for mid, r in zip(ids, records)
+        for mid, r in zip(ids, records, strict=True)
     ]
 
     send_records(settings, encoded, chunk)
@@ -77,10 +77,15 @@ def _run_workers(env: dict[str, str], workers: int, expected_rows: int, settings
     full = {**os.environ, **env}
     start = time.monotonic()
     log_path = Path(env["STREAMS_KEYS_FILE"]).with_name(f"workers-{time.time():.0f}.log")
-    log = open(log_path, "ab")
+    log = open(log_path, "ab")  # noqa: SIM115 - closed once the workers stop
     procs = [
-        subprocess.Popen([sys.executable, "-m", "streams", "worker", "--log-level", "warning"], env=full, cwd=REPO,
-                         stdout=log, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-m", "streams", "worker", "--log-level", "warning"],
+            env=full,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(workers)
     ]
     first: tuple[float, int] | None = None
@@ -140,14 +145,22 @@ def _cleanup(settings: Settings, base: Settings) -> None:
         print(f"warning: cleanup of {settings.app_id} incomplete ({type(exc).__name__})", file=sys.stderr)
 
 
-def _fill_and_time(settings: Settings, env: dict[str, str], records: list, workers: int, replay: bool, timeout: float) -> dict:
+def _fill_and_time(
+    settings: Settings, env: dict[str, str], records: list, workers: int, replay: bool, timeout: float
+) -> dict:
     messages = len(records)
     produce_raw(settings, records)
     result = {"messages": messages, "workers": workers, **_run_workers(env, workers, messages, settings, timeout)}
     if replay:
         start = time.monotonic()
-        subprocess.run([sys.executable, "-m", "streams", "replay", "mask", "--to", "earliest"], env={**os.environ, **env},
-                       cwd=REPO, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "streams", "replay", "mask", "--to", "earliest"],
+            env={**os.environ, **env},
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         again = _run_workers(env, workers, messages, settings, timeout)
         result["replay_seconds"] = round(time.monotonic() - start, 1)
         result["replay_per_second"] = again.get("per_second", "?")
@@ -157,7 +170,9 @@ def _fill_and_time(settings: Settings, env: dict[str, str], records: list, worke
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=int(os.environ.get("BENCH_MESSAGES", 10000)))
-    parser.add_argument("--workers", default=os.environ.get("BENCH_WORKERS", "1,3"), help="comma-separated worker counts")
+    parser.add_argument(
+        "--workers", default=os.environ.get("BENCH_WORKERS", "1,3"), help="comma-separated worker counts"
+    )
     parser.add_argument("--replay", action="store_true", help="also time a mask replay from earliest")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
@@ -166,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         line = f"{r['workers']} worker(s): {r['messages']} messages to rows in {r['seconds']}s from start"
         line += f" (steady {r.get('per_second', '?')} msg/s)"
         if "replay_seconds" in r:
-            line += f"; replay mask from earliest: {r['replay_seconds']}s (steady {r.get('replay_per_second', '?')} msg/s)"
+            line += (
+                f"; replay mask from earliest: {r['replay_seconds']}s (steady {r.get('replay_per_second', '?')} msg/s)"
+            )
         print(line, flush=True)
 
 

@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_ca_file: Path | None = Field(None, description="CA bundle the broker certificate must chain to; none = system store")
+    kafka_ssl_ca_file: Path | None = Field(
+        None, description="CA bundle the broker certificate must chain to; none = system store"
+    )
     kafka_ssl_cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
     kafka_ssl_key_file: Path | None = Field(None, description="its private key (PEM)")
     kafka_ssl_key_password: SecretStr | None = None
@@ -83,7 +85,9 @@ class Settings(BaseSettings):
     bridge_visibility_timeout: int = Field(30, ge=1, description="extended while a produce is pending")
     bridge_attributes: str = Field("SentTimestamp", description="SQS attributes kept in the raw envelope (allow-list)")
     bridge_stop_grace: float = Field(20.0, gt=0, description="seconds batches in flight get to finish on SIGTERM")
-    max_body_bytes: int = Field(262_144, ge=1, description="larger bodies are dead-lettered as too_large (SQS's own limit)")
+    max_body_bytes: int = Field(
+        262_144, ge=1, description="larger bodies are dead-lettered as too_large (SQS's own limit)"
+    )
 
     # --- PostgreSQL ------------------------------------------------------
     pg_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/streams")
@@ -94,7 +98,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(500, ge=1)
     batch_within: float = Field(0.5, gt=0)
     stream_buffer_bytes: int = Field(
-        64 * 2**20, ge=2**20, description="bytes a worker may hold delivered but not yet acked (value + ~1 KiB per event)"
+        64 * 2**20,
+        ge=2**20,
+        description="bytes a worker may hold delivered but not yet acked (value + ~1 KiB per event)",
     )
     stream_buffer_maxsize: int = Field(
         32768, ge=1, description="events Faust buffers per stream before it pauses fetching (memory: ~1 KiB each)"
@@ -135,9 +141,18 @@ class Settings(BaseSettings):
     sqs_port: int = 9324
 
     @field_validator(
-        "sqs_endpoint", "sqs_queue_url", "sqs_region", "aws_access_key_id", "aws_secret_access_key",
-        "kafka_sasl_username", "kafka_sasl_password", "kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file",
-        "kafka_ssl_key_password", mode="before",
+        "sqs_endpoint",
+        "sqs_queue_url",
+        "sqs_region",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_ca_file",
+        "kafka_ssl_cert_file",
+        "kafka_ssl_key_file",
+        "kafka_ssl_key_password",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -158,9 +173,13 @@ def _check_combinations(settings: Settings) -> None:
     s = settings
     if s.kafka_security_protocol.startswith("SASL"):
         if not s.kafka_sasl_username:
-            raise ConfigError(f"STREAMS_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol} needs STREAMS_KAFKA_SASL_USERNAME")
+            raise ConfigError(
+                f"STREAMS_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol} needs STREAMS_KAFKA_SASL_USERNAME"
+            )
         if s.kafka_sasl_password is None:
-            raise ConfigError(f"STREAMS_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol} needs STREAMS_KAFKA_SASL_PASSWORD")
+            raise ConfigError(
+                f"STREAMS_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol} needs STREAMS_KAFKA_SASL_PASSWORD"
+            )
     if (s.kafka_ssl_cert_file is None) != (s.kafka_ssl_key_file is None):
         raise ConfigError("set both STREAMS_KAFKA_SSL_CERT_FILE and STREAMS_KAFKA_SSL_KEY_FILE, or neither")
     for name in ("kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file"):

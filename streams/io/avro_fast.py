@@ -138,8 +138,13 @@ def compile_encoder(schema: dict, header: bytes) -> Callable[[dict], bytes]:
             lines += _encode_value(kind, v, "    ")
     lines.append("    return b''.join(parts)")
     namespace: dict[str, Any] = {
-        "HEADER": header, "L": LENGTHS, "enc": encode_long,
-        "INT_MIN": INT_MIN, "INT_MAX": INT_MAX, "LONG_MIN": LONG_MIN, "LONG_MAX": LONG_MAX,
+        "HEADER": header,
+        "L": LENGTHS,
+        "enc": encode_long,
+        "INT_MIN": INT_MIN,
+        "INT_MAX": INT_MAX,
+        "LONG_MIN": LONG_MIN,
+        "LONG_MAX": LONG_MAX,
     }
     exec(compile("\n".join(lines), f"<avro encoder {schema.get('name')}>", "exec"), namespace)
     return namespace["encode"]
@@ -220,8 +225,13 @@ def compile_decoder(schema: dict, offset: int, ts_millis: bool = False) -> Calla
     lines.append("    if pos != size: raise ValueError")  # fastavro ignores trailing bytes: let it decide
     lines.append("    return {" + ", ".join(f"{name!r}: v{i}" for i, (name, _, _) in enumerate(fields)) + "}")
     namespace: dict[str, Any] = {
-        "read_long": read_long, "EPOCH": EPOCH, "timedelta": dt.timedelta,
-        "TS_MIN": TS_MIN, "TS_MAX": TS_MAX, "INT_MIN": INT_MIN, "INT_MAX": INT_MAX,
+        "read_long": read_long,
+        "EPOCH": EPOCH,
+        "timedelta": dt.timedelta,
+        "TS_MIN": TS_MIN,
+        "TS_MAX": TS_MAX,
+        "INT_MIN": INT_MIN,
+        "INT_MAX": INT_MAX,
     }
     exec(compile("\n".join(lines), f"<avro decoder {schema.get('name')}>", "exec"), namespace)
     return namespace["decode"]

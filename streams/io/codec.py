@@ -14,8 +14,8 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 from pathlib import Path
+from typing import cast
 
 import fastavro
 from fastavro.schema import fingerprint as fastavro_fingerprint
@@ -27,6 +27,7 @@ from streams.io import avro_fast
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"  # package data (a symlink in a checkout)
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
+
 
 def fingerprint(schema: dict) -> bytes:
     """8-byte little-endian fingerprint of the schema's parsing canonical form."""
@@ -70,9 +71,7 @@ class AvroCodec:
         self.version = max(versions)
         self.schema = fastavro.parse_schema(versions[self.version])
         self.header = MAGIC + fingerprint(versions[self.version])
-        self._writers = {
-            MAGIC + fingerprint(schema): fastavro.parse_schema(schema) for schema in versions.values()
-        }
+        self._writers = {MAGIC + fingerprint(schema): fastavro.parse_schema(schema) for schema in versions.values()}
         # Generated fast paths for the latest version (flat records); fastavro stays the
         # reference: whatever a fast path refuses, fastavro does (see avro_fast).
         try:
@@ -122,7 +121,8 @@ class AvroCodec:
     def _timestamps(self) -> list[str]:
         fields: list[dict] = cast(dict, self.schema)["fields"]
         return [
-            f["name"] for f in fields
+            f["name"]
+            for f in fields
             if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis"
         ]
 

@@ -18,9 +18,9 @@ from mode import Service
 from streams import metrics
 from streams.faults import fault_hang, fault_point
 from streams.io.codec import Codecs
-from streams.logs import logging_config
 from streams.io.kafka import AsyncProducer, Record
 from streams.io.kafka_security import faust_credentials
+from streams.logs import logging_config
 from streams.loop import use_uvloop
 from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
@@ -200,19 +200,31 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
                     await previous
                 fault_point("sink_before_commit")
                 await fault_hang("sink_before_commit")
-                refused = await retry_forever(
-                    lambda: outputs.sink.write_batch(batch.rows, batch.deletes),
-                    f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes", log, settings.retry_max_backoff,
-                    label="database write",
-                ) if batch.rows or batch.deletes else []
+                refused = (
+                    await retry_forever(
+                        lambda: outputs.sink.write_batch(batch.rows, batch.deletes),
+                        f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes",
+                        log,
+                        settings.retry_max_backoff,
+                        label="database write",
+                    )
+                    if batch.rows or batch.deletes
+                    else []
+                )
                 committed_at = time.time()
                 if batch.deletes:
-                    log.info("deleted the rows of %d tombstones", len(batch.deletes), extra={"stage": "sink", "count": len(batch.deletes)})
+                    log.info(
+                        "deleted the rows of %d tombstones",
+                        len(batch.deletes),
+                        extra={"stage": "sink", "count": len(batch.deletes)},
+                    )
                 dead = batch.dead + sink_stage.refused(batch, refused)
                 fault_point("sink_after_commit")
                 if dead:
                     await outputs.produce(
-                        [(settings.dlq_topic, key, value) for key, value, _ in dead], "sink", f"produce {len(dead)} dead letters"
+                        [(settings.dlq_topic, key, value) for key, value, _ in dead],
+                        "sink",
+                        f"produce {len(dead)} dead letters",
                     )
                 for _, _, reason in dead:
                     metrics.DEAD_LETTERS.labels("sink", reason).inc()
@@ -250,12 +262,16 @@ def run_worker(settings: Settings) -> None:
         metrics.KEY_IN_USE.labels(keyring.join_version, keyring.encryption_key_id).set(1)
     wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
     if "sink" in settings.stage_list:
-        wait_at_start(lambda: require_schema(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout)
+        wait_at_start(
+            lambda: require_schema(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout
+        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     use_uvloop()
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings, keyring)
     faust.Worker(
-        app, loglevel=settings.log_level.lower(), quiet=True,
+        app,
+        loglevel=settings.log_level.lower(),
+        quiet=True,
         logging_config=logging_config(settings.log_level, settings.log_format),
     ).execute_from_commandline()

@@ -26,13 +26,10 @@ from collections.abc import Collection
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from streams.io.codec import Codecs
 from streams.errors import Rejected
-from streams.io.kafka import AsyncProducer, Record, ensure_topics
-from streams.pipeline.dead_letters import Reason, dead_letter
 from streams.faults import fault_point
-from streams.retry import Backoff, retry_forever, wait_at_start
-from streams.settings import Settings
+from streams.io.codec import Codecs
+from streams.io.kafka import AsyncProducer, Record, ensure_topics
 from streams.io.sqs import queue_url, sqs_client
 from streams.metrics import (
     DEAD_LETTERS,
@@ -42,6 +39,9 @@ from streams.metrics import (
     SQS_MESSAGES,
     SQS_VISIBILITY_EXTENSIONS,
 )
+from streams.pipeline.dead_letters import Reason, dead_letter
+from streams.retry import Backoff, retry_forever, wait_at_start
+from streams.settings import Settings
 
 log = logging.getLogger("streams.pipeline.bridge")
 
@@ -93,11 +93,19 @@ class Bridge:
                 # A dependency that does not answer is waited out; a missing queue or refused
                 # credentials (ConfigError) stop the bridge with one line.
                 url = self.queue_url = await retry_forever(
-                    lambda: queue_url(sqs, settings), "SQS queue lookup", log, settings.retry_max_backoff,
-                    retry_on=(ClientError, BotoCoreError, OSError, asyncio.TimeoutError), label="sqs queue lookup",
+                    lambda: queue_url(sqs, settings),
+                    "SQS queue lookup",
+                    log,
+                    settings.retry_max_backoff,
+                    retry_on=(ClientError, BotoCoreError, OSError, asyncio.TimeoutError),
+                    label="sqs queue lookup",
                 )
-                log.info("bridge: %s -> %s with %d pollers", settings.sqs_queue, settings.raw_topic, settings.bridge_pollers)
-                pollers = [asyncio.create_task(self._poller(sqs, url, producer)) for _ in range(settings.bridge_pollers)]
+                log.info(
+                    "bridge: %s -> %s with %d pollers", settings.sqs_queue, settings.raw_topic, settings.bridge_pollers
+                )
+                pollers = [
+                    asyncio.create_task(self._poller(sqs, url, producer)) for _ in range(settings.bridge_pollers)
+                ]
                 reporter = asyncio.create_task(self._report())
                 await self.stopping.wait()
                 # Batches in flight finish (produce, ack, delete) unless the broker is down:
@@ -138,7 +146,9 @@ class Bridge:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.critical("bridge poller failed (%s); stopping so the supervisor restarts the bridge", type(exc).__name__)
+            log.critical(
+                "bridge poller failed (%s); stopping so the supervisor restarts the bridge", type(exc).__name__
+            )
             self.failed = True
             self.stopping.set()
 
@@ -150,9 +160,15 @@ class Bridge:
             body_bytes = len(m["Body"].encode("utf-8", "surrogatepass"))
             if body_bytes > s.max_body_bytes:
                 detail = f"body of {body_bytes} bytes is over STREAMS_MAX_BODY_BYTES ({s.max_body_bytes})"
-                records.append(self._dead(m["MessageId"], Rejected(Reason.TOO_LARGE, detail), m["Body"].encode("utf-8", "surrogatepass")))
+                records.append(
+                    self._dead(
+                        m["MessageId"], Rejected(Reason.TOO_LARGE, detail), m["Body"].encode("utf-8", "surrogatepass")
+                    )
+                )
             else:
-                records.append((s.raw_topic, m["MessageId"].encode("utf-8"), self.codec.encode(envelope(m, self.keep_attributes))))
+                records.append(
+                    (s.raw_topic, m["MessageId"].encode("utf-8"), self.codec.encode(envelope(m, self.keep_attributes)))
+                )
         return records
 
     def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> Record:
@@ -170,8 +186,10 @@ class Bridge:
     async def _keep_invisible(self, sqs, url: str, messages: list[dict]) -> None:
         """Extend the messages' visibility while their produce is pending (cancelled when done)."""
         timeout = self.settings.bridge_visibility_timeout
-        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": timeout}
-                   for i, m in enumerate(messages)]
+        entries = [
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": timeout}
+            for i, m in enumerate(messages)
+        ]
         while True:
             await asyncio.sleep(timeout / 3)
             try:
@@ -244,7 +262,10 @@ class Bridge:
         keeper = asyncio.create_task(self._keep_invisible(sqs, queue_url, messages))
         try:
             await producer.deliver(
-                self._records(messages), self._refused, f"produce {len(messages)} messages", log,
+                self._records(messages),
+                self._refused,
+                f"produce {len(messages)} messages",
+                log,
                 self.settings.retry_max_backoff,
             )
         finally:

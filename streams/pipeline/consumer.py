@@ -149,7 +149,6 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
                 acked.extend(range(committed, lowest))
         return super()._new_offset(tp)
 
-
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover
         # Faust 0.15.3's Consumer._drain_messages, but for the marked lines.
         callback = self.callback
@@ -198,7 +197,7 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
                                 acks_enabled = acks_enabled_for(message.topic)
                                 if acks_enabled:
                                     await self._add_gap(tp, r_offset + 1, offset)
-                            if commit_every is not None:
+                            if commit_every is not None:  # noqa: SIM102 - Faust's code as it is
                                 if self._n_acked >= commit_every:
                                     self._n_acked = 0
                                     await self.commit()
@@ -288,7 +287,9 @@ async def _start_until_connected(start: Callable[[], Awaitable[None]], what: str
         try:
             return await start()
         except KafkaConnectionError as exc:
-            log.warning("Kafka %s cannot start (%s), attempt %d; retrying", what, type(exc).__name__, backoff.attempts + 1)
+            log.warning(
+                "Kafka %s cannot start (%s), attempt %d; retrying", what, type(exc).__name__, backoff.attempts + 1
+            )
             await backoff.wait()
 
 

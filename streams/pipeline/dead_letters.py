@@ -12,7 +12,7 @@ from enum import Enum
 from streams.errors import Rejected
 
 
-class Reason(str, Enum):
+class Reason(str, Enum):  # noqa: UP042 - str() must stay the member name for existing callers
     EMPTY_BODY = "empty_body"
     INVALID_JSON = "invalid_json"
     TOO_DEEP = "too_deep"

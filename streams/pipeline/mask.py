@@ -205,7 +205,7 @@ def _login_values(body: str) -> tuple[str, str, str, str, str, str | None]:
     ``_field``, which raises the reason (same fields in the same order as ever).
     """
     obj = parse_json_object(body)
-    if not _EXPECTED <= obj.keys():
+    if not obj.keys() >= _EXPECTED:
         missing = [name for name in (*REQUIRED, *NULLABLE) if name not in obj]
         raise Rejected(Reason.MISSING_FIELD, "missing: " + ", ".join(missing))
     suspect = "\\" in body or not body.isascii()
@@ -216,7 +216,9 @@ def _login_values(body: str) -> tuple[str, str, str, str, str, str | None]:
             value = _required(obj, name)
         values.append(value)
     locale = obj["locale"]
-    if locale is not None and not (locale.__class__ is str and len(locale) <= MAX_CHARS["locale"] and _plain_text(locale, suspect)):
+    if locale is not None and not (
+        locale.__class__ is str and len(locale) <= MAX_CHARS["locale"] and _plain_text(locale, suspect)
+    ):
         locale = _field(obj, "locale", nullable=True)
     user_id, device_type, ip, device_id, app_version = values
     return user_id, device_type, ip, device_id, app_version, locale

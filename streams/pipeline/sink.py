@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timezone
+from datetime import UTC
 
 import asyncpg
 
@@ -95,8 +95,11 @@ class SinkStage:
     def refused(self, batch: SinkBatch, refused: list[tuple[dict, str]]) -> list[DeadLetter]:
         """Dead letters for the rows the database refused, with the SQLSTATE as detail."""
         return [
-            self._dead(row["message_id"], Rejected(Reason.REJECTED_BY_DATABASE, f"SQLSTATE {sqlstate}"),
-                       batch.payloads[row["message_id"]])
+            self._dead(
+                row["message_id"],
+                Rejected(Reason.REJECTED_BY_DATABASE, f"SQLSTATE {sqlstate}"),
+                batch.payloads[row["message_id"]],
+            )
             for row, sqlstate in refused
         ]
 
@@ -104,9 +107,19 @@ class SinkStage:
         datum = dead_letter(message_id, STAGE, rejected, payload)
         return datum["message_id"].encode("utf-8", "replace"), self.codecs.dead_letter.encode(datum), datum["reason"]
 
+
 _COLUMNS = (
-    "message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "locale",
-    "app_version", "create_date", "app_version_raw", "sent_at", "ip_is_valid",
+    "message_id",
+    "user_id",
+    "device_type",
+    "masked_ip",
+    "masked_device_id",
+    "locale",
+    "app_version",
+    "create_date",
+    "app_version_raw",
+    "sent_at",
+    "ip_is_valid",
 )
 _TYPES = ("text", "text", "text", "text", "text", "text", "int4", "date", "text", "timestamptz", "bool")
 
@@ -128,8 +141,8 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 def upsert_arguments(records: list[dict]) -> list[list]:
     """Column arrays for ``UPSERT``; duplicates within the batch collapse to the last one."""
     vault, rows = staged_rows(records)
-    columns = [list(c) for c in zip(*rows)] if rows else [[] for _ in _COLUMNS]
-    fields, tokens, key_ids, ciphertexts = (list(c) for c in zip(*vault)) if vault else ([], [], [], [])
+    columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in _COLUMNS]
+    fields, tokens, key_ids, ciphertexts = (list(c) for c in zip(*vault, strict=True)) if vault else ([], [], [], [])
     return [fields, tokens, key_ids, ciphertexts, *columns]
 
 
@@ -142,15 +155,26 @@ def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
     latest = {r["message_id"]: r for r in records}
     vault: dict[tuple[str, str], str] = {}
     rows = []
-    utc = timezone.utc
+    utc = UTC
     for r in latest.values():
         vault[("ip", r["masked_ip"])] = r["ip_ciphertext"]
         vault[("device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
         sent = r["sent_at"]
-        rows.append((
-            r["message_id"], r["user_id"], r["device_type"], r["masked_ip"], r["masked_device_id"], r["locale"],
-            r["app_version"], sent.astimezone(utc).date(), r["app_version_raw"], sent, r["ip_is_valid"],
-        ))
+        rows.append(
+            (
+                r["message_id"],
+                r["user_id"],
+                r["device_type"],
+                r["masked_ip"],
+                r["masked_device_id"],
+                r["locale"],
+                r["app_version"],
+                sent.astimezone(utc).date(),
+                r["app_version_raw"],
+                sent,
+                r["ip_is_valid"],
+            )
+        )
     return [(f, t, c.partition(".")[0], c) for (f, t), c in vault.items()], rows
 
 

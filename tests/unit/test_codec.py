@@ -18,9 +18,19 @@ SENT = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC)
 
 def masked_v2(**changes):
     return {
-        "message_id": "m-1", "sent_at": SENT, "user_id": "u", "device_type": "ios", "locale": None,
-        "app_version_raw": "0.96", "app_version": 96000, "masked_ip": "h1.a", "masked_device_id": "h1.b",
-        "ip_ciphertext": "k1.c", "device_id_ciphertext": "k1.d", "ip_is_valid": False, **changes,
+        "message_id": "m-1",
+        "sent_at": SENT,
+        "user_id": "u",
+        "device_type": "ios",
+        "locale": None,
+        "app_version_raw": "0.96",
+        "app_version": 96000,
+        "masked_ip": "h1.a",
+        "masked_device_id": "h1.b",
+        "ip_ciphertext": "k1.c",
+        "device_id_ciphertext": "k1.d",
+        "ip_is_valid": False,
+        **changes,
     }
 
 
@@ -29,7 +39,15 @@ def test_round_trip_every_codec():
     raw = {"message_id": "m", "sent_at": SENT, "body": "{}", "attributes": {"SentTimestamp": "1"}}
     assert codecs.raw.decode(codecs.raw.encode(raw)) == raw
     assert codecs.masked.decode(codecs.masked.encode(masked_v2())) == masked_v2()
-    dead = {"message_id": "m", "stage": "mask", "reason": "invalid_json", "detail": "d", "payload": b"\xff\x00", "failed_at": SENT, "payload_truncated": False}
+    dead = {
+        "message_id": "m",
+        "stage": "mask",
+        "reason": "invalid_json",
+        "detail": "d",
+        "payload": b"\xff\x00",
+        "failed_at": SENT,
+        "payload_truncated": False,
+    }
     assert codecs.dead_letter.decode(codecs.dead_letter.encode(dead)) == dead
 
 
@@ -96,18 +114,27 @@ def test_schema_files_are_all_versioned():
 # --- the generated fast paths (streams/io/avro_fast.py) against fastavro itself ---------------
 
 _text = st.text(max_size=300)
-_ts = st.one_of(st.integers(min_value=avro_fast.TS_MIN - 5, max_value=avro_fast.TS_MAX + 5),
-                st.integers(min_value=0, max_value=2_000_000_000_000))
+_ts = st.one_of(
+    st.integers(min_value=avro_fast.TS_MIN - 5, max_value=avro_fast.TS_MAX + 5),
+    st.integers(min_value=0, max_value=2_000_000_000_000),
+)
 
 
 @st.composite
 def masked_millis(draw):
     return {
-        "message_id": draw(_text), "sent_at": draw(st.integers(min_value=0, max_value=avro_fast.TS_MAX)),
-        "user_id": draw(_text), "device_type": draw(_text), "locale": draw(st.none() | _text),
-        "app_version_raw": draw(_text), "app_version": draw(st.none() | st.integers(-(2**31), 2**31 - 1)),
-        "masked_ip": draw(_text), "masked_device_id": draw(_text), "ip_ciphertext": draw(_text),
-        "device_id_ciphertext": draw(_text), "ip_is_valid": draw(st.booleans()),
+        "message_id": draw(_text),
+        "sent_at": draw(st.integers(min_value=0, max_value=avro_fast.TS_MAX)),
+        "user_id": draw(_text),
+        "device_type": draw(_text),
+        "locale": draw(st.none() | _text),
+        "app_version_raw": draw(_text),
+        "app_version": draw(st.none() | st.integers(-(2**31), 2**31 - 1)),
+        "masked_ip": draw(_text),
+        "masked_device_id": draw(_text),
+        "ip_ciphertext": draw(_text),
+        "device_id_ciphertext": draw(_text),
+        "ip_is_valid": draw(st.booleans()),
     }
 
 
@@ -149,7 +176,10 @@ def _same_decoding(codec, data):
 def test_fast_decoders_agree_with_fastavro_on_corrupt_bytes(noise, cut):
     codecs = Codecs()
     for codec, datum in (
-        (codecs.raw, {"message_id": "m-1", "sent_at": 1_700_000_000_000, "body": '{"a": "é"}', "attributes": {"k": "v"}}),
+        (
+            codecs.raw,
+            {"message_id": "m-1", "sent_at": 1_700_000_000_000, "body": '{"a": "é"}', "attributes": {"k": "v"}},
+        ),
         (codecs.masked, {**masked_v2(), "sent_at": 1_700_000_000_000}),
     ):
         good = codec.encode(datum)

@@ -24,7 +24,9 @@ def _reference_ip(value: str) -> tuple[str, bool]:
     return address.compressed, True
 
 
-_octet = st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "01", "010", "1e1", "", " 1", "٣", "-1", "0x1"]))
+_octet = st.one_of(
+    st.integers(0, 300).map(str), st.sampled_from(["00", "01", "010", "1e1", "", " 1", "٣", "-1", "0x1"])
+)
 
 
 @hsettings(max_examples=500, deadline=None)

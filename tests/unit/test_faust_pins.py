@@ -98,8 +98,12 @@ def test_our_drain_loop_is_fausts_but_for_the_marked_change():
     ours, theirs = _body(HoleTolerantConsumer._drain_messages), _body(FaustConsumer._drain_messages)
     begin = ours.index("if self._buffered > budget or self._delivered >= max_delivered:")
     end = ours.index("set_read_offset(tp, offset)")
-    flags = ["suspended = self.suspend_flow.is_set", "stopped = cast(Service, self)._stopped.is_set",
-             "crashed = cast(Service, self)._crashed.is_set", "budget, max_delivered = self._budget_cache = self._budget()"]
+    flags = [
+        "suspended = self.suspend_flow.is_set",
+        "stopped = cast(Service, self)._stopped.is_set",
+        "crashed = cast(Service, self)._crashed.is_set",
+        "budget, max_delivered = self._budget_cache = self._budget()",
+    ]
     ours = [line for line in ours[:begin] if line not in flags] + ours[end:]
     assert ours == _without_wait_first(theirs)
 
