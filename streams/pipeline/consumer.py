@@ -197,7 +197,7 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
                                 acks_enabled = acks_enabled_for(message.topic)
                                 if acks_enabled:
                                     await self._add_gap(tp, r_offset + 1, offset)
-                            if commit_every is not None:  # noqa: SIM102 - Faust's code as it is
+                            if commit_every is not None:
                                 if self._n_acked >= commit_every:
                                     self._n_acked = 0
                                     await self.commit()
