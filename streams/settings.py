@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         64 * 2**20, ge=2**20, description="bytes a worker may hold delivered but not yet acked (value + ~1 KiB per event)"
     )
     stream_buffer_maxsize: int = Field(
-        32768, ge=1, description="events Faust buffers per stream before it pauses fetching (memory: ~1 KiB each)"
+        16384, ge=2, description="events Faust may buffer per stream; the worker delivers at most half of it unacked"
     )
     retry_max_backoff: float = Field(10.0, gt=0)
     mask_cache_size: int = Field(

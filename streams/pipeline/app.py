@@ -17,7 +17,7 @@ from mode import Service
 from streams.faults import fault_point
 from streams.io.codec import Codecs
 from streams.io.kafka import AsyncProducer, Record
-from streams.loop import use_uvloop
+from streams.loop import fewer_malloc_arenas, use_uvloop
 from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.delivery import Events, batch_agent, where
@@ -201,6 +201,7 @@ def run_worker(settings: Settings) -> None:
         require_migrated(settings.pg_dsn.get_secret_value())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     use_uvloop()
+    fewer_malloc_arenas()
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings, keyring)
     faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()
