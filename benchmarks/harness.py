@@ -135,8 +135,10 @@ class Sandbox:
             print(f"warning: database cleanup incomplete ({type(exc).__name__})", file=sys.stderr)
 
 
-def raw_records(topic: str, bodies: list[str], sent_at: int = 1_764_000_000_000) -> list[tuple[str, bytes, bytes]]:
-    """The bridge's records for ``bodies`` (message ids ``b-<i>``), ready to produce."""
+def raw_records(
+    topic: str, bodies: list[str], sent_at: int = 1_764_000_000_000, first: int = 0
+) -> list[tuple[str, bytes, bytes]]:
+    """The bridge's records for ``bodies`` (message ids ``b-<first + i>``), ready to produce."""
     codec = Codecs().raw
     return [
         (
@@ -146,7 +148,7 @@ def raw_records(topic: str, bodies: list[str], sent_at: int = 1_764_000_000_000)
                 envelope({"MessageId": f"b-{i:08d}", "Body": body, "Attributes": {"SentTimestamp": str(sent_at + i)}})
             ),
         )
-        for i, body in enumerate(bodies)
+        for i, body in enumerate(bodies, start=first)
     ]
 
 

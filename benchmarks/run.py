@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 ensure_topics(rs)
                 more = logins(backlog, seed=backlog)
                 for i in range(0, backlog, 100_000):
-                    fill(rs, raw_records(topic, more[i : i + 100_000], sent_at=1_764_000_000_000 + i))
+                    fill(rs, raw_records(topic, more[i : i + 100_000], first=i))
                 r = measure(
                     f"worker, backlog {backlog}",
                     [python("-m", "streams", "worker")],

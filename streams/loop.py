@@ -10,3 +10,24 @@ def use_uvloop() -> None:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def fewer_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (``MALLOC_ARENA_MAX``) before the worker starts its threads.
+
+    Each thread that allocates (Faust's consumer thread, librdkafka's callbacks, the
+    delivery thread) otherwise gets an arena of its own, up to 8 per core, and freed
+    memory stays fragmented across them: measured, a few MiB of the worker's peak RSS.
+    A no-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(ctypes.c_int(-8), ctypes.c_int(arenas))  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
         description="bytes a worker may hold delivered but not yet acked (value + ~1 KiB per event)",
     )
     stream_buffer_maxsize: int = Field(
-        32768, ge=1, description="events Faust buffers per stream before it pauses fetching (memory: ~1 KiB each)"
+        16384, ge=2, description="events Faust may buffer per stream; the worker delivers at most half of it unacked"
     )
     retry_max_backoff: float = Field(10.0, gt=0)
     startup_timeout: float = Field(30.0, ge=0, description="seconds a starting stage waits for Kafka and PostgreSQL")

@@ -21,7 +21,7 @@ from streams.io.codec import Codecs
 from streams.io.kafka import AsyncProducer, Record
 from streams.io.kafka_security import faust_credentials
 from streams.logs import logging_config
-from streams.loop import use_uvloop
+from streams.loop import fewer_malloc_arenas, use_uvloop
 from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.delivery import Events, batch_agent, where
@@ -267,6 +267,7 @@ def run_worker(settings: Settings) -> None:
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     use_uvloop()
+    fewer_malloc_arenas()
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings, keyring)
     faust.Worker(

@@ -39,8 +39,9 @@ acked, with hysteresis: over half of ``stream_buffer_maxsize`` events, or over
 ``STREAMS_STREAM_BUFFER_BYTES`` (value plus ``EVENT_OVERHEAD`` per event), the drain loop
 waits until acks bring both under half of that (or the flow is suspended or stopped, as
 Faust would), then delivers a burst on the fast path. Faust's own buffer then never fills.
-The counts are reset on a rebalance, so a delivered message that is never acked (its
-partition went elsewhere) cannot stall the loop.
+The counts are reset on a rebalance (revoke and assign), and a delivery Faust's way that
+was abandoned is uncounted, so a delivered message that is never acked (its partition
+went elsewhere) cannot stall the loop.
 
 Pinned to the exact Faust code it corrects: tests/unit/test_faust_pins.py fails when
 faust-streaming's ``_new_offset``, the drain loop or the conductor's message handler
@@ -125,11 +126,19 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
                     room.set()
         return result
 
-    async def on_partitions_revoked(self, revoked: Any) -> None:
+    def _reset_delivered(self) -> None:
+        """After a rebalance nothing delivered before it is counted (acks of it only give slack)."""
         self._buffered = self._delivered = 0
         if self._room is not None:
             self._room.set()
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        self._reset_delivered()
         await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        self._reset_delivered()
+        await super().on_partitions_assigned(assigned, generation_id)
 
     async def _wait_for_room(self) -> None:
         """Over the byte budget: wait for acks (or a suspended flow, a stop, a crash)."""
@@ -204,18 +213,23 @@ class HoleTolerantConsumer(faust_aiokafka.Consumer):
                             # changed: was ``await self.wait_first(callback(message), self.suspend_flow.wait())``
                             if self._buffered > budget or self._delivered >= max_delivered:
                                 await self._wait_for_room()
-                            self._buffered += len(message.value or b"") + EVENT_OVERHEAD
+                            size = len(message.value or b"") + EVENT_OVERHEAD
+                            self._buffered += size
                             self._delivered += 1
                             delivery = cast(Coroutine, callback(message))
                             if suspended() or stopped() or crashed():
-                                await self.wait_first(delivery, self.suspend_flow.wait())
+                                waited = await self.wait_first(delivery, self.suspend_flow.wait())
                             else:
                                 try:
                                     waiting_on = delivery.send(None)
                                 except StopIteration:
-                                    pass  # delivered without suspending: the common case
+                                    waited = None  # delivered without suspending: the common case
                                 else:
-                                    await self.wait_first(finish(delivery, waiting_on), self.suspend_flow.wait())
+                                    delivery = finish(delivery, waiting_on)
+                                    waited = await self.wait_first(delivery, self.suspend_flow.wait())
+                            if waited is not None and delivery not in waited.done:
+                                self._buffered -= size  # abandoned (suspended or stopped): never acked
+                                self._delivered -= 1
                             # end of change
                             set_read_offset(tp, offset)
                         else:
