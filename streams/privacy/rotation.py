@@ -227,19 +227,25 @@ async def rewrite_logins(conn: asyncpg.Connection, target: str, batch_size: int,
         progress.close()
 
 
-async def finish(conn: asyncpg.Connection, target: str) -> int:
+async def finish(conn: asyncpg.Connection, target: str, lock_timeout: float = 5.0) -> int | None:
     """Under a write lock: if no old token is left in user_logins, drop old vault rows and the map.
 
-    Returns how many user_logins rows still hold old tokens (0 means finished).
+    Returns how many user_logins rows still hold old tokens (0 means finished), or None
+    when the lock was not granted within ``lock_timeout`` seconds (busy writers: a
+    transient state, tried again next round, never a silent hang).
     """
-    async with conn.transaction():
-        await conn.execute("LOCK TABLE user_logins, pii_vault, join_token_map IN SHARE ROW EXCLUSIVE MODE")
-        left = await conn.fetchval(f"SELECT count(*) FROM user_logins WHERE {_OLD_LOGINS}", target)
-        if left:
-            return left
-        await conn.execute("DELETE FROM pii_vault WHERE split_part(token, '.', 1) <> $1", target)
-        await conn.execute("DELETE FROM join_token_map")
-        return 0
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
+            await conn.execute("LOCK TABLE user_logins, pii_vault, join_token_map IN SHARE ROW EXCLUSIVE MODE")
+            left = await conn.fetchval(f"SELECT count(*) FROM user_logins WHERE {_OLD_LOGINS}", target)
+            if left:
+                return left
+            await conn.execute("DELETE FROM pii_vault WHERE split_part(token, '.', 1) <> $1", target)
+            await conn.execute("DELETE FROM join_token_map")
+            return 0
+    except asyncpg.LockNotAvailableError:
+        return None
 
 
 async def rejoin(
@@ -267,9 +273,12 @@ async def rejoin(
             return False
         switch()
         left = await finish(conn, target)
-        if not left:
+        if left == 0:
             return True
-        print(f"{left} rows still hold old join tokens (workers not restarted yet?); another round", file=out)
+        if left is None:
+            print("the tables are busy (lock not granted in time); another round", file=out)
+        else:
+            print(f"{left} rows still hold old join tokens (workers not restarted yet?); another round", file=out)
         await asyncio.sleep(wait)
     raise Refused(
         f"rows with old join tokens keep arriving: restart every worker so it loads {target}, then rerun `streams keys rejoin`"

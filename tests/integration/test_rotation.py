@@ -180,3 +180,26 @@ def test_encryption_and_join_key_rotation_end_to_end(pipeline, sample_path):
             " FROM pii_vault"
         )
     } == {"k2.v2"}
+
+
+def test_the_final_table_lock_gives_up_in_time_instead_of_hanging(pipeline):
+    """Issue 9 item 5: busy writers hold the tables; the rejoin's last step waits a bounded time."""
+    import asyncio
+
+    from streams.io.postgres import connect, migrate
+    from streams.privacy.rotation import finish
+
+    dsn = pipeline.settings.pg_dsn.get_secret_value()
+
+    async def go() -> int | None:
+        writer, rotator = await connect(dsn), await connect(dsn)
+        try:
+            await migrate(writer)
+            async with writer.transaction():  # a writer mid-transaction holds ROW EXCLUSIVE
+                await writer.execute("LOCK TABLE user_logins IN ROW EXCLUSIVE MODE")
+                return await asyncio.wait_for(finish(rotator, "h2", lock_timeout=0.3), 20)
+        finally:
+            await writer.close()
+            await rotator.close()
+
+    assert asyncio.run(go()) is None
