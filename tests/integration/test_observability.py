@@ -8,6 +8,7 @@ import re
 import pytest
 
 from streams_dev import stack
+from tests.factories import LOGIN
 from tests.integration.test_health import free_port, get
 
 pytestmark = pytest.mark.integration
@@ -83,18 +84,7 @@ def test_metrics_match_what_happened(pipeline, sample_path):
 def test_healthz_fails_when_an_agent_hangs(pipeline):
     p = pipeline
     port = free_port()
-    p.send(
-        [
-            {
-                "user_id": "u",
-                "app_version": "1",
-                "device_type": "ios",
-                "ip": "192.0.2.1",
-                "locale": None,
-                "device_id": "d",
-            }
-        ]
-    )
+    p.send([LOGIN])
     p.start("bridge")
     p.start("worker", STREAMS_METRICS_PORT=str(port), STREAMS_STUCK_AFTER="2", STREAMS_FAULT="sink_before_commit:hang")
     p.wait_for(lambda: get(port, "/healthz")[0] == 503, 120, "/healthz to report the hung sink")
@@ -106,14 +96,7 @@ def test_waiting_out_a_database_outage_is_not_stuck(fault_pipeline, private_stac
     port = free_port()
     p.start("bridge")
     p.start("worker", STREAMS_METRICS_PORT=str(port), STREAMS_STUCK_AFTER="2", STREAMS_RETRY_MAX_BACKOFF="0.5")
-    login = {
-        "user_id": "u",
-        "app_version": "1",
-        "device_type": "ios",
-        "ip": "192.0.2.1",
-        "locale": None,
-        "device_id": "d",
-    }
+    login = LOGIN
     p.send([login])
     p.wait_for(lambda: p.row_count() == 1, 120, "the first row")
     stack.stop_service(private_stack, "postgres")
