@@ -160,9 +160,11 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
             nonlocal last_delivery
             outputs_ = transform.batch([(e.message.key, e.message.value, where(e)) for e in events])
             records = []
+            dead = 0
             for out in outputs_:
                 records.append((settings.dlq_topic if out.reason else settings.masked_topic, out.key, out.value))
                 if out.reason:
+                    dead += 1
                     log.info("dead-lettered a record: %s", out.reason, extra={"stage": "mask", "reason": out.reason})
                     metrics.DEAD_LETTERS.labels("mask", out.reason).inc()
 
@@ -171,7 +173,6 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
                     await previous
                 await outputs.produce(records, "mask", f"produce {len(records)} masked records")
                 fault_point("mask_after_produce")
-                dead = sum(1 for out in outputs_ if out.reason)
                 metrics.RECORDS_OUT.labels("mask", "masked").inc(len(outputs_) - dead)
                 metrics.RECORDS_OUT.labels("mask", "dead_letter").inc(dead)
 

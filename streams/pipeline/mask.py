@@ -246,6 +246,16 @@ class Output(NamedTuple):  # a tuple: cheaper to make than a frozen dataclass, a
     reason: str | None = None
 
 
+def _fallback_id(key: bytes | None, where: str) -> str:
+    """The Kafka key as text, else ``topic/partition/offset``."""
+    try:
+        if key:
+            return key.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    return where
+
+
 class MaskTransform:
     def __init__(self, masker: Masker, codecs: Codecs) -> None:
         self.masker = masker
@@ -255,13 +265,12 @@ class MaskTransform:
         self._mask_value = masker.mask
 
     def __call__(self, key: bytes | None, value: bytes | None, where: str) -> Output:
-        """Turn one consumed raw record into its output. Never raises."""
-        message_id = where
-        try:
-            if key:
-                message_id = key.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
+        """Turn one consumed raw record into its output. Never raises.
+
+        The dead letter of a record whose envelope cannot be read is named by its Kafka
+        key, else by ``where``; the key is only decoded then, not for every record.
+        """
+        message_id = None
         try:
             if not value:
                 raise Rejected(Reason.EMPTY_RECORD, "the record has no value (a tombstone or an empty record)")
@@ -274,9 +283,10 @@ class MaskTransform:
                 raise Rejected(Reason.INVALID_MESSAGE_ID, f"message id must be 1 to {MAX_MESSAGE_ID} characters")
             return Output(message_id.encode("utf-8"), self._encode(self._mask(envelope)))
         except Rejected as rejected:
-            return self._dead(message_id, rejected, value)
+            return self._dead(_fallback_id(key, where) if message_id is None else message_id, rejected, value)
         except Exception as exc:  # a bug must not stop the stream; the type name carries no PII
-            return self._dead(message_id, Rejected(Reason.PROCESSING_ERROR, type(exc).__name__), value)
+            bug = Rejected(Reason.PROCESSING_ERROR, type(exc).__name__)
+            return self._dead(_fallback_id(key, where) if message_id is None else message_id, bug, value)
 
     def batch(self, messages: Sequence[tuple[bytes | None, bytes | None, str]]) -> list[Output]:
         """Outputs of a batch of ``(key, value, where)``, in order."""
