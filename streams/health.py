@@ -21,6 +21,7 @@ import inspect
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -46,7 +47,9 @@ class HealthServer:
     ) -> None:
         self.port = port
         self.host = host
-        self.title = title or f"streams process {socket.gethostname()} (pid {os.getpid()})"
+        command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ("bridge", "worker") else "process"
+        self.title = title or f"streams {command} · {socket.gethostname()} (pid {os.getpid()})"
+        self._started = time.monotonic()
         self._ready = ready
         self._routes: dict[str, Handler] = {}
         self._runner: web.ServerRunner | None = None
@@ -93,6 +96,7 @@ class HealthServer:
             LIVENESS.stuck_for(),
             await self.readiness(),
             totals,
+            up_for=time.monotonic() - self._started,
             recent=RECENT_DEAD_LETTERS.newest_first(),
             history=history,
             refresh=refresh,

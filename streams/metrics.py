@@ -83,7 +83,7 @@ class SeenDeadLetter(NamedTuple):
 class RecentDeadLetters:
     """The last ``size`` dead letters this process counted, newest first, for the status page."""
 
-    def __init__(self, size: int = 50) -> None:
+    def __init__(self, size: int = 20) -> None:
         self._seen: deque[SeenDeadLetter] = deque(maxlen=size)
 
     def add(self, stage: str, reason: str, message_id: bytes | str | None) -> None:

@@ -188,7 +188,7 @@ def deployment_page(
     add the chart counters to ``history``. Nothing here raises: a part that is down shows so."""
     try:
         snap: Snapshot | None = snapshot(settings)
-        kafka_detail = f"offsets of group {settings.app_id} read"
+        kafka_detail = "offsets read"
     except Exception as exc:
         snap, kafka_detail = None, f"did not answer ({type(exc).__name__})"
     processes = [scrape(url) for url in urls]

@@ -164,16 +164,16 @@ def render(page: Page) -> str:
         f'<meta http-equiv="refresh" content="{page.refresh}">' if page.refresh > 0 else "",
         f"<title>{escape(page.title)}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<header><h1>{escape(page.title)}</h1><p class=muted>at {_utc(page.generated_at)}"
+        f"<header><h1>{escape(page.title)}</h1><p class=muted>at {_utc(page.generated_at)} UTC"
         + (f" · reloads every {page.refresh} s" if page.refresh > 0 else "")
         + "".join(f' · <a href="{escape(href)}">{escape(label)}</a>' for href, label in page.links)
         + "</p></header>",
         "<main>",
         _health(page),
-        _lag(page.lag),
         _throughput(page.totals, page.history),
+        _lag(page.lag),
         _dead_letters(page),
-        _recent(page.recent, page.recent_source),
+        _recent(page.recent, page.recent_source, page.generated_at),
         _keys(page.keys),
         "</main></body></html>",
     ]
@@ -186,7 +186,7 @@ def render(page: Page) -> str:
 def _health(page: Page) -> str:
     rows = "".join(
         f'<tr><td>{escape(c.name)}</td><td class="{_state(c.ok)}" data-check="{escape(c.name)}">'
-        f"{_state_word(c.ok)}</td><td>{escape(c.detail)}</td></tr>"
+        f"{_state_word(c.ok)}</td><td class=wrap>{escape(c.detail)}</td></tr>"
         for c in page.checks
     )
     facts = "".join(
@@ -302,9 +302,9 @@ def _dead_letters(page: Page) -> str:
     return _section("dead-letters", "Dead letters by reason", table + (f"<div class=charts>{chart}</div>"))
 
 
-def _recent(recent: list[SeenDeadLetter], source: str) -> str:
+def _recent(recent: list[SeenDeadLetter], source: str, now: float) -> str:
     rows = "".join(
-        f"<tr><td>{_utc(d.at)}</td><td>{escape(d.stage)}</td><td>{escape(d.reason)}</td>"
+        f"<tr><td>{_when(d.at, now)}</td><td>{escape(d.stage)}</td><td>{escape(d.reason)}</td>"
         f"<td class=id>{escape(d.message_id)}</td></tr>"
         for d in recent
     )
@@ -385,8 +385,8 @@ def _chart(title: str, history: list[Sample], lines: list[tuple[str, str, str]],
         )
         body = grid + polylines
         legend = "".join(
-            f'<span class=key><i style="background:{_color(color)}"></i>{escape(label)} '
-            f"{_short(pts[-1][1]) if pts else '0'} {unit}</span>"
+            f'<span class=key><i style="background:{_color(color)}"></i>{escape(label)}: '
+            f"now {_short(pts[-1][1] if pts else 0)}, peak {_short(max((v for _, v in pts), default=0))} {unit}</span>"
             for label, color, pts in series
         )
     return (
@@ -434,7 +434,16 @@ def _short(value: float) -> str:
 
 
 def _ago(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    for unit, size, above in (("d", 86400, 172800), ("h", 3600, 7200), ("min", 60, 90)):
+        if seconds >= above:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _when(at: float, now: float) -> str:
+    """``HH:MM:SS`` on the page's (UTC) day, else the date too."""
+    day = datetime.fromtimestamp(at, UTC).date() == datetime.fromtimestamp(now, UTC).date()
+    return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S" if day else "%Y-%m-%d %H:%M:%S")
 
 
 def _utc(at: float) -> str:
@@ -467,6 +476,7 @@ th{font-weight:600;color:var(--muted)}
 .ok{color:#16a34a;font-weight:600}.fail{color:#dc2626;font-weight:600}.unknown{color:var(--muted)}
 .warn{color:#d97706;font-weight:600}
 .muted{color:var(--muted);font-size:12px}
+td.wrap{white-space:normal}
 .id{font-family:ui-monospace,monospace;font-size:12px}
 .facts{margin-top:8px}
 figure{margin:6px 0 10px}figcaption{font-size:12px;color:var(--muted)}
@@ -479,7 +489,9 @@ a{color:inherit}
 """
 
 
-def process_page(title: str, stuck_for: float | None, not_ready: str | None, totals: Totals, **page) -> Page:
+def process_page(
+    title: str, stuck_for: float | None, not_ready: str | None, totals: Totals, up_for: float | None = None, **page
+) -> Page:
     """The page of one process (its HTTP port's ``/``) from its own metrics and probes."""
     checks = [
         Check(
@@ -493,7 +505,8 @@ def process_page(title: str, stuck_for: float | None, not_ready: str | None, tot
         Check(f"retries: {op}", None, f"{n:.0f} transient failures retried") for op, n in sorted(totals.retries.items())
     ]
     lag = [LagRow(stage, topic, p, int(v)) for (stage, topic, p), v in sorted(totals.lag.items())]
-    facts = [(f"SQS messages {event}", _num(n)) for event, n in sorted(totals.sqs.items())]
+    facts = [("up for", _ago(up_for))] if up_for is not None else []
+    facts += [(f"SQS messages {event}", _num(n)) for event, n in sorted(totals.sqs.items())]
     return Page(
         title=title,
         checks=checks,
@@ -501,7 +514,7 @@ def process_page(title: str, stuck_for: float | None, not_ready: str | None, tot
         lag=lag,
         dead_letters=totals.dead_letters,
         dead_letters_source="counted by this process since it started",
-        recent_source="the last 50 this process dead-lettered; ids only, never a payload or detail",
+        recent_source="the last 20 this process dead-lettered; ids only, never a payload or detail",
         keys=[(j, k, "this process") for j, k in totals.keys],
         facts=facts,
         links=[("metrics", "/metrics"), ("healthz", "/healthz"), ("readyz", "/readyz")],

@@ -141,6 +141,14 @@ def test_page_escapes_what_it_shows():
     assert "http-equiv" not in html  # refresh=0: no reload
 
 
+def test_times_on_the_page_are_utc_and_short_on_the_same_day():
+    page = _page(recent=[SeenDeadLetter(1_700_000_000, "mask", "r", "id")], generated_at=1_700_003_600)
+    html = sp.render(page)
+    assert "at 2023-11-14 23:13:20 UTC" in html and "<td>22:13:20</td>" in html
+    page = _page(up_for=3 * 3600)
+    assert re.search(r'data-fact="up for">3 h<', sp.render(page))
+
+
 def test_a_chart_waits_for_two_samples():
     html = sp.render(_page(history=[]))
     assert "collecting samples" in html and "<polyline" not in html
