@@ -26,6 +26,8 @@ from urllib.parse import quote
 from streams.settings import Settings
 from streams_dev.stack.process import MARKER, StackError, file_lock, last_meaningful_line
 
+# When Debian supersedes this version (a bookworm point release), the pool drops it: pin the
+# new one (`apt-cache policy prometheus`) and its SHA-256 (`sha256sum` of the .deb).
 PROMETHEUS_DEB = "prometheus"
 PROMETHEUS_VERSION = "2.42.0+ds-5+deb12u1"  # Debian bookworm
 PROMETHEUS_SHA256 = {"amd64": "81d59a24fce84f7fbe97a45a4f2914b6a5881b5cd1db2a6a0e129e515e1a5f55"}
