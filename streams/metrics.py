@@ -1,8 +1,8 @@
 """What a process reports: Prometheus metrics on ``/metrics`` and the liveness of its work.
 
 Labels are stages, outcomes, reason codes, operations, topics and partitions: never a
-field value, a message id or a key byte. Names are documented in docs/deployment.md
-(with the alerts to set on them).
+field value, a message id or a key byte. The alerts on them are deploy/prometheus/alerts.yml
+(explained in docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 RETRIES = Counter("streams_retries", "Retry attempts after a transient failure", ["operation"], registry=REGISTRY)
+# The dependency-down alert (deploy/prometheus/alerts.yml) reads this, not a rate of the
+# counter: it fires while retries keep coming and resolves soon after the first success.
+LAST_RETRY = Gauge(
+    "streams_last_retry_timestamp_seconds",
+    "Unix time of an operation's latest retry attempt",
+    ["operation"],
+    registry=REGISTRY,
+)
 CONSUMER_LAG = Gauge(
     "streams_consumer_lag",
     "Records not yet committed by the worker group",

@@ -9,6 +9,7 @@ offsets, the table and the DLQ topic. The seeded ip and device_id values never r
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -48,9 +49,14 @@ SECRETS = (
 SECTIONS = {"health", "lag", "throughput", "dead-letters", "recent-dead-letters", "keys"}
 
 
+# Debian's chromium here and in .ci/run; STREAMS_CHROMIUM names another build (e.g. the
+# google-chrome of GitHub's runners, the fallback), which takes the same switches.
+BROWSERS = [b for b in (os.environ.get("STREAMS_CHROMIUM"), "chromium", "google-chrome") if b]
+
+
 def chromium_dom(url: str, profile: Path) -> str:
     """The DOM after load, from headless Chromium; no network but the page itself."""
-    binary = shutil.which("chromium")
+    binary = next(filter(None, map(shutil.which, BROWSERS)), None)
     if binary is None:
         pytest.fail("Debian's chromium is needed for the status page tests: apt-get install chromium (.ci/run does)")
     result = subprocess.run(
