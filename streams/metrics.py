@@ -8,6 +8,8 @@ field value, a message id or a key byte. The alerts on them are deploy/prometheu
 from __future__ import annotations
 
 import time
+from collections import deque
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -75,6 +77,40 @@ KEY_IN_USE = Gauge(
 
 def exposition() -> bytes:
     return generate_latest(REGISTRY)
+
+
+class SeenDeadLetter(NamedTuple):
+    """A dead letter as the status page lists it: never its payload or detail."""
+
+    at: float  # epoch seconds
+    stage: str
+    reason: str
+    message_id: str  # the SQS MessageId (or ``topic/partition/offset``): an id, never a field value
+
+
+class RecentDeadLetters:
+    """The last ``size`` dead letters this process counted, newest first, for the status page."""
+
+    def __init__(self, size: int = 20) -> None:
+        self._seen: deque[SeenDeadLetter] = deque(maxlen=size)
+
+    def add(self, stage: str, reason: str, message_id: bytes | str | None) -> None:
+        if isinstance(message_id, bytes):
+            message_id = message_id.decode("utf-8", "replace")
+        self._seen.append(SeenDeadLetter(time.time(), stage, reason, (message_id or "")[:128]))
+
+    def newest_first(self) -> list[SeenDeadLetter]:
+        return list(reversed(self._seen))
+
+
+RECENT_DEAD_LETTERS = RecentDeadLetters()
+
+
+def count_dead_letter(stage: str, reason: str, message_id: bytes | str | None) -> None:
+    """Count a dead letter (``streams_dead_letters``) and list it on the status page: the one
+    call every stage makes where it dead-letters a record."""
+    DEAD_LETTERS.labels(stage, reason).inc()
+    RECENT_DEAD_LETTERS.add(stage, reason, message_id)
 
 
 class Liveness:

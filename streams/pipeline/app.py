@@ -166,7 +166,7 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
                 if out.reason:
                     dead += 1
                     log.info("dead-lettered a record: %s", out.reason, extra={"stage": "mask", "reason": out.reason})
-                    metrics.DEAD_LETTERS.labels("mask", out.reason).inc()
+                    metrics.count_dead_letter("mask", out.reason, out.key)
 
             async def deliver(previous: asyncio.Future | None) -> None:
                 if previous is not None:
@@ -227,8 +227,8 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
                         "sink",
                         f"produce {len(dead)} dead letters",
                     )
-                for _, _, reason in dead:
-                    metrics.DEAD_LETTERS.labels("sink", reason).inc()
+                for key, _, reason in dead:
+                    metrics.count_dead_letter("sink", reason, key)
                 metrics.RECORDS_OUT.labels("sink", "row").inc(len(batch.rows) - len(refused))
                 metrics.RECORDS_OUT.labels("sink", "deleted").inc(len(batch.deletes))
                 metrics.RECORDS_OUT.labels("sink", "dead_letter").inc(len(dead))

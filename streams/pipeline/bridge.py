@@ -32,12 +32,12 @@ from streams.io.codec import Codecs
 from streams.io.kafka import AsyncProducer, Record, ensure_topics
 from streams.io.sqs import queue_url, sqs_client
 from streams.metrics import (
-    DEAD_LETTERS,
     LIVENESS,
     RECORDS_OUT,
     SQS_DELETE_FAILURES,
     SQS_MESSAGES,
     SQS_VISIBILITY_EXTENSIONS,
+    count_dead_letter,
 )
 from streams.pipeline.dead_letters import Reason, dead_letter
 from streams.retry import Backoff, retry_forever, wait_at_start
@@ -174,7 +174,7 @@ class Bridge:
     def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> Record:
         datum = dead_letter(message_id, STAGE, rejected, payload, truncate=True)
         self.dead_lettered += 1
-        DEAD_LETTERS.labels(STAGE, datum["reason"]).inc()
+        count_dead_letter(STAGE, datum["reason"], datum["message_id"])
         return self.settings.dlq_topic, datum["message_id"].encode("utf-8"), self.codecs.dead_letter.encode(datum)
 
     def _refused(self, record: Record, err) -> Record:
