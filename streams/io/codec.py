@@ -333,8 +333,13 @@ class Codecs:
         from streams.retry import wait_at_start
 
         registry = SchemaRegistry(settings)
+
+        def build() -> Codecs:
+            registry.check()
+            return cls(schema_dir, registry, topic_of_schema(settings))
+
         return wait_at_start(
-            lambda: cls(schema_dir, registry, topic_of_schema(settings)),
+            build,
             "schema registry",
             log,
             settings.startup_timeout,

@@ -86,6 +86,16 @@ class SchemaRegistry:
     def subjects(self) -> list[str]:
         return list(self._call("GET", "/subjects"))
 
+    def check(self) -> None:
+        """One cheap call at start (``GET /config``): reachable, credentials and TLS accepted, the right URL."""
+        try:
+            self._call("GET", "/config")
+        except NotFound:
+            raise ConfigError(
+                f"{self.url}/config answered 404: STREAMS_SCHEMA_REGISTRY_URL must be the base of the "
+                "Confluent-compatible API (Apicurio: http://host:port/apis/ccompat/v7)"
+            ) from None
+
     # --- transport --------------------------------------------------------------------
     def _call(self, method: str, path: str, body: dict | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None

@@ -277,3 +277,13 @@ def test_a_registry_down_at_start_or_while_running_loses_nothing(private_registr
 
 def _envelope(i: int) -> dict:
     return {"message_id": f"m{i}", "sent_at": 1_700_000_000_000 + i, "body": json.dumps(_login(i)), "attributes": {}}
+
+
+def test_a_registry_url_that_is_not_the_confluent_api_is_one_line(stack_settings):
+    from streams.errors import ConfigError
+    from streams.io.codec import Codecs
+
+    s = stack_settings.model_copy(update={"schema_registry_url": f"http://127.0.0.1:{stack_settings.registry_port}"})
+    with pytest.raises(ConfigError, match="must be the base of the Confluent-compatible API") as err:
+        Codecs.from_settings(s)
+    assert "\n" not in str(err.value)
