@@ -51,10 +51,9 @@ def _java_major(home: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def find_java(minimum: int = MIN_JAVA) -> str:
+def find_java(minimum: int = MIN_JAVA, jvm: Path = Path("/usr/lib/jvm")) -> str:
     """The ``java`` of the newest JDK at least ``minimum`` (JAVA_HOME first, then /usr/lib/jvm)."""
     homes = [Path(os.environ["JAVA_HOME"])] if os.environ.get("JAVA_HOME") else []
-    jvm = Path("/usr/lib/jvm")
     if jvm.is_dir():
         homes += sorted(p for p in jvm.iterdir() if p.is_dir() and not p.is_symlink())
     found = [
