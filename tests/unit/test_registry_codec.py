@@ -95,6 +95,8 @@ def test_confluent_bytes_are_zero_the_big_endian_id_and_the_same_datum():
     assert data[:5] == b"\x00" + schema_id.to_bytes(4, "big") == confluent_header(schema_id)
     assert data[5:] == plain.encode(envelope())[10:]  # the Avro datum itself does not change
     assert codec._encode(envelope()) == data  # fast path == fastavro
+    assert codec._fast_encode is not None and codec._fast_decode is not None  # compiled for the 5-byte header
+    assert codec._fast_decode(data) == envelope()
     assert codec.decode(data) == codec._decode(data) == envelope()
     assert registry.fetches == []  # the ids came from the lookups at start, no fetch per record
 
