@@ -1,0 +1,289 @@
+"""Kafka Connect 3.9.1 in distributed mode on loopback: the third-party consumer of the masked topic.
+
+Only the tests that need it start it (pytest marker ``connect``); ``streams stack up`` does
+not. One worker per test run, with its own group id and its own config/offset/status
+topics on the shared Kafka, so runs never see each other's connectors.
+
+Jars come from Maven Central through two pinned poms (package data), cached once outside
+the work tree like the Kafka jars: ``poms/connect`` (the worker) and ``poms/connect-plugins``
+(the Debezium JDBC sink's plugin archive and Apicurio's converter). The plugins are laid
+out as one directory per plugin under ``plugin.path``, so each gets its own class loader.
+The worker settings that matter to users are in deploy/connect/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from streams_dev.stack.process import (
+    LOOPBACK,
+    MARKER,
+    NotReady,
+    Service,
+    StackError,
+    ensure_jars,
+    file_lock,
+    port_open,
+    require_java,
+    spawn,
+)
+
+VERSION = "3.9.1"
+POMS = Path(__file__).resolve().parent / "stack" / "poms"
+WORKER_POM = POMS / "connect" / "pom.xml"
+PLUGINS_POM = POMS / "connect-plugins" / "pom.xml"
+JDBC_SINK_ARCHIVE = "debezium-connector-jdbc-*-plugin.tar.gz"
+JDBC_SINK_CLASS = "io.debezium.connector.jdbc.JdbcSinkConnector"
+AVRO_CONVERTER_CLASS = "io.apicurio.registry.utils.converter.AvroConverter"
+
+
+def ensure_plugins(cache_dir: Path, log_file: Path) -> Path:
+    """The ``plugin.path`` directory, laid out once per plugins pom: one folder per plugin.
+
+    - ``debezium-connector-jdbc/``: the connector's published archive, unpacked as is;
+    - ``apicurio-registry-converter/``: the converter jar and its dependencies.
+    """
+    digest = hashlib.sha256(PLUGINS_POM.read_bytes()).hexdigest()
+    target = cache_dir / "connect-plugin-path"
+    marker = target / MARKER
+    if marker.exists() and marker.read_text().strip() == digest:
+        return target
+    downloads = ensure_jars(PLUGINS_POM, cache_dir / "connect-plugins", log_file)
+    with file_lock(cache_dir / ".connect-plugins.lock"):
+        if marker.exists() and marker.read_text().strip() == digest:
+            return target
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        converter = staging / "apicurio-registry-converter"
+        converter.mkdir(parents=True)
+        archives = sorted(downloads.glob(JDBC_SINK_ARCHIVE))
+        if len(archives) != 1:
+            raise StackError(f"expected one {JDBC_SINK_ARCHIVE} in {downloads}: delete it and retry")
+        with tarfile.open(archives[0]) as tar:
+            tar.extractall(staging, filter="data")  # a top-level debezium-connector-jdbc/ folder
+        for jar in downloads.glob("*.jar"):
+            shutil.copy2(jar, converter / jar.name)
+        (staging / MARKER).write_text(digest + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+class ConnectError(StackError):
+    """A Connect REST call failed; the message names the call and Connect's answer."""
+
+
+class ConnectWorker(Service):
+    """One distributed-mode Connect worker whose files live in ``workdir``.
+
+    ``registry_url`` is the schema registry's base URL (e.g. http://127.0.0.1:8080); the
+    worker's default value converter is Apicurio's Avro converter reading the Confluent
+    wire format from it (see ``converter_settings``). Keys are plain strings.
+    """
+
+    name = "connect"
+    ready_timeout = 180.0
+
+    def __init__(self, settings, workdir: Path, *, rest_port: int, registry_url: str, tag: str | None = None) -> None:
+        super().__init__(settings)
+        self.dir = Path(workdir).resolve()
+        self.rest_port = rest_port
+        self.registry_url = registry_url.rstrip("/")
+        self.tag = tag or f"connect-{uuid.uuid4().hex[:10]}"
+
+    # -- identity --------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self.rest_port
+
+    def ports(self) -> list[tuple[int, str]]:
+        return [(self.rest_port, "rest_port")]
+
+    @property
+    def config_file(self) -> Path:
+        return self.dir / "connect-distributed.properties"
+
+    @property
+    def marker(self) -> str:
+        return str(self.config_file)
+
+    @property
+    def stdout_file(self) -> Path:
+        return self.dir / "connect.out"
+
+    @property
+    def logs(self) -> tuple[Path, ...]:
+        return (self.log_file, self.stdout_file)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.rest_port}"
+
+    @property
+    def topics(self) -> dict[str, str]:
+        """The worker's internal topics, unique to this worker's group."""
+        return {
+            "config.storage.topic": f"{self.tag}.configs",
+            "offset.storage.topic": f"{self.tag}.offsets",
+            "status.storage.topic": f"{self.tag}.status",
+        }
+
+    # -- start -----------------------------------------------------------------
+    def prepare(self) -> None:
+        self._java = require_java()
+        self.jar_dir = ensure_jars(WORKER_POM, self.cache_dir / f"connect-{VERSION}", self.dir / "maven.log")
+        self.plugin_path = ensure_plugins(self.cache_dir, self.dir / "maven.log")
+        self._write_config()
+
+    def converter_settings(self, prefix: str = "value.converter") -> dict[str, str]:
+        """Apicurio's Avro converter (2.6.x) on the Confluent wire format of a 3.x registry.
+
+        The masked topic's records are ``0x00 + 4-byte id + datum``, the id being what the
+        registry's Confluent API (``/apis/ccompat/v7``) handed out: a *content* id (Apicurio
+        3 without legacy-id mode). The 2.6 converter resolves ids through the core v2 API,
+        which Apicurio 3 still serves; ``as-confluent`` reads the 4-byte id (its default is
+        an 8-byte global id), ``use-id=contentId`` makes it look the id up as a content id,
+        and no schema id is read from headers.
+        """
+        return {
+            prefix: AVRO_CONVERTER_CLASS,
+            f"{prefix}.apicurio.registry.url": f"{self.registry_url}/apis/registry/v2",
+            f"{prefix}.apicurio.registry.as-confluent": "true",
+            f"{prefix}.apicurio.registry.use-id": "contentId",
+            f"{prefix}.apicurio.registry.headers.enabled": "false",
+        }
+
+    def _write_config(self) -> None:
+        s = self.settings
+        lines = {
+            "bootstrap.servers": s.kafka_bootstrap,
+            "group.id": self.tag,
+            **self.topics,
+            "config.storage.replication.factor": "1",
+            "offset.storage.replication.factor": "1",
+            "offset.storage.partitions": "1",
+            "status.storage.replication.factor": "1",
+            "status.storage.partitions": "1",
+            "listeners": self.url,
+            "rest.advertised.host.name": LOOPBACK,
+            "rest.advertised.port": str(self.rest_port),
+            "plugin.path": str(self.plugin_path),
+            "key.converter": "org.apache.kafka.connect.storage.StringConverter",
+            **self.converter_settings(),
+            # The mask stage writes transactionally: never hand aborted records to a sink.
+            "consumer.isolation.level": "read_committed",
+            # One worker: no reason to wait for a departed member before reassigning.
+            "scheduled.rebalance.max.delay.ms": "0",
+            "offset.flush.interval.ms": "1000",
+        }
+        self.config_file.write_text(
+            "# Generated by streams_dev.connect on every start; edits are overwritten.\n"
+            + "".join(f"{k}={v}\n" for k, v in lines.items())
+        )
+        (self.dir / "log4j.properties").write_text(
+            "\n".join(
+                [
+                    "log4j.rootLogger=INFO, file",
+                    "log4j.appender.file=org.apache.log4j.RollingFileAppender",
+                    f"log4j.appender.file.File={self.log_file}",
+                    "log4j.appender.file.MaxFileSize=20MB",
+                    "log4j.appender.file.MaxBackupIndex=2",
+                    "log4j.appender.file.layout=org.apache.log4j.PatternLayout",
+                    "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n",
+                    "log4j.logger.org.apache.kafka.clients=WARN",
+                    "log4j.logger.org.reflections=ERROR",
+                    "",
+                ]
+            )
+        )
+
+    def launch(self) -> subprocess.Popen:
+        return spawn(
+            [
+                self._java,
+                "-Xmx512m",
+                "-XX:+ExitOnOutOfMemoryError",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j.configuration=file:{self.dir / 'log4j.properties'}",
+                "-cp",
+                f"{self.jar_dir}/*",
+                "org.apache.kafka.connect.cli.ConnectDistributed",
+                str(self.config_file),
+            ],
+            pid_file=self.pid_file,
+            log_file=self.stdout_file,
+            cwd=self.dir,
+        )
+
+    # -- readiness -------------------------------------------------------------
+    def probe(self, timeout: float) -> None:
+        """Ready = the herder answers (it joined its group) and both plugins are loaded."""
+        if not port_open(self.rest_port):
+            raise NotReady(f"REST port {self.rest_port} not accepting connections yet")
+        try:
+            self.request("GET", "/connectors", timeout=timeout)
+            plugins = self.request("GET", "/connector-plugins?connectorsOnly=false", timeout=timeout)
+        except ConnectError as exc:
+            raise NotReady(str(exc)) from None
+        classes = {p["class"] for p in plugins}
+        missing = {JDBC_SINK_CLASS, AVRO_CONVERTER_CLASS} - classes
+        if missing:
+            raise StackError(f"connect loaded no {', '.join(sorted(missing))}: see {self.log_file}")
+
+    # -- REST ------------------------------------------------------------------
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0):
+        """One REST call; the decoded JSON answer (None when empty), ConnectError otherwise."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            raise ConnectError(f"{method} {path}: HTTP {exc.code} {detail}") from None
+        except OSError as exc:
+            raise ConnectError(f"{method} {path}: {exc}") from None
+        return json.loads(text) if text else None
+
+    def put_connector(self, name: str, config: dict[str, str], timeout: float = 60.0) -> None:
+        """Create or update a connector; retried while the worker rebalances (HTTP 409)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.request("PUT", f"/connectors/{name}/config", {**config, "name": name})
+                return
+            except ConnectError as exc:
+                if "HTTP 409" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.5)
+
+    def connector_state(self, name: str) -> tuple[str, list[dict]]:
+        """(connector state, task statuses); ``("MISSING", [])`` before it exists."""
+        try:
+            status = self.request("GET", f"/connectors/{name}/status")
+        except ConnectError as exc:
+            if "HTTP 404" in str(exc):
+                return "MISSING", []
+            raise
+        return status["connector"]["state"], status.get("tasks", [])
+
+    def delete_topics(self) -> None:
+        """Remove the worker's internal topics (after stop), so test runs leave none behind."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        for fut in admin.delete_topics(list(self.topics.values()), operation_timeout=30).values():
+            with contextlib.suppress(Exception):
+                fut.result(30)
