@@ -69,9 +69,9 @@ def envelope(message: dict, keep: Collection[str] = ("SentTimestamp",)) -> dict:
 
 
 class Bridge:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, codecs: Codecs | None = None) -> None:
         self.settings = settings
-        self.codecs = Codecs()
+        self.codecs = codecs if codecs is not None else Codecs.from_settings(settings)
         self.codec = self.codecs.raw
         self.keep_attributes = frozenset(a.strip() for a in settings.bridge_attributes.split(",") if a.strip())
         self.bridged = 0
@@ -304,12 +304,13 @@ def run_bridge(settings: Settings) -> None:
     from streams.io.kafka import require_topics
 
     wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
+    codecs = Codecs.from_settings(settings)  # with a registry: its schema ids, or one line to register them
     LIVENESS.stuck_after = settings.stuck_after
     bridge_failed = False
 
     async def run() -> None:
         nonlocal bridge_failed
-        bridge = Bridge(settings)
+        bridge = Bridge(settings, codecs)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop)
