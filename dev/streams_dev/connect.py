@@ -8,7 +8,8 @@ Jars come from Maven Central through two pinned poms (package data), cached once
 the work tree like the Kafka jars: ``poms/connect`` (the worker) and ``poms/connect-plugins``
 (the Debezium JDBC sink's plugin archive and Apicurio's converter). The plugins are laid
 out as one directory per plugin under ``plugin.path``, so each gets its own class loader.
-The worker settings that matter to users are in deploy/connect/.
+The settings that matter to users (worker properties, connector config) are the shipped
+files in deploy/connect/; a run only changes addresses and names.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -39,12 +41,49 @@ from streams_dev.stack.process import (
 )
 
 VERSION = "3.9.1"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "connect"  # a source checkout's
+WORKER_PROPERTIES = DEPLOY / "worker.properties"
+SINK_CONFIG = DEPLOY / "jdbc-sink.json"
+CCOMPAT_PATH = "/apis/ccompat/v7"
 POMS = Path(__file__).resolve().parent / "stack" / "poms"
 WORKER_POM = POMS / "connect" / "pom.xml"
 PLUGINS_POM = POMS / "connect-plugins" / "pom.xml"
 JDBC_SINK_ARCHIVE = "debezium-connector-jdbc-*-plugin.tar.gz"
 JDBC_SINK_CLASS = "io.debezium.connector.jdbc.JdbcSinkConnector"
 AVRO_CONVERTER_CLASS = "io.apicurio.registry.utils.converter.AvroConverter"
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """``key=value`` lines of a Java properties file (comments and blanks skipped; no continuations)."""
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")):
+            key, _, value = line.partition("=")
+            props[key.strip()] = value.strip()
+    return props
+
+
+def apicurio_api_url(schema_registry_url: str) -> str:
+    """The Apicurio core v2 API the converter needs, from the Confluent API URL the workers use
+    (``STREAMS_SCHEMA_REGISTRY_URL``, ``http://host:port/apis/ccompat/v7``)."""
+    base = schema_registry_url.rstrip("/")
+    if not base.endswith(CCOMPAT_PATH):
+        raise StackError(f"not an Apicurio Confluent API URL (no {CCOMPAT_PATH} suffix): {schema_registry_url}")
+    return base.removesuffix(CCOMPAT_PATH) + "/apis/registry/v2"
+
+
+def sink_config(*, topic: str, pg_dsn: str, table: str) -> dict[str, str]:
+    """The shipped ``deploy/connect/jdbc-sink.json`` with this deployment's topic, database and table."""
+    dsn = urllib.parse.urlsplit(pg_dsn)
+    return {
+        **json.loads(SINK_CONFIG.read_text()),
+        "topics": topic,
+        "connection.url": f"jdbc:postgresql://{dsn.hostname}:{dsn.port or 5432}{dsn.path}",
+        "connection.username": urllib.parse.unquote(dsn.username or ""),
+        "connection.password": urllib.parse.unquote(dsn.password or ""),
+        "collection.name.format": table,
+    }
 
 
 def ensure_plugins(cache_dir: Path, log_file: Path) -> Path:
@@ -86,9 +125,10 @@ class ConnectError(StackError):
 class ConnectWorker(Service):
     """One distributed-mode Connect worker whose files live in ``workdir``.
 
-    ``registry_url`` is the schema registry's base URL (e.g. http://127.0.0.1:8080); the
-    worker's default value converter is Apicurio's Avro converter reading the Confluent
-    wire format from it (see ``converter_settings``). Keys are plain strings.
+    Its settings are the shipped ``deploy/connect/worker.properties`` (string keys, values
+    in the Confluent wire format read by Apicurio's converter, read_committed), with this
+    run's Kafka, REST port, group, internal topics, plugin path and ``registry_url`` (the
+    Confluent API URL the stages use; the converter gets the same registry's core API).
     """
 
     name = "connect"
@@ -98,7 +138,7 @@ class ConnectWorker(Service):
         super().__init__(settings)
         self.dir = Path(workdir).resolve()
         self.rest_port = rest_port
-        self.registry_url = registry_url.rstrip("/")
+        self.registry_url = apicurio_api_url(registry_url)
         self.tag = tag or f"connect-{uuid.uuid4().hex[:10]}"
 
     # -- identity --------------------------------------------------------------
@@ -145,46 +185,24 @@ class ConnectWorker(Service):
         self.plugin_path = ensure_plugins(self.cache_dir, self.dir / "maven.log")
         self._write_config()
 
-    def converter_settings(self, prefix: str = "value.converter") -> dict[str, str]:
-        """Apicurio's Avro converter (2.6.x) on the Confluent wire format of a 3.x registry.
-
-        The masked topic's records are ``0x00 + 4-byte id + datum``, the id being what the
-        registry's Confluent API (``/apis/ccompat/v7``) handed out: a *content* id (Apicurio
-        3 without legacy-id mode). The 2.6 converter resolves ids through the core v2 API,
-        which Apicurio 3 still serves; ``as-confluent`` reads the 4-byte id (its default is
-        an 8-byte global id), ``use-id=contentId`` makes it look the id up as a content id,
-        and no schema id is read from headers.
-        """
-        return {
-            prefix: AVRO_CONVERTER_CLASS,
-            f"{prefix}.apicurio.registry.url": f"{self.registry_url}/apis/registry/v2",
-            f"{prefix}.apicurio.registry.as-confluent": "true",
-            f"{prefix}.apicurio.registry.use-id": "contentId",
-            f"{prefix}.apicurio.registry.headers.enabled": "false",
-        }
-
     def _write_config(self) -> None:
-        s = self.settings
+        """The shipped ``deploy/connect/worker.properties``, with this run's addresses and names."""
         lines = {
-            "bootstrap.servers": s.kafka_bootstrap,
+            **read_properties(WORKER_PROPERTIES),
+            "bootstrap.servers": self.settings.kafka_bootstrap,
             "group.id": self.tag,
             **self.topics,
-            "config.storage.replication.factor": "1",
-            "offset.storage.replication.factor": "1",
-            "offset.storage.partitions": "1",
-            "status.storage.replication.factor": "1",
-            "status.storage.partitions": "1",
             "listeners": self.url,
+            "plugin.path": str(self.plugin_path),
+            "value.converter.apicurio.registry.url": self.registry_url,
+            # Test-speed settings, not for production: small internal topics, quick flushes,
+            # and no wait for a departed member before reassigning (there is one worker).
+            "offset.storage.partitions": "1",
+            "status.storage.partitions": "1",
+            "offset.flush.interval.ms": "1000",
+            "scheduled.rebalance.max.delay.ms": "0",
             "rest.advertised.host.name": LOOPBACK,
             "rest.advertised.port": str(self.rest_port),
-            "plugin.path": str(self.plugin_path),
-            "key.converter": "org.apache.kafka.connect.storage.StringConverter",
-            **self.converter_settings(),
-            # The mask stage writes transactionally: never hand aborted records to a sink.
-            "consumer.isolation.level": "read_committed",
-            # One worker: no reason to wait for a departed member before reassigning.
-            "scheduled.rebalance.max.delay.ms": "0",
-            "offset.flush.interval.ms": "1000",
         }
         self.config_file.write_text(
             "# Generated by streams_dev.connect on every start; edits are overwritten.\n"
