@@ -148,6 +148,7 @@ class ConnectWorker(Service):
         self.rest_port = rest_port
         self.registry_url = apicurio_api_url(registry_url)
         self.tag = tag or f"connect-{uuid.uuid4().hex[:10]}"
+        self.ready_in: float | None = None
 
     # -- identity --------------------------------------------------------------
     @property
@@ -187,6 +188,13 @@ class ConnectWorker(Service):
         }
 
     # -- start -----------------------------------------------------------------
+    def start(self) -> int:
+        """Start and wait until ready; ``ready_in`` keeps the seconds it took (for reports)."""
+        began = time.monotonic()
+        pid = super().start()
+        self.ready_in = time.monotonic() - began
+        return pid
+
     def prepare(self) -> None:
         self._java = require_java()
         self.jar_dir = ensure_jars(WORKER_POM, self.cache_dir / f"connect-{VERSION}", self.dir / "maven.log")
