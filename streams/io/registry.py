@@ -86,6 +86,16 @@ class SchemaRegistry:
     def subjects(self) -> list[str]:
         return list(self._call("GET", "/subjects"))
 
+    def check(self) -> None:
+        """One cheap call at start (``GET /config``): reachable, credentials and TLS accepted, the right URL."""
+        try:
+            self._call("GET", "/config")
+        except NotFound:
+            raise ConfigError(
+                f"{self.url}/config answered 404: STREAMS_SCHEMA_REGISTRY_URL must be the base of the "
+                "Confluent-compatible API (Apicurio: http://host:port/apis/ccompat/v7)"
+            ) from None
+
     # --- transport --------------------------------------------------------------------
     def _call(self, method: str, path: str, body: dict | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -93,7 +103,7 @@ class SchemaRegistry:
         where = f"the schema registry at {self.url}"
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self._context) as response:
-                return json.loads(response.read() or b"null")
+                answer = response.read()
         except urllib.error.HTTPError as exc:
             status, message = exc.code, _message(exc)
             if status in (401, 403):
@@ -113,7 +123,7 @@ class SchemaRegistry:
             if status >= 500 or status == 429:
                 raise TransientError(f"{where} answered HTTP {status}: {message}") from None
             raise ConfigError(f"{where} answered HTTP {status} to {method} {path}: {message}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             if isinstance(reason, ssl.SSLCertVerificationError):
                 if "hostname" in str(reason).lower() or "ip address mismatch" in str(reason).lower():
@@ -132,6 +142,13 @@ class SchemaRegistry:
             raise TransientError(
                 f"cannot reach {where} ({type(reason).__name__}): start it (`streams stack up` locally) or check "
                 "STREAMS_SCHEMA_REGISTRY_URL"
+            ) from None
+        try:
+            return json.loads(answer or b"null")
+        except ValueError:
+            raise ConfigError(
+                f"{where} answered {method} {path} with something that is not JSON: STREAMS_SCHEMA_REGISTRY_URL "
+                "must be the base of the Confluent-compatible API"
             ) from None
 
 

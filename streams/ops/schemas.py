@@ -35,7 +35,7 @@ def register(settings: Settings, schema_dir: Path = SCHEMA_DIR) -> list[str]:
     if not settings.schema_registry_url:
         return []
     registry = SchemaRegistry(settings)
-    wait_at_start(registry.subjects, "schema registry", log, settings.startup_timeout)  # down: waited out
+    wait_at_start(registry.check, "schema registry", log, settings.startup_timeout)  # down: waited out
     lines = []
     for name, topic in topic_of_schema(settings).items():
         subject_name = subject(topic)

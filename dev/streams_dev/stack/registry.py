@@ -51,10 +51,9 @@ def _java_major(home: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def find_java(minimum: int = MIN_JAVA) -> str:
+def find_java(minimum: int = MIN_JAVA, jvm: Path = Path("/usr/lib/jvm")) -> str:
     """The ``java`` of the newest JDK at least ``minimum`` (JAVA_HOME first, then /usr/lib/jvm)."""
     homes = [Path(os.environ["JAVA_HOME"])] if os.environ.get("JAVA_HOME") else []
-    jvm = Path("/usr/lib/jvm")
     if jvm.is_dir():
         homes += sorted(p for p in jvm.iterdir() if p.is_dir() and not p.is_symlink())
     found = [
@@ -76,8 +75,14 @@ def registry_url(port: int) -> str:
 
 
 class Registry(Service):
+    """``database`` moves its storage (tests run a private registry beside the stack's)."""
+
     name = "registry"
     ready_timeout = 120.0  # a Quarkus JVM on a busy 2-core machine, after PostgreSQL
+
+    def __init__(self, settings, database: str = DATABASE) -> None:
+        super().__init__(settings)
+        self.database = database
 
     @property
     def port(self) -> int:
@@ -100,10 +105,10 @@ class Registry(Service):
 
     @property
     def jdbc_url(self) -> str:
-        return f"jdbc:postgresql://{LOOPBACK}:{self.settings.pg_port}/{DATABASE}"
+        return f"jdbc:postgresql://{LOOPBACK}:{self.settings.pg_port}/{self.database}"
 
     def detail(self) -> str:
-        return f"API {self.url}, storage {LOOPBACK}:{self.settings.pg_port}/{DATABASE}, log {self.log_file}"
+        return f"API {self.url}, storage {LOOPBACK}:{self.settings.pg_port}/{self.database}, log {self.log_file}"
 
     # -- start -----------------------------------------------------------------
     def prepare(self) -> None:
@@ -155,9 +160,9 @@ class Registry(Service):
             host=LOOPBACK, port=self.settings.pg_port, user="postgres", database="postgres", timeout=5
         )
         try:
-            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database):
                 with contextlib.suppress(asyncpg.DuplicateDatabaseError):  # a concurrent start
-                    await conn.execute(f'CREATE DATABASE "{DATABASE}"')
+                    await conn.execute(f'CREATE DATABASE "{self.database}"')
         finally:
             await conn.close()
 
