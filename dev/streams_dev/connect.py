@@ -156,7 +156,7 @@ class ConnectWorker(Service):
         return self.rest_port
 
     def ports(self) -> list[tuple[int, str]]:
-        return [(self.rest_port, "rest_port")]
+        return [(self.rest_port, "the rest_port argument")]
 
     @property
     def config_file(self) -> Path:
