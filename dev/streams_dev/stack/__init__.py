@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .kafka import Kafka, client_env
 from .postgres import Postgres
-from .process import Service, StackError, file_lock, send_signal, port_open, require_java, wait_until
+from .process import Service, StackError, file_lock, port_open, require_java, send_signal, wait_until
 from .sqs import Sqs
 
 __all__ = [

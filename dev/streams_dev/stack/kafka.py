@@ -135,7 +135,9 @@ class Kafka(Service):
     def detail(self) -> str:
         if self.nodes == 1:
             return f"bootstrap {LOOPBACK}:{self.port}, log {self.log_file}"
-        return f"node {self.node} of {self.nodes}, bootstrap {bootstrap(self.settings, self.nodes)}, log {self.log_file}"
+        return (
+            f"node {self.node} of {self.nodes}, bootstrap {bootstrap(self.settings, self.nodes)}, log {self.log_file}"
+        )
 
     # -- start -----------------------------------------------------------------
     def prepare(self) -> None:
@@ -318,7 +320,6 @@ class Kafka(Service):
             raise NotReady(f"consume failed: {exc}") from None
         finally:
             consumer.close()
-
 
     def _probe_member(self, bootstrap: str, timeout: float) -> None:
         """A cluster node serves once the controller lists it as a live (unfenced) broker."""
