@@ -151,18 +151,18 @@ def test_compose_end_to_end_then_three_workers(docker_engine, record_property, c
         # Every message the bridge finished is on the raw topic (a bridge dead letter goes to
         # the DLQ instead; a redelivery adds a copy on both sides): nothing deleted from SQS
         # without its record. The seed sent 100.
-        counts = {}
+        bridge: dict[str, int] = {}
 
         def raw_matches_bridged() -> bool:
-            counts["bridged"], counts["bridge dead letters"] = bridge_counts(compose)
-            counts["raw"] = raw_records(compose)
-            return counts["raw"] == counts["bridged"] - counts["bridge dead letters"]
+            bridge["bridged"], bridge["bridge dead letters"] = bridge_counts(compose)
+            bridge["raw"] = raw_records(compose)
+            return bridge["raw"] == bridge["bridged"] - bridge["bridge dead letters"]
 
         try:
             wait_for(raw_matches_bridged, 30, "raw records == bridged - bridge dead letters", 1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {counts}\n{compose.diagnostics()}") from None
-        assert counts["bridged"] >= 100 and counts["raw"] >= 100, counts
+            raise AssertionError(f"{exc}: {bridge}\n{compose.diagnostics()}") from None
+        assert bridge["bridged"] >= 100 and bridge["raw"] >= 100, bridge
         # The keys came from the one-shot init service, never from a worker.
         assert "wrote new keys" in compose("logs", "--no-color", "keys").stdout
         assert "generated a DEV masking key" not in compose("logs", "--no-color", "worker").stdout
@@ -191,6 +191,7 @@ def test_compose_end_to_end_then_three_workers(docker_engine, record_property, c
         with capsys.disabled():
             print(
                 f"\ncompose timings: up {t_up:.0f}s, 99 rows at {t_rows:.0f}s, 3 workers ready at {t_scaled:.0f}s; partitions per member {counts}"
+                f"\ncompose raw topic: {bridge} "
             )
     finally:
         compose("down", "-v", "--remove-orphans", timeout=300, check=False)
