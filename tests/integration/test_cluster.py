@@ -82,21 +82,25 @@ def test_topics_and_internal_logs_are_replicated_three_times_with_min_insync_two
         assert replicas == {3}, (topic, replicas)
 
 
+def _partition(s, topic: str):
+    """Partition 0 of ``topic`` as the cluster metadata has it (None until a node knows it)."""
+    return admin_client(s).list_topics(topic, timeout=10).topics[topic].partitions.get(0)
+
+
 def test_a_killed_broker_stops_no_write_and_comes_back(private_cluster):
     s = private_cluster.model_copy(update={"raw_topic": f"c{uuid.uuid4().hex[:8]}.raw", "topic_partitions": 1})
     ensure_topics(s)
-    leader = admin_client(s).list_topics(s.raw_topic, timeout=10).topics[s.raw_topic].partitions[0].leader
+    first = wait_for(lambda: (p := _partition(s, s.raw_topic)) and p.leader > 0 and p, 30, "a leader")
+    leader = first.leader
     assert stack.kill_service(s, f"kafka-{leader}") is not None
     try:
         # acks=all with min.insync.replicas 2: two live replicas take the write.
         send_records(s, [(s.raw_topic, b"k", b"while one broker is dead")])
-        new_leader = admin_client(s).list_topics(s.raw_topic, timeout=10).topics[s.raw_topic].partitions[0].leader
-        assert new_leader not in (leader, -1)
+        assert _partition(s, s.raw_topic).leader not in (leader, -1)
     finally:
         stack.start_service(s, f"kafka-{leader}")
 
     def back_in_sync() -> bool:
-        partition = admin_client(s).list_topics(s.raw_topic, timeout=10).topics[s.raw_topic].partitions[0]
-        return sorted(partition.isrs) == [1, 2, 3]
+        return sorted(_partition(s, s.raw_topic).isrs) == [1, 2, 3]
 
     wait_for(back_in_sync, 60, "the restarted broker back in the ISR", 0.5)
