@@ -1,6 +1,16 @@
-"""docker-compose.yml end to end: the sample lands (99 rows, one dead letter, an empty queue),
-then three workers in one group each hold partitions. Runs through the lab's engine
-(``make containers-test``) with docker-compose 1.29; the file is also valid for v2."""
+"""docker-compose.yml end to end: the sample lands (99 rows, one dead letter, an empty queue,
+every bridged message on the raw topic), then three workers in one group each hold
+partitions. Runs through the lab's engine (``make containers-test``) with docker-compose
+1.29; the file is also valid for v2.
+
+Raw against bridged: the bridge deletes a message from SQS only after ``deliver`` returned,
+that is after the broker acknowledged its raw record (``acks=all``, idempotent) or its
+``too_large`` dead letter; its ``bridged`` counter counts those messages after the delete.
+So raw records == bridged - bridge dead letters, exactly (a redelivery adds one to both).
+The raw topic is neither compacted nor transactional and holds nothing near its retention,
+so latest minus earliest offset counts its records exactly, with no reader that could stop
+early or miss a partition assigned late. Issue 10's one run with 99 raw records after
+"bridged 100" came from bridge code that is gone; this check fails if it ever recurs."""
 
 from __future__ import annotations
 
