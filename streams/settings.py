@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     stack_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "streams")
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
+    kafka_brokers: int = Field(
+        1, ge=1, le=9, description="Kafka nodes the local stack runs (3: `streams stack up --brokers 3`)"
+    )
     pg_port: int = 5432
     sqs_port: int = 9324
     registry_port: int = Field(8081, description="the local stack's schema registry (Apicurio)")
