@@ -64,7 +64,19 @@ class Settings(BaseSettings):
     accept_low_replication: bool = Field(
         False, description="start even if a topic's replication factor or min.insync.replicas is below the setting"
     )
-    raw_retention_ms: int = Field(7 * 24 * 3600 * 1000, description="raw topic and DLQ hold PII: bounded")
+    raw_retention_ms: int = Field(
+        7 * 24 * 3600 * 1000,
+        description="raw topic and DLQ hold PII: bounded, > 0 and at most RETENTION_CEILING_MS (docs/privacy.md)",
+    )
+    accept_long_retention: bool = Field(
+        False, description="allow a raw/DLQ retention above the ceiling (and such topics at start)"
+    )
+    masked_compaction_lag_ms: int = Field(
+        24 * 3600 * 1000, gt=0, description="masked topic: longest a replaced or deleted value may stay uncompacted"
+    )
+    masked_tombstone_ms: int = Field(
+        24 * 3600 * 1000, gt=0, description="masked topic: how long a tombstone stays for readers (delete.retention.ms)"
+    )
     app_id: str = Field("streams", description="Faust app id; mask and sink consumer groups derive from it")
 
     # --- SQS -------------------------------------------------------------
@@ -168,9 +180,28 @@ class Settings(BaseSettings):
         return self.sqs_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
+RETENTION_CEILING_MS = 30 * 24 * 3600 * 1000  # raw and DLQ keep plaintext PII at most this long (docs/privacy.md)
+
+
+def check_retention(settings: Settings) -> None:
+    """Raw and DLQ hold plaintext PII: their retention is bounded (never -1, the broker's "forever")."""
+    retention = settings.raw_retention_ms
+    if retention <= 0:
+        raise ConfigError(
+            f"invalid setting STREAMS_RAW_RETENTION_MS={retention}: the raw topic and DLQ hold PII, "
+            f"use a bound > 0 (at most {RETENTION_CEILING_MS} ms, 30 days)"
+        )
+    if retention > RETENTION_CEILING_MS and not settings.accept_long_retention:
+        raise ConfigError(
+            f"STREAMS_RAW_RETENTION_MS={retention} is above the {RETENTION_CEILING_MS} ms (30 days) ceiling for PII: "
+            "lower it, or set STREAMS_ACCEPT_LONG_RETENTION=1 to accept it"
+        )
+
+
 def _check_combinations(settings: Settings) -> None:
     """Settings valid one by one but not together: one line naming what to set."""
     s = settings
+    check_retention(s)
     if s.kafka_security_protocol.startswith("SASL"):
         if not s.kafka_sasl_username:
             raise ConfigError(

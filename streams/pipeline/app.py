@@ -24,7 +24,7 @@ from streams.logs import logging_config
 from streams.loop import fewer_malloc_arenas, use_uvloop
 from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
-from streams.pipeline.delivery import Events, batch_agent, where
+from streams.pipeline.delivery import Events, batch_agent, source_timestamp, where
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
 from streams.privacy.keys import KeyRing
@@ -159,14 +159,16 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
             """
             nonlocal last_delivery
             outputs_ = transform.batch([(e.message.key, e.message.value, where(e)) for e in events])
-            records = []
+            records: list[Record] = []
             dead = 0
-            for out in outputs_:
-                records.append((settings.dlq_topic if out.reason else settings.masked_topic, out.key, out.value))
-                if out.reason:
+            for out, event in zip(outputs_, events, strict=True):
+                if out.reason:  # the input's timestamp: the DLQ's retention counts from the raw record's
+                    records.append((settings.dlq_topic, out.key, out.value, source_timestamp(event)))
                     dead += 1
                     log.info("dead-lettered a record: %s", out.reason, extra={"stage": "mask", "reason": out.reason})
                     metrics.DEAD_LETTERS.labels("mask", out.reason).inc()
+                else:
+                    records.append((settings.masked_topic, out.key, out.value))
 
             async def deliver(previous: asyncio.Future | None) -> None:
                 if previous is not None:
