@@ -120,7 +120,11 @@ class Settings(BaseSettings):
     retry_max_backoff: float = Field(10.0, gt=0)
     startup_timeout: float = Field(30.0, ge=0, description="seconds a starting stage waits for Kafka and PostgreSQL")
     mask_cache_size: int = Field(
-        16384, ge=0, description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none"
+        16384,
+        ge=0,
+        le=262_144,
+        description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none. "
+        "Each entry holds a plaintext value in worker memory (~700 bytes): bounded, see docs/privacy.md",
     )
 
     data_dir: Path = Field(

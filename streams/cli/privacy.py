@@ -58,8 +58,10 @@ def _keys_json(settings: Settings) -> str | None:
 
 
 def _masker(settings: Settings):
+    from streams.privacy.hardening import no_core_dumps
     from streams.privacy.masking import Masker
 
+    no_core_dumps()  # this process is about to hold keys and decrypted values
     return Masker(keymod.settings_keyring(settings.model_copy(update={"dev_keys": False})))
 
 
@@ -99,6 +101,7 @@ def _keys_reencrypt(settings: Settings, args) -> None:
 
 
 def _keys_retire(settings: Settings, args) -> None:
+    from streams.privacy.key_use import running_writers
     from streams.privacy.rotation import key_in_use
 
     doc = keymod.editable_document(settings.keys_file, _keys_json(settings))
@@ -107,6 +110,12 @@ def _keys_retire(settings: Settings, args) -> None:
         raise Refused(f"no encryption key {args.key_id!r}; `streams keys list` shows the ids")
     if args.key_id == enc["active"]:
         raise Refused(f"{args.key_id} is the active key: rotate first with `streams keys rotate encryption`")
+    writers = [w for w in running_writers(settings) if w.encryption_key_id == args.key_id]
+    if writers:
+        raise Refused(
+            f"{len(writers)} running mask worker(s) still write under {args.key_id} (e.g. {writers[0].client_id} on "
+            f"{writers[0].host}): restart them so they load {enc['active']}, run `streams keys reencrypt`, then retire"
+        )
     used = _with_db(settings, lambda conn: key_in_use(conn, args.key_id))
     if used:
         raise Refused(f"{used} vault rows still use {args.key_id}: run `streams keys reencrypt` first")
@@ -116,9 +125,11 @@ def _keys_retire(settings: Settings, args) -> None:
 
 
 def _keys_rejoin(settings: Settings, args) -> None:
+    from streams.privacy.hardening import no_core_dumps
     from streams.privacy.masking import Masker
     from streams.privacy.rotation import rejoin
 
+    no_core_dumps()
     doc = keymod.editable_document(settings.keys_file, _keys_json(settings))
     ring = keymod.parse_keyring(json.dumps(doc), str(settings.keys_file))
     target = ring.join_next or ring.join_version
@@ -149,6 +160,7 @@ def _keys_rejoin(settings: Settings, args) -> None:
         return
     final = keymod.editable_document(settings.keys_file, _keys_json(settings))
     final["join"]["versions"] = {target: final["join"]["versions"][target]}
+    final["join"]["domain_separated"] = [v for v in final["join"].get("domain_separated", []) if v == target]
     keymod.write_document(settings.keys_file, final)
     print(f"every table uses join version {target}; older join keys removed")
 

@@ -27,6 +27,7 @@ from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.delivery import Events, batch_agent, source_timestamp, where
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
+from streams.privacy import key_use
 from streams.privacy.keys import KeyRing
 from streams.privacy.masking import Masker
 from streams.retry import retry_forever, wait_at_start
@@ -94,6 +95,8 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         # default of 60 s would stall the group that long after every crash.
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
+        # A mask worker names the keys it writes under (`streams keys retire` reads it from the group).
+        broker_client_id=key_use.client_id(settings, keyring),
         # On stop or rebalance Faust waits until every delivered event is acked; an agent
         # retrying against a dead database never acks, so SIGTERM would hang. Don't wait:
         # the agent is cancelled, its unfinished events stay unacked and are redelivered.

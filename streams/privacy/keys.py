@@ -10,9 +10,14 @@ Key bytes are never printed.
 
 File format::
 
-    {"join": {"active": "h1", "next": "h2",
+    {"join": {"active": "h1", "next": "h2", "domain_separated": ["h2"],
               "versions": {"h1": {"ip": "<b64>", "device_id": "<b64>"}, "h2": {...}}},
      "encryption": {"active": "k1", "keys": {"k1": "<b64, 64 bytes AES-SIV>"}}}
+
+``domain_separated`` lists the join versions whose MAC input holds the field and the
+version (``streams.privacy.masking``): every version made since issue 19. A version not
+listed is an older one, kept so its tokens stay joinable until ``streams keys rejoin``
+moves them. The two fields of a version must have different keys.
 
 ``join.next`` is optional: it names a version being rolled out by ``streams keys
 rejoin`` (new writes keep using ``active`` until the rewrite switches them).
@@ -52,6 +57,7 @@ class KeyRing:
     encryption_key_id: str
     encryption_keys: dict[str, bytes]  # key id -> key
     join_next: str | None = None  # version being rolled out by `keys rejoin`
+    join_separated: frozenset[str] = frozenset()  # versions whose MAC input names field and version
 
     def active_join_keys(self) -> dict[str, bytes]:
         return self.join_keys[self.join_version]
@@ -93,6 +99,7 @@ def parse_keyring(text: str, source: str) -> KeyRing:
             }
             for version, fields in join["versions"].items()
         }
+        separated = frozenset(join.get("domain_separated", [])) & join_keys.keys()
         enc_id = _check_id(enc["active"], f"{source}: encryption.active")
         enc_keys = {
             _check_id(key_id, f"{source}: encryption key id"): _b64(
@@ -105,6 +112,12 @@ def parse_keyring(text: str, source: str) -> KeyRing:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         detail = f"missing {exc}" if isinstance(exc, KeyError) else "not valid key JSON"
         raise KeyMaterialError(f"{source}: {detail}; see docs/privacy.md for the format") from None
+    for version, fields in join_keys.items():
+        if len(set(fields.values())) < len(fields):
+            raise KeyMaterialError(
+                f"{source}: join version {version} uses one key for two fields: "
+                "each field needs its own key (`streams keys rotate join`, then `streams keys rejoin`)"
+            )
     if join_version not in join_keys:
         raise KeyMaterialError(f"{source}: join.active {join_version!r} has no keys")
     if enc_id not in enc_keys:
@@ -112,7 +125,7 @@ def parse_keyring(text: str, source: str) -> KeyRing:
     join_next = join.get("next")
     if join_next is not None and join_next not in join_keys:
         raise KeyMaterialError(f"{source}: join.next {join_next!r} has no keys")
-    return KeyRing(join_version, join_keys, enc_id, enc_keys, join_next)
+    return KeyRing(join_version, join_keys, enc_id, enc_keys, join_next, separated)
 
 
 def _new_key(size: int) -> str:
@@ -125,9 +138,17 @@ def next_id(existing, prefix: str) -> str:
     return f"{prefix}{max(numbers, default=0) + 1}"
 
 
+def _new_join_version() -> dict:
+    return {f: _new_key(JOIN_KEY_BYTES) for f in PII_FIELDS}
+
+
 def generate_document(join_version: str = "h1", key_id: str = "k1") -> dict:
     return {
-        "join": {"active": join_version, "versions": {join_version: {f: _new_key(JOIN_KEY_BYTES) for f in PII_FIELDS}}},
+        "join": {
+            "active": join_version,
+            "domain_separated": [join_version],
+            "versions": {join_version: _new_join_version()},
+        },
         "encryption": {"active": key_id, "keys": {key_id: _new_key(ENCRYPTION_KEY_BYTES)}},
     }
 
@@ -146,7 +167,8 @@ def add_join_version(doc: dict) -> str:
     if join.get("next"):
         raise KeyMaterialError(f"join version {join['next']} is already being rolled out: run `streams keys rejoin`")
     version = next_id(join["versions"], "h")
-    join["versions"][version] = {f: _new_key(JOIN_KEY_BYTES) for f in PII_FIELDS}
+    join["versions"][version] = _new_join_version()
+    join["domain_separated"] = sorted({*join.get("domain_separated", []), version})
     join["next"] = version
     return version
 

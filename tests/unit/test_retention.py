@@ -1,4 +1,4 @@
-"""Issue 19 item 5: raw and DLQ retention bounded, topic time bounds checked (pure logic)."""
+"""Issue 19 item 5: raw and DLQ retention bounded, topic time bounds checked (pure logic); item 6: mask cache bound."""
 
 from __future__ import annotations
 
@@ -79,3 +79,9 @@ def test_a_dead_letter_replacing_a_refused_record_keeps_its_timestamp():
         "dlq",
     )
     assert dead[0] == "dlq" and dead[3] == 1_700_000_000_000
+
+
+def test_the_plaintext_mask_cache_is_bounded(monkeypatch):
+    monkeypatch.setenv("STREAMS_MASK_CACHE_SIZE", str(10_000_000))
+    with pytest.raises(ConfigError, match="STREAMS_MASK_CACHE_SIZE"):
+        load_settings()
