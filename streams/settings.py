@@ -136,6 +136,17 @@ class Settings(BaseSettings):
     keys_file: Path = Field(default_factory=lambda: _default_home() / "keys.json")
     keys_json: SecretStr | None = Field(None, description="the key document itself (from a secret store)")
     dev_keys: bool = Field(False, description="generate a development key file when none exists")
+    # Key material wrapped by a KMS (docs/privacy.md): with a key id set, the key file holds
+    # only a KMS-wrapped document and a plaintext one is refused.
+    kms_key_id: str | None = Field(None, description="AWS KMS key id, ARN or alias that wraps the key document")
+    kms_endpoint: str | None = Field(None, description="KMS endpoint override (local moto); empty: AWS's own")
+    kms_region: str | None = Field(None, description="else AWS_REGION, AWS_DEFAULT_REGION or us-east-1")
+    kms_timeout: float = Field(10.0, gt=0, description="seconds a KMS call may take at start")
+    deployment: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="names this deployment in every KMS EncryptionContext; else STREAMS_APP_ID",
+    )
 
     # --- Process ---------------------------------------------------------
     log_dir: Path = Field(
@@ -155,6 +166,7 @@ class Settings(BaseSettings):
     kafka_controller_port: int = 9093
     pg_port: int = 5432
     sqs_port: int = 9324
+    kms_port: int = 9350
 
     @field_validator(
         "sqs_endpoint",
@@ -168,6 +180,10 @@ class Settings(BaseSettings):
         "kafka_ssl_cert_file",
         "kafka_ssl_key_file",
         "kafka_ssl_key_password",
+        "kms_key_id",
+        "kms_endpoint",
+        "kms_region",
+        "deployment",
         mode="before",
     )
     @classmethod

@@ -87,13 +87,14 @@ def _free_ports(count: int) -> list[int]:
 
 def private_settings(stack_dir: Path) -> Settings:
     """A stack of our own on free ports, so stopping its services never touches anyone else's."""
-    kafka, controller, pg, sqs = _free_ports(4)
+    kafka, controller, pg, sqs, kms = _free_ports(5)
     return Settings(
         stack_dir=stack_dir,
         kafka_port=kafka,
         kafka_controller_port=controller,
         pg_port=pg,
         sqs_port=sqs,
+        kms_port=kms,
         kafka_bootstrap=f"127.0.0.1:{kafka}",
         sqs_endpoint=f"http://127.0.0.1:{sqs}",
         pg_dsn=f"postgresql://postgres@127.0.0.1:{pg}/streams",

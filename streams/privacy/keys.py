@@ -1,7 +1,9 @@
 """Key material for masking: join (HMAC) keys per field and versioned encryption keys.
 
-Keys come from ``STREAMS_KEYS_JSON`` (for a secret store or KMS-rendered env) or the
-``STREAMS_KEYS_FILE`` JSON file. Fail closed: a missing file stops the process, unless
+Keys come from ``STREAMS_KEYS_JSON`` (for a secret store) or the ``STREAMS_KEYS_FILE``
+JSON file. With ``STREAMS_KMS_KEY_ID`` set, either holds only a KMS-wrapped document
+(``streams.privacy.kms``), a plaintext one is refused (``streams keys migrate`` wraps it
+once), and every command that writes keys writes them wrapped. Fail closed: a missing file stops the process, unless
 ``STREAMS_DEV_KEYS=1`` asks for a generated development key (``make run``, tests). A
 generated file is published once, atomically, so processes starting together on one
 empty volume all load the same key. A key file others can read or write is refused
@@ -21,8 +23,7 @@ moves them. The two fields of a version must have different keys.
 
 ``join.next`` is optional: it names a version being rolled out by ``streams keys
 rejoin`` (new writes keep using ``active`` until the rewrite switches them).
-A KMS plugs in by rendering this document into ``STREAMS_KEYS_JSON`` at process start
-(see docs/privacy.md); the commands that change keys edit the file only.
+The commands that change keys edit the file only.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streams.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streams.privacy.kms import Kms
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +178,61 @@ def add_join_version(doc: dict) -> str:
     return version
 
 
-def editable_document(keys_file: Path, keys_json: str | None = None) -> dict:
-    """The key file's document, for commands that change keys (never the env/KMS copy)."""
+def plaintext(text: str, source: str, kms: Kms | None) -> str:
+    """The keyring JSON of a stored document: unwrapped through the KMS when one is set.
+
+    With a KMS a plaintext document is refused (nothing at rest is a plaintext key);
+    without one a wrapped document cannot be opened. Both say the fix in one line.
+    """
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise KeyMaterialError(f"{source}: not valid key JSON; see docs/privacy.md for the format") from None
+    wrapped = isinstance(doc, dict) and "format" in doc
+    if wrapped and kms is None:
+        raise KeyMaterialError(
+            f"{source} is wrapped by a KMS: set STREAMS_KMS_KEY_ID (and STREAMS_KMS_ENDPOINT for a local KMS)"
+        )
+    if kms is None:
+        return text
+    if not wrapped:
+        raise KeyMaterialError(
+            f"{source} holds plaintext keys, refused with STREAMS_KMS_KEY_ID set: run `streams keys migrate` once "
+            "to wrap it"
+        )
+    return kms.unwrap(doc, source)
+
+
+def editable_document(keys_file: Path, keys_json: str | None = None, kms: Kms | None = None) -> dict:
+    """The key file's document, for commands that change keys (never the env copy)."""
     if keys_json:
         raise KeyMaterialError(
             "keys come from STREAMS_KEYS_JSON: change them in your secret store, not with this command"
         )
-    text = read_key_file(keys_file)
+    text = plaintext(read_key_file(keys_file), str(keys_file), kms)
     parse_keyring(text, str(keys_file))
     return json.loads(text)
+
+
+def stored_form(doc: dict, kms: Kms | None) -> dict:
+    """What goes to disk: the keyring wrapped by the KMS when one is set."""
+    return kms.wrap(json.dumps(doc)) if kms is not None else doc
+
+
+def migrate_to_kms(keys_file: Path, kms: Kms) -> None:
+    """Replace a plaintext key file by its wrapped form, checked to open before it replaces anything."""
+    text = read_key_file(keys_file)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise KeyMaterialError(f"{keys_file}: not valid key JSON") from None
+    if isinstance(doc, dict) and "format" in doc:
+        raise KeyMaterialError(f"{keys_file} is already wrapped by a KMS: nothing to migrate")
+    parse_keyring(text, str(keys_file))
+    wrapped = kms.wrap(json.dumps(doc))
+    if json.loads(kms.unwrap(wrapped, "the new wrapped document")) != doc:
+        raise KeyMaterialError("the wrapped document did not open to the same keys: nothing was changed")
+    os.replace(_write_new(keys_file, wrapped), keys_file)
 
 
 def _write_new(path: Path, doc: dict) -> Path:
@@ -196,9 +247,9 @@ def _write_new(path: Path, doc: dict) -> Path:
     return tmp
 
 
-def write_document(path: Path, doc: dict) -> None:
+def write_document(path: Path, doc: dict, kms: Kms | None = None) -> None:
     """Replace a key file readable by its owner only, atomically (commands that change keys)."""
-    os.replace(_write_new(path, doc), path)
+    os.replace(_write_new(path, stored_form(doc, kms)), path)
 
 
 def publish_document(path: Path, doc: dict) -> bool:
@@ -232,18 +283,22 @@ def read_key_file(keys_file: Path) -> str:
         ) from None
 
 
-def load_keyring(keys_file: Path, keys_json: str | None = None, dev_keys: bool = False) -> KeyRing:
+def load_keyring(
+    keys_file: Path, keys_json: str | None = None, dev_keys: bool = False, kms: Kms | None = None
+) -> KeyRing:
     """The keyring every stage uses; always what the final file (or env) holds, never a private copy."""
     if keys_json:
-        return parse_keyring(keys_json, "STREAMS_KEYS_JSON")
-    if dev_keys and not keys_file.exists() and publish_document(keys_file, generate_document()):
+        return parse_keyring(plaintext(keys_json, "STREAMS_KEYS_JSON", kms), "STREAMS_KEYS_JSON")
+    if dev_keys and not keys_file.exists() and publish_document(keys_file, stored_form(generate_document(), kms)):
         log.warning(
             "generated a DEV masking key at %s (STREAMS_DEV_KEYS); use real key management in production", keys_file
         )
-    return parse_keyring(read_key_file(keys_file), str(keys_file))
+    return parse_keyring(plaintext(read_key_file(keys_file), str(keys_file), kms), str(keys_file))
 
 
 def settings_keyring(settings) -> KeyRing:
-    """``load_keyring`` with the process settings."""
+    """``load_keyring`` with the process settings (and its KMS, when STREAMS_KMS_KEY_ID is set)."""
+    from streams.privacy.kms import settings_kms
+
     keys_json = settings.keys_json.get_secret_value() if settings.keys_json else None
-    return load_keyring(settings.keys_file, keys_json, settings.dev_keys)
+    return load_keyring(settings.keys_file, keys_json, settings.dev_keys, settings_kms(settings))

@@ -1,4 +1,4 @@
-"""The local process stack: Kafka, PostgreSQL and an SQS server as plain processes on loopback.
+"""The local process stack: Kafka, PostgreSQL, an SQS server and a KMS (moto) as plain processes on loopback.
 
 No Docker: each service is a detached process whose pid file, config and log
 live in ``settings.stack_dir/<service>``. ``up`` is idempotent (a running
@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kafka import Kafka
+from .kms import Kms
 from .postgres import Postgres
 from .process import Service, StackError, file_lock, port_open, require_java
 from .sqs import Sqs
 
 __all__ = ["SERVICES", "ServiceStatus", "StackError", "down", "start_service", "status", "stop_service", "up"]
 
-SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "postgres": Postgres, "sqs": Sqs}
+SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "postgres": Postgres, "sqs": Sqs, "kms": Kms}
 
 log = logging.getLogger("streams_dev.stack")
 Reporter = Callable[[str], None]
