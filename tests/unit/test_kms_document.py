@@ -46,3 +46,17 @@ def test_the_deployment_name_is_checked(monkeypatch):
     monkeypatch.setenv("STREAMS_DEPLOYMENT", "bad name with spaces")
     with pytest.raises(ConfigError, match="STREAMS_DEPLOYMENT"):
         load_settings()
+
+
+def test_compose_wraps_the_key_file_with_its_kms():
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["kms"]["image"] == "motoserver/moto:5.2.6"
+    assert services["keys"]["depends_on"]["kms-key"] == {"condition": "service_completed_successfully"}
+    env = services["worker"]["environment"]
+    assert env["STREAMS_KMS_KEY_ID"] and env["STREAMS_KMS_ENDPOINT"] == "http://kms:5000"
+    assert services["worker"]["depends_on"]["kms"] == {"condition": "service_healthy"}
