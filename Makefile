@@ -9,6 +9,7 @@ PYTEST_ARGS ?=
 METRICS_PORT ?= 9400
 
 .PHONY: install run test unit lint lock stack-up stack-down stack-status bench chaos clean image containers-test
+.PHONY: tools hadolint k8s-check image-push
 
 # The runtime package (streams) and the development tooling (dev/: local stack, chaos,
 # tests, linters), both editable, from the hash-pinned lock.
@@ -73,6 +74,32 @@ chaos: install
 image:
 	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-$$(docker buildx version >/dev/null 2>&1 && echo 1 || echo 0)} \
 	  docker build --network host --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t streams:local .
+
+## Pinned tools the tests run (promtool and prometheus from Debian's package, actionlint
+## built with go install), fetched once into the stack cache: streams_dev/tools.py.
+tools: install
+	$(PY) -m streams_dev.tools
+
+## The Dockerfile linted by hadolint (.hadolint.yaml: every finding fails).
+hadolint: install
+	$(VENV)/bin/hadolint Dockerfile
+
+## The Kubernetes manifests validated (Kubernetes and KEDA schemas, the operating rules).
+k8s-check: install
+	$(PY) -m pytest tests/deploy -q $(PYTEST_ARGS)
+
+## Build the image and push it as $(IMAGE_REGISTRY)/streams:$(IMAGE_TAG) (CI: on a version
+## tag). Logs in first when REGISTRY_USERNAME is set (password from REGISTRY_PASSWORD, on stdin).
+IMAGE_REGISTRY ?=
+IMAGE_TAG ?= $(shell git describe --tags --always 2>/dev/null || echo dev)
+image-push:
+	@test -n "$(IMAGE_REGISTRY)" || { echo "image-push: set IMAGE_REGISTRY, e.g. ghcr.io/<owner>" >&2; exit 1; }
+	$(MAKE) image
+	@if [ -n "$$REGISTRY_USERNAME" ]; then \
+	  printf '%s' "$$REGISTRY_PASSWORD" | docker login --username "$$REGISTRY_USERNAME" --password-stdin "$(firstword $(subst /, ,$(IMAGE_REGISTRY)))"; \
+	fi
+	docker tag streams:local $(IMAGE_REGISTRY)/streams:$(IMAGE_TAG)
+	docker push $(IMAGE_REGISTRY)/streams:$(IMAGE_TAG)
 
 ## Container tests on a Docker engine: the image, docker-compose end to end (then 3 workers),
 ## and the integration subset on testcontainers. Uses ../shared/docker-lab's engine when

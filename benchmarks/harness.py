@@ -29,6 +29,7 @@ from confluent_kafka import TopicPartition
 from streams.io.codec import Codecs
 from streams.io.kafka import admin_client, ensure_topics, metadata_consumer, send_records
 from streams.io.postgres import connect
+from streams.ops.schemas import register as register_schemas
 from streams.pipeline.bridge import envelope
 from streams.settings import Settings
 from streams_dev.sandbox import sandbox_env, settings_from_env
@@ -70,10 +71,13 @@ class Sandbox:
         self.databases: set[str] = {self.settings.pg_dsn.get_secret_value().rsplit("/", 1)[1]}
         self.topics |= {self.settings.raw_topic, self.settings.masked_topic, self.settings.dlq_topic}
         ensure_topics(self.settings)  # 6 partitions each (not the broker's auto-created single one)
+        register_schemas(self.settings)  # the deploy step (with a schema registry)
 
     def env(self, **over: str) -> dict[str, str]:
         env = {**self.base_env, **over}
         s = settings_from_env(env)
+        if not {s.raw_topic, s.masked_topic, s.dlq_topic} <= self.topics:
+            register_schemas(s)  # new topics: their subjects too
         self.topics |= {s.raw_topic, s.masked_topic, s.dlq_topic}
         self.groups.add(s.app_id)
         return env

@@ -1,13 +1,15 @@
 """What a process reports: Prometheus metrics on ``/metrics`` and the liveness of its work.
 
 Labels are stages, outcomes, reason codes, operations, topics and partitions: never a
-field value, a message id or a key byte. Names are documented in docs/deployment.md
-(with the alerts to set on them).
+field value, a message id or a key byte. The alerts on them are deploy/prometheus/alerts.yml
+(explained in docs/deployment.md).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,6 +38,14 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 RETRIES = Counter("streams_retries", "Retry attempts after a transient failure", ["operation"], registry=REGISTRY)
+# The dependency-down alert (deploy/prometheus/alerts.yml) reads this, not a rate of the
+# counter: it fires while retries keep coming and resolves soon after the first success.
+LAST_RETRY = Gauge(
+    "streams_last_retry_timestamp_seconds",
+    "Unix time of an operation's latest retry attempt",
+    ["operation"],
+    registry=REGISTRY,
+)
 CONSUMER_LAG = Gauge(
     "streams_consumer_lag",
     "Records not yet committed by the worker group",
@@ -67,6 +77,40 @@ KEY_IN_USE = Gauge(
 
 def exposition() -> bytes:
     return generate_latest(REGISTRY)
+
+
+class SeenDeadLetter(NamedTuple):
+    """A dead letter as the status page lists it: never its payload or detail."""
+
+    at: float  # epoch seconds
+    stage: str
+    reason: str
+    message_id: str  # the SQS MessageId (or ``topic/partition/offset``): an id, never a field value
+
+
+class RecentDeadLetters:
+    """The last ``size`` dead letters this process counted, newest first, for the status page."""
+
+    def __init__(self, size: int = 20) -> None:
+        self._seen: deque[SeenDeadLetter] = deque(maxlen=size)
+
+    def add(self, stage: str, reason: str, message_id: bytes | str | None) -> None:
+        if isinstance(message_id, bytes):
+            message_id = message_id.decode("utf-8", "replace")
+        self._seen.append(SeenDeadLetter(time.time(), stage, reason, (message_id or "")[:128]))
+
+    def newest_first(self) -> list[SeenDeadLetter]:
+        return list(reversed(self._seen))
+
+
+RECENT_DEAD_LETTERS = RecentDeadLetters()
+
+
+def count_dead_letter(stage: str, reason: str, message_id: bytes | str | None) -> None:
+    """Count a dead letter (``streams_dead_letters``) and list it on the status page: the one
+    call every stage makes where it dead-letters a record."""
+    DEAD_LETTERS.labels(stage, reason).inc()
+    RECENT_DEAD_LETTERS.add(stage, reason, message_id)
 
 
 class Liveness:

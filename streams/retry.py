@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from streams.errors import TransientError
-from streams.metrics import LIVENESS, RETRIES
+from streams.metrics import LAST_RETRY, LIVENESS, RETRIES
 
 T = TypeVar("T")
 
@@ -34,6 +34,7 @@ class Backoff:
         """Sleep before the next attempt; counted, and a sign of life (the work is not stuck)."""
         self.attempts += 1
         RETRIES.labels(self.operation).inc()
+        LAST_RETRY.labels(self.operation).set_to_current_time()
         LIVENESS.beat()
         await asyncio.sleep(self.delay * (0.5 + random.random() / 2))
         self.delay = min(self.delay * 2, self.cap)

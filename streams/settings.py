@@ -101,6 +101,21 @@ class Settings(BaseSettings):
         262_144, ge=1, description="larger bodies are dead-lettered as too_large (SQS's own limit)"
     )
 
+    # --- Schema registry (Confluent REST API) ------------------------------
+    # Set: every record is in the Confluent wire format (0x00, 4-byte schema id, datum) and
+    # schemas are registered by the deploy step; empty: Avro single-object encoding.
+    schema_registry_url: str | None = Field(
+        None, description="base of the Confluent-compatible API, e.g. http://127.0.0.1:8081/apis/ccompat/v7"
+    )
+    schema_registry_username: str | None = Field(None, description="HTTP basic auth user")
+    schema_registry_password: SecretStr | None = None
+    schema_registry_ca_file: Path | None = Field(
+        None, description="CA bundle the registry's certificate must chain to; none = system store"
+    )
+    schema_registry_cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    schema_registry_key_file: Path | None = Field(None, description="its private key (PEM)")
+    schema_registry_timeout: float = Field(10.0, gt=0, description="seconds one registry request may take")
+
     # --- PostgreSQL ------------------------------------------------------
     pg_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/streams")
     pg_command_timeout: float = Field(30.0, gt=0, description="seconds a statement may take before it is retried")
@@ -167,6 +182,7 @@ class Settings(BaseSettings):
     pg_port: int = 5432
     sqs_port: int = 9324
     kms_port: int = 9350
+    registry_port: int = Field(8081, description="the local stack's schema registry (Apicurio)")
 
     @field_validator(
         "sqs_endpoint",
@@ -184,6 +200,12 @@ class Settings(BaseSettings):
         "kms_endpoint",
         "kms_region",
         "deployment",
+        "schema_registry_url",
+        "schema_registry_username",
+        "schema_registry_password",
+        "schema_registry_ca_file",
+        "schema_registry_cert_file",
+        "schema_registry_key_file",
         mode="before",
     )
     @classmethod
@@ -237,10 +259,40 @@ def _check_combinations(settings: Settings) -> None:
         path = getattr(s, name)
         if path is not None and not path.is_file():
             raise ConfigError(f"invalid setting STREAMS_{name.upper()}: no such file {path}")
+    _check_registry(s)
     if (s.aws_access_key_id is None) != (s.aws_secret_access_key is None):
         raise ConfigError(
             "set both STREAMS_AWS_ACCESS_KEY_ID and STREAMS_AWS_SECRET_ACCESS_KEY, or neither (the default AWS credential chain)"
         )
+
+
+def _check_registry(s: Settings) -> None:
+    """The schema registry settings, like Kafka's: credentials in pairs, files that exist, TLS only with https."""
+    url = s.schema_registry_url
+    used = [
+        name
+        for name in ("username", "password", "ca_file", "cert_file", "key_file")
+        if getattr(s, f"schema_registry_{name}") is not None
+    ]
+    if url is None:
+        if used:
+            raise ConfigError(
+                f"STREAMS_SCHEMA_REGISTRY_{used[0].upper()} is set but STREAMS_SCHEMA_REGISTRY_URL is not"
+            )
+        return
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError("invalid setting STREAMS_SCHEMA_REGISTRY_URL: use an http:// or https:// URL")
+    if (s.schema_registry_username is None) != (s.schema_registry_password is None):
+        raise ConfigError("set both STREAMS_SCHEMA_REGISTRY_USERNAME and STREAMS_SCHEMA_REGISTRY_PASSWORD, or neither")
+    if (s.schema_registry_cert_file is None) != (s.schema_registry_key_file is None):
+        raise ConfigError("set both STREAMS_SCHEMA_REGISTRY_CERT_FILE and STREAMS_SCHEMA_REGISTRY_KEY_FILE, or neither")
+    tls = [name for name in used if name.endswith("_file")]
+    if tls and not url.startswith("https://"):
+        raise ConfigError(f"STREAMS_SCHEMA_REGISTRY_{tls[0].upper()} needs an https:// STREAMS_SCHEMA_REGISTRY_URL")
+    for name in tls:
+        path = getattr(s, f"schema_registry_{name}")
+        if not path.is_file():
+            raise ConfigError(f"invalid setting STREAMS_SCHEMA_REGISTRY_{name.upper()}: no such file {path}")
 
 
 def load_settings(**overrides) -> Settings:

@@ -41,6 +41,7 @@ from streams.io.kafka import ensure_topics, read_topic, send_records
 from streams.io.postgres import fetch, require_migrated
 from streams.io.sqs import bodies_from_json, ensure_queue, send_bodies, sqs_client
 from streams.ops import children
+from streams.ops.schemas import register as register_schemas
 from streams.ops.state import current_queue_depth, dead_letters, pipeline_lag
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID
 from streams.pipeline.mask import parse_login
@@ -251,6 +252,7 @@ def run(
     s = settings_from_env(env)
     ensure_topics(s)
     require_migrated(s.pg_dsn.get_secret_value())  # the workers only check the schema version
+    register_schemas(s)  # the deploy step: with a registry, the stages only look their schemas up
     report = Report()
     bodies = make_bodies(messages, malformed)
     valid_ids: dict[str, str] = {}  # message id -> body

@@ -23,6 +23,8 @@ def _stack(settings: Settings, args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("stack", help="manage the local process stack (Kafka, PostgreSQL, ElasticMQ, moto KMS)")
+    p = sub.add_parser(
+        "stack", help="manage the local process stack (Kafka, PostgreSQL, ElasticMQ, Apicurio Registry, moto KMS)"
+    )
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_stack)

@@ -44,6 +44,18 @@ async def create_database(admin_dsn: str, name: str) -> None:
         await conn.close()
 
 
+def registry_env(base: Settings) -> str:
+    """The schema registry a sandbox on ``base`` uses: base's own, else the stack's (``local.env``
+    turns it on; an empty value there turns it off)."""
+    if base.schema_registry_url:
+        return base.schema_registry_url
+    if not local_env().get("STREAMS_SCHEMA_REGISTRY_URL"):
+        return ""
+    from streams_dev.stack.registry import registry_url
+
+    return registry_url(base.registry_port)
+
+
 def sandbox_env(base: Settings, workdir: Path, prefix: str = "t", **extra: str) -> dict[str, str]:
     """Create a database of its own on ``base`` and return the STREAMS_* env of the sandbox."""
     tag = f"{prefix}{uuid.uuid4().hex[:10]}"
@@ -51,6 +63,7 @@ def sandbox_env(base: Settings, workdir: Path, prefix: str = "t", **extra: str) 
     asyncio.run(create_database(admin_dsn, tag))
     return {
         **local_env(),
+        "STREAMS_SCHEMA_REGISTRY_URL": registry_env(base),
         "STREAMS_KAFKA_BOOTSTRAP": base.kafka_bootstrap,
         "STREAMS_SQS_ENDPOINT": base.sqs_endpoint or "",
         "STREAMS_PG_DSN": admin_dsn.rsplit("/", 1)[0] + "/" + tag,
@@ -87,9 +100,10 @@ def _free_ports(count: int) -> list[int]:
 
 def private_settings(stack_dir: Path) -> Settings:
     """A stack of our own on free ports, so stopping its services never touches anyone else's."""
-    kafka, controller, pg, sqs, kms = _free_ports(5)
+    kafka, controller, pg, sqs, registry, kms = _free_ports(6)
     return Settings(
         stack_dir=stack_dir,
+        registry_port=registry,
         kafka_port=kafka,
         kafka_controller_port=controller,
         pg_port=pg,

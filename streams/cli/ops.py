@@ -21,10 +21,25 @@ def _replay(settings: Settings, args) -> None:
 
 
 def _status(settings: Settings, args) -> None:
-    from streams.ops.status import follow, render, snapshot
+    from streams.ops.status import follow, metrics_url, render, serve, snapshot
 
-    if args.follow:
-        _kafka_call(lambda: follow(settings, args.interval, until_idle=args.until_idle), settings)
+    if not args.web and (args.metrics or args.port is not None):
+        raise Refused("--port and --metrics go with --web (the status page)")
+    if args.web:
+        if args.follow:
+            raise Refused("--web and --follow are two views: choose one")
+        if args.port is None:
+            args.port = "8095"
+        if not args.port.isdigit() or not 0 < int(args.port) < 65536:
+            raise Refused(f"--port {args.port!r}: give a TCP port number from 1 to 65535")
+        interval = 5.0 if args.interval is None else args.interval
+        if interval <= 0:
+            raise Refused("--interval must be above 0 seconds")
+        urls = [metrics_url(url) for url in args.metrics]
+        _kafka_call(lambda: serve(settings, int(args.port), urls, interval), settings)
+    elif args.follow:
+        interval = 2.0 if args.interval is None else args.interval
+        _kafka_call(lambda: follow(settings, interval, until_idle=args.until_idle), settings)
     else:
         print(render(settings, _kafka_call(lambda: snapshot(settings), settings)))
 
@@ -80,8 +95,21 @@ def register(sub) -> None:
 
     p = sub.add_parser("status", help="per-stage offsets and lag, rows, dead letters, queue depth")
     p.add_argument("--follow", action="store_true", help="refresh with a progress bar until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --follow")
+    p.add_argument(
+        "--interval", type=float, help="seconds between refreshes: --follow 2 (default), --web samples every 5"
+    )
     p.add_argument("--until-idle", action="store_true", help="with --follow: exit once queue and lag are zero")
+    p.add_argument(
+        "--web", action="store_true", help="serve this as a status page for the whole deployment (on 127.0.0.1)"
+    )
+    p.add_argument("--port", metavar="N", help="with --web: the page's port (default 8095)")
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="with --web: a process's metrics address, e.g. http://worker:9400/metrics (repeatable)",
+    )
     p.set_defaults(func=_status)
 
     p = sub.add_parser("dlq", help="list dead letters, or redrive chosen ones after a fix")

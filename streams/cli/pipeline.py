@@ -69,9 +69,12 @@ def _run(settings: Settings, args) -> None:
 
 def _migrate(settings: Settings, args) -> None:
     from streams.io.postgres import require_migrated
+    from streams.ops import schemas
 
     applied = require_migrated(settings.pg_dsn.get_secret_value())
     print(f"migrations applied: {', '.join(applied) or 'none pending'}")
+    for line in schemas.register(settings):  # the deploy step: the registry's schemas too
+        print(line)
 
 
 def register(sub) -> None:
@@ -97,5 +100,5 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_ping)
 
-    p = sub.add_parser("migrate", help="apply pending database migrations")
+    p = sub.add_parser("migrate", help="apply pending database migrations and register the schemas")
     p.set_defaults(func=_migrate)

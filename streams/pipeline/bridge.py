@@ -32,12 +32,12 @@ from streams.io.codec import Codecs
 from streams.io.kafka import AsyncProducer, Record, ensure_topics
 from streams.io.sqs import queue_url, sqs_client
 from streams.metrics import (
-    DEAD_LETTERS,
     LIVENESS,
     RECORDS_OUT,
     SQS_DELETE_FAILURES,
     SQS_MESSAGES,
     SQS_VISIBILITY_EXTENSIONS,
+    count_dead_letter,
 )
 from streams.pipeline.dead_letters import Reason, dead_letter
 from streams.retry import Backoff, retry_forever, wait_at_start
@@ -69,9 +69,9 @@ def envelope(message: dict, keep: Collection[str] = ("SentTimestamp",)) -> dict:
 
 
 class Bridge:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, codecs: Codecs | None = None) -> None:
         self.settings = settings
-        self.codecs = Codecs()
+        self.codecs = codecs if codecs is not None else Codecs.from_settings(settings)
         self.codec = self.codecs.raw
         self.keep_attributes = frozenset(a.strip() for a in settings.bridge_attributes.split(",") if a.strip())
         self.bridged = 0
@@ -174,7 +174,7 @@ class Bridge:
     def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> Record:
         datum = dead_letter(message_id, STAGE, rejected, payload, truncate=True)
         self.dead_lettered += 1
-        DEAD_LETTERS.labels(STAGE, datum["reason"]).inc()
+        count_dead_letter(STAGE, datum["reason"], datum["message_id"])
         return self.settings.dlq_topic, datum["message_id"].encode("utf-8"), self.codecs.dead_letter.encode(datum)
 
     def _refused(self, record: Record, err) -> Record:
@@ -304,12 +304,13 @@ def run_bridge(settings: Settings) -> None:
     from streams.io.kafka import require_topics
 
     wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
+    codecs = Codecs.from_settings(settings)  # with a registry: its schema ids, or one line to register them
     LIVENESS.stuck_after = settings.stuck_after
     bridge_failed = False
 
     async def run() -> None:
         nonlocal bridge_failed
-        bridge = Bridge(settings)
+        bridge = Bridge(settings, codecs)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop)

@@ -30,6 +30,7 @@ class Reason(str, Enum):  # noqa: UP042 - str() must stay the member name for ex
     INVALID_MESSAGE_ID = "invalid_message_id"
     TOO_LARGE = "too_large"
     UNDECODABLE_RECORD = "undecodable_record"
+    UNKNOWN_SCHEMA = "unknown_schema"  # a Confluent-format schema id the registry (which answered) does not have
     PROCESSING_ERROR = "processing_error"
     REJECTED_BY_DATABASE = "rejected_by_database"
 

@@ -20,7 +20,7 @@ from datetime import UTC
 import asyncpg
 
 from streams.errors import Rejected
-from streams.io.codec import CodecError, Codecs
+from streams.io.codec import CodecError, Codecs, UnknownSchemaError
 from streams.io.postgres import connect
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
 
@@ -73,6 +73,8 @@ class SinkStage:
                     raise Rejected(Reason.EMPTY_RECORD, "a tombstone without a key deletes nothing")
                 try:
                     row: dict | None = self.codecs.masked.decode(value)
+                except UnknownSchemaError as exc:
+                    raise Rejected(Reason.UNKNOWN_SCHEMA, str(exc)) from None
                 except CodecError as exc:
                     raise Rejected(Reason.UNDECODABLE_RECORD, str(exc)) from None
                 assert row is not None

@@ -4,6 +4,7 @@ then three workers in one group each hold partitions. Runs through the lab's eng
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -42,7 +43,7 @@ class Compose:
     def diagnostics(self) -> str:
         ps = self("ps", check=False).stdout
         logs = self(
-            "logs", "--no-color", "--tail", "60", "bridge", "worker", "seed", "keys", "migrate", check=False
+            "logs", "--no-color", "--tail", "60", "bridge", "worker", "seed", "keys", "migrate", "registry", check=False
         ).stdout
         raw = self(
             "exec",
@@ -106,6 +107,11 @@ def test_compose_end_to_end_then_three_workers(docker_engine, record_property, c
         # The keys came from the one-shot init service, never from a worker.
         assert "wrote new keys" in compose("logs", "--no-color", "keys").stdout
         assert "generated a DEV masking key" not in compose("logs", "--no-color", "worker").stdout
+        # The migrate job registered the schemas with the registry (the stages only look them up).
+        subjects = compose(
+            "exec", "-T", "registry", "curl", "-fsS", "http://127.0.0.1:8080/apis/ccompat/v7/subjects"
+        ).stdout
+        assert {"logins.raw-value", "logins.masked-value", "logins.dlq-value"} <= set(json.loads(subjects)), subjects
 
         # Three workers in one group: every one gets partitions (12: raw and masked, 6 each).
         compose("up", "-d", "--no-deps", "--scale", "worker=3", "worker", timeout=300)

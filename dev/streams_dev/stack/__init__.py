@@ -1,4 +1,5 @@
-"""The local process stack: Kafka, PostgreSQL, an SQS server and a KMS (moto) as plain processes on loopback.
+"""The local process stack: Kafka, PostgreSQL, an SQS server, a schema registry and a KMS (moto) as plain
+processes on loopback.
 
 No Docker: each service is a detached process whose pid file, config and log
 live in ``settings.stack_dir/<service>``. ``up`` is idempotent (a running
@@ -6,7 +7,7 @@ service is only re-probed), returns only once every service answers a real
 request, and ``down`` leaves no process behind.
 
     from streams_dev.stack import up, down, status
-    up(settings)                      # all three, in parallel
+    up(settings)                      # all of them, in parallel (the registry waits for PostgreSQL)
     stop_service(settings, "kafka")   # tests: simulate an outage...
     start_service(settings, "kafka")  # ...and the recovery
 """
@@ -24,11 +25,18 @@ from .kafka import Kafka
 from .kms import Kms
 from .postgres import Postgres
 from .process import Service, StackError, file_lock, port_open, require_java
+from .registry import Registry, find_java
 from .sqs import Sqs
 
 __all__ = ["SERVICES", "ServiceStatus", "StackError", "down", "start_service", "status", "stop_service", "up"]
 
-SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "postgres": Postgres, "sqs": Sqs, "kms": Kms}
+SERVICES: dict[str, type[Service]] = {
+    "kafka": Kafka,
+    "postgres": Postgres,
+    "sqs": Sqs,
+    "registry": Registry,
+    "kms": Kms,
+}
 
 log = logging.getLogger("streams_dev.stack")
 Reporter = Callable[[str], None]
@@ -96,6 +104,8 @@ def up(settings, services: Iterable[str] | None = None, *, report: Reporter | No
                 svc.check_ports()
         if any(pids[s.name] is None and isinstance(s, (Kafka, Sqs)) for s in svcs):
             require_java()
+        if any(pids[s.name] is None and isinstance(s, Registry) for s in svcs):
+            find_java()  # Java 21+, before a download or a JVM start
 
         def bring_up(svc: Service) -> None:
             began = time.monotonic()
@@ -148,7 +158,7 @@ def status(settings) -> list[ServiceStatus]:
 
 
 def start_service(settings, name: str, *, report: Reporter | None = None) -> None:
-    """Start one service ("kafka", "postgres" or "sqs") and wait until it serves."""
+    """Start one service ("kafka", "postgres", "sqs" or "registry") and wait until it serves."""
     up(settings, [name], report=report)
 
 

@@ -272,8 +272,8 @@ def require_java() -> str:
     return java
 
 
-def ensure_jars(pom: Path, target: Path, log_file: Path) -> Path:
-    """Materialise the pom's dependency jars in ``target`` once.
+def ensure_jars(pom: Path, target: Path, log_file: Path, pattern: str = "*.jar") -> Path:
+    """Materialise the pom's dependencies (files matching ``pattern``) in ``target`` once.
 
     A marker file holding the pom's hash is written only after a successful
     copy, so an interrupted download (or an edited pom) is redone, while the
@@ -303,7 +303,7 @@ def ensure_jars(pom: Path, target: Path, log_file: Path) -> Path:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             ).returncode
-        if rc != 0 or not any(staging.glob("*.jar")):
+        if rc != 0 or not any(staging.glob(pattern)):
             shutil.rmtree(staging, ignore_errors=True)
             raise StackError(f"maven download failed: {last_meaningful_line(log_file)} (see {log_file})")
         (staging / MARKER).write_text(digest + "\n")
