@@ -64,7 +64,19 @@ class Settings(BaseSettings):
     accept_low_replication: bool = Field(
         False, description="start even if a topic's replication factor or min.insync.replicas is below the setting"
     )
-    raw_retention_ms: int = Field(7 * 24 * 3600 * 1000, description="raw topic and DLQ hold PII: bounded")
+    raw_retention_ms: int = Field(
+        7 * 24 * 3600 * 1000,
+        description="raw topic and DLQ hold PII: bounded, > 0 and at most RETENTION_CEILING_MS (docs/privacy.md)",
+    )
+    accept_long_retention: bool = Field(
+        False, description="allow a raw/DLQ retention above the ceiling (and such topics at start)"
+    )
+    masked_compaction_lag_ms: int = Field(
+        24 * 3600 * 1000, gt=0, description="masked topic: longest a replaced or deleted value may stay uncompacted"
+    )
+    masked_tombstone_ms: int = Field(
+        24 * 3600 * 1000, gt=0, description="masked topic: how long a tombstone stays for readers (delete.retention.ms)"
+    )
     app_id: str = Field("streams", description="Faust app id; mask and sink consumer groups derive from it")
 
     # --- SQS -------------------------------------------------------------
@@ -123,7 +135,11 @@ class Settings(BaseSettings):
     retry_max_backoff: float = Field(10.0, gt=0)
     startup_timeout: float = Field(30.0, ge=0, description="seconds a starting stage waits for Kafka and PostgreSQL")
     mask_cache_size: int = Field(
-        16384, ge=0, description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none"
+        16384,
+        ge=0,
+        le=262_144,
+        description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none. "
+        "Each entry holds a plaintext value in worker memory (~700 bytes): bounded, see docs/privacy.md",
     )
 
     data_dir: Path = Field(
@@ -135,6 +151,17 @@ class Settings(BaseSettings):
     keys_file: Path = Field(default_factory=lambda: _default_home() / "keys.json")
     keys_json: SecretStr | None = Field(None, description="the key document itself (from a secret store)")
     dev_keys: bool = Field(False, description="generate a development key file when none exists")
+    # Key material wrapped by a KMS (docs/privacy.md): with a key id set, the key file holds
+    # only a KMS-wrapped document and a plaintext one is refused.
+    kms_key_id: str | None = Field(None, description="AWS KMS key id, ARN or alias that wraps the key document")
+    kms_endpoint: str | None = Field(None, description="KMS endpoint override (local moto); empty: AWS's own")
+    kms_region: str | None = Field(None, description="else AWS_REGION, AWS_DEFAULT_REGION or us-east-1")
+    kms_timeout: float = Field(10.0, gt=0, description="seconds a KMS call may take at start")
+    deployment: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="names this deployment in every KMS EncryptionContext; else STREAMS_APP_ID",
+    )
 
     # --- Process ---------------------------------------------------------
     log_dir: Path = Field(
@@ -157,6 +184,7 @@ class Settings(BaseSettings):
     )
     pg_port: int = 5432
     sqs_port: int = 9324
+    kms_port: int = 9350
     registry_port: int = Field(8081, description="the local stack's schema registry (Apicurio)")
 
     @field_validator(
@@ -171,6 +199,10 @@ class Settings(BaseSettings):
         "kafka_ssl_cert_file",
         "kafka_ssl_key_file",
         "kafka_ssl_key_password",
+        "kms_key_id",
+        "kms_endpoint",
+        "kms_region",
+        "deployment",
         "schema_registry_url",
         "schema_registry_username",
         "schema_registry_password",
@@ -193,9 +225,28 @@ class Settings(BaseSettings):
         return self.sqs_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
+RETENTION_CEILING_MS = 30 * 24 * 3600 * 1000  # raw and DLQ keep plaintext PII at most this long (docs/privacy.md)
+
+
+def check_retention(settings: Settings) -> None:
+    """Raw and DLQ hold plaintext PII: their retention is bounded (never -1, the broker's "forever")."""
+    retention = settings.raw_retention_ms
+    if retention <= 0:
+        raise ConfigError(
+            f"invalid setting STREAMS_RAW_RETENTION_MS={retention}: the raw topic and DLQ hold PII, "
+            f"use a bound > 0 (at most {RETENTION_CEILING_MS} ms, 30 days)"
+        )
+    if retention > RETENTION_CEILING_MS and not settings.accept_long_retention:
+        raise ConfigError(
+            f"STREAMS_RAW_RETENTION_MS={retention} is above the {RETENTION_CEILING_MS} ms (30 days) ceiling for PII: "
+            "lower it, or set STREAMS_ACCEPT_LONG_RETENTION=1 to accept it"
+        )
+
+
 def _check_combinations(settings: Settings) -> None:
     """Settings valid one by one but not together: one line naming what to set."""
     s = settings
+    check_retention(s)
     if s.kafka_security_protocol.startswith("SASL"):
         if not s.kafka_sasl_username:
             raise ConfigError(

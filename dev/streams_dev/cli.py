@@ -39,7 +39,9 @@ def _brokers(text: str) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("stack", help="manage the local process stack (Kafka, PostgreSQL, ElasticMQ, Apicurio Registry)")
+    p = sub.add_parser(
+        "stack", help="manage the local process stack (Kafka, PostgreSQL, ElasticMQ, Apicurio Registry, moto KMS)"
+    )
     p.add_argument(
         "action",
         choices=["up", "down", "status", "env"],

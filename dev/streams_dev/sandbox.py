@@ -119,9 +119,9 @@ def private_settings(stack_dir: Path, brokers: int = 1) -> Settings:
     from streams_dev.stack.kafka import client_env
 
     (kafka,) = _free_ports(1, block=2 * brokers)
-    pg, sqs, registry = _free_ports(3)
-    while {pg, sqs, registry} & set(range(kafka, kafka + 2 * brokers)):
-        pg, sqs, registry = _free_ports(3)
+    pg, sqs, registry, kms = _free_ports(4)
+    while {pg, sqs, registry, kms} & set(range(kafka, kafka + 2 * brokers)):
+        pg, sqs, registry, kms = _free_ports(4)
     settings = Settings(
         stack_dir=stack_dir,
         registry_port=registry,
@@ -130,6 +130,7 @@ def private_settings(stack_dir: Path, brokers: int = 1) -> Settings:
         kafka_brokers=brokers,
         pg_port=pg,
         sqs_port=sqs,
+        kms_port=kms,
         sqs_endpoint=f"http://127.0.0.1:{sqs}",
         pg_dsn=f"postgresql://postgres@127.0.0.1:{pg}/streams",
     )

@@ -23,14 +23,18 @@ def _seed(settings: Settings, args) -> None:
 
 def _bridge(settings: Settings, args) -> None:
     from streams.pipeline.bridge import run_bridge
+    from streams.privacy.hardening import no_core_dumps
 
+    no_core_dumps()  # plaintext bodies in memory
     faults.configure(settings.fault)
     run_bridge(settings)
 
 
 def _worker(settings: Settings, args) -> None:
     from streams.pipeline.app import run_worker
+    from streams.privacy.hardening import no_core_dumps
 
+    no_core_dumps()  # keys and plaintext values in memory
     faults.configure(settings.fault)
     if args.log_level:
         settings = settings.model_copy(update={"log_level": args.log_level})

@@ -24,9 +24,10 @@ from streams.logs import logging_config
 from streams.loop import fewer_malloc_arenas, use_uvloop
 from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
-from streams.pipeline.delivery import Events, batch_agent, where
+from streams.pipeline.delivery import Events, batch_agent, source_timestamp, where
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
+from streams.privacy import key_use
 from streams.privacy.keys import KeyRing
 from streams.privacy.masking import Masker
 from streams.retry import retry_forever, wait_at_start
@@ -94,6 +95,8 @@ def create_app(settings: Settings, keyring: KeyRing | None, codecs: Codecs | Non
         # default of 60 s would stall the group that long after every crash.
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
+        # A mask worker names the keys it writes under (`streams keys retire` reads it from the group).
+        broker_client_id=key_use.client_id(settings, keyring),
         # On stop or rebalance Faust waits until every delivered event is acked; an agent
         # retrying against a dead database never acks, so SIGTERM would hang. Don't wait:
         # the agent is cancelled, its unfinished events stay unacked and are redelivered.
@@ -161,14 +164,16 @@ def create_app(settings: Settings, keyring: KeyRing | None, codecs: Codecs | Non
             nonlocal last_delivery
             await codecs.raw.resolve([e.message.value for e in events], settings.retry_max_backoff)  # new ids only
             outputs_ = transform.batch([(e.message.key, e.message.value, where(e)) for e in events])
-            records = []
+            records: list[Record] = []
             dead = 0
-            for out in outputs_:
-                records.append((settings.dlq_topic if out.reason else settings.masked_topic, out.key, out.value))
-                if out.reason:
+            for out, event in zip(outputs_, events, strict=True):
+                if out.reason:  # the input's timestamp: the DLQ's retention counts from the raw record's
+                    records.append((settings.dlq_topic, out.key, out.value, source_timestamp(event)))
                     dead += 1
                     log.info("dead-lettered a record: %s", out.reason, extra={"stage": "mask", "reason": out.reason})
                     metrics.count_dead_letter("mask", out.reason, out.key)
+                else:
+                    records.append((settings.masked_topic, out.key, out.value))
 
             async def deliver(previous: asyncio.Future | None) -> None:
                 if previous is not None:

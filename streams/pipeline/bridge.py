@@ -179,7 +179,7 @@ class Bridge:
 
     def _refused(self, record: Record, err) -> Record:
         """A record Kafka refused for good (its size): its dead letter instead."""
-        _, key, value = record
+        _, key, value = record[:3]
         message_id = (key or b"").decode("utf-8", "replace")
         return self._dead(message_id, Rejected(Reason.TOO_LARGE, f"Kafka refused the record: {err.name()}"), value)
 

@@ -63,9 +63,9 @@ def refused_by_kafka(record: tuple, err, stage: str, codec, dlq_topic: str) -> t
 
     A dead letter that is itself too large keeps its reason with its payload cut to
     ``MAX_PAYLOAD``; any other record becomes a ``too_large`` dead letter. ``codec`` is
-    the dead-letter codec.
+    the dead-letter codec. The replacement keeps the record's timestamp, if it had one.
     """
-    topic, key, value = record
+    topic, key, value = record[:3]
     if topic == dlq_topic:
         datum = codec.decode(value)
         datum["payload"], datum["payload_truncated"] = datum["payload"][:MAX_PAYLOAD], True
@@ -73,4 +73,4 @@ def refused_by_kafka(record: tuple, err, stage: str, codec, dlq_topic: str) -> t
         message_id = (key or b"").decode("utf-8", "replace")
         rejected = Rejected(Reason.TOO_LARGE, f"Kafka refused the record: {err.name()}")
         datum = dead_letter(message_id, stage, rejected, value, truncate=True)
-    return dlq_topic, datum["message_id"].encode("utf-8", "replace"), codec.encode(datum)
+    return (dlq_topic, datum["message_id"].encode("utf-8", "replace"), codec.encode(datum), *record[3:])

@@ -140,6 +140,11 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 """
 
 
+# The tables in streams.privacy.rotation.LOCK_ORDER: MERGE_STAGED's CTEs name them in this
+# order already (DELETE user_logins, then INSERT pii_vault); the fallback takes them explicitly.
+LOCK_WRITES = "LOCK TABLE user_logins, pii_vault IN ROW EXCLUSIVE MODE"
+
+
 def upsert_arguments(records: list[dict]) -> list[list]:
     """Column arrays for ``UPSERT``; duplicates within the batch collapse to the last one."""
     vault, rows = staged_rows(records)
@@ -247,16 +252,21 @@ class PostgresSink:
             raise
 
     async def write_one(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
-        """``write`` by one ``UPSERT`` statement of column arrays (the row-by-row fallback)."""
+        """``write`` by one ``UPSERT`` statement of column arrays (the row-by-row fallback).
+
+        ``UPSERT`` would lock pii_vault before user_logins (its WITH comes first), the
+        reverse of the rotation's final lock; so the transaction takes both, in
+        ``LOCK_ORDER`` (user_logins, pii_vault), before it writes. ROW EXCLUSIVE is what
+        the writes take anyway: it waits for nothing they would not have waited for.
+        """
         conn = await self._connection()
         try:
-            if deletes:
-                async with conn.transaction():
+            async with conn.transaction():
+                await conn.execute(LOCK_WRITES)
+                if deletes:
                     await conn.execute("DELETE FROM user_logins WHERE message_id = ANY($1::text[])", list(deletes))
-                    if records:
-                        await conn.execute(UPSERT, *upsert_arguments(records))
-            else:
-                await conn.execute(UPSERT, *upsert_arguments(records))
+                if records:
+                    await conn.execute(UPSERT, *upsert_arguments(records))
         except CONNECTION_ERRORS:
             await self.close()
             raise

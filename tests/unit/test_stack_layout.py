@@ -62,5 +62,5 @@ def test_services_by_name(tmp_path):
     s = Settings(stack_dir=tmp_path, kafka_brokers=3)
     assert [svc.name for svc in _select(s, ["kafka"])] == ["kafka-1", "kafka-2", "kafka-3"]
     assert [svc.name for svc in _select(s, ["kafka-2", "postgres"])] == ["kafka-2", "postgres"]
-    with pytest.raises(StackError, match="choose from kafka, postgres, sqs, registry, kafka-1, kafka-2, kafka-3"):
+    with pytest.raises(StackError, match="choose from kafka, postgres, sqs, registry, kms, kafka-1, kafka-2, kafka-3"):
         _select(s, ["kafka-4"])

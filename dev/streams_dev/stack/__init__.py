@@ -1,4 +1,5 @@
-"""The local process stack: Kafka, PostgreSQL, an SQS server and a schema registry as plain processes on loopback.
+"""The local process stack: Kafka, PostgreSQL, an SQS server, a schema registry and a KMS (moto) as plain
+processes on loopback.
 
 No Docker: each service is a detached process whose pid file, config and log
 live in ``settings.stack_dir/<service>``. ``up`` is idempotent (a running
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kafka import Kafka, client_env
+from .kms import Kms
 from .postgres import Postgres
 from .process import Service, StackError, file_lock, port_open, require_java, send_signal, wait_until
 from .registry import Registry, find_java
@@ -46,7 +48,13 @@ __all__ = [
     "up",
 ]
 
-SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "postgres": Postgres, "sqs": Sqs, "registry": Registry}
+SERVICES: dict[str, type[Service]] = {
+    "kafka": Kafka,
+    "postgres": Postgres,
+    "sqs": Sqs,
+    "registry": Registry,
+    "kms": Kms,
+}
 
 log = logging.getLogger("streams_dev.stack")
 Reporter = Callable[[str], None]
