@@ -98,6 +98,21 @@ def bridge_rounds(
     return out
 
 
+def median_rows(rounds: list[dict[str, Result]]) -> dict[str, Result]:
+    """Each row's median rate and CPU over the rounds (``make bench``'s bridge rows)."""
+    out = {}
+    for row in rounds[0]:
+        rows = [results[row] for results in rounds]
+        m = Result(row, rows[0].events, seconds=statistics.median(r.seconds for r in rows))
+        rates = [r.rate for r in rows if r.rate]
+        cpus = [r.cpu_per_100k for r in rows if r.cpu_per_100k]
+        m.rate = statistics.median(rates) if rates else None
+        m.cpu_per_100k = statistics.median(cpus) if cpus else None
+        m.notes = [note for r in rows for note in r.notes]
+        out[row] = m
+    return out
+
+
 def report(rounds: list[dict[str, Result]]) -> dict[str, float]:
     """Print the rounds and their medians; the median ratio to the bare loop of each bridge row."""
     names = sorted({name for r in rounds for res in r.values() for name in res.service_cpu_per_100k})
