@@ -27,8 +27,9 @@ import psutil
 from confluent_kafka import TopicPartition
 
 from streams.io.codec import Codecs
-from streams.io.kafka import admin_client, ensure_topics, metadata_consumer, send_records
+from streams.io.kafka import admin_client, metadata_consumer, send_records
 from streams.io.postgres import connect
+from streams.ops.topics import ensure_topics
 from streams.pipeline.bridge import envelope
 from streams.settings import Settings
 from streams_dev.sandbox import sandbox_env, settings_from_env

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         False, description="start even if a topic's replication factor or min.insync.replicas is below the setting"
     )
     raw_retention_ms: int = Field(7 * 24 * 3600 * 1000, description="raw topic and DLQ hold PII: bounded")
-    app_id: str = Field("streams", description="Faust app id; mask and sink consumer groups derive from it")
+    app_id: str = Field("streams", description="Faust app id; the consumer groups are <app_id>-mask and <app_id>-sink")
 
     # --- SQS -------------------------------------------------------------
     sqs_endpoint: str | None = Field("http://127.0.0.1:9324", description="empty: AWS's own endpoint for the region")
@@ -107,6 +107,23 @@ class Settings(BaseSettings):
     )
     retry_max_backoff: float = Field(10.0, gt=0)
     startup_timeout: float = Field(30.0, ge=0, description="seconds a starting stage waits for Kafka and PostgreSQL")
+    worker_slot: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="stable id of this worker (StatefulSet ordinal, `streams run` child index): "
+        "transactional.id <app_id>-<stage>-<slot>; none = random id",
+    )
+    commit_records: int = Field(
+        5000, ge=1, description="the mask stage commits its transaction after this many records"
+    )
+    commit_interval: float = Field(0.2, gt=0, description="... or after this many seconds, whichever comes first")
+    transaction_timeout: float = Field(
+        30.0,
+        ge=1,
+        le=900,
+        description="seconds a crashed worker's open transaction can stall readers (<= 30 without a slot)",
+    )
+    revoke_timeout: float = Field(10.0, gt=0, description="seconds a revoke waits for the in-flight batch to commit")
     mask_cache_size: int = Field(
         16384, ge=0, description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none"
     )
@@ -143,6 +160,7 @@ class Settings(BaseSettings):
     @field_validator(
         "sqs_endpoint",
         "sqs_queue_url",
+        "worker_slot",
         "sqs_region",
         "aws_access_key_id",
         "aws_secret_access_key",

@@ -37,11 +37,12 @@ from pathlib import Path
 import asyncpg
 
 from streams.io.codec import Codecs
-from streams.io.kafka import ensure_topics, read_topic, send_records
+from streams.io.kafka import read_topic, send_records
 from streams.io.postgres import fetch, require_migrated
 from streams.io.sqs import bodies_from_json, ensure_queue, send_bodies, sqs_client
 from streams.ops import children
 from streams.ops.state import current_queue_depth, dead_letters, pipeline_lag
+from streams.ops.topics import ensure_topics
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID
 from streams.pipeline.mask import parse_login
 from streams.privacy.keys import settings_keyring
@@ -208,7 +209,12 @@ class Stages:
 
     def start(self, command: str) -> None:
         self.count += 1
-        self.procs[command] = children.start_stage(command, self.workdir / f"{command}-{self.count}.log", self.env)
+        slot = (
+            {"STREAMS_WORKER_SLOT": "0"} if command == "worker" else {}
+        )  # one worker: a restart fences the killed one
+        self.procs[command] = children.start_stage(
+            command, self.workdir / f"{command}-{self.count}.log", {**self.env, **slot}
+        )
 
     def check(self) -> None:
         """A stage that exits by itself is a bug the run must surface, not wait out."""

@@ -69,38 +69,6 @@ def preflight(settings: Settings, timeout: float | None = None) -> None:
             raise (ConfigError if fatal else TransientError)(message)
 
 
-def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Raw and DLQ hold PII, so their retention is bounded; the masked topic is compacted."""
-    bounded = {"retention.ms": str(settings.raw_retention_ms)}
-    return {
-        settings.raw_topic: bounded,
-        settings.masked_topic: {"cleanup.policy": "compact"},
-        settings.dlq_topic: bounded,
-    }
-
-
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
-    """Create the pipeline's missing topics as the settings describe them (``streams topics apply``)."""
-    from streams.ops.topics import create_missing
-
-    create_missing(settings, timeout=timeout)
-
-
-def require_topics(settings: Settings) -> None:
-    """At process start: connect (one line naming the setting if that fails), create missing
-    topics, and refuse topics whose replication is below the settings (see ``streams.ops.topics``)."""
-    from streams.ops.topics import require
-
-    preflight(settings)
-    try:
-        require(settings)
-    except KafkaException as exc:
-        raise TransientError(
-            f"Kafka at {settings.kafka_bootstrap} stopped answering while the topics were checked "
-            f"({exc.args[0].name()}): check it runs, and the principal's DESCRIBE rights on the topics"
-        ) from None
-
-
 # Errors that no retry can fix for that record (its size, its shape): the record is
 # dead-lettered instead. Everything else (broker down, timeouts, leader moves) is transient.
 PERMANENT_ERRORS = frozenset(
@@ -290,8 +258,19 @@ def total_lag(offsets: dict[tuple[str, int], tuple[int, int]]) -> int:
 def group_lag(
     settings: Settings, topics: Sequence[str], group: str | None = None
 ) -> dict[tuple[str, int], tuple[int, int]]:
-    """``(topic, partition) -> (committed offset, end offset)`` for the worker group."""
-    consumer = metadata_consumer(settings, group=group or settings.app_id)
+    """``(topic, partition) -> (committed offset, end offset)``: of ``group``, else of each
+    topic's stage group (``streams.ops.topology.group_of_topic``)."""
+    from streams.ops.topology import group_of_topic
+
+    if group is None:
+        result: dict[tuple[str, int], tuple[int, int]] = {}
+        by_group: dict[str, list[str]] = {}
+        for topic in topics:
+            by_group.setdefault(group_of_topic(settings, topic), []).append(topic)
+        for name, its_topics in by_group.items():
+            result.update(group_lag(settings, its_topics, name))
+        return result
+    consumer = metadata_consumer(settings, group=group)
     try:
         metadata = consumer.list_topics(timeout=10)
         partitions = [

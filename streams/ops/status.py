@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from streams.io.kafka import group_lag
 from streams.ops.state import current_queue_depth, dead_letter_counts, row_count
-from streams.ops.topology import STAGES, stage_topic
+from streams.ops.topology import STAGES, stage_group, stage_topic
 from streams.settings import Settings
 
 
@@ -58,11 +58,11 @@ def progress_bar(done: int, total: int, width: int = 30) -> str:
 
 
 def render(settings: Settings, snap: Snapshot) -> str:
-    lines = [f"group {settings.app_id}"]
+    lines = [f"app {settings.app_id}"]
     for stage, parts in snap.partitions.items():
         topic = stage_topic(settings, stage)
         lag = sum(max(e - c, 0) for _, c, e in parts)
-        lines.append(f"stage {stage} ({topic}): lag {lag}")
+        lines.append(f"stage {stage} ({topic}, group {stage_group(settings, stage)}): lag {lag}")
         lines.append("  partition  committed        end        lag")
         for p, committed, end in parts:
             lines.append(f"  {p:9d} {committed:10d} {end:10d} {max(end - committed, 0):10d}")

@@ -3,7 +3,7 @@
 Each topic's partitions, replication factor and ``min.insync.replicas`` come from the
 settings (``STREAMS_TOPIC_PARTITIONS``, ``..._REPLICATION_FACTOR``, ``..._MIN_INSYNC_REPLICAS``,
 exceptions per topic in ``STREAMS_TOPIC_OVERRIDES``), its other configuration from
-``streams.io.kafka.topic_configs`` (bounded retention of raw and DLQ, compacted masked).
+``topic_configs`` (bounded retention of raw and DLQ, compacted masked).
 
 - ``streams topics plan`` shows what is missing or differs; ``streams topics apply``
   creates missing topics and sets differing configuration, so an admin can prepare the
@@ -30,8 +30,8 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
-from streams.errors import ConfigError, Refused
-from streams.io.kafka import admin_client, topic_configs
+from streams.errors import ConfigError, Refused, TransientError
+from streams.io.kafka import admin_client, preflight
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -281,3 +281,31 @@ def require(settings: Settings) -> None:
             raise ConfigError(f"{problem}: fix the topic, or set STREAMS_ACCEPT_LOW_REPLICATION=1 to accept it")
         if have.partitions != spec.partitions:
             log.warning("topic %s has %d partitions, settings say %d", spec.name, have.partitions, spec.partitions)
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Raw and DLQ hold PII, so their retention is bounded; the masked topic is compacted."""
+    bounded = {"retention.ms": str(settings.raw_retention_ms)}
+    return {
+        settings.raw_topic: bounded,
+        settings.masked_topic: {"cleanup.policy": "compact"},
+        settings.dlq_topic: bounded,
+    }
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
+    """Create the pipeline's missing topics as the settings describe them (``streams topics apply``)."""
+    create_missing(settings, timeout=timeout)
+
+
+def require_topics(settings: Settings) -> None:
+    """At process start: connect (one line naming the setting if that fails), create missing
+    topics, and refuse topics whose replication is below the settings (see ``streams.ops.topics``)."""
+    preflight(settings)
+    try:
+        require(settings)
+    except KafkaException as exc:
+        raise TransientError(
+            f"Kafka at {settings.kafka_bootstrap} stopped answering while the topics were checked "
+            f"({exc.args[0].name()}): check it runs, and the principal's DESCRIBE rights on the topics"
+        ) from None

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from streams.io.kafka import ensure_topics, send_records
+from streams.io.kafka import send_records
+from streams.ops.topics import ensure_topics
 from streams.privacy.masking import canonical_ip
 
 pytestmark = pytest.mark.integration
