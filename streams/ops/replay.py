@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 
-from streams.errors import Refused
+from streams.errors import Refused, TransientError
 from streams.io.kafka import admin_client, metadata_consumer
 from streams.ops.topology import legacy_group, stage_group, stage_topic
 from streams.settings import Settings
@@ -201,13 +201,21 @@ def adopt_legacy_offsets(settings: Settings, stage: str) -> dict[int, int]:
     nor skips anything. Refused in one line while old workers still run in the old group.
     Returns the offsets copied (none: nothing to carry).
     """
+    try:
+        return _adopt(settings, stage)
+    except KafkaException as exc:
+        raise TransientError(f"Kafka did not answer while checking the upgrade of group offsets ({exc})") from None
+
+
+def _adopt(settings: Settings, stage: str) -> dict[int, int]:
     topic = stage_topic(settings, stage)
     old = OffsetAdmin(settings, group=legacy_group(settings))
     new = OffsetAdmin(settings, group=stage_group(settings, stage))
-    watermarks = new.watermarks(topic)
-    if any(o is not None for o in new.committed(topic, list(watermarks)).values()):
+    metadata = admin_client(settings).list_topics(topic, timeout=settings.kafka_timeout).topics.get(topic)
+    partitions = sorted(metadata.partitions) if metadata is not None and metadata.error is None else []
+    if not partitions or any(o is not None for o in new.committed(topic, partitions).values()):
         return {}
-    carried = {p: o for p, o in old.committed(topic, list(watermarks)).items() if o is not None}
+    carried = {p: o for p, o in old.committed(topic, partitions).items() if o is not None}
     if not carried:
         return {}
     members = old.live_members()

@@ -62,7 +62,7 @@ def render(settings: Settings, snap: Snapshot) -> str:
     for stage, parts in snap.partitions.items():
         topic = stage_topic(settings, stage)
         lag = sum(max(e - c, 0) for _, c, e in parts)
-        lines.append(f"stage {stage} ({topic}, group {stage_group(settings, stage)}): lag {lag}")
+        lines.append(f"stage {stage} ({topic}): lag {lag} (group {stage_group(settings, stage)})")
         lines.append("  partition  committed        end        lag")
         for p, committed, end in parts:
             lines.append(f"  {p:9d} {committed:10d} {end:10d} {max(end - committed, 0):10d}")

@@ -19,6 +19,7 @@ exceptions per topic in ``STREAMS_TOPIC_OVERRIDES``), its other configuration fr
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
@@ -259,7 +260,12 @@ def require(settings: Settings) -> None:
     missing = [spec for spec in wanted if found[spec.name] is None]
     if missing:
         _create(settings, missing, timeout)
-        found.update(inspect(settings, missing, timeout))
+        deadline = time.monotonic() + timeout
+        while True:  # a topic another process just created takes a moment to show in the metadata
+            found.update(inspect(settings, missing, timeout))
+            if all(found[spec.name] is not None for spec in missing) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     for spec in wanted:
         have = found[spec.name]
         if have is None:
