@@ -124,6 +124,14 @@ class Settings(BaseSettings):
         description="seconds a crashed worker's open transaction can stall readers (<= 30 without a slot)",
     )
     revoke_timeout: float = Field(10.0, gt=0, description="seconds a revoke waits for the in-flight batch to commit")
+    dedup_window: float = Field(
+        600.0,
+        ge=0,
+        description="seconds of raw-record time the mask stage remembers written message ids (bridge copies "
+        "within it are dropped); longer than the SQS visibility timeout plus the bridge's retries; 0 = off",
+    )
+    dedup_max_ids: int = Field(200_000, ge=1, description="message ids the dedup window holds at most")
+    dedup_max_bytes: int = Field(64 * 2**20, ge=2**20, description="bytes the dedup window may use (about 300 per id)")
     mask_cache_size: int = Field(
         16384, ge=0, description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none"
     )

@@ -33,6 +33,7 @@ from confluent_kafka.admin import (
 
 from streams.errors import ConfigError, Refused, TransientError
 from streams.io.kafka import admin_client, preflight
+from streams.ops.topology import changelog_topic
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,13 @@ class Step:
 def specs(settings: Settings) -> list[TopicSpec]:
     s = settings
     names = {"raw": s.raw_topic, "masked": s.masked_topic, "dlq": s.dlq_topic}
+    if s.dedup_window > 0:
+        names["dedup"] = changelog_topic(s)
     configs = topic_configs(s)
     result = []
     for role, name in names.items():
-        override = s.topic_overrides.get(role)  # type: ignore[call-overload]
+        # The dedup changelog is partitioned like the raw topic: partition p holds raw partition p's ids.
+        override = s.topic_overrides.get("raw" if role == "dedup" else role)  # type: ignore[call-overload]
         partitions = (override and override.partitions) or s.topic_partitions
         rf = (override and override.replication_factor) or s.topic_replication_factor
         isr = (override and override.min_insync_replicas) or s.topic_min_insync_replicas
@@ -296,6 +300,12 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
         settings.raw_topic: bounded,
         settings.masked_topic: {"cleanup.policy": "compact"},
         settings.dlq_topic: bounded,
+        # The mask stage's dedup window: one record per id (compacted), and nothing much
+        # older than the window (deleted after twice its length; never under an hour).
+        changelog_topic(settings): {
+            "cleanup.policy": "compact,delete",
+            "retention.ms": str(max(int(settings.dedup_window * 2000), 3_600_000)),
+        },
     }
 
 

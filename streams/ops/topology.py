@@ -58,3 +58,8 @@ def stage_topic(settings: Settings, name: str) -> str:
 def worker_inputs(settings: Settings) -> list[str]:
     """Every topic the worker stages consume."""
     return [stage(settings, name).input for name in STAGES]
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The mask stage's dedup changelog (``streams.pipeline.dedup``), partitioned like the raw topic."""
+    return f"{settings.raw_topic}.mask-dedup"

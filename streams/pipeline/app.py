@@ -22,6 +22,7 @@ from streams.io.codec import Codecs
 from streams.logs import logging_config
 from streams.loop import fewer_malloc_arenas, use_uvloop
 from streams.ops.topology import stage_group
+from streams.pipeline.dedup import DedupWindow
 from streams.pipeline.delivery import die
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
@@ -106,7 +107,12 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> tuple[faust.App, 
     if "mask" in stages:
         assert keyring is not None, "the mask stage needs keys"
         transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs)
-        stage("mask", settings.raw_topic, lambda source, producer: MaskWriter(settings, source, producer, transform))
+        dedup = DedupWindow(settings) if settings.dedup_window > 0 else None
+        stage(
+            "mask",
+            settings.raw_topic,
+            lambda source, producer: MaskWriter(settings, source, producer, transform, dedup),
+        )
     if "sink" in stages:
         database = PostgresSink(settings.pg_dsn.get_secret_value(), settings.pg_command_timeout)
         stage(

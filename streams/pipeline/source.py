@@ -198,8 +198,8 @@ class KafkaSource:
         assert self._loop is not None and self._handler is not None
         coro = getattr(self._handler, what)(partitions)
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            future.result(self.settings.revoke_timeout + 5)
+        try:  # an assignment waits for its state (the dedup window) to be read, however long
+            future.result(None if what == "on_assign" else self.settings.revoke_timeout + 5)
         except Exception as exc:
             log.warning("%s of %d partitions did not finish (%s)", what, len(partitions), type(exc).__name__)
 

@@ -244,7 +244,18 @@ class MaskWriter(StageWriter):
 
     async def on_assign(self, partitions: set[int]) -> None:
         if self.dedup is not None:
-            await asyncio.to_thread(self.dedup.restore, partitions)
+            loaded = await asyncio.to_thread(self.dedup.load, partitions)
+            self.dedup.install(loaded)
+
+    async def on_revoke(self, partitions: set[int]) -> None:
+        await super().on_revoke(partitions)
+        if self.dedup is not None:
+            self.dedup.forget(partitions)
+
+    async def on_lost(self, partitions: set[int]) -> None:
+        await super().on_lost(partitions)
+        if self.dedup is not None:
+            self.dedup.forget(partitions)
 
     def rolled_back(self) -> None:
         self.counts = dict.fromkeys(self.counts, 0)
@@ -329,10 +340,9 @@ class MaskWriter(StageWriter):
             partition, offset = message.partition(), message.offset()
             source = (partition, offset)
             offsets[(topic, partition)] = offset + 1
-            if dedup is not None and not out.reason:
-                if not dedup.admit(partition, offset, out.key, message.timestamp()[1], produce):
-                    counts["duplicate"] += 1
-                    continue
+            if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1], produce):
+                counts["duplicate"] += 1
+                continue
             reason = out.reason
             record: tuple = (dlq_topic, out.key, out.value) if reason else (masked_topic, out.key, out.value)
             if refused or reason or len(out.key) + len(out.value) > masked_limit:
