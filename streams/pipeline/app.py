@@ -16,6 +16,7 @@ from typing import Any, cast
 import faust
 from faust.app.base import BootStrategy
 from mode import Service
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from streams import metrics
 from streams.io.codec import Codecs
@@ -47,6 +48,25 @@ class StreamsApp(faust.App):
     BootStrategy = NoKafka
 
 
+class BatchChannel(faust.Channel):
+    """A channel of whole batches, whose queue only the stage fills and only its agent empties.
+
+    Faust's own channel queues follow the app's flow control, which *clears* them whenever
+    it resumes (after a rebalance of Faust's consumer, or when an agent starts): a batch
+    silently dropped there would be skipped. This queue has a flow control of its own.
+    """
+
+    @property
+    def queue(self) -> ThrowableQueue:
+        if self._queue is None:
+            self._queue = ThrowableQueue(
+                maxsize=self.maxsize or 16,
+                flow_control=FlowControlEvent(initially_suspended=False),
+                clear_on_resume=False,
+            )
+        return self._queue
+
+
 class StageService(Service):
     """One stage's Kafka I/O: its consumer thread and producer, started and stopped with the app."""
 
@@ -63,7 +83,6 @@ class StageService(Service):
         await self.channel.put(batch)
 
     async def on_start(self) -> None:
-        self.app.flow_control.resume()  # Faust resumes it on a partition assignment of its own consumer
         await self.writer.start()
         self.source.start(asyncio.get_running_loop(), self.deliver, self.writer)
 
@@ -78,7 +97,6 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> tuple[faust.App, 
         web_enabled=False,
         datadir=str(settings.data_dir),  # Faust creates it; nothing is kept there
         topic_allow_declare=False,
-        stream_buffer_maxsize=max(settings.stream_buffer_maxsize // max(settings.batch_size, 1), 4),
     )
     codecs = Codecs()
     services: list[StageService] = []
@@ -86,7 +104,7 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> tuple[faust.App, 
     def stage(name: str, topic: str, writer_for) -> None:
         source = KafkaSource(settings, name, topic, stage_group(settings, name))
         writer = writer_for(source, TransactionalProducer(settings, name))
-        channel = app.channel()
+        channel = BatchChannel(app, maxsize=max(settings.stream_buffer_maxsize // max(settings.batch_size, 1), 4))
         service = StageService(app, source, writer, channel)
         app.service(cast(Any, service))  # an instance works too: started and stopped with the app
         services.append(service)

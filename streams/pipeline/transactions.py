@@ -92,12 +92,7 @@ class TransactionalProducer:
                 return call()
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
-                if err.fatal() or err.code() in FENCED:
-                    fatal(
-                        self.stage,
-                        f"Kafka refused transactional id {self.transactional_id} for good ({err.name()}): "
-                        "another worker took this slot (STREAMS_WORKER_SLOT), or the producer failed",
-                    )
+                self._fatal_check(err)
                 if err.txn_requires_abort():
                     raise Abort(f"{what}: {err.name()}", dict(self.refused)) from None
                 if err.retriable():
@@ -105,6 +100,15 @@ class TransactionalProducer:
                     backoff.wait_blocking()
                     continue
                 raise
+
+    def _fatal_check(self, err: KafkaError) -> None:
+        """Exit with one line if Kafka will never take this producer's writes again."""
+        if err.fatal() or err.code() in FENCED:
+            fatal(
+                self.stage,
+                f"Kafka refused transactional id {self.transactional_id} for good ({err.name()}): "
+                "a newer worker took this slot (STREAMS_WORKER_SLOT), or the producer failed",
+            )
 
     def init(self) -> None:
         """Register the id (fencing any older producer with it) and abort what it left open."""
@@ -138,10 +142,10 @@ class TransactionalProducer:
                 self.producer.poll(0.05)
             except KafkaException as exc:
                 err = exc.args[0]
+                self._fatal_check(err)
                 if err.code() in PERMANENT_ERRORS:
                     refused[source] = err
-                    raise Abort(f"produce: {err.name()}", dict(refused)) from None
-                raise
+                raise Abort(f"produce: {err.name()}", dict(refused)) from None
         self.records += 1
 
     def poll(self) -> None:
