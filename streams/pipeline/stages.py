@@ -308,6 +308,7 @@ class MaskWriter(StageWriter):
                     self.size_.observe(len(pairs))
                     self.seconds_.observe(time.monotonic() - began)
                     fault_point("mask_after_produce")
+                    await fault_hang("mask_after_produce")  # a transaction left open (tests kill it)
             producer = self.producer
             if batch.ends and (producer.open or not messages) and self.advance(batch, self.offsets):
                 producer.begin()  # past transaction markers too (an offsets-only transaction when idle)

@@ -59,14 +59,22 @@ def logins(sample_path, copies: int) -> list[dict]:
 def test_mask_killed_mid_transaction_again_and_again_writes_each_id_once(pipeline, sample_path):
     s = pipeline.settings
     ids = produce_raw(s, logins(sample_path, 40))  # 4,000 records, 40 of them dead letters
-    # Transactions of 3 batches of 100; the 5th batch of each life is killed after its
-    # produce (batch 4's records are on the broker by then, inside an open transaction).
+    # Transactions of 3 batches of 100. Each life stops inside its 5th batch, after the
+    # produce (batches 4 and 5 in an open transaction), and is SIGKILLed there.
     env = {**MASK_ONLY, "STREAMS_BATCH_SIZE": "100", "STREAMS_COMMIT_RECORDS": "300", "STREAMS_COMMIT_INTERVAL": "30"}
-    for life in range(4):
-        worker = pipeline.start("worker", STREAMS_FAULT="mask_after_produce@5", STREAMS_WORKER_SLOT="0", **env)
+    for life in range(3):
+        committed = sum(outputs(pipeline).values())
+        worker = pipeline.start("worker", STREAMS_FAULT="mask_after_produce@5:hang", STREAMS_WORKER_SLOT="0", **env)
         pipeline.stopped.add(worker)
-        pipeline.wait_for(lambda w=worker: w.poll() is not None, 120, f"kill {life + 1} mid-transaction")
-        assert worker.returncode == -signal.SIGKILL
+        pipeline.wait_for(
+            lambda before=committed: (
+                sum(outputs(pipeline, "read_uncommitted").values()) > sum(outputs(pipeline).values()) > before
+            ),
+            120,
+            f"life {life + 1} to commit, then hold records in an open transaction",
+        )
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
     pipeline.start("worker", STREAMS_WORKER_SLOT="0", **env)
     pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 180, "the raw topic fully committed")
 
