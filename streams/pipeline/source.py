@@ -105,6 +105,8 @@ class KafkaSource:
         self._rewinding: set[int] = set()
         self._counter = 0
         self._reported: dict[int, int] = {}  # last position handed over per partition (thread only)
+        self._metadata: Any = None
+        self._held: list[Message] = []  # read while waiting for the stage; they open the next batch
         self._commands: list[Callable[[], None]] = []
         self._in_flight = 0  # bytes handed over and not yet finished
         self._paused = False
@@ -163,11 +165,16 @@ class KafkaSource:
             self._commands.append(self._seek_committed)
 
     def group_metadata(self) -> Any:
-        return self.consumer.consumer_group_metadata()
+        """The group generation the stage's offsets go in with (KIP-447), as the consumer thread
+        last saw it: asked of the consumer from another thread during a rebalance callback,
+        it waits for that callback to end, i.e. forever."""
+        return self._metadata
 
     # --- consumer thread ---------------------------------------------------
     def _bump(self, partitions: set[int], remove: bool = False) -> None:
         with self._lock:
+            if self._held:  # read in the old incarnation: never handed over in the new one
+                self._held = [m for m in self._held if m.partition() not in partitions]
             for p in partitions:
                 self._reported.pop(p, None)
                 if remove:
@@ -196,6 +203,7 @@ class KafkaSource:
     def _call(self, what: str, partitions: set[int]) -> None:
         """Run the stage's handler on the event loop and wait for it (bounded)."""
         assert self._loop is not None and self._handler is not None
+        self._metadata = self.consumer.consumer_group_metadata()
         coro = getattr(self._handler, what)(partitions)
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:  # an assignment waits for its state (the dedup window) to be read, however long
@@ -248,8 +256,10 @@ class KafkaSource:
             try:
                 future.result(POLL_TIMEOUT)
                 return
-            except TimeoutError:
-                self.consumer.poll(0)  # keep serving the group while the stage's queue is full
+            except TimeoutError:  # the stage is behind: keep serving the group (and keep what poll returns)
+                message = self.consumer.poll(0)
+                if message is not None:
+                    self._held.append(message)
             except Exception:
                 return
 
@@ -265,6 +275,9 @@ class KafkaSource:
                     command()
                 self._backpressure()
                 messages = consumer.consume(self.settings.batch_size, POLL_TIMEOUT)
+                self._metadata = consumer.consumer_group_metadata()
+                if self._held:
+                    messages, self._held = self._held + messages, []
                 batch = Batch()
                 if self.assigned:
                     reported = self._reported

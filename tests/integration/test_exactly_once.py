@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import signal
+import threading
 import urllib.request
 
 import pytest
@@ -20,6 +21,7 @@ from benchmarks.throughput import produce_raw
 from streams.io.codec import Codecs
 from streams.io.kafka import metadata_consumer, send_records
 from streams.ops.topics import ensure_topics
+from streams_dev.sandbox import _free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -117,31 +119,44 @@ def metric(port: int, name: str) -> float:
 def test_a_worker_joins_and_leaves_under_load_nothing_lost_or_doubled(pipeline, sample_path):
     s = pipeline.settings
     ensure_topics(s)
-    env = {**MASK_ONLY, "STREAMS_BATCH_SIZE": "200"}
+    # Long transactions (3 s): a rebalance finds one open, with records in it.
+    env = {**MASK_ONLY, "STREAMS_BATCH_SIZE": "200", "STREAMS_COMMIT_INTERVAL": "3", "STREAMS_COMMIT_RECORDS": "1000000"}
     first = [pipeline.start("worker", STREAMS_WORKER_SLOT=str(i), **env) for i in range(2)]
     pipeline.wait_for(
         lambda: all("assigned" in pipeline.log_of(w) for w in first), 120, "two workers sharing the partitions"
     )
-    ids = produce_raw(s, logins(sample_path, 500))  # 50,000 records: a backlog the two work through
-    pipeline.wait_for(lambda: sum(outputs(pipeline).values()) > 0, 120, "the first committed outputs")
-    from streams_dev.sandbox import _free_ports
+    # Load all along: 1,000 records every 0.1 s until the joiner has come and gone.
+    ids: list[str] = []
+    stop = threading.Event()
 
-    port = _free_ports(1)[0]
-    joiner = pipeline.start("worker", STREAMS_WORKER_SLOT="2", STREAMS_METRICS_PORT=str(port), **env)
-    # The joiner commits a transaction of its own (its outputs are counted on commit only)...
-    pipeline.wait_for(
-        lambda: _safe(lambda: metric(port, 'streams_records_out_total{outcome="masked"')) > 0,
-        180,
-        "the joiner to commit",
-    )
-    # ...and leaves while the backlog is still being worked through.
-    assert pipeline.lag([s.raw_topic]) > 0, "the backlog was gone before the joiner left: no load"
-    assert pipeline.stop(joiner) == 0
-    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 300, "the rest of the backlog")
+    def load() -> None:
+        while not stop.is_set():
+            ids.extend(produce_raw(s, logins(sample_path, 10)))
+            stop.wait(0.1)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    try:
+        pipeline.wait_for(lambda: sum(outputs(pipeline).values()) > 0, 120, "the first committed outputs")
+        port = _free_ports(1)[0]
+        joiner = pipeline.start("worker", STREAMS_WORKER_SLOT="2", STREAMS_METRICS_PORT=str(port), **env)
+        # The joiner commits transactions of its own (its outputs are counted on commit only)...
+        pipeline.wait_for(
+            lambda: _safe(lambda: metric(port, 'streams_records_out_total{outcome="masked"')) > 1000,
+            180,
+            "the joiner to commit",
+        )
+        # ...and leaves while records keep coming.
+        assert pipeline.stop(joiner) == 0
+        pipeline.wait_for(lambda: "revoked" in pipeline.log_of(first[0]) + pipeline.log_of(first[1]), 60, "a revoke")
+    finally:
+        stop.set()
+        loader.join(60)
+    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 300, "the rest of the records")
     logs = "".join(pipeline.log_of(w) for w in first) + pipeline.log_of(joiner)
     assert "revoke: committed the batch in flight" in logs  # a revoke found a transaction in flight
     committed = outputs(pipeline)
-    assert set(committed) == set(ids)
+    assert len(ids) > 10_000 and set(committed) == set(ids)
     assert set(committed.values()) == {1}
 
 
