@@ -123,6 +123,9 @@ class Settings(BaseSettings):
         le=900,
         description="seconds a crashed worker's open transaction can stall readers (<= 30 without a slot)",
     )
+    commit_timeout: float = Field(
+        20.0, gt=0, description="seconds a Kafka transaction commit or abort may take before the producer is replaced"
+    )
     revoke_timeout: float = Field(10.0, gt=0, description="seconds a revoke waits for the in-flight batch to commit")
     dedup_window: float = Field(
         600.0,

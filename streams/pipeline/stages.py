@@ -128,6 +128,30 @@ class StageWriter(RevokeHandler):
         dead = {p for p in incarnations if not self.source.is_live(p, incarnations[p])}
         return [m for m in messages if m.partition() not in dead] if dead else messages
 
+    async def blocking(self, call: Any, what: str) -> Any:
+        """A blocking transaction call on a thread, bounded by ``STREAMS_COMMIT_TIMEOUT``.
+
+        librdkafka can hang in a commit or abort after its coordinator restarted (a known
+        upstream bug): past the bound the producer is replaced by a new one with the same
+        transactional id, which fences the old one and aborts its transaction, and the
+        batch is read again (``Abort``).
+        """
+        task = asyncio.ensure_future(asyncio.to_thread(call))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.settings.commit_timeout)
+        except TimeoutError:
+            log.warning(
+                "%s did not return within %.0f s: replacing the producer",
+                what,
+                self.settings.commit_timeout,
+                extra={"stage": self.stage},
+            )
+            old = self.producer
+            old.abandoned = True
+            self.producer = TransactionalProducer(self.settings, self.stage, transactional_id=old.transactional_id)
+            await asyncio.to_thread(self.producer.init)
+            raise Abort(f"{what} timed out") from None
+
     async def settle(self) -> None:
         """Wait for the running commit or write; an abortable failure aborts and rewinds."""
         task, self.in_flight = self.in_flight, None
@@ -144,7 +168,10 @@ class StageWriter(RevokeHandler):
         )
         metrics.RETRIES.labels(f"{self.stage} transaction").inc()
         self.refused.update(abort.refused)
-        await asyncio.to_thread(self.producer.abort)
+        try:
+            await self.blocking(self.producer.abort, "abort transaction")
+        except Abort:  # replaced: the new producer has no open transaction
+            pass
         self.offsets.clear()
         self.rolled_back()
         self.source.rewind()
@@ -199,7 +226,7 @@ class StageWriter(RevokeHandler):
     async def commit_now(self) -> None:
         offsets, self.offsets = self.offsets, {}
         try:
-            await asyncio.to_thread(self.commit_sync, offsets)
+            await self.blocking(lambda: self.commit_sync(offsets), "commit transaction")
         except Abort as abort:
             await self.aborted(abort)
             return
@@ -211,12 +238,7 @@ class StageWriter(RevokeHandler):
     async def on_lost(self, partitions: set[int]) -> None:
         """The session expired: nothing of these partitions may be committed; abort what is open."""
         async with self.lock:
-            task, self.in_flight = self.in_flight, None
-            if task is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), self.settings.revoke_timeout)
-                except BaseException as exc:  # its outcome no longer matters: nothing more is committed
-                    log.debug("in-flight work of lost partitions: %s", type(exc).__name__)
+            await self.settle()  # a commit already running ends (bounded by STREAMS_COMMIT_TIMEOUT)
             metrics.REVOKES.labels(self.stage, "lost").inc()
             if self.producer.open:
                 await self.aborted(Abort("partitions lost"))
@@ -320,7 +342,7 @@ class MaskWriter(StageWriter):
                 self.in_flight = asyncio.ensure_future(self._commit(offsets))
 
     async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        await asyncio.to_thread(self.commit_sync, offsets)
+        await self.blocking(lambda: self.commit_sync(offsets), "commit transaction")
         self.committed(offsets)
         for _ in range(self.batches):
             metrics.LIVENESS.finished()
@@ -437,13 +459,14 @@ class SinkWriter(StageWriter):
             self.batches = 1
 
             def transaction() -> None:
-                self.producer.begin()
+                producer = self.producer
+                producer.begin()
                 for i, (topic, key, value) in enumerate(records):
-                    self.producer.produce(topic, key, value, (-1, i))
-                self.commit_sync(offsets)
+                    producer.produce(topic, key, value, (-1, i))
+                producer.commit(offsets, self.source.group_metadata())
 
             try:
-                await asyncio.to_thread(transaction)
+                await self.blocking(transaction, "commit transaction")
             except Abort as abort:
                 self.batches = 0
                 metrics.LIVENESS.finished()

@@ -49,7 +49,7 @@ class Abort(Exception):
         self.refused = refused or {}
 
 
-def transactional_id(settings: Settings, stage: str) -> str:
+def make_transactional_id(settings: Settings, stage: str) -> str:
     slot = settings.worker_slot or f"r{uuid.uuid4().hex[:12]}"
     return f"{settings.app_id}-{stage}-{slot}"
 
@@ -62,10 +62,10 @@ def transaction_timeout_ms(settings: Settings) -> int:
 class TransactionalProducer:
     """One transaction at a time; every blocking call is meant to run off the event loop."""
 
-    def __init__(self, settings: Settings, stage: str, **config: Any) -> None:
+    def __init__(self, settings: Settings, stage: str, transactional_id: str | None = None, **config: Any) -> None:
         self.settings = settings
         self.stage = stage
-        self.transactional_id = transactional_id(settings, stage)
+        self.transactional_id = transactional_id or make_transactional_id(settings, stage)
         defaults = {"linger.ms": 5, "compression.type": "lz4"}
         self.producer = Producer(
             {
@@ -79,6 +79,7 @@ class TransactionalProducer:
             }
         )
         self.open = False
+        self.abandoned = False  # replaced after a call that never returned: its late errors mean nothing
         self.refused: dict[tuple[int, int], KafkaError] = {}  # deliveries refused in this transaction
         self._other_failure: KafkaError | None = None
         self.records = 0
@@ -103,6 +104,8 @@ class TransactionalProducer:
 
     def _fatal_check(self, err: KafkaError) -> None:
         """Exit with one line if Kafka will never take this producer's writes again."""
+        if self.abandoned:
+            raise Abort(f"abandoned producer: {err.name()}")
         if err.fatal() or err.code() in FENCED:
             fatal(
                 self.stage,

@@ -120,7 +120,12 @@ def test_a_worker_joins_and_leaves_under_load_nothing_lost_or_doubled(pipeline, 
     s = pipeline.settings
     ensure_topics(s)
     # Long transactions (3 s): a rebalance finds one open, with records in it.
-    env = {**MASK_ONLY, "STREAMS_BATCH_SIZE": "200", "STREAMS_COMMIT_INTERVAL": "3", "STREAMS_COMMIT_RECORDS": "1000000"}
+    env = {
+        **MASK_ONLY,
+        "STREAMS_BATCH_SIZE": "200",
+        "STREAMS_COMMIT_INTERVAL": "3",
+        "STREAMS_COMMIT_RECORDS": "1000000",
+    }
     first = [pipeline.start("worker", STREAMS_WORKER_SLOT=str(i), **env) for i in range(2)]
     pipeline.wait_for(
         lambda: all("assigned" in pipeline.log_of(w) for w in first), 120, "two workers sharing the partitions"

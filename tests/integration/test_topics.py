@@ -63,7 +63,9 @@ def test_a_replication_factor_below_the_setting_is_refused_in_one_line(pipeline)
     with pytest.raises(ConfigError, match="replication factor 1, below"):
         topics.require(refused)
     plan = pipeline.run("topics", "plan", STREAMS_TOPIC_REPLICATION_FACTOR="3", STREAMS_TOPIC_MIN_INSYNC_REPLICAS="2")
-    assert plan.stdout.count("manual") == 4 and "replication factor 1 is below 3" in plan.stdout, plan.stdout  # with the dedup changelog
+    assert plan.stdout.count("manual") == 4 and "replication factor 1 is below 3" in plan.stdout, (
+        plan.stdout
+    )  # with the dedup changelog
 
 
 def test_min_insync_replicas_above_the_replication_factor_is_a_setting_error(pipeline):
