@@ -168,10 +168,13 @@ class StageWriter(RevokeHandler):
         )
         metrics.RETRIES.labels(f"{self.stage} transaction").inc()
         self.refused.update(abort.refused)
+        producer = self.producer
         try:
-            await self.blocking(self.producer.abort, "abort transaction")
+            await self.blocking(producer.abort, "abort transaction")
         except Abort:  # replaced: the new producer has no open transaction
             pass
+        producer.poll()  # the delivery reports of the aborted transaction: which records the broker refused
+        self.refused.update(producer.refused)
         self.offsets.clear()
         self.rolled_back()
         self.source.rewind()

@@ -95,6 +95,7 @@ class TransactionalProducer:
                 err: KafkaError = exc.args[0]
                 self._fatal_check(err)
                 if err.txn_requires_abort():
+                    self.producer.poll(0)  # serve pending delivery reports: a refused record names itself
                     raise Abort(f"{what}: {err.name()}", dict(self.refused)) from None
                 if err.retriable():
                     log.warning("%s: %s, attempt %d; retrying", what, err.name(), backoff.attempts + 1)
