@@ -10,6 +10,7 @@ transport is not started (``NoKafka``): nothing here reads or writes Kafka per e
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, cast
 
@@ -76,10 +77,10 @@ class StageService(Service):
         self.source = source
         self.writer = writer
         self.channel = channel
+        self.agent_ready = asyncio.Event()  # set by the agent once it iterates the channel
 
     async def deliver(self, batch: Batch) -> None:
-        while not self.channel._subscribers:  # the agent has not subscribed yet: never drop a batch
-            await asyncio.sleep(0.05)
+        await self.agent_ready.wait()  # a batch put before the agent subscribed would be dropped
         await self.channel.put(batch)
 
     async def on_start(self) -> None:
@@ -110,6 +111,7 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> tuple[faust.App, 
         services.append(service)
 
         async def agent(stream: Any) -> None:
+            service.agent_ready.set()  # ``stream`` is the agent's subscription to the channel
             try:
                 async for batch in stream:
                     await writer.handle(batch)
@@ -190,7 +192,8 @@ def run_worker(settings: Settings) -> None:
             lambda: require_schema(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout
         )
     for name in settings.stage_list:  # once, on the first start after the upgrade (docs/operations.md)
-        wait_at_start(lambda name=name: adopt_legacy_offsets(settings, name), "Kafka", log, settings.startup_timeout)
+        adopt = functools.partial(adopt_legacy_offsets, settings, name)
+        wait_at_start(adopt, "Kafka", log, settings.startup_timeout)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     use_uvloop()
     fewer_malloc_arenas()

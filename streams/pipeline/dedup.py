@@ -26,6 +26,7 @@ import logging
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import cast
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
@@ -146,7 +147,7 @@ class DedupWindow:
                     continue
                 key, value = msg.key(), msg.value()
                 if key and value and len(value) == ENTRY.size:
-                    loaded[msg.partition()].append((key, ENTRY.unpack(value)))
+                    loaded[cast(int, msg.partition())].append((key, ENTRY.unpack(value)))
         finally:
             consumer.close()
         return loaded

@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -81,25 +81,24 @@ class KafkaSource:
         self.group = group
         budget = settings.stream_buffer_bytes
         self.max_bytes = budget // 2  # the other half is librdkafka's prefetch (below)
-        self.consumer = Consumer(
-            client_config(
-                settings,
-                **{
-                    "group.id": group,
-                    "client.id": f"{settings.app_id}-{stage}",
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    "isolation.level": "read_committed",
-                    "auto.offset.reset": "earliest",
-                    "partition.assignment.strategy": "cooperative-sticky",
-                    # A SIGKILLed member holds its partitions until its session expires.
-                    "session.timeout.ms": 10_000,
-                    "heartbeat.interval.ms": 2_000,
-                    "queued.max.messages.kbytes": max(budget // 2 // 1024, 1024),
-                    "log_level": 3,
-                },
-            )
+        self.config = client_config(
+            settings,
+            **{
+                "group.id": group,
+                "client.id": f"{settings.app_id}-{stage}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                # A SIGKILLed member holds its partitions until its session expires.
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 2_000,
+                "queued.max.messages.kbytes": max(budget // 2 // 1024, 1024),
+                "log_level": 3,
+            },
         )
+        self.consumer = Consumer(self.config)
         self._lock = threading.Lock()  # guards the incarnation state, read from the event loop
         self._incarnation: dict[int, int] = {}
         self._rewinding: set[int] = set()
@@ -113,14 +112,17 @@ class KafkaSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._deliver: Callable[[Batch], Awaitable[None]] | None = None
+        self._deliver: Callable[[Batch], Coroutine[Any, Any, None]] | None = None
         self._handler: RevokeHandler | None = None
         self.assigned: set[int] = set()
         self.revoked_mid_batch = 0  # revokes that found work in flight (tests, metrics)
 
     # --- event loop side ---------------------------------------------------
     def start(
-        self, loop: asyncio.AbstractEventLoop, deliver: Callable[[Batch], Awaitable[None]], handler: RevokeHandler
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[Batch], Coroutine[Any, Any, None]],
+        handler: RevokeHandler,
     ) -> None:
         self._loop, self._deliver, self._handler = loop, deliver, handler
         self._thread = threading.Thread(target=self._run, name=f"kafka-{self.stage}-source", daemon=True)
@@ -301,7 +303,7 @@ class KafkaSource:
                     batch.messages, batch.size = good, size
                 if batch.ends or batch.messages:
                     with self._lock:
-                        partitions = {m.partition() for m in batch.messages} | set(batch.ends)
+                        partitions = {cast(int, m.partition()) for m in batch.messages} | set(batch.ends)
                         batch.incarnations = {p: self._incarnation.get(p, -1) for p in partitions}
                 self._hand_over(batch)
         except Exception as exc:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from confluent_kafka import KafkaError, Message
 
@@ -46,6 +46,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_588  # Kafka's default max.message.bytes
 def where(message: Message) -> str:
     """``topic/partition/offset``: an identity for records without a usable key."""
     return f"{message.topic()}/{message.partition()}/{message.offset()}"
+
+
+def sink_input(messages: list[Message]) -> list[Any]:
+    """``(key, value, where)`` of consumed masked records (a null value is a tombstone)."""
+    return [(m.key(), m.value(), where(m)) for m in messages]
 
 
 def record_limits(settings: Settings, topics: Sequence[str]) -> dict[str, int]:
@@ -363,7 +368,7 @@ class MaskWriter(StageWriter):
         offsets = self.offsets
         topic = s.raw_topic
         for message, out in pairs:
-            partition, offset = message.partition(), message.offset()
+            partition, offset = cast(int, message.partition()), cast(int, message.offset())
             source = (partition, offset)
             offsets[(topic, partition)] = offset + 1
             if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1], produce):
@@ -414,15 +419,15 @@ class SinkWriter(StageWriter):
         messages = self.source.live(batch) if batch.messages else []
         if not messages and not batch.ends:
             return
-        plan = self.sink_stage.plan([(m.key(), m.value(), where(m)) for m in messages])  # while the last batch writes
+        plan = self.sink_stage.plan(sink_input(messages))  # while the last batch writes
         async with self.lock:
             await self.settle()
             now = self.live_now(batch, messages)
             if len(now) != len(messages):
-                plan = self.sink_stage.plan([(m.key(), m.value(), where(m)) for m in now])
+                plan = self.sink_stage.plan(sink_input(now))
             offsets: dict[tuple[str, int], int] = {}
             for m in now:
-                offsets[(m.topic(), m.partition())] = m.offset() + 1
+                offsets[(cast(str, m.topic()), cast(int, m.partition()))] = cast(int, m.offset()) + 1
             if not self.advance(batch, offsets) and not now:
                 return
             metrics.LIVENESS.started()

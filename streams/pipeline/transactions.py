@@ -67,17 +67,16 @@ class TransactionalProducer:
         self.stage = stage
         self.transactional_id = transactional_id or make_transactional_id(settings, stage)
         defaults = {"linger.ms": 5, "compression.type": "lz4"}
-        self.producer = Producer(
-            {
-                **defaults,
-                **client_config(settings, **config),
-                "transactional.id": self.transactional_id,
-                "transaction.timeout.ms": transaction_timeout_ms(settings),
-                "enable.idempotence": True,
-                "acks": "all",
-                "log_level": 3,
-            }
-        )
+        self.config = {
+            **defaults,
+            **client_config(settings, **config),
+            "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": transaction_timeout_ms(settings),
+            "enable.idempotence": True,
+            "acks": "all",
+            "log_level": 3,
+        }
+        self.producer = Producer(self.config)
         self.open = False
         self.abandoned = False  # replaced after a call that never returned: its late errors mean nothing
         self.refused: dict[tuple[int, int], KafkaError] = {}  # deliveries refused in this transaction
