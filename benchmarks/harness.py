@@ -75,8 +75,8 @@ class Sandbox:
     def env(self, **over: str) -> dict[str, str]:
         env = {**self.base_env, **over}
         s = settings_from_env(env)
-        self.topics |= {s.raw_topic, s.masked_topic, s.dlq_topic}
-        self.groups.add(s.app_id)
+        self.topics |= {s.raw_topic, s.masked_topic, s.dlq_topic, f"{s.raw_topic}.mask-dedup"}
+        self.groups |= {s.app_id, f"{s.app_id}-mask", f"{s.app_id}-sink"}
         return env
 
     def topic(self, name: str) -> str:

@@ -281,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
             out = sb.topic("masked-bare")
             bare_mask = kafka_run("bare mask loop", python("-m", "benchmarks.bare", "kafka-mask", out, g), g, out)
             checks.append(_check("bare mask loop vs golden transform", _outputs(s, out), expected))
+            g = sb.group("bare-mask-txn")
+            out = sb.topic("masked-bare-txn")
+            bare_txn = kafka_run(
+                "bare transactional mask loop", python("-m", "benchmarks.bare", "kafka-mask-txn", out, g), g, out
+            )
+            checks.append(_check("bare transactional loop vs golden transform", _outputs(s, out), expected))
             g = sb.group("copy-agent")
             out = sb.topic("copy-agent")
             copy_agent = kafka_run("agent byte copy", python("-m", "benchmarks.copy_worker"), g, out)
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             results += [
                 ("mask", mask, "target ≥ 0.8× bare loop and ≥ 25,000 ev/s"),
                 ("mask", bare_mask, "comparator"),
+                ("mask", bare_txn, "comparator (EOS, same commit interval as the stage)"),
                 ("copy", copy_agent, "target ≥ 50,000 ev/s"),
                 ("copy", copy_bare, "comparator (plausibility floor)"),
             ]
