@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from streams.errors import Refused, TransientError
 from streams.io.kafka import admin_client, metadata_consumer
@@ -101,12 +102,14 @@ class Move:
 class OffsetAdmin:
     """The Kafka calls a replay needs: group membership, committed offsets, watermarks, times."""
 
-    def __init__(self, settings: Settings, timeout: float = 15.0, group: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, timeout: float = 15.0, group: str | None = None, admin: AdminClient | None = None
+    ) -> None:
         self.settings = settings
         self.group = group or stage_group(settings, "mask")
         self.timeout = timeout
         # librdkafka's own connection errors would precede our one-line error: keep them quiet.
-        self.admin = admin_client(settings)
+        self.admin = admin or admin_client(settings)
 
     def live_members(self) -> list[str]:
         """Client ids of the group's current members (empty when no worker runs)."""
@@ -207,11 +210,19 @@ def adopt_legacy_offsets(settings: Settings, stage: str) -> dict[int, int]:
         raise TransientError(f"Kafka did not answer while checking the upgrade of group offsets ({exc})") from None
 
 
+# One admin client for the upgrade check, kept for the life of the process: destroying one
+# while a request of it is still pending (Kafka down at start) crashed librdkafka.
+_ADMINS: dict[str, AdminClient] = {}
+
+
 def _adopt(settings: Settings, stage: str) -> dict[int, int]:
     topic = stage_topic(settings, stage)
-    old = OffsetAdmin(settings, group=legacy_group(settings))
-    new = OffsetAdmin(settings, group=stage_group(settings, stage))
-    metadata = admin_client(settings).list_topics(topic, timeout=settings.kafka_timeout).topics.get(topic)
+    admin = _ADMINS.get(settings.kafka_bootstrap)
+    if admin is None:
+        admin = _ADMINS[settings.kafka_bootstrap] = admin_client(settings)
+    old = OffsetAdmin(settings, group=legacy_group(settings), admin=admin)
+    new = OffsetAdmin(settings, group=stage_group(settings, stage), admin=admin)
+    metadata = admin.list_topics(topic, timeout=settings.kafka_timeout).topics.get(topic)
     partitions = sorted(metadata.partitions) if metadata is not None and metadata.error is None else []
     if not partitions or any(o is not None for o in new.committed(topic, partitions).values()):
         return {}

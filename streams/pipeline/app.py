@@ -10,6 +10,7 @@ transport is not started (``NoKafka``): nothing here reads or writes Kafka per e
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import functools
 import logging
 from typing import Any, cast
@@ -182,6 +183,7 @@ def run_worker(settings: Settings) -> None:
     from streams.ops.topics import require_topics
     from streams.privacy.keys import settings_keyring
 
+    faulthandler.enable()  # a crash in a native library (librdkafka) leaves the Python stacks in the log
     keyring = settings_keyring(settings) if "mask" in settings.stage_list else None
     metrics.LIVENESS.stuck_after = settings.stuck_after
     if keyring is not None:
