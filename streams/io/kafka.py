@@ -133,7 +133,7 @@ class AsyncProducer:
         while not self._closed.is_set():
             self._producer.poll(0.1)
 
-    async def send_all(self, records: Sequence[Record]) -> None:
+    async def send_all(self, records: Sequence[Record], headers: list[tuple[str, bytes]] | None = None) -> None:
         """Produce every ``(topic, key, value)``; return once all are acknowledged.
 
         Raises ``DeliveryError`` naming each record that was not, whether librdkafka
@@ -162,7 +162,11 @@ class AsyncProducer:
             while True:
                 try:
                     self._producer.produce(
-                        topic, value=value, key=key, on_delivery=functools.partial(_delivered, settle, index)
+                        topic,
+                        value=value,
+                        key=key,
+                        headers=headers,
+                        on_delivery=functools.partial(_delivered, settle, index),
                     )
                     break
                 except BufferError:  # local queue full: let the delivery thread drain it
@@ -221,14 +225,19 @@ class AsyncProducer:
         self._thread.join(timeout)
 
 
-def send_records(settings: Settings, records: Sequence[tuple[str, bytes | None, bytes]], chunk: int = 10_000) -> None:
-    """Produce ``(topic, key, value)`` records and return once the broker acked all (commands, tests)."""
+def send_records(
+    settings: Settings,
+    records: Sequence[tuple[str, bytes | None, bytes]],
+    chunk: int = 10_000,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
+    """Produce ``(topic, key, value)`` records (each with ``headers``) and return once the broker acked all."""
 
     async def send() -> None:
         producer = AsyncProducer(settings)
         try:
             for i in range(0, len(records), chunk):
-                await producer.send_all(records[i : i + chunk])
+                await producer.send_all(records[i : i + chunk], headers)
         finally:
             producer.close()
 

@@ -37,6 +37,7 @@ from streams.settings import Settings
 
 log = logging.getLogger("streams.worker")
 
+REDRIVE_HEADER = "streams-redrive"  # a record `streams dlq redrive` put back: reprocessed, never a copy
 ENTRY = struct.Struct(">qq")  # offset, raw timestamp (ms)
 ENTRY_BYTES = 300  # measured roughly: bytes key (~70), tuple of two ints (~120), dict slot (~100)
 Entry = tuple[int, int]
@@ -56,8 +57,13 @@ class DedupWindow:
         # Changes since the last commit, to undo on abort: (partition, id, entry before or None).
         self.undo: list[tuple[int, bytes, Entry | None]] = []
 
-    def admit(self, partition: int, offset: int, key: bytes | None, timestamp: int, produce: Produce) -> bool:
-        """Whether to write this record's output; records the id (and its changelog entry) if so."""
+    def admit(
+        self, partition: int, offset: int, key: bytes | None, timestamp: int, produce: Produce, force: bool = False
+    ) -> bool:
+        """Whether to write this record's output; records the id (and its changelog entry) if so.
+
+        ``force``: a deliberate re-send (a redrive) at a later offset is written, and remembered.
+        """
         if not key:
             return True
         ids = self.state.get(partition)
@@ -65,7 +71,7 @@ class DedupWindow:
             ids = self.state[partition] = OrderedDict()
         seen = ids.get(key)
         if seen is not None:
-            if seen[0] < offset:
+            if seen[0] < offset and not force:
                 return False  # a later copy of an id already written
             if seen[0] == offset:
                 return True  # the same record again (a replay, a rewind): reprocess it

@@ -27,6 +27,7 @@ from streams import metrics
 from streams.faults import fault_hang, fault_point
 from streams.io.kafka import admin_client
 from streams.pipeline.dead_letters import refused_by_kafka
+from streams.pipeline.dedup import REDRIVE_HEADER
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
 from streams.pipeline.source import Batch, KafkaSource, RevokeHandler
@@ -372,8 +373,10 @@ class MaskWriter(StageWriter):
             source = (partition, offset)
             offsets[(topic, partition)] = offset + 1
             if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1], produce):
-                counts["duplicate"] += 1
-                continue
+                if not any(name == REDRIVE_HEADER for name, _ in message.headers() or ()):
+                    counts["duplicate"] += 1
+                    continue
+                dedup.admit(partition, offset, out.key, message.timestamp()[1], produce, force=True)
             reason = out.reason
             record: tuple = (dlq_topic, out.key, out.value) if reason else (masked_topic, out.key, out.value)
             if refused or reason or len(out.key) + len(out.value) > masked_limit:
