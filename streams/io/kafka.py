@@ -133,7 +133,7 @@ class AsyncProducer:
         while not self._closed.is_set():
             self._producer.poll(0.1)
 
-    async def send_all(self, records: Sequence[Record], headers: list[tuple[str, bytes]] | None = None) -> None:
+    async def send_all(self, records: Sequence[Record], headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
         """Produce every ``(topic, key, value)``; return once all are acknowledged.
 
         Raises ``DeliveryError`` naming each record that was not, whether librdkafka
@@ -229,7 +229,7 @@ def send_records(
     settings: Settings,
     records: Sequence[tuple[str, bytes | None, bytes]],
     chunk: int = 10_000,
-    headers: list[tuple[str, bytes]] | None = None,
+    headers: list[tuple[str, str | bytes | None]] | None = None,
 ) -> None:
     """Produce ``(topic, key, value)`` records (each with ``headers``) and return once the broker acked all."""
 

@@ -373,7 +373,7 @@ class MaskWriter(StageWriter):
             source = (partition, offset)
             offsets[(topic, partition)] = offset + 1
             if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1], produce):
-                if not any(name == REDRIVE_HEADER for name, _ in message.headers() or ()):
+                if not any(header[0] == REDRIVE_HEADER for header in message.headers() or ()):
                     counts["duplicate"] += 1
                     continue
                 dedup.admit(partition, offset, out.key, message.timestamp()[1], produce, force=True)
