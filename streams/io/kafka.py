@@ -133,7 +133,9 @@ class AsyncProducer:
         while not self._closed.is_set():
             self._producer.poll(0.1)
 
-    async def send_all(self, records: Sequence[Record], headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
+    async def send_all(
+        self, records: Sequence[Record], headers: list[tuple[str, str | bytes | None]] | None = None
+    ) -> None:
         """Produce every ``(topic, key, value)``; return once all are acknowledged.
 
         Raises ``DeliveryError`` naming each record that was not, whether librdkafka
