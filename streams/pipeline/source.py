@@ -74,7 +74,7 @@ class RevokeHandler:
 class KafkaSource:
     """The stage's consumer on its own thread; batches go to ``deliver`` on the event loop."""
 
-    def __init__(self, settings: Settings, stage: str, topic: str, group: str) -> None:
+    def __init__(self, settings: Settings, stage: str, topic: str, group: str, client_id: str | None = None) -> None:
         self.settings = settings
         self.stage = stage
         self.topic = topic
