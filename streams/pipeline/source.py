@@ -85,7 +85,8 @@ class KafkaSource:
             settings,
             **{
                 "group.id": group,
-                "client.id": f"{settings.app_id}-{stage}",
+                # Members' client ids are visible to anyone who may describe the group.
+                "client.id": client_id or f"{settings.app_id}-{stage}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "isolation.level": "read_committed",
