@@ -6,6 +6,9 @@ the stage's ``STREAMS_*`` environment, until SIGTERM:
 - ``kafka-mask OUT GROUP``: a bare confluent-kafka loop, consume -> the same ``MaskTransform``
   -> produce (idempotent, acks=all) -> wait for the acks -> commit, batch after batch;
 - ``kafka-copy OUT GROUP``: the same loop with the transform replaced by a byte copy;
+- ``kafka-mask-txn OUT GROUP``: the same transform in a bare transactional loop (EOS v2):
+  outputs and offsets in one transaction, committed every 5,000 records or 0.2 s (the
+  mask stage's shipped commit interval), ``read_committed`` input;
 - ``pg-copy DSN`` / ``pg-write DSN``: the masked topic's rows (and their vault rows) into a
   fresh database, 500 at a time, by plain asyncpg COPY into both tables / by the sink's own
   ``PostgresSink.write_batch`` (no Kafka, no Faust);
@@ -91,6 +94,64 @@ def kafka_loop(out_topic: str, group: str, copy: bool) -> None:
     consumer.close()
 
 
+def kafka_txn_loop(out_topic: str, group: str) -> None:
+    """The bare transactional comparator of the mask stage: same transform, same commit interval."""
+    import time
+    import uuid
+
+    from confluent_kafka import TopicPartition
+
+    from streams.pipeline.mask import MaskTransform
+    from streams.privacy.keys import settings_keyring
+    from streams.privacy.masking import Masker
+
+    settings = load_settings()
+    mask = MaskTransform(Masker(settings_keyring(settings), cache_size=settings.mask_cache_size), Codecs())
+    consumer = Consumer(
+        client_config(
+            settings,
+            **{
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            },
+        )
+    )
+    producer = Producer(
+        client_config(
+            settings,
+            **{"transactional.id": f"bare-{uuid.uuid4()}", "linger.ms": 5, "compression.type": "lz4"},
+        )
+    )
+    producer.init_transactions(30)
+    consumer.subscribe([settings.raw_topic])
+    open_since, records, offsets = 0.0, 0, {}
+    while not stopping:
+        batch = consumer.consume(num_messages=BATCH, timeout=0.1)
+        for msg in batch:
+            if msg.error():
+                continue
+            if not open_since:
+                producer.begin_transaction()
+                open_since = time.monotonic()
+            out = mask(msg.key(), msg.value(), f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
+            while True:
+                try:
+                    producer.produce(out_topic, value=out.value, key=out.key)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+            offsets[msg.partition()] = msg.offset() + 1
+            records += 1
+        if open_since and (records >= 5000 or time.monotonic() - open_since >= 0.2):
+            tps = [TopicPartition(settings.raw_topic, p, o) for p, o in offsets.items()]
+            producer.send_offsets_to_transaction(tps, consumer.consumer_group_metadata(), 30)
+            producer.commit_transaction(60)
+            open_since, records, offsets = 0.0, 0, {}
+    consumer.close()
+
+
 def _masked_rows(settings) -> list[dict]:
     codec = Codecs().masked
     return [codec.decode(value) for _, value in read_topic(settings, settings.masked_topic) if value]
@@ -153,7 +214,9 @@ async def sqs_loop(pollers: int) -> None:
 def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, _on_term)
     kind, *args = argv
-    if kind in ("kafka-mask", "kafka-copy"):
+    if kind == "kafka-mask-txn":
+        kafka_txn_loop(args[0], args[1])
+    elif kind in ("kafka-mask", "kafka-copy"):
         kafka_loop(args[0], args[1], copy=kind == "kafka-copy")
     elif kind in ("pg-copy", "pg-write"):
         asyncio.run(pg_loop(args[0], kind.removeprefix("pg-")))

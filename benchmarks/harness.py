@@ -27,9 +27,10 @@ import psutil
 from confluent_kafka import TopicPartition
 
 from streams.io.codec import Codecs
-from streams.io.kafka import admin_client, ensure_topics, metadata_consumer, send_records
+from streams.io.kafka import admin_client, metadata_consumer, send_records
 from streams.io.postgres import connect
 from streams.ops.schemas import register as register_schemas
+from streams.ops.topics import ensure_topics
 from streams.pipeline.bridge import envelope
 from streams.settings import Settings
 from streams_dev.sandbox import sandbox_env, settings_from_env
@@ -78,8 +79,8 @@ class Sandbox:
         s = settings_from_env(env)
         if not {s.raw_topic, s.masked_topic, s.dlq_topic} <= self.topics:
             register_schemas(s)  # new topics: their subjects too
-        self.topics |= {s.raw_topic, s.masked_topic, s.dlq_topic}
-        self.groups.add(s.app_id)
+        self.topics |= {s.raw_topic, s.masked_topic, s.dlq_topic, f"{s.raw_topic}.mask-dedup"}
+        self.groups |= {s.app_id, f"{s.app_id}-mask", f"{s.app_id}-sink"}
         return env
 
     def topic(self, name: str) -> str:

@@ -9,8 +9,9 @@ input is done; its steady rate and CPU seconds per 100,000 events are taken betw
 10 % and 90 % done (start-up and tail left out). Rows, same run:
 
 - mask transform alone (µs and CPU per record) | the primitives it cannot avoid;
-- mask stage (``streams worker``, STREAMS_STAGES=mask) | a bare confluent-kafka
-  consume -> same MaskTransform -> produce -> commit loop;
+- mask stage (``streams worker``, STREAMS_STAGES=mask, exactly-once) | the same with its
+  dedup window off | a bare confluent-kafka consume -> same MaskTransform -> produce ->
+  commit loop | a bare transactional loop (EOS v2, the stage's commit interval);
 - the agent's shape with a byte copy (Faust alone) | the same byte copy in a bare loop;
 - sink stage (STREAMS_STAGES=sink, over the mask stage's output) | COPY of the same rows
   and vault rows into both tables | the sink's write path alone (no Kafka);
@@ -53,8 +54,9 @@ from benchmarks.harness import (
     raw_records,
 )
 from streams.io.codec import Codecs
-from streams.io.kafka import ensure_topics, read_topic
+from streams.io.kafka import read_topic
 from streams.io.sqs import queue_url, send_bodies, sqs_client
+from streams.ops.topics import ensure_topics
 from streams.pipeline.mask import MaskTransform
 from streams.privacy.keys import settings_keyring
 from streams.privacy.masking import Masker
@@ -279,10 +281,22 @@ def main(argv: list[str] | None = None) -> int:
             g = sb.group("mask")
             mask = kafka_run("mask stage", python("-m", "streams", "worker"), g, masked_topic)
             checks.append(_check("mask stage vs golden transform", _outputs(s, masked_topic), expected))
+            g = sb.group("mask-nodedup")
+            out = sb.topic("masked-nodedup")
+            mask_nodedup = kafka_run(
+                "mask stage, dedup window off", python("-m", "streams", "worker"), g, out, STREAMS_DEDUP_WINDOW="0"
+            )
+            checks.append(_check("mask stage (dedup off) vs golden transform", _outputs(s, out), expected))
             g = sb.group("bare-mask")
             out = sb.topic("masked-bare")
             bare_mask = kafka_run("bare mask loop", python("-m", "benchmarks.bare", "kafka-mask", out, g), g, out)
             checks.append(_check("bare mask loop vs golden transform", _outputs(s, out), expected))
+            g = sb.group("bare-mask-txn")
+            out = sb.topic("masked-bare-txn")
+            bare_txn = kafka_run(
+                "bare transactional mask loop", python("-m", "benchmarks.bare", "kafka-mask-txn", out, g), g, out
+            )
+            checks.append(_check("bare transactional loop vs golden transform", _outputs(s, out), expected))
             g = sb.group("copy-agent")
             out = sb.topic("copy-agent")
             copy_agent = kafka_run("agent byte copy", python("-m", "benchmarks.copy_worker"), g, out)
@@ -294,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             checks.append(_check("bare byte copy vs its input", _outputs(s, out), inputs))
             results += [
                 ("mask", mask, "target ≥ 0.8× bare loop and ≥ 25,000 ev/s"),
+                ("mask", mask_nodedup, "the stage without its dedup changelog writes"),
                 ("mask", bare_mask, "comparator"),
+                ("mask", bare_txn, "comparator (EOS, same commit interval as the stage)"),
                 ("copy", copy_agent, "target ≥ 50,000 ev/s"),
                 ("copy", copy_bare, "comparator (plausibility floor)"),
             ]

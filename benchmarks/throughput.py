@@ -22,9 +22,10 @@ import uuid
 from pathlib import Path
 
 from streams.io.codec import Codecs
-from streams.io.kafka import admin_client, ensure_topics, group_lag, send_records, topic_configs
+from streams.io.kafka import admin_client, group_lag, send_records
 from streams.io.postgres import connect, require_migrated
 from streams.ops.state import row_count
+from streams.ops.topics import ensure_topics, topic_configs
 from streams.pipeline.bridge import envelope
 from streams.settings import Settings
 from streams_dev.sandbox import sandbox_env, settings_from_env

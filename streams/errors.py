@@ -12,10 +12,32 @@ No message may quote a field value (values can be PII).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from enum import Enum
 
-if TYPE_CHECKING:
-    from streams.pipeline.dead_letters import Reason
+
+class Reason(str, Enum):  # noqa: UP042 - str() must stay the member name for existing callers
+    """Dead-letter reason codes (streams.pipeline.dead_letters builds the record)."""
+
+    EMPTY_BODY = "empty_body"
+    INVALID_JSON = "invalid_json"
+    TOO_DEEP = "too_deep"
+    DUPLICATE_KEY = "duplicate_key"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    NULL_FIELD = "null_field"
+    WRONG_TYPE = "wrong_type"
+    FIELD_TOO_LONG = "field_too_long"
+    EMPTY_FIELD = "empty_field"
+    NUL_CHARACTER = "nul_character"
+    INVALID_UNICODE = "invalid_unicode"
+    NUMBER_TOO_LONG = "number_too_long"
+    EMPTY_RECORD = "empty_record"
+    INVALID_MESSAGE_ID = "invalid_message_id"
+    TOO_LARGE = "too_large"
+    UNDECODABLE_RECORD = "undecodable_record"
+    UNKNOWN_SCHEMA = "unknown_schema"  # a Confluent-format schema id the registry (which answered) does not have
+    PROCESSING_ERROR = "processing_error"
+    REJECTED_BY_DATABASE = "rejected_by_database"
 
 
 class StreamsError(Exception):

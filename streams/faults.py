@@ -37,10 +37,13 @@ class InjectedFault(RuntimeError):
 
 
 async def fault_hang(name: str) -> None:
-    """Hang here forever (a call that never returns) when the spec is ``<name>:hang``."""
+    """Hang here forever (a call that never returns) the n-th time, when the spec is ``<name>[@<n>]:hang``."""
+    global _fault_hits
     if _FAULT_NAME and name == _FAULT_NAME and _FAULT_MODE == "hang":
-        logging.getLogger("streams.fault").warning("fault injected at %s (hang)", name)
-        await asyncio.Event().wait()
+        _fault_hits += 1
+        if _fault_hits >= int(_FAULT_AT or 1):
+            logging.getLogger("streams.fault").warning("fault injected at %s (hang)", name)
+            await asyncio.Event().wait()
 
 
 def fault_point(name: str) -> None:

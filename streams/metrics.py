@@ -52,6 +52,22 @@ CONSUMER_LAG = Gauge(
     ["stage", "topic", "partition"],
     registry=REGISTRY,
 )
+REVOKES = Counter(
+    "streams_revokes",
+    "Partitions taken from a stage by a rebalance: with work in flight (committed first), idle, or lost",
+    ["stage", "when"],
+    registry=REGISTRY,
+)
+DUPLICATES_DROPPED = Counter(
+    "streams_duplicates_dropped",
+    "Raw copies of a message id the mask stage had already written (bridge copies)",
+    registry=REGISTRY,
+)
+DEDUP_EVICTIONS = Counter(
+    "streams_dedup_evictions",
+    "Message ids the dedup window forgot before their time (count or byte bound): copies of them are no longer caught",
+    registry=REGISTRY,
+)
 END_TO_END = Histogram(
     "streams_end_to_end_seconds",
     "From SQS SentTimestamp to the row's database commit",

@@ -39,6 +39,14 @@ class Backoff:
         await asyncio.sleep(self.delay * (0.5 + random.random() / 2))
         self.delay = min(self.delay * 2, self.cap)
 
+    def wait_blocking(self) -> None:
+        """``wait`` for code on a thread of its own (a blocking Kafka call's retry)."""
+        self.attempts += 1
+        RETRIES.labels(self.operation).inc()
+        LIVENESS.beat()
+        time.sleep(self.delay * (0.5 + random.random() / 2))
+        self.delay = min(self.delay * 2, self.cap)
+
     def reset(self) -> None:
         self.delay, self.attempts = self.first, 0
 

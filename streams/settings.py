@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     masked_tombstone_ms: int = Field(
         24 * 3600 * 1000, gt=0, description="masked topic: how long a tombstone stays for readers (delete.retention.ms)"
     )
-    app_id: str = Field("streams", description="Faust app id; mask and sink consumer groups derive from it")
+    app_id: str = Field("streams", description="Faust app id; the consumer groups are <app_id>-mask and <app_id>-sink")
 
     # --- SQS -------------------------------------------------------------
     sqs_endpoint: str | None = Field("http://127.0.0.1:9324", description="empty: AWS's own endpoint for the region")
@@ -134,6 +134,34 @@ class Settings(BaseSettings):
     )
     retry_max_backoff: float = Field(10.0, gt=0)
     startup_timeout: float = Field(30.0, ge=0, description="seconds a starting stage waits for Kafka and PostgreSQL")
+    worker_slot: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="stable id of this worker (StatefulSet ordinal, `streams run` child index): "
+        "transactional.id <app_id>-<stage>-<slot>; none = random id",
+    )
+    commit_records: int = Field(
+        5000, ge=1, description="the mask stage commits its transaction after this many records"
+    )
+    commit_interval: float = Field(0.2, gt=0, description="... or after this many seconds, whichever comes first")
+    transaction_timeout: float = Field(
+        30.0,
+        ge=1,
+        le=900,
+        description="seconds a crashed worker's open transaction can stall readers (<= 30 without a slot)",
+    )
+    commit_timeout: float = Field(
+        20.0, gt=0, description="seconds a Kafka transaction commit or abort may take before the producer is replaced"
+    )
+    revoke_timeout: float = Field(10.0, gt=0, description="seconds a revoke waits for the in-flight batch to commit")
+    dedup_window: float = Field(
+        600.0,
+        ge=0,
+        description="seconds of raw-record time the mask stage remembers written message ids (bridge copies "
+        "within it are dropped); longer than the SQS visibility timeout plus the bridge's retries; 0 = off",
+    )
+    dedup_max_ids: int = Field(200_000, ge=1, description="message ids the dedup window holds at most")
+    dedup_max_bytes: int = Field(64 * 2**20, ge=2**20, description="bytes the dedup window may use (about 300 per id)")
     mask_cache_size: int = Field(
         16384,
         ge=0,
@@ -190,6 +218,7 @@ class Settings(BaseSettings):
     @field_validator(
         "sqs_endpoint",
         "sqs_queue_url",
+        "worker_slot",
         "sqs_region",
         "aws_access_key_id",
         "aws_secret_access_key",

@@ -64,6 +64,7 @@ class Pipeline:
             self.deploy()
             self._codecs = Codecs.from_settings(self.settings)
         return self._codecs
+        self.slots: dict[subprocess.Popen, str] = {}  # worker -> its STREAMS_WORKER_SLOT
 
     @property
     def settings(self) -> Settings:
@@ -103,9 +104,17 @@ class Pipeline:
             self.deploy()
         if command == "worker":
             self.migrate()
+            if "STREAMS_WORKER_SLOT" not in env:  # the lowest slot no running worker holds, as a StatefulSet would
+                held = {self.slots.get(p) for p, _ in self.procs if p.poll() is None and p not in self.stopped}
+                env = {
+                    **env,
+                    "STREAMS_WORKER_SLOT": str(next(i for i in range(len(self.procs) + 1) if str(i) not in held)),
+                }
         log_path = self.workdir / f"{command}-{len(self.procs)}.log"
         proc = children.start_stage(command, log_path, {**self.env, **env}, *args)
         self.procs.append((proc, log_path))
+        if "STREAMS_WORKER_SLOT" in env:
+            self.slots[proc] = env["STREAMS_WORKER_SLOT"]
         return proc
 
     def run(self, command: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:

@@ -45,12 +45,13 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 from streams.io.codec import Codecs
-from streams.io.kafka import admin_client, ensure_topics, metadata_consumer, read_topic, send_records
+from streams.io.kafka import admin_client, metadata_consumer, read_topic, send_records
 from streams.io.postgres import fetch, require_migrated
 from streams.io.sqs import bodies_from_json, ensure_queue, send_bodies, sqs_client
 from streams.ops import children
 from streams.ops.schemas import register as register_schemas
 from streams.ops.state import current_queue_depth, dead_letters, pipeline_lag
+from streams.ops.topics import ensure_topics
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID
 from streams.pipeline.mask import parse_login
 from streams.privacy.keys import settings_keyring

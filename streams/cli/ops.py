@@ -8,11 +8,12 @@ from streams.settings import Settings
 
 def _replay(settings: Settings, args) -> None:
     from streams.ops.replay import parse_target, reset_offsets
+    from streams.ops.topology import stage_group
 
     target = parse_target(args.to)
     moves = _kafka_call(lambda: reset_offsets(settings, args.stage, target, dry_run=args.dry_run), settings)
     verb = "would move" if args.dry_run else "moved"
-    print(f"{verb} group {settings.app_id} stage {args.stage} to {args.to}:")
+    print(f"{verb} group {stage_group(settings, args.stage)} stage {args.stage} to {args.to}:")
     for m in moves:
         before = "-" if m.before is None else m.before
         print(f"  partition {m.partition}: {before} -> {m.after}")

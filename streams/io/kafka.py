@@ -69,35 +69,6 @@ def preflight(settings: Settings, timeout: float | None = None) -> None:
             raise (ConfigError if fatal else TransientError)(message)
 
 
-def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Each topic's managed configuration (retention, cleanup): see ``streams.ops.topics.topic_configs``."""
-    from streams.ops.topics import topic_configs
-
-    return topic_configs(settings)
-
-
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
-    """Create the pipeline's missing topics as the settings describe them (``streams topics apply``)."""
-    from streams.ops.topics import create_missing
-
-    create_missing(settings, timeout=timeout)
-
-
-def require_topics(settings: Settings) -> None:
-    """At process start: connect (one line naming the setting if that fails), create missing
-    topics, and refuse topics whose replication is below the settings (see ``streams.ops.topics``)."""
-    from streams.ops.topics import require
-
-    preflight(settings)
-    try:
-        require(settings)
-    except KafkaException as exc:
-        raise TransientError(
-            f"Kafka at {settings.kafka_bootstrap} stopped answering while the topics were checked "
-            f"({exc.args[0].name()}): check it runs, and the principal's DESCRIBE rights on the topics"
-        ) from None
-
-
 # Errors that no retry can fix for that record (its size, its shape): the record is
 # dead-lettered instead. Everything else (broker down, timeouts, leader moves) is transient.
 PERMANENT_ERRORS = frozenset(
@@ -164,7 +135,9 @@ class AsyncProducer:
         while not self._closed.is_set():
             self._producer.poll(0.1)
 
-    async def send_all(self, records: Sequence[Record]) -> None:
+    async def send_all(
+        self, records: Sequence[Record], headers: list[tuple[str, str | bytes | None]] | None = None
+    ) -> None:
         """Produce every ``(topic, key, value)``; return once all are acknowledged.
 
         Raises ``DeliveryError`` naming each record that was not, whether librdkafka
@@ -199,6 +172,7 @@ class AsyncProducer:
                         value=value,
                         key=key,
                         timestamp=timestamp,
+                        headers=headers,
                         on_delivery=functools.partial(_delivered, settle, index),
                     )
                     break
@@ -258,14 +232,19 @@ class AsyncProducer:
         self._thread.join(timeout)
 
 
-def send_records(settings: Settings, records: Sequence[Record], chunk: int = 10_000) -> None:
-    """Produce ``(topic, key, value)`` records and return once the broker acked all (commands, tests)."""
+def send_records(
+    settings: Settings,
+    records: Sequence[Record],
+    chunk: int = 10_000,
+    headers: list[tuple[str, str | bytes | None]] | None = None,
+) -> None:
+    """Produce ``(topic, key, value)`` records (each with ``headers``) and return once the broker acked all."""
 
     async def send() -> None:
         producer = AsyncProducer(settings)
         try:
             for i in range(0, len(records), chunk):
-                await producer.send_all(records[i : i + chunk])
+                await producer.send_all(records[i : i + chunk], headers)
         finally:
             producer.close()
 
@@ -295,8 +274,19 @@ def total_lag(offsets: dict[tuple[str, int], tuple[int, int]]) -> int:
 def group_lag(
     settings: Settings, topics: Sequence[str], group: str | None = None
 ) -> dict[tuple[str, int], tuple[int, int]]:
-    """``(topic, partition) -> (committed offset, end offset)`` for the worker group."""
-    consumer = metadata_consumer(settings, group=group or settings.app_id)
+    """``(topic, partition) -> (committed offset, end offset)``: of ``group``, else of each
+    topic's stage group (``streams.ops.topology.group_of_topic``)."""
+    from streams.ops.topology import group_of_topic
+
+    if group is None:
+        result: dict[tuple[str, int], tuple[int, int]] = {}
+        by_group: dict[str, list[str]] = {}
+        for topic in topics:
+            by_group.setdefault(group_of_topic(settings, topic), []).append(topic)
+        for name, its_topics in by_group.items():
+            result.update(group_lag(settings, its_topics, name))
+        return result
+    consumer = metadata_consumer(settings, group=group)
     try:
         metadata = consumer.list_topics(timeout=10)
         partitions = [

@@ -25,6 +25,7 @@ from streams.io.codec import CodecError, Codecs
 from streams.io.kafka import send_records
 from streams.ops.state import dead_letters
 from streams.ops.topology import stage_topic
+from streams.pipeline.dedup import REDRIVE_HEADER
 from streams.privacy.keys import PII_FIELDS, KeyRing, settings_keyring
 from streams.privacy.masking import Masker, MissingKeyError, RevealError, ciphertext_key_id
 from streams.settings import Settings
@@ -130,5 +131,6 @@ def redrive(settings: Settings, reasons: list[str], ids: list[str], stage: str |
     for topic, _, _ in records:
         counts[topic] += 1
     if records and not dry_run:
-        send_records(settings, records)
+        # Marked as a redrive: the mask stage's dedup window must not take it for a bridge copy.
+        send_records(settings, records, headers=[(REDRIVE_HEADER, b"1")])
     return dict(counts)

@@ -1,9 +1,13 @@
 """Move a stage's committed offsets so the stage reprocesses (``streams replay``).
 
-A stage's offsets are the worker group's (``STREAMS_APP_ID``) committed offsets on the
-stage's input topic: mask reads the raw topic, sink the masked topic. Kafka only lets a
-group's offsets be altered while the group is empty, and a running worker would overwrite
-them on its next commit anyway, so we refuse while the group has live members.
+A stage's offsets are its own group's committed offsets on its input topic: the mask
+stage (group ``<app_id>-mask``) reads the raw topic, the sink (``<app_id>-sink``) the
+masked topic. Kafka only lets a group's offsets be altered while the group is empty, and
+a running worker would overwrite them on its next commit anyway, so we refuse while the
+group has live members. The mask stage's dedup changelog is left as it is: a replay
+reprocesses the same records at the same offsets, which the window never drops.
+
+``adopt_legacy_offsets`` is the one-time upgrade from the single Faust group ``<app_id>``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from streams.errors import Refused
+from streams.errors import Refused, TransientError
 from streams.io.kafka import admin_client, metadata_consumer
-from streams.ops.topology import stage_topic
+from streams.ops.topology import legacy_group, stage_group, stage_topic
 from streams.settings import Settings
 
 _EXPLICIT = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
@@ -97,12 +102,14 @@ class Move:
 class OffsetAdmin:
     """The Kafka calls a replay needs: group membership, committed offsets, watermarks, times."""
 
-    def __init__(self, settings: Settings, timeout: float = 15.0) -> None:
+    def __init__(
+        self, settings: Settings, timeout: float = 15.0, group: str | None = None, admin: AdminClient | None = None
+    ) -> None:
         self.settings = settings
-        self.group = settings.app_id
+        self.group = group or stage_group(settings, "mask")
         self.timeout = timeout
         # librdkafka's own connection errors would precede our one-line error: keep them quiet.
-        self.admin = admin_client(settings)
+        self.admin = admin or admin_client(settings)
 
     def live_members(self) -> list[str]:
         """Client ids of the group's current members (empty when no worker runs)."""
@@ -170,7 +177,7 @@ class OffsetAdmin:
 def reset_offsets(settings: Settings, stage: str, target: Target, dry_run: bool = False) -> list[Move]:
     """Move ``stage``'s committed offsets to ``target``; with ``dry_run`` only report the moves."""
     topic = stage_topic(settings, stage)
-    admin = OffsetAdmin(settings)
+    admin = OffsetAdmin(settings, group=stage_group(settings, stage))
     members = admin.live_members()
     if members:
         raise Refused(
@@ -186,3 +193,57 @@ def reset_offsets(settings: Settings, stage: str, target: Target, dry_run: bool 
     if not dry_run and new:
         admin.alter(topic, new)
     return [Move(p, committed.get(p), o) for p, o in sorted(new.items())]
+
+
+def adopt_legacy_offsets(settings: Settings, stage: str) -> dict[int, int]:
+    """Once, after the upgrade: start ``stage``'s group where the old Faust group stood.
+
+    Before issue 18 both stages committed in one group named ``<app_id>``. When the
+    stage's group has no committed offset yet and the old group has some on the stage's
+    input topic, they are copied over, so the stage neither reprocesses the whole topic
+    nor skips anything. Refused in one line while old workers still run in the old group.
+    Returns the offsets copied (none: nothing to carry).
+    """
+    try:
+        return _adopt(settings, stage)
+    except KafkaException as exc:
+        raise TransientError(f"Kafka did not answer while checking the upgrade of group offsets ({exc})") from None
+
+
+# One admin client for the upgrade check, kept for the life of the process: destroying one
+# while a request of it is still pending (Kafka down at start) crashed librdkafka.
+_ADMINS: dict[str, AdminClient] = {}
+
+
+def _adopt(settings: Settings, stage: str) -> dict[int, int]:
+    topic = stage_topic(settings, stage)
+    admin = _ADMINS.get(settings.kafka_bootstrap)
+    if admin is None:
+        admin = _ADMINS[settings.kafka_bootstrap] = admin_client(settings)
+    old = OffsetAdmin(settings, group=legacy_group(settings), admin=admin)
+    new = OffsetAdmin(settings, group=stage_group(settings, stage), admin=admin)
+    metadata = admin.list_topics(topic, timeout=settings.kafka_timeout).topics.get(topic)
+    partitions = sorted(metadata.partitions) if metadata is not None and metadata.error is None else []
+    if not partitions or any(o is not None for o in new.committed(topic, partitions).values()):
+        return {}
+    carried = {p: o for p, o in old.committed(topic, partitions).items() if o is not None}
+    if not carried:
+        return {}
+    members = old.live_members()
+    if members:
+        raise Refused(
+            f"group {old.group} still has {len(members)} live member(s) from before the upgrade: stop every old "
+            f"`streams worker`, then start the new ones (docs/operations.md, upgrading to per-stage groups)"
+        )
+    try:
+        new.alter(topic, carried)
+    except Exception as exc:  # another new worker joined first: its group is no longer empty
+        if new.live_members():
+            return {}
+        raise Refused(f"cannot carry offsets to group {new.group}: {type(exc).__name__}") from None
+    import logging
+
+    logging.getLogger("streams.worker").info(
+        "carried %d committed offsets of %s from group %s to group %s", len(carried), topic, old.group, new.group
+    )
+    return carried

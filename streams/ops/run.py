@@ -53,6 +53,7 @@ def run_pipeline(settings: Settings, drain: bool = False) -> int:
     # With STREAMS_METRICS_PORT=P the bridge serves on P and the worker on P+1.
     port = settings.metrics_port
     envs = [{"STREAMS_METRICS_PORT": str(port + i)} if port else {} for i in range(2)]
+    envs[1]["STREAMS_WORKER_SLOT"] = "0"  # the worker is child 0: a restart fences the old one at once
     procs = [
         children.start_stage(c, log_dir / f"{c}.log", env) for c, env in zip(("bridge", "worker"), envs, strict=True)
     ]

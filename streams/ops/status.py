@@ -25,7 +25,7 @@ from streams.io.kafka import group_lag
 from streams.metrics import SeenDeadLetter
 from streams.ops import status_page
 from streams.ops.state import current_queue_depth, dead_letters, row_count
-from streams.ops.topology import STAGES, stage_topic
+from streams.ops.topology import STAGES, stage_group, stage_topic
 from streams.settings import Settings
 
 
@@ -81,11 +81,11 @@ def progress_bar(done: int, total: int, width: int = 30) -> str:
 
 
 def render(settings: Settings, snap: Snapshot) -> str:
-    lines = [f"group {settings.app_id}"]
+    lines = [f"app {settings.app_id}"]
     for stage, parts in snap.partitions.items():
         topic = stage_topic(settings, stage)
         lag = sum(max(e - c, 0) for _, c, e in parts)
-        lines.append(f"stage {stage} ({topic}): lag {lag}")
+        lines.append(f"stage {stage} ({topic}): lag {lag} (group {stage_group(settings, stage)})")
         lines.append("  partition  committed        end        lag")
         for p, committed, end in parts:
             lines.append(f"  {p:9d} {committed:10d} {end:10d} {max(end - committed, 0):10d}")

@@ -22,6 +22,7 @@ compaction and tombstone times; docs/privacy.md has the time bounds).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
@@ -33,8 +34,9 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
-from streams.errors import ConfigError, Refused
-from streams.io.kafka import admin_client
+from streams.errors import ConfigError, Refused, TransientError
+from streams.io.kafka import admin_client, preflight
+from streams.ops.topology import changelog_topic
 from streams.settings import Settings, check_retention
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,17 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
         "max.compaction.lag.ms": str(s.masked_compaction_lag_ms),
         "delete.retention.ms": str(s.masked_tombstone_ms),
     }
-    return {s.raw_topic: bounded, s.masked_topic: compacted, s.dlq_topic: dict(bounded)}
+    return {
+        s.raw_topic: bounded,
+        s.masked_topic: compacted,
+        s.dlq_topic: dict(bounded),
+        # The mask stage's dedup window: one record per id (compacted), and nothing much
+        # older than the window (deleted after twice its length; never under an hour).
+        changelog_topic(s): {
+            CLEANUP: "compact,delete",
+            "retention.ms": str(max(int(s.dedup_window * 2000), 3_600_000)),
+        },
+    }
 
 
 DENIED = (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED)
@@ -117,10 +129,13 @@ def specs(settings: Settings) -> list[TopicSpec]:
     s = settings
     check_retention(s)
     names = {"raw": s.raw_topic, "masked": s.masked_topic, "dlq": s.dlq_topic}
+    if s.dedup_window > 0:
+        names["dedup"] = changelog_topic(s)
     configs = topic_configs(s)
     result = []
     for role, name in names.items():
-        override = s.topic_overrides.get(role)  # type: ignore[call-overload]
+        # The dedup changelog is partitioned like the raw topic: partition p holds raw partition p's ids.
+        override = s.topic_overrides.get("raw" if role == "dedup" else role)  # type: ignore[call-overload]
         partitions = (override and override.partitions) or s.topic_partitions
         rf = (override and override.replication_factor) or s.topic_replication_factor
         isr = (override and override.min_insync_replicas) or s.topic_min_insync_replicas
@@ -294,7 +309,12 @@ def require(settings: Settings) -> None:
     missing = [spec for spec in wanted if found[spec.name] is None]
     if missing:
         _create(settings, missing, timeout)
-        found.update(inspect(settings, missing, timeout))
+        deadline = time.monotonic() + timeout
+        while True:  # a topic another process just created takes a moment to show in the metadata
+            found.update(inspect(settings, missing, timeout))
+            if all(found[spec.name] is not None for spec in missing) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     for spec in wanted:
         have = found[spec.name]
         if have is None:
@@ -342,3 +362,21 @@ def _require_retention(settings: Settings, spec: TopicSpec, have: Found) -> None
         log.warning("%s; accepted (STREAMS_ACCEPT_LONG_RETENTION)", problem)
         return
     raise ConfigError(f"{problem}: run `streams topics apply`, or set STREAMS_ACCEPT_LONG_RETENTION=1 to accept it")
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
+    """Create the pipeline's missing topics as the settings describe them (``streams topics apply``)."""
+    create_missing(settings, timeout=timeout)
+
+
+def require_topics(settings: Settings) -> None:
+    """At process start: connect (one line naming the setting if that fails), create missing
+    topics, and refuse topics whose replication is below the settings (see ``streams.ops.topics``)."""
+    preflight(settings)
+    try:
+        require(settings)
+    except KafkaException as exc:
+        raise TransientError(
+            f"Kafka at {settings.kafka_bootstrap} stopped answering while the topics were checked "
+            f"({exc.args[0].name()}): check it runs, and the principal's DESCRIBE rights on the topics"
+        ) from None

@@ -29,7 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from streams.errors import Rejected
 from streams.faults import fault_point
 from streams.io.codec import Codecs
-from streams.io.kafka import AsyncProducer, Record, ensure_topics
+from streams.io.kafka import AsyncProducer, Record
 from streams.io.sqs import queue_url, sqs_client
 from streams.metrics import (
     LIVENESS,
@@ -39,6 +39,7 @@ from streams.metrics import (
     SQS_VISIBILITY_EXTENSIONS,
     count_dead_letter,
 )
+from streams.ops.topics import ensure_topics
 from streams.pipeline.dead_letters import Reason, dead_letter
 from streams.retry import Backoff, retry_forever, wait_at_start
 from streams.settings import Settings
@@ -332,7 +333,7 @@ def run_bridge(settings: Settings) -> None:
     """Run the bridge until SIGTERM or Ctrl-C; Kafka is checked first (one line if unreachable)."""
     import signal
 
-    from streams.io.kafka import require_topics
+    from streams.ops.topics import require_topics
 
     wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
     codecs = Codecs.from_settings(settings)  # with a registry: its schema ids, or one line to register them

@@ -7,32 +7,10 @@ words but never quotes a field's value (values can be PII).
 from __future__ import annotations
 
 import time
-from enum import Enum
 
-from streams.errors import Rejected
+from streams.errors import Reason, Rejected
 
-
-class Reason(str, Enum):  # noqa: UP042 - str() must stay the member name for existing callers
-    EMPTY_BODY = "empty_body"
-    INVALID_JSON = "invalid_json"
-    TOO_DEEP = "too_deep"
-    DUPLICATE_KEY = "duplicate_key"
-    NOT_AN_OBJECT = "not_an_object"
-    MISSING_FIELD = "missing_field"
-    NULL_FIELD = "null_field"
-    WRONG_TYPE = "wrong_type"
-    FIELD_TOO_LONG = "field_too_long"
-    EMPTY_FIELD = "empty_field"
-    NUL_CHARACTER = "nul_character"
-    INVALID_UNICODE = "invalid_unicode"
-    NUMBER_TOO_LONG = "number_too_long"
-    EMPTY_RECORD = "empty_record"
-    INVALID_MESSAGE_ID = "invalid_message_id"
-    TOO_LARGE = "too_large"
-    UNDECODABLE_RECORD = "undecodable_record"
-    UNKNOWN_SCHEMA = "unknown_schema"  # a Confluent-format schema id the registry (which answered) does not have
-    PROCESSING_ERROR = "processing_error"
-    REJECTED_BY_DATABASE = "rejected_by_database"
+__all__ = ["MAX_MESSAGE_ID", "MAX_PAYLOAD", "Reason", "Rejected", "dead_letter", "refused_by_kafka"]
 
 
 MAX_PAYLOAD = 64 * 1024  # bytes of the input a too-large dead letter keeps

@@ -313,7 +313,12 @@ def test_the_configmap_has_the_documented_settings():
 
 def test_scaledobjects_follow_the_partitions_and_the_consumer_group():
     partitions = int(CONFIG["STREAMS_TOPIC_PARTITIONS"])
-    group = CONFIG.get("STREAMS_APP_ID", "streams")
+    app_id = CONFIG.get("STREAMS_APP_ID", "streams")
+    group = {  # each stage has its own group (issue 18): <app_id>-mask, <app_id>-sink
+        "streams-worker": f"{app_id}-mask",
+        "streams-mask": f"{app_id}-mask",
+        "streams-sink": f"{app_id}-sink",
+    }
     input_topic = {
         "streams-worker": CONFIG["STREAMS_RAW_TOPIC"],
         "streams-mask": CONFIG["STREAMS_RAW_TOPIC"],
@@ -330,7 +335,7 @@ def test_scaledobjects_follow_the_partitions_and_the_consumer_group():
         for trigger in spec["triggers"]:
             meta = trigger["metadata"]
             assert meta["bootstrapServers"] == CONFIG["STREAMS_KAFKA_BOOTSTRAP"]
-            assert meta["consumerGroup"] == group
+            assert meta["consumerGroup"] == group[target]
             assert meta["topic"] == input_topic[target]
             assert meta.get("allowIdleConsumers", "false") == "false"
     assert targets == set(input_topic)

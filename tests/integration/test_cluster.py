@@ -13,8 +13,8 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer
 
-from streams.io.kafka import admin_client, ensure_topics, send_records
-from streams.ops.topics import plan
+from streams.io.kafka import admin_client, send_records
+from streams.ops.topics import ensure_topics, plan
 from streams_dev import stack
 from tests.helpers import wait_for
 

@@ -90,8 +90,9 @@ def test_sample_flows_end_to_end(pipeline, sample_path):
 
     # Running the sink again over the whole masked topic changes no row (xmin included).
     before = table_dump(pipeline)
-    replay_group = s.app_id + "-replay"
-    sink = pipeline.start("worker", STREAMS_STAGES="sink", STREAMS_APP_ID=replay_group)
+    replay_app = s.app_id + "-replay"
+    replay_group = replay_app + "-sink"  # the sink stage's group under that app id
+    sink = pipeline.start("worker", STREAMS_STAGES="sink", STREAMS_APP_ID=replay_app)
     pipeline.wait_for(
         lambda: pipeline.lag([s.masked_topic], group=replay_group) == 0, 90, "the replayed sink to catch up"
     )

@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from streams.io.kafka import ensure_topics, send_records
+from streams.io.kafka import send_records
+from streams.ops.topics import ensure_topics
 from streams.pipeline.sink import PostgresSink
 from tests.factories import CODECS, LOGIN, masked_value, raw_value
 

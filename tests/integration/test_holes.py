@@ -1,4 +1,4 @@
-"""Faust commits past holes in a partition (issue 9 item 4; streams/pipeline/consumer.py).
+"""The sink commits past holes in a compacted partition (issue 9 item 4; now the stage's own consumer).
 
 Compaction of the masked topic leaves holes: keys k0, kX, kY, kX, kY, kZ at offsets 0-5,
 then kW at 6, compact to offsets {0, 3, 4, 5, 6} - a two-offset hole right after the first

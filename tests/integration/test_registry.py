@@ -18,9 +18,10 @@ import pytest
 
 from streams.errors import Refused
 from streams.io.codec import SCHEMA_DIR, confluent_header, fingerprint, schema_text, schema_versions
-from streams.io.kafka import ensure_topics, read_topic, send_records
+from streams.io.kafka import read_topic, send_records
 from streams.io.registry import COMPATIBILITY, NotFound, SchemaRegistry, subject
 from streams.ops import schemas
+from streams.ops.topics import ensure_topics
 from streams.settings import Settings
 from streams_dev.sandbox import _free_ports
 from streams_dev.stack.registry import Registry

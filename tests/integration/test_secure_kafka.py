@@ -100,6 +100,10 @@ def grant_app_acls(secured: Secured, topic_prefix: str, group_prefix: str) -> No
         acl(ResourceType.TOPIC, topic_prefix, op)
         for op in (AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE, AclOperation.DESCRIBE_CONFIGS)
     ] + [acl(ResourceType.GROUP, group_prefix, op) for op in (AclOperation.READ, AclOperation.DESCRIBE)]
+    # The stages' transactional ids (<app_id>-<stage>-<slot>, issue 18).
+    bindings += [
+        acl(ResourceType.TRANSACTIONAL_ID, group_prefix, op) for op in (AclOperation.WRITE, AclOperation.DESCRIBE)
+    ]
     for future in admin.create_acls(bindings, request_timeout=30).values():
         future.result()
 
@@ -129,11 +133,11 @@ def test_topics_prepared_by_admin_then_bridge_worker_and_commands_run_without_cr
     # The admin plans and creates the topics (topics as code); the app user may not.
     plan = p.run("topics", "plan", **admin_env)
     assert plan.returncode == 0, plan.stderr
-    assert plan.stdout.count("create ") == 3 and "replication.factor=1" in plan.stdout
+    assert plan.stdout.count("create ") == 4 and "replication.factor=1" in plan.stdout  # with the dedup changelog
     applied = p.run("topics", "apply", **admin_env)
     assert applied.returncode == 0, applied.stderr
     again = p.run("topics", "plan", **admin_env)
-    assert again.stdout.count("ok ") == 3 and "nothing to do" in again.stdout, again.stdout
+    assert again.stdout.count("ok ") == 4 and "nothing to do" in again.stdout, again.stdout
 
     grant_app_acls(secure_kafka, f"{tag}.", "streams-")
 
@@ -170,9 +174,14 @@ def test_topics_prepared_by_admin_then_bridge_worker_and_commands_run_without_cr
     ping = p.run("ping", "kafka")
     assert ping.returncode == 0 and "kafka ok" in ping.stdout, ping.stderr
 
-    # Faust declared nothing: the app's topics are exactly the three the admin created.
+    # Nothing declared behind the admin's back: the app's topics are exactly the four it created.
     topics = set(admin_client(settings_from_env(admin_env)).list_topics(timeout=10).topics)
-    assert {t for t in topics if t.startswith(tag)} == {s.raw_topic, s.masked_topic, s.dlq_topic}
+    assert {t for t in topics if t.startswith(tag)} == {
+        s.raw_topic,
+        s.masked_topic,
+        s.dlq_topic,
+        f"{s.raw_topic}.mask-dedup",
+    }
 
 
 @pytest.mark.parametrize(

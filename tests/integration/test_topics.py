@@ -20,7 +20,9 @@ def test_plan_apply_and_alter_as_the_settings_say(pipeline):
     s = pipeline.settings
     plan = pipeline.run("topics", "plan")
     assert plan.returncode == 0, plan.stderr
-    assert plan.stdout.count("create ") == 3 and "3 to apply" in plan.stdout
+    # raw, masked, dlq and the mask stage's dedup changelog (partitioned like raw)
+    assert plan.stdout.count("create ") == 4 and "4 to apply" in plan.stdout
+    assert f"create {s.raw_topic}.mask-dedup: partitions=6 " in plan.stdout
     assert (
         f"create {s.masked_topic}: partitions=6 replication.factor=1 min.insync.replicas=1 cleanup.policy=compact"
         in plan.stdout
@@ -61,7 +63,9 @@ def test_a_replication_factor_below_the_setting_is_refused_in_one_line(pipeline)
     with pytest.raises(ConfigError, match="replication factor 1, below"):
         topics.require(refused)
     plan = pipeline.run("topics", "plan", STREAMS_TOPIC_REPLICATION_FACTOR="3", STREAMS_TOPIC_MIN_INSYNC_REPLICAS="2")
-    assert plan.stdout.count("manual") == 3 and "replication factor 1 is below 3" in plan.stdout, plan.stdout
+    assert plan.stdout.count("manual") == 4 and "replication factor 1 is below 3" in plan.stdout, (
+        plan.stdout
+    )  # with the dedup changelog
 
 
 def test_min_insync_replicas_above_the_replication_factor_is_a_setting_error(pipeline):

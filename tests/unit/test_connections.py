@@ -11,7 +11,7 @@ from streams.errors import ConfigError
 from streams.io.kafka import client_config
 from streams.io.kafka_security import faust_credentials, librdkafka_security, ssl_context
 from streams.io.postgres import latest_version, migration_files
-from streams.pipeline.app import broker_urls, create_app
+from streams.pipeline.app import BatchChannel, create_app
 from streams.settings import Settings, load_settings
 from streams_dev.tls import LocalCA
 
@@ -134,7 +134,7 @@ def test_aws_keys_and_region_are_optional(monkeypatch):
     assert settings(sqs_endpoint="").sqs_endpoint is None  # empty: AWS's own endpoint
 
 
-def test_faust_never_declares_topics_and_gets_the_credentials(tls):
+def test_the_stages_own_kafka_clients_get_the_credentials_and_faust_has_none(tls):
     ca, _ = tls
     s = settings(
         stages="sink",
@@ -144,13 +144,18 @@ def test_faust_never_declares_topics_and_gets_the_credentials(tls):
         kafka_sasl_password="pw",
         kafka_ssl_ca_file=ca.cert_file,
     )
-    assert broker_urls(s) == "kafka://b1:9093;kafka://b2:9093"
-    app = create_app(s, None)
-    assert app.conf.topic_allow_declare is False
-    assert [u.host for u in app.conf.broker] == ["b1", "b2"]
-    assert isinstance(app.conf.broker_credentials, faust.SASLCredentials)
+    app, services = create_app(s, None)
+    assert app.boot_strategy.enable_kafka is False  # Faust starts no Kafka client of its own
+    (sink,) = services
+    for config in (sink.source.config, sink.writer.producer.config):
+        assert config["bootstrap.servers"] == "b1:9093,b2:9093"
+        assert config["security.protocol"].upper() == "SASL_SSL" and config["sasl.username"] == "app"
+        assert config["ssl.ca.location"] == str(ca.cert_file)
+    assert sink.source.config["isolation.level"] == "read_committed"
+    assert sink.source.config["group.id"] == f"{s.app_id}-sink"
+    assert sink.writer.producer.config["transactional.id"].startswith(f"{s.app_id}-sink-")
     channels = [agent.channel for agent in app.agents.values()]
-    assert channels and not any(c.internal for c in channels)  # Faust only ever declares internal topics
+    assert channels and all(isinstance(c, BatchChannel) for c in channels)  # in-memory batches, no topics
 
 
 def test_the_worker_role_migration_is_the_latest():

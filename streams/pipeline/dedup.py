@@ -1,0 +1,173 @@
+"""The mask stage's window of message ids it has written: a bridge copy is dropped, a replay is not.
+
+The bridge cannot be transactional (SQS is not): killed between its produce and the SQS
+delete, it puts a second raw record with the same ``message_id`` (and key, so the same
+partition) on the raw topic. The mask stage remembers, per raw partition, the offset and
+raw timestamp of every ``message_id`` it wrote within ``STREAMS_DEDUP_WINDOW`` seconds
+of raw-record time (not wall-clock time, so a backlog does not fill it), and drops a
+record whose id it wrote **at an earlier offset**. The same record read again (a
+rewind, a crash, ``streams replay``) has the same offset and is processed again.
+
+State is per partition, restored on assignment from a compacted, time-bounded
+changelog topic with the raw topic's partitioning (``<raw topic>.mask-dedup``, topics as
+code in ``streams.ops.topics``), written inside the mask stage's transaction: what the
+changelog holds is exactly what was committed. An aborted transaction undoes its changes
+in memory (``rollback``).
+
+Memory is bounded by ``STREAMS_DEDUP_MAX_IDS`` and ``STREAMS_DEDUP_MAX_BYTES``; an id
+forgotten early under those bounds is counted (``streams_dedup_evictions_total``): a copy
+of it is no longer caught. That, and a replay older than the window, are the limits of
+the guarantee (docs/delivery.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import cast
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from streams import metrics
+from streams.io.kafka import metadata_consumer
+from streams.ops.topology import changelog_topic
+from streams.settings import Settings
+
+log = logging.getLogger("streams.worker")
+
+REDRIVE_HEADER = "streams-redrive"  # a record `streams dlq redrive` put back: reprocessed, never a copy
+ENTRY = struct.Struct(">qq")  # offset, raw timestamp (ms)
+ENTRY_BYTES = 300  # measured roughly: bytes key (~70), tuple of two ints (~120), dict slot (~100)
+Entry = tuple[int, int]
+Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int]], None]
+
+
+class DedupWindow:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = changelog_topic(settings)
+        self.window_ms = int(settings.dedup_window * 1000)
+        self.max_ids = settings.dedup_max_ids
+        self.max_bytes = settings.dedup_max_bytes
+        self.state: dict[int, OrderedDict[bytes, Entry]] = {}
+        self.newest: dict[int, int] = {}  # newest raw timestamp seen per partition
+        self.size = 0  # ids held over all partitions
+        # Changes since the last commit, to undo on abort: (partition, id, entry before or None).
+        self.undo: list[tuple[int, bytes, Entry | None]] = []
+
+    def admit(
+        self, partition: int, offset: int, key: bytes | None, timestamp: int, produce: Produce, force: bool = False
+    ) -> bool:
+        """Whether to write this record's output; records the id (and its changelog entry) if so.
+
+        ``force``: a deliberate re-send (a redrive) at a later offset is written, and remembered.
+        """
+        if not key:
+            return True
+        ids = self.state.get(partition)
+        if ids is None:
+            ids = self.state[partition] = OrderedDict()
+        seen = ids.get(key)
+        if seen is not None:
+            if seen[0] < offset and not force:
+                return False  # a later copy of an id already written
+            if seen[0] == offset:
+                return True  # the same record again (a replay, a rewind): reprocess it
+        entry = (offset, timestamp)
+        self.undo.append((partition, key, seen))
+        ids[key] = entry
+        if seen is None:
+            self.size += 1
+        produce(self.topic, key, ENTRY.pack(*entry), (partition, offset))
+        if timestamp > self.newest.get(partition, -1):
+            self.newest[partition] = timestamp
+        self._expire(partition, ids)
+        return True
+
+    def _expire(self, partition: int, ids: OrderedDict[bytes, Entry]) -> None:
+        oldest_kept = self.newest.get(partition, 0) - self.window_ms
+        while ids:
+            key, entry = next(iter(ids.items()))
+            if entry[1] >= oldest_kept and self.size <= self.max_ids and self.size * ENTRY_BYTES <= self.max_bytes:
+                return
+            if entry[1] >= oldest_kept:
+                metrics.DEDUP_EVICTIONS.inc()  # forgotten inside the window: a copy is no longer caught
+            del ids[key]
+            self.size -= 1
+            self.undo.append((partition, key, entry))
+
+    def commit(self) -> None:
+        self.undo.clear()
+
+    def rollback(self) -> None:
+        """Undo every change since the last commit (the transaction was aborted)."""
+        for partition, key, before in reversed(self.undo):
+            ids = self.state.get(partition)
+            if ids is None:  # revoked meanwhile
+                continue
+            if before is None:
+                if ids.pop(key, None) is not None:
+                    self.size -= 1
+            else:
+                if key not in ids:
+                    self.size += 1
+                ids[key] = before
+        self.undo.clear()
+
+    def forget(self, partitions: set[int]) -> None:
+        """Partitions that left this worker: their state goes with them."""
+        for p in partitions:
+            self.size -= len(self.state.pop(p, ()))
+            self.newest.pop(p, None)
+
+    def load(self, partitions: set[int]) -> dict[int, list[tuple[bytes, Entry]]]:
+        """Read the changelog of newly assigned partitions (read_committed); blocking, for a thread."""
+        loaded: dict[int, list[tuple[bytes, Entry]]] = {}
+        consumer = metadata_consumer(
+            self.settings, None, **{"enable.partition.eof": True, "isolation.level": "read_committed"}
+        )
+        try:
+            meta = consumer.list_topics(self.topic, timeout=self.settings.kafka_timeout).topics.get(self.topic)
+            if meta is None or meta.error is not None:
+                return loaded
+            wanted = [p for p in sorted(partitions) if p in meta.partitions]
+            remaining = set()
+            for p in wanted:
+                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
+                if high > low:
+                    remaining.add(p)
+            loaded.update({p: [] for p in wanted})
+            if remaining:
+                consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(remaining)])
+            while remaining:
+                msg = consumer.poll(30)
+                if msg is None:
+                    log.warning("dedup changelog %s: no record within 30 s; continuing with what was read", self.topic)
+                    break
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        remaining.discard(msg.partition())
+                    continue
+                key, value = msg.key(), msg.value()
+                if key and value and len(value) == ENTRY.size:
+                    loaded[cast(int, msg.partition())].append((key, ENTRY.unpack(value)))
+        finally:
+            consumer.close()
+        return loaded
+
+    def install(self, loaded: dict[int, list[tuple[bytes, Entry]]]) -> None:
+        """Make what ``load`` read the state of its partitions (on the event loop)."""
+        for p, entries in loaded.items():
+            newest = max((e[1] for _, e in entries), default=0)
+            ids: OrderedDict[bytes, Entry] = OrderedDict()
+            for key, entry in sorted(entries, key=lambda item: item[1][1]):
+                if entry[1] >= newest - self.window_ms:
+                    ids[key] = entry
+            self.size += len(ids) - len(self.state.get(p, ()))
+            self.state[p] = ids
+            self.newest[p] = newest
+            self._expire(p, ids)
+            log.info("dedup window of partition %d restored: %d ids", p, len(ids), extra={"stage": "mask"})

@@ -1,0 +1,507 @@
+"""The worker stages: source (batches) -> pure transform -> a writer that commits outputs and offsets together.
+
+- **mask**: ``MaskTransform`` on each batch, its masked records and dead letters
+  produced into one Kafka transaction with the raw offsets (EOS v2). A transaction
+  commits every ``STREAMS_COMMIT_RECORDS`` records or ``STREAMS_COMMIT_INTERVAL``
+  seconds; its commit runs on a thread while the next batch is transformed.
+- **sink**: ``SinkStage.plan`` on each batch, the rows written to PostgreSQL in one
+  database transaction (idempotent by ``message_id``), then the sink's dead letters and
+  the masked offsets in one Kafka transaction. The next batch is decoded meanwhile.
+
+A transaction Kafka wants aborted is aborted, every assigned partition is rewound to its
+committed offset, and reading goes on; a record the broker refused for its size is
+dead-lettered on the way through again. docs/delivery.md has the rules and their tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
+
+from streams import metrics
+from streams.faults import fault_hang, fault_point
+from streams.io.kafka import admin_client
+from streams.pipeline.dead_letters import refused_by_kafka
+from streams.pipeline.dedup import REDRIVE_HEADER
+from streams.pipeline.mask import MaskTransform
+from streams.pipeline.sink import PostgresSink, SinkStage
+from streams.pipeline.source import Batch, KafkaSource, RevokeHandler
+from streams.pipeline.transactions import SIZE_MARGIN, Abort, TransactionalProducer
+from streams.retry import retry_forever
+from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from streams.pipeline.dedup import DedupWindow
+
+log = logging.getLogger("streams.worker")
+
+TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_588  # Kafka's default max.message.bytes
+
+
+def where(message: Message) -> str:
+    """``topic/partition/offset``: an identity for records without a usable key."""
+    return f"{message.topic()}/{message.partition()}/{message.offset()}"
+
+
+def sink_input(messages: list[Message]) -> list[Any]:
+    """``(key, value, where)`` of consumed masked records (a null value is a tombstone)."""
+    return [(m.key(), m.value(), where(m)) for m in messages]
+
+
+def record_limits(settings: Settings, topics: Sequence[str]) -> dict[str, int]:
+    """Bytes of key + value a record may have on each topic: the topic's ``max.message.bytes``
+    (read once, at start) and the producer's ``message.max.bytes``, less ``SIZE_MARGIN``."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    producer_max = int(settings.kafka_extra.get("message.max.bytes", 1_000_000))
+    limits = {}
+    admin = admin_client(settings)
+    resources = [ConfigResource(ResourceType.TOPIC, t) for t in topics]
+    for resource, future in admin.describe_configs(resources, request_timeout=settings.kafka_timeout).items():
+        try:
+            value = int(future.result()["max.message.bytes"].value)
+        except Exception as exc:  # not allowed to read it: assume the broker default
+            log.warning("max.message.bytes of %s not readable (%s)", resource.name, type(exc).__name__)
+            value = DEFAULT_MAX_MESSAGE_BYTES
+        limits[resource.name] = min(value, producer_max) - SIZE_MARGIN
+    return limits
+
+
+class StageWriter(RevokeHandler):
+    """What both stages share: the lock that orders batches, commits and rebalances; the abort path."""
+
+    stage = ""
+
+    def __init__(self, settings: Settings, source: KafkaSource, producer: TransactionalProducer) -> None:
+        self.settings = settings
+        self.source = source
+        self.producer = producer
+        self.lock = asyncio.Lock()
+        self.in_flight: asyncio.Future | None = None  # the commit (mask) or write (sink) running
+        self.offsets: dict[tuple[str, int], int] = {}  # next offset per partition, in the open transaction
+        self.refused: dict[tuple[int, int], KafkaError] = {}  # inputs whose output the broker refused for good
+        self.limits: dict[str, int] = {}
+        self.batches = 0  # batches in the open transaction (liveness)
+        self.in_ = metrics.RECORDS_IN.labels(self.stage)
+        self.size_ = metrics.BATCH_SIZE.labels(self.stage)
+        self.seconds_ = metrics.BATCH_SECONDS.labels(self.stage)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.producer.init)
+        self.limits = await asyncio.to_thread(
+            record_limits, self.settings, [self.settings.masked_topic, self.settings.dlq_topic]
+        )
+
+    def close(self) -> None:
+        self.producer.close()
+
+    def fit(self, record: tuple[str, bytes | None, bytes | None], source: tuple[int, int], codecs: Any) -> tuple:
+        """The record, or its dead letter when it cannot fit the topic (or the broker refused it before)."""
+        topic, key, value = record
+        limit = self.limits.get(topic)
+        err = self.refused.get(source)
+        if err is None and limit is not None and len(key or b"") + len(value or b"") > limit:
+            err = TOO_LARGE
+        if err is None:
+            return record
+        fixed = refused_by_kafka(record, err, self.stage, codecs.dead_letter, self.settings.dlq_topic)
+        if fixed[0] != topic or len(fixed[1] or b"") + len(fixed[2] or b"") <= self.limits.get(fixed[0], 1 << 62):
+            return fixed
+        return refused_by_kafka(fixed, err, self.stage, codecs.dead_letter, self.settings.dlq_topic)
+
+    def advance(self, batch: Batch, offsets: dict[tuple[str, int], int]) -> bool:
+        """Move ``offsets`` to the consumer's positions of ``batch`` (still-live partitions); any moved?"""
+        if not batch.ends:
+            return False
+        stale = self.source.stale(batch)
+        topic = self.source.topic
+        moved = False
+        for p, end in batch.ends.items():
+            if p not in stale and end > offsets.get((topic, p), -1):
+                offsets[(topic, p)] = end
+                moved = True
+        return moved
+
+    def live_now(self, batch: Batch, messages: list[Message]) -> list[Message]:
+        """Of ``messages`` (live when the batch was taken), those still live (checked under the lock)."""
+        incarnations = batch.incarnations
+        dead = {p for p in incarnations if not self.source.is_live(p, incarnations[p])}
+        return [m for m in messages if m.partition() not in dead] if dead else messages
+
+    async def blocking(self, call: Any, what: str) -> Any:
+        """A blocking transaction call on a thread, bounded by ``STREAMS_COMMIT_TIMEOUT``.
+
+        librdkafka can hang in a commit or abort after its coordinator restarted (a known
+        upstream bug): past the bound the producer is replaced by a new one with the same
+        transactional id, which fences the old one and aborts its transaction, and the
+        batch is read again (``Abort``).
+        """
+        task = asyncio.ensure_future(asyncio.to_thread(call))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.settings.commit_timeout)
+        except TimeoutError:
+            log.warning(
+                "%s did not return within %.0f s: replacing the producer",
+                what,
+                self.settings.commit_timeout,
+                extra={"stage": self.stage},
+            )
+            old = self.producer
+            old.abandoned = True
+            self.producer = TransactionalProducer(self.settings, self.stage, transactional_id=old.transactional_id)
+            await asyncio.to_thread(self.producer.init)
+            raise Abort(f"{what} timed out") from None
+
+    async def settle(self) -> None:
+        """Wait for the running commit or write; an abortable failure aborts and rewinds."""
+        task, self.in_flight = self.in_flight, None
+        if task is not None:
+            try:
+                await task
+            except Abort as abort:
+                await self.aborted(abort)
+
+    async def aborted(self, abort: Abort) -> None:
+        """Abort the open transaction, rewind every assigned partition, drop what was in flight."""
+        log.warning(
+            "transaction aborted (%s); reading again from the committed offsets", abort, extra={"stage": self.stage}
+        )
+        metrics.RETRIES.labels(f"{self.stage} transaction").inc()
+        self.refused.update(abort.refused)
+        producer = self.producer
+        try:
+            await self.blocking(producer.abort, "abort transaction")
+        except Abort:  # replaced: the new producer has no open transaction
+            pass
+        producer.poll()  # the delivery reports of the aborted transaction: which records the broker refused
+        self.refused.update(producer.refused)
+        self.offsets.clear()
+        self.rolled_back()
+        self.source.rewind()
+        for _ in range(self.batches):
+            metrics.LIVENESS.finished()
+        self.batches = 0
+
+    def rolled_back(self) -> None:
+        """Undo in-memory state of the aborted transaction (the mask stage's dedup window)."""
+
+    def committed(self, offsets: dict[tuple[str, int], int]) -> None:
+        """The open transaction committed: its effects are final."""
+        self.prune(offsets)
+
+    def prune(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Forget refusals of inputs now behind the committed offsets."""
+        if self.refused:
+            ends = {p: o for (_, p), o in offsets.items()}
+            for key in [k for k in self.refused if k[0] in ends and k[1] < ends[k[0]]]:
+                del self.refused[key]
+
+    def commit_sync(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.producer.commit(offsets, self.source.group_metadata())
+
+    async def on_assign(self, partitions: set[int]) -> None:
+        return None
+
+    async def on_revoke(self, partitions: set[int]) -> None:
+        """Commit what is in flight while the generation still allows it (bounded)."""
+        async with self.lock:
+            busy = self.in_flight is not None or self.producer.open
+            finish = asyncio.ensure_future(self._finish())
+            try:
+                await asyncio.wait_for(asyncio.shield(finish), self.settings.revoke_timeout)
+            except TimeoutError:  # it goes on; a late commit is refused by the group generation (then aborted)
+                log.warning("in-flight work not committed within the revoke timeout", extra={"stage": self.stage})
+                self.in_flight = finish
+            if busy:
+                self.source.revoked_mid_batch += 1
+                metrics.REVOKES.labels(self.stage, "in_flight").inc()
+                log.info("revoke: committed the batch in flight", extra={"stage": self.stage})
+            else:
+                metrics.REVOKES.labels(self.stage, "idle").inc()
+            for key in [k for k in self.offsets if k[1] in partitions]:
+                del self.offsets[key]
+
+    async def _finish(self) -> None:
+        await self.settle()
+        if self.producer.open:
+            await self.commit_now()
+
+    async def commit_now(self) -> None:
+        offsets, self.offsets = self.offsets, {}
+        try:
+            await self.blocking(lambda: self.commit_sync(offsets), "commit transaction")
+        except Abort as abort:
+            await self.aborted(abort)
+            return
+        self.committed(offsets)
+        for _ in range(self.batches):
+            metrics.LIVENESS.finished()
+        self.batches = 0
+
+    async def on_lost(self, partitions: set[int]) -> None:
+        """The session expired: nothing of these partitions may be committed; abort what is open."""
+        async with self.lock:
+            await self.settle()  # a commit already running ends (bounded by STREAMS_COMMIT_TIMEOUT)
+            metrics.REVOKES.labels(self.stage, "lost").inc()
+            if self.producer.open:
+                await self.aborted(Abort("partitions lost"))
+
+
+class MaskWriter(StageWriter):
+    stage = "mask"
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: KafkaSource,
+        producer: TransactionalProducer,
+        transform: MaskTransform,
+        dedup: DedupWindow | None = None,
+    ) -> None:
+        super().__init__(settings, source, producer)
+        self.transform = transform
+        self.codecs = transform.codecs
+        self.dedup = dedup
+        self.counts = {"masked": 0, "dead_letter": 0, "duplicate": 0}
+        self.dead: list[tuple[str, bytes]] = []  # (reason, message id) in the open transaction
+        self.masked_out = metrics.RECORDS_OUT.labels("mask", "masked")
+        self.dead_out = metrics.RECORDS_OUT.labels("mask", "dead_letter")
+
+    async def on_assign(self, partitions: set[int]) -> None:
+        if self.dedup is not None:
+            loaded = await asyncio.to_thread(self.dedup.load, partitions)
+            self.dedup.install(loaded)
+
+    async def on_revoke(self, partitions: set[int]) -> None:
+        await super().on_revoke(partitions)
+        if self.dedup is not None:
+            self.dedup.forget(partitions)
+
+    async def on_lost(self, partitions: set[int]) -> None:
+        await super().on_lost(partitions)
+        if self.dedup is not None:
+            self.dedup.forget(partitions)
+
+    def rolled_back(self) -> None:
+        self.counts = dict.fromkeys(self.counts, 0)
+        self.dead = []
+        if self.dedup is not None:
+            self.dedup.rollback()
+
+    def committed(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.prune(offsets)
+        self.masked_out.inc(self.counts["masked"])
+        self.dead_out.inc(self.counts["dead_letter"])
+        if self.counts["duplicate"]:
+            metrics.DUPLICATES_DROPPED.inc(self.counts["duplicate"])
+        for reason, message_id in self.dead:
+            metrics.count_dead_letter("mask", reason, message_id)
+        self.counts = dict.fromkeys(self.counts, 0)
+        self.dead = []
+        if self.dedup is not None:
+            self.dedup.commit()
+
+    async def handle(self, batch: Batch) -> None:
+        try:
+            await self._handle(batch)
+        finally:
+            self.source.finished(batch)
+
+    async def _handle(self, batch: Batch) -> None:
+        messages = self.source.live(batch) if batch.messages else []
+        began = time.monotonic()
+        if messages:  # schema ids not seen before: fetched once (a registry that is down is waited out)
+            await self.codecs.raw.resolve([m.value() for m in messages], self.settings.retry_max_backoff)
+        # The transform runs while the previous transaction commits on its thread.
+        outputs = self.transform.batch([(m.key(), m.value(), where(m)) for m in messages]) if messages else []
+        async with self.lock:
+            await self.settle()
+            if messages:
+                now = self.live_now(batch, messages)
+                if len(now) != len(messages):
+                    keep = {id(m) for m in now}
+                    pairs = [(m, o) for m, o in zip(messages, outputs, strict=True) if id(m) in keep]
+                else:
+                    pairs = list(zip(messages, outputs, strict=True))
+                if pairs:
+                    try:
+                        self._produce(pairs)
+                    except Abort as abort:
+                        await self.aborted(abort)
+                        return
+                    metrics.LIVENESS.started()
+                    self.batches += 1
+                    self.in_.inc(len(pairs))
+                    self.size_.observe(len(pairs))
+                    self.seconds_.observe(time.monotonic() - began)
+                    fault_point("mask_after_produce")
+                    await fault_hang("mask_after_produce")  # a transaction left open (tests kill it)
+            producer = self.producer
+            if batch.ends and (producer.open or not messages) and self.advance(batch, self.offsets):
+                producer.begin()  # past transaction markers too (an offsets-only transaction when idle)
+            if producer.open and (
+                producer.records >= self.settings.commit_records
+                or time.monotonic() - producer.began >= self.settings.commit_interval
+            ):
+                offsets, self.offsets = self.offsets, {}
+                self.in_flight = asyncio.ensure_future(self._commit(offsets))
+
+    async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        await self.blocking(lambda: self.commit_sync(offsets), "commit transaction")
+        self.committed(offsets)
+        for _ in range(self.batches):
+            metrics.LIVENESS.finished()
+        self.batches = 0
+
+    def _produce(self, pairs: list[tuple[Message, Any]]) -> None:
+        s = self.settings
+        producer = self.producer
+        producer.begin()
+        dedup = self.dedup
+        masked_topic, dlq_topic = s.masked_topic, s.dlq_topic
+        produce, fit, refused, limits = producer.produce, self.fit, self.refused, self.limits
+        masked_limit = limits.get(masked_topic, 1 << 62)
+        counts, dead = self.counts, self.dead
+        offsets = self.offsets
+        topic = s.raw_topic
+        for message, out in pairs:
+            partition, offset = cast(int, message.partition()), cast(int, message.offset())
+            source = (partition, offset)
+            offsets[(topic, partition)] = offset + 1
+            if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1], produce):
+                if not any(header[0] == REDRIVE_HEADER for header in message.headers() or ()):
+                    counts["duplicate"] += 1
+                    continue
+                dedup.admit(partition, offset, out.key, message.timestamp()[1], produce, force=True)
+            reason = out.reason
+            record: tuple = (dlq_topic, out.key, out.value) if reason else (masked_topic, out.key, out.value)
+            if refused or reason or len(out.key) + len(out.value) > masked_limit:
+                fixed = fit(record, source, self.codecs)
+                if fixed is not record:
+                    record, reason = fixed, reason or "too_large"
+            if reason:
+                counts["dead_letter"] += 1
+                dead.append((reason, record[1]))
+                log.info("dead-lettered a record: %s", reason, extra={"stage": "mask", "reason": reason})
+                kind, timestamp = message.timestamp()  # the DLQ's retention counts from the raw record's
+                produce(record[0], record[1], record[2], source, timestamp if kind != TIMESTAMP_NOT_AVAILABLE else 0)
+            else:
+                counts["masked"] += 1
+                produce(record[0], record[1], record[2], source)
+        producer.poll()
+
+
+class SinkWriter(StageWriter):
+    stage = "sink"
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: KafkaSource,
+        producer: TransactionalProducer,
+        sink_stage: SinkStage,
+        database: PostgresSink,
+    ) -> None:
+        super().__init__(settings, source, producer)
+        self.sink_stage = sink_stage
+        self.codecs = sink_stage.codecs
+        self.database = database
+
+    def close(self) -> None:
+        super().close()
+
+    async def handle(self, batch: Batch) -> None:
+        try:
+            await self._handle(batch)
+        finally:
+            self.source.finished(batch)
+
+    async def _handle(self, batch: Batch) -> None:
+        messages = self.source.live(batch) if batch.messages else []
+        if not messages and not batch.ends:
+            return
+        if messages:
+            await self.codecs.masked.resolve([m.value() for m in messages], self.settings.retry_max_backoff)
+        plan = self.sink_stage.plan(sink_input(messages))  # while the last batch writes
+        async with self.lock:
+            await self.settle()
+            now = self.live_now(batch, messages)
+            if len(now) != len(messages):
+                plan = self.sink_stage.plan(sink_input(now))
+            offsets: dict[tuple[str, int], int] = {}
+            for m in now:
+                offsets[(cast(str, m.topic()), cast(int, m.partition()))] = cast(int, m.offset()) + 1
+            if not self.advance(batch, offsets) and not now:
+                return
+            metrics.LIVENESS.started()
+            self.in_.inc(len(now))
+            self.in_flight = asyncio.ensure_future(self._write(plan, offsets, now, time.monotonic()))
+
+    async def _write(
+        self, batch: Any, offsets: dict[tuple[str, int], int], messages: list[Message], began: float
+    ) -> None:
+        s = self.settings
+        fault_point("sink_before_commit")
+        await fault_hang("sink_before_commit")
+        try:
+            refused = (
+                await retry_forever(
+                    lambda: self.database.write_batch(batch.rows, batch.deletes),
+                    f"write {len(batch.rows)} rows and {len(batch.deletes)} deletes",
+                    log,
+                    s.retry_max_backoff,
+                    label="database write",
+                )
+                if batch.rows or batch.deletes
+                else []
+            )
+            committed_at = time.time()
+            if batch.deletes:
+                log.info(
+                    "deleted the rows of %d tombstones",
+                    len(batch.deletes),
+                    extra={"stage": "sink", "count": len(batch.deletes)},
+                )
+            dead = batch.dead + self.sink_stage.refused(batch, refused)
+            fault_point("sink_after_commit")
+            records = [
+                self.fit((s.dlq_topic, key, value), (-1, i), self.codecs) for i, (key, value, _) in enumerate(dead)
+            ]
+            self.batches = 1
+
+            def transaction() -> None:
+                producer = self.producer
+                producer.begin()
+                for i, (topic, key, value) in enumerate(records):
+                    producer.produce(topic, key, value, (-1, i))
+                producer.commit(offsets, self.source.group_metadata())
+
+            try:
+                await self.blocking(transaction, "commit transaction")
+            except Abort as abort:
+                self.batches = 0
+                metrics.LIVENESS.finished()
+                await self.aborted(abort)
+                return
+            self.batches = 0
+            for key, _, reason in dead:
+                metrics.count_dead_letter("sink", reason, key)
+            metrics.RECORDS_OUT.labels("sink", "row").inc(len(batch.rows) - len(refused))
+            metrics.RECORDS_OUT.labels("sink", "deleted").inc(len(batch.deletes))
+            metrics.RECORDS_OUT.labels("sink", "dead_letter").inc(len(dead))
+            refused_ids = {row["message_id"] for row, _ in refused}
+            for row in batch.rows:
+                if row["message_id"] not in refused_ids:
+                    metrics.END_TO_END.observe(max(committed_at - row["sent_at"].timestamp(), 0.0))
+            self.size_.observe(len(messages))
+            self.seconds_.observe(time.monotonic() - began)
+            metrics.LIVENESS.finished()
+        except asyncio.CancelledError:
+            metrics.LIVENESS.finished()
+            raise

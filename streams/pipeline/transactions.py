@@ -1,0 +1,179 @@
+"""A stage's transactional producer: its outputs and its input offsets commit together (EOS v2).
+
+``transactional.id`` is ``<app_id>-<stage>-<STREAMS_WORKER_SLOT>``: a worker restarted in
+the same slot fences its predecessor and aborts the transaction it left open at once.
+Without a slot the id is random, and a crashed worker's open transaction holds
+``read_committed`` readers back until it times out (``STREAMS_TRANSACTION_TIMEOUT``, at
+most 30 s then). Group-generation fencing (KIP-447: the offsets go in with the
+consumer's group metadata) stops a zombie either way.
+
+Errors, as librdkafka classifies them:
+
+- *abortable* (``txn_requires_abort``; a record the broker refused, a partition that
+  moved): ``Abort`` is raised, the caller aborts, rewinds its consumer to the committed
+  offsets and reads again;
+- *retriable* (a coordinator moving, a timeout): the call is repeated;
+- *fatal* or *fenced* (a newer worker took the slot): the process exits with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+
+from streams.io.kafka import PERMANENT_ERRORS, client_config
+from streams.pipeline.delivery import fatal
+from streams.retry import Backoff
+from streams.settings import Settings
+
+log = logging.getLogger("streams.worker")
+
+# Bytes a record may need beyond its key and value inside a record batch (batch header 61,
+# record header and varints <= 21, a little slack): a record whose key + value is within
+# ``max.message.bytes - SIZE_MARGIN`` always fits a batch of its own.
+SIZE_MARGIN = 512
+FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
+
+class Abort(Exception):
+    """The open transaction must be aborted; ``refused`` maps an input record
+    (``partition, offset``) to the error the broker refused its output with for good."""
+
+    def __init__(self, why: str, refused: dict[tuple[int, int], KafkaError] | None = None) -> None:
+        super().__init__(why)
+        self.refused = refused or {}
+
+
+def make_transactional_id(settings: Settings, stage: str) -> str:
+    slot = settings.worker_slot or f"r{uuid.uuid4().hex[:12]}"
+    return f"{settings.app_id}-{stage}-{slot}"
+
+
+def transaction_timeout_ms(settings: Settings) -> int:
+    seconds = settings.transaction_timeout if settings.worker_slot else min(settings.transaction_timeout, 30.0)
+    return int(seconds * 1000)
+
+
+class TransactionalProducer:
+    """One transaction at a time; every blocking call is meant to run off the event loop."""
+
+    def __init__(self, settings: Settings, stage: str, transactional_id: str | None = None, **config: Any) -> None:
+        self.settings = settings
+        self.stage = stage
+        self.transactional_id = transactional_id or make_transactional_id(settings, stage)
+        defaults = {"linger.ms": 5, "compression.type": "lz4"}
+        self.config = {
+            **defaults,
+            **client_config(settings, **config),
+            "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": transaction_timeout_ms(settings),
+            "enable.idempotence": True,
+            "acks": "all",
+            "log_level": 3,
+        }
+        self.producer = Producer(self.config)
+        self.open = False
+        self.abandoned = False  # replaced after a call that never returned: its late errors mean nothing
+        self.refused: dict[tuple[int, int], KafkaError] = {}  # deliveries refused in this transaction
+        self._other_failure: KafkaError | None = None
+        self.records = 0
+        self.began = 0.0
+
+    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run ``call``; retriable errors again (backoff), abortable ones as ``Abort``, fatal ones exit."""
+        backoff = Backoff(self.settings.retry_max_backoff, f"kafka {what}")
+        while True:
+            try:
+                return call()
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                self._fatal_check(err)
+                if err.txn_requires_abort():
+                    self.producer.poll(0)  # serve pending delivery reports: a refused record names itself
+                    raise Abort(f"{what}: {err.name()}", dict(self.refused)) from None
+                if err.retriable():
+                    log.warning("%s: %s, attempt %d; retrying", what, err.name(), backoff.attempts + 1)
+                    backoff.wait_blocking()
+                    continue
+                raise
+
+    def _fatal_check(self, err: KafkaError) -> None:
+        """Exit with one line if Kafka will never take this producer's writes again."""
+        if self.abandoned:
+            raise Abort(f"abandoned producer: {err.name()}")
+        if err.fatal() or err.code() in FENCED:
+            fatal(
+                self.stage,
+                f"Kafka refused transactional id {self.transactional_id} for good ({err.name()}): "
+                "a newer worker took this slot (STREAMS_WORKER_SLOT), or the producer failed",
+            )
+
+    def init(self) -> None:
+        """Register the id (fencing any older producer with it) and abort what it left open."""
+        self._guard("init transactions", lambda: self.producer.init_transactions(30))
+
+    def begin(self) -> None:
+        if not self.open:
+            self._guard("begin transaction", self.producer.begin_transaction)
+            self.open = True
+            self.records = 0
+            self.began = time.monotonic()
+            self.refused = {}
+            self._other_failure = None
+
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, source: tuple[int, int], timestamp: int = 0
+    ) -> None:
+        """Queue one output of input ``source`` (``partition, offset``) in the open transaction;
+        ``timestamp`` (ms, 0 = now) is the input's for a dead letter, so the DLQ's retention counts from it."""
+        refused = self.refused
+
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                if err.code() in PERMANENT_ERRORS:
+                    refused[source] = err
+                else:
+                    self._other_failure = err
+
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, timestamp=timestamp, on_delivery=delivered)
+                break
+            except BufferError:  # librdkafka's queue is full: let it drain
+                self.producer.poll(0.05)
+            except KafkaException as exc:
+                err = exc.args[0]
+                self._fatal_check(err)
+                if err.code() in PERMANENT_ERRORS:
+                    refused[source] = err
+                raise Abort(f"produce: {err.name()}", dict(refused)) from None
+        self.records += 1
+
+    def poll(self) -> None:
+        self.producer.poll(0)
+
+    def commit(self, offsets: dict[tuple[str, int], int], group_metadata: Any) -> None:
+        """Send the input offsets (next offset to read) and commit; ``Abort`` if it must be aborted."""
+        if not self.open:
+            return
+        if offsets:
+            tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            self._guard("send offsets", lambda: self.producer.send_offsets_to_transaction(tps, group_metadata, 30))
+        self._guard("commit transaction", lambda: self.producer.commit_transaction(60))
+        self.open = False
+
+    def abort(self) -> None:
+        if self.open:
+            self.open = False
+            try:
+                self._guard("abort transaction", lambda: self.producer.abort_transaction(60))
+            except Abort:  # already aborted by the broker
+                pass
+
+    def close(self) -> None:
+        self.producer.flush(5)

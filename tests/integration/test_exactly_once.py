@@ -1,0 +1,201 @@
+"""The mask stage is exactly-once on the topics (issue 18): kills, zombies, rebalances, bridge copies.
+
+The masked topic is compacted, and compaction hides duplicates; these tests count copies
+while the topics are fresh (the active segment is never cleaned), with a
+``read_committed`` reader (what every consumer should see) and, to prove the kills landed
+inside transactions, a ``read_uncommitted`` one.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import threading
+import urllib.request
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from benchmarks.throughput import produce_raw
+from streams.io.codec import Codecs
+from streams.io.kafka import metadata_consumer, send_records
+from streams.ops.topics import ensure_topics
+from streams_dev.sandbox import _free_ports
+
+pytestmark = pytest.mark.integration
+
+MASK_ONLY = {"STREAMS_STAGES": "mask", "STREAMS_LOG_LEVEL": "info"}
+
+
+def message_ids(settings, topic: str, isolation: str) -> collections.Counter:
+    """Copies per message id (the record key) on ``topic`` as a reader with ``isolation`` sees it."""
+    consumer = metadata_consumer(settings, None, **{"enable.partition.eof": True, "isolation.level": isolation})
+    counts: collections.Counter = collections.Counter()
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        remaining = set(partitions)
+        while remaining:
+            msg = consumer.poll(30)
+            assert msg is not None, f"no record nor end of {topic} within 30 s"
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    remaining.discard(msg.partition())
+                continue
+            counts[msg.key().decode()] += 1
+    finally:
+        consumer.close()
+    return counts
+
+
+def outputs(pipeline, isolation: str = "read_committed") -> collections.Counter:
+    s = pipeline.settings
+    return message_ids(s, s.masked_topic, isolation) + message_ids(s, s.dlq_topic, isolation)
+
+
+def logins(sample_path, copies: int) -> list[dict]:
+    return json.loads(sample_path.read_text()) * copies  # 99 valid logins and one dead letter per 100
+
+
+def test_mask_killed_mid_transaction_again_and_again_writes_each_id_once(pipeline, sample_path):
+    s = pipeline.settings
+    ids = produce_raw(s, logins(sample_path, 40))  # 4,000 records, 40 of them dead letters
+    # Transactions of 3 batches of 100. Each life stops inside its 5th batch, after the
+    # produce (batches 4 and 5 in an open transaction), and is SIGKILLed there.
+    env = {**MASK_ONLY, "STREAMS_BATCH_SIZE": "100", "STREAMS_COMMIT_RECORDS": "300", "STREAMS_COMMIT_INTERVAL": "30"}
+    for life in range(3):
+        committed = sum(outputs(pipeline).values())
+        worker = pipeline.start("worker", STREAMS_FAULT="mask_after_produce@5:hang", STREAMS_WORKER_SLOT="0", **env)
+        pipeline.stopped.add(worker)
+        pipeline.wait_for(
+            lambda before=committed: (
+                sum(outputs(pipeline, "read_uncommitted").values()) > sum(outputs(pipeline).values()) > before
+            ),
+            120,
+            f"life {life + 1} to commit, then hold records in an open transaction",
+        )
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+    pipeline.start("worker", STREAMS_WORKER_SLOT="0", **env)
+    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 180, "the raw topic fully committed")
+
+    uncommitted = outputs(pipeline, "read_uncommitted")
+    assert any(n > 1 for n in uncommitted.values()), "no kill landed inside a transaction"
+    committed = outputs(pipeline)
+    assert set(committed) == set(ids)
+    assert set(committed.values()) == {1}, [i for i, n in committed.items() if n > 1][:5]
+    assert sum(message_ids(s, s.dlq_topic, "read_committed").values()) == 40
+
+
+def test_a_fenced_zombie_exits_and_its_writes_are_refused(pipeline, sample_path):
+    s = pipeline.settings
+    ensure_topics(s)
+    zombie = pipeline.start("worker", STREAMS_WORKER_SLOT="7", **MASK_ONLY)
+    pipeline.wait_for(lambda: "assigned 6 partitions" in pipeline.log_of(zombie), 120, "the first worker's partitions")
+    ids = produce_raw(s, logins(sample_path, 2))
+    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 120, "the first records masked")
+    # A second worker in the same slot: its producer fences the first one's.
+    pipeline.stopped.add(zombie)
+    successor = pipeline.start("worker", STREAMS_WORKER_SLOT="7", **MASK_ONLY)
+    pipeline.wait_for(
+        lambda: "dedup window of partition" in pipeline.log_of(successor), 120, "the second worker's start"
+    )
+    ids += produce_raw(s, logins(sample_path, 5))
+    pipeline.wait_for(lambda: zombie.poll() is not None, 120, "the zombie to exit")
+    assert zombie.returncode == 75
+    last = [line for line in pipeline.log_of(zombie).splitlines() if "stage mask stops" in line]
+    assert len(last) == 1 and "STREAMS_WORKER_SLOT" in last[0]
+    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 180, "the successor to mask everything")
+    committed = outputs(pipeline)
+    assert set(committed) == set(ids) and set(committed.values()) == {1}
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_worker_joins_and_leaves_under_load_nothing_lost_or_doubled(pipeline, sample_path):
+    s = pipeline.settings
+    ensure_topics(s)
+    # Long transactions (3 s): a rebalance finds one open, with records in it.
+    env = {
+        **MASK_ONLY,
+        "STREAMS_BATCH_SIZE": "200",
+        "STREAMS_COMMIT_INTERVAL": "3",
+        "STREAMS_COMMIT_RECORDS": "1000000",
+    }
+    first = [pipeline.start("worker", STREAMS_WORKER_SLOT=str(i), **env) for i in range(2)]
+    pipeline.wait_for(
+        lambda: all("assigned" in pipeline.log_of(w) for w in first), 120, "two workers sharing the partitions"
+    )
+    # Load all along: 1,000 records every 0.1 s until the joiner has come and gone.
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            ids.extend(produce_raw(s, logins(sample_path, 10)))
+            stop.wait(0.1)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    try:
+        pipeline.wait_for(lambda: sum(outputs(pipeline).values()) > 0, 120, "the first committed outputs")
+        port = _free_ports(1)[0]
+        joiner = pipeline.start("worker", STREAMS_WORKER_SLOT="2", STREAMS_METRICS_PORT=str(port), **env)
+        # The joiner commits transactions of its own (its outputs are counted on commit only)...
+        pipeline.wait_for(
+            lambda: _safe(lambda: metric(port, 'streams_records_out_total{outcome="masked"')) > 1000,
+            180,
+            "the joiner to commit",
+        )
+        # ...and leaves while records keep coming.
+        assert pipeline.stop(joiner) == 0
+        pipeline.wait_for(lambda: "revoked" in pipeline.log_of(first[0]) + pipeline.log_of(first[1]), 60, "a revoke")
+    finally:
+        stop.set()
+        loader.join(60)
+    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 300, "the rest of the records")
+    logs = "".join(pipeline.log_of(w) for w in first) + pipeline.log_of(joiner)
+    assert "revoke: committed the batch in flight" in logs  # a revoke found a transaction in flight
+    committed = outputs(pipeline)
+    assert len(ids) > 10_000 and set(committed) == set(ids)
+    assert set(committed.values()) == {1}
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except Exception:
+        return 0
+
+
+def test_a_bridge_copy_is_dropped_and_a_replay_still_emits_the_original(pipeline, sample_path):
+    s = pipeline.settings
+    codec = Codecs().raw
+    ids = produce_raw(s, logins(sample_path, 1))
+    worker = pipeline.start("worker", **MASK_ONLY)
+    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 120, "the originals masked")
+    # The bridge killed between produce and SQS delete: the same envelope again, at a later offset.
+    from streams.io.kafka import read_topic
+
+    originals = {k: v for k, v in read_topic(s, s.raw_topic)}
+    copies = [(s.raw_topic, k, v) for k, v in list(originals.items())[:10]]
+    assert all(codec.decode(v)["message_id"] == k.decode() for _, k, v in copies)
+    send_records(s, copies)
+    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 120, "the copies read")
+    committed = outputs(pipeline)
+    assert set(committed) == set(ids) and set(committed.values()) == {1}  # no second output for a copy
+
+    # A deliberate replay from earliest emits every original again (and still drops the copies).
+    assert pipeline.stop(worker) == 0
+    replayed = pipeline.wait_for(
+        lambda: (r := pipeline.run("replay", "mask", "--to", "earliest")).returncode == 0 and r, 60, "replay"
+    )
+    assert replayed.returncode == 0
+    pipeline.start("worker", **MASK_ONLY)
+    pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 120, "the replay")
+    committed = outputs(pipeline)
+    assert set(committed) == set(ids) and set(committed.values()) == {2}
