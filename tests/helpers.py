@@ -56,6 +56,7 @@ class Pipeline:
         self.migrated = False
         self.deployed = False
         self._codecs: Codecs | None = None
+        self.slots: dict[subprocess.Popen, str] = {}  # worker -> its STREAMS_WORKER_SLOT
 
     @property
     def codecs(self) -> Codecs:
@@ -64,7 +65,6 @@ class Pipeline:
             self.deploy()
             self._codecs = Codecs.from_settings(self.settings)
         return self._codecs
-        self.slots: dict[subprocess.Popen, str] = {}  # worker -> its STREAMS_WORKER_SLOT
 
     @property
     def settings(self) -> Settings:
