@@ -272,7 +272,9 @@ class PostgresSink:
             await conn.execute(MERGE_STAGED)
 
     @staticmethod
-    async def _copy_new(conn: asyncpg.Connection, vault: list[tuple], rows: list[tuple], deletes: Sequence[str]) -> bool:
+    async def _copy_new(
+        conn: asyncpg.Connection, vault: list[tuple], rows: list[tuple], deletes: Sequence[str]
+    ) -> bool:
         """Delete the tombstoned rows; COPY the batch if none of its message ids is written yet.
 
         False: a message id is there already, and the batch is left for ``_merge``.
