@@ -34,7 +34,7 @@ import asyncpg
 
 from benchmarks.harness import Sandbox, logins, raw_records
 from streams.io.codec import Codecs
-from streams.io.postgres import connect, migrate
+from streams.io.postgres import connect
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import (
     _COLUMNS,
@@ -51,14 +51,6 @@ from streams.privacy.keys import settings_keyring
 from streams.privacy.masking import Masker
 
 Messages = list[tuple[bytes | None, bytes, str]]
-
-
-async def _migrated(dsn: str) -> None:
-    conn = await connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
 
 
 def _server_cpu(conn: asyncpg.Connection) -> float:
@@ -154,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name, (fn, data) in variants.items():
                 dsn = sb.new_database(f"{name}{r}")
-                asyncio.run(_migrated(dsn))
                 wall, cpu, server = asyncio.run(_timed(lambda fn=fn, dsn=dsn, data=data: fn(dsn, data, args.batch)))
                 rows = asyncio.run(_count(dsn))
                 assert rows == args.rows, (name, rows)
@@ -179,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.profile:
             dsn = sb.new_database("profile")
-            asyncio.run(_migrated(dsn))
             prof = cProfile.Profile()
             prof.enable()
             asyncio.run(run_sink(dsn, messages, args.batch))
