@@ -224,6 +224,13 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 """
 
 
+# asyncpg prepares every statement; after five runs PostgreSQL may keep one generic plan,
+# and one made while the tables were nearly empty scans them whole (seq scan) for every
+# batch until autovacuum analyzes them. A plan per run (a fraction of a millisecond a
+# batch) always looks the batch's keys up by index.
+SESSION = {"plan_cache_mode": "force_custom_plan"}
+
+
 class PostgresSink:
     """A single connection is enough: one statement per batch, batches in sequence."""
 
@@ -235,7 +242,7 @@ class PostgresSink:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self.dsn, command_timeout=self.command_timeout)
+            self._conn = await connect(self.dsn, command_timeout=self.command_timeout, server_settings=SESSION)
         return self._conn
 
     async def write(self, records: list[dict], deletes: Sequence[str] = ()) -> None:

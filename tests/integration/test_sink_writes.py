@@ -142,3 +142,36 @@ def test_a_refused_row_is_returned_and_the_rest_of_its_batch_written(pipeline):
             await conn.close()
 
     asyncio.run(go())
+
+
+def test_the_keys_are_looked_up_by_index_after_the_table_grew(pipeline):
+    """A plan cached while the table was empty must not scan the grown table for every batch."""
+
+    async def seq_scans(conn, sink: PostgresSink) -> int:
+        assert sink._conn is not None
+        await sink._conn.execute("SELECT pg_stat_force_next_flush()")  # the sink's counts, now
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        return await conn.fetchval("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'user_logins'")
+
+    async def go() -> None:
+        dsn, conn = await _db(pipeline)
+        await conn.execute("ALTER TABLE user_logins SET (autovacuum_enabled = false)")  # no ANALYZE meanwhile
+        sink = PostgresSink(dsn)
+        try:
+            for i in range(8):  # enough runs for PostgreSQL to settle on a cached plan, on an empty table
+                assert await sink.write_batch([row(f"early-{i}")], [f"gone-{i}"]) == []
+            await conn.execute(
+                "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id,"
+                " create_date, app_version_raw, sent_at)"
+                " SELECT 'bulk-' || i, 'u', 'ios', 'x', 'y', now(), '1', now() FROM generate_series(1, 20000) i"
+            )
+            before = await seq_scans(conn, sink)
+            for i in range(4):
+                assert await sink.write_batch([row(f"late-{i}"), row(f"early-{i}")], [f"bulk-{i}"]) == []
+            assert await seq_scans(conn, sink) == before
+            assert await conn.fetchval("SELECT count(*) FROM user_logins WHERE message_id LIKE 'late-%'") == 4
+        finally:
+            await sink.close()
+            await conn.close()
+
+    asyncio.run(go())
