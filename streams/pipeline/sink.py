@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
+from operator import itemgetter
 
 import asyncpg
 
@@ -294,8 +295,9 @@ class PostgresSink:
         known = {(f, t) for f, t in found}
         if any(f == "" for f, _ in known):
             return False
-        # In key order, so two workers adding the same new tokens do not deadlock each other.
-        new_vault = sorted(v for v in vault if (v[0], v[1]) not in known)
+        new_vault = [v for v in vault if (v[0], v[1]) not in known] if known else vault
+        # In token order, so two workers adding the same new tokens do not deadlock each other.
+        new_vault.sort(key=itemgetter(1))
         if new_vault:
             await conn.copy_records_to_table("pii_vault", records=new_vault, columns=_VAULT_COLUMNS)
         if rows:
