@@ -51,8 +51,9 @@ test: install
 unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+BROKERS ?=
 stack-up: install
-	$(STREAMS) stack up
+	$(STREAMS) stack up $(if $(BROKERS),--brokers $(BROKERS))
 stack-down: install
 	$(STREAMS) stack down
 stack-status: install
@@ -63,12 +64,14 @@ bench: install
 	$(STREAMS) stack up
 	$(PY) -m benchmarks.run
 
-## Chaos run on a private stack: N messages (2% malformed), K kills of worker and bridge,
-## one Kafka and one PostgreSQL restart; prints what was injected and what was found.
+## Chaos run on a private three-broker stack: N messages (2% malformed), K kills of worker
+## and bridge, L SIGKILLs of a busy partition's leader broker, one PostgreSQL restart;
+## prints what was injected and what was found (copies on the topics included).
 N ?= 100000
 K ?= 5
+L ?= 2
 chaos: install
-	$(PY) -m streams_dev.chaos --messages $(N) --kills $(K)
+	$(PY) -m streams_dev.chaos --messages $(N) --kills $(K) --leader-kills $(L)
 
 ## The production image, streams:local (the Dockerfile; --network host for the lab's engine).
 image:

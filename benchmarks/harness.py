@@ -29,6 +29,7 @@ from confluent_kafka import TopicPartition
 from streams.io.codec import Codecs
 from streams.io.kafka import admin_client, ensure_topics, metadata_consumer, send_records
 from streams.io.postgres import connect, migrate
+from streams.ops.schemas import register as register_schemas
 from streams.pipeline.bridge import envelope
 from streams.settings import Settings
 from streams_dev.sandbox import sandbox_env, settings_from_env
@@ -70,10 +71,13 @@ class Sandbox:
         self.databases: set[str] = {self.settings.pg_dsn.get_secret_value().rsplit("/", 1)[1]}
         self.topics |= {self.settings.raw_topic, self.settings.masked_topic, self.settings.dlq_topic}
         ensure_topics(self.settings)  # 6 partitions each (not the broker's auto-created single one)
+        register_schemas(self.settings)  # the deploy step (with a schema registry)
 
     def env(self, **over: str) -> dict[str, str]:
         env = {**self.base_env, **over}
         s = settings_from_env(env)
+        if not {s.raw_topic, s.masked_topic, s.dlq_topic} <= self.topics:
+            register_schemas(s)  # new topics: their subjects too
         self.topics |= {s.raw_topic, s.masked_topic, s.dlq_topic}
         self.groups.add(s.app_id)
         return env
@@ -218,6 +222,7 @@ class Result:
     cpu_per_100k: float | None = None  # CPU seconds per 100,000 events, same window
     peak_rss_mib: float | None = None
     notes: list[str] = field(default_factory=list)
+    service_cpu_per_100k: dict[str, float] = field(default_factory=dict)  # ``measure(services=...)``, same window
 
 
 def _tree_cpu(proc: psutil.Process) -> float:
@@ -260,10 +265,13 @@ def measure(
     progress: Callable[[], int],
     timeout: float,
     interval: float = 0.1,
+    services: dict[str, int] | None = None,
 ) -> Result:
     """Run ``cmds`` until ``progress()`` reaches ``total``; sample them; stop them (SIGTERM).
 
     CPU is the sum over every command's process tree; peak RSS is the first command's.
+    ``services`` (name -> pid, e.g. a private stack's Kafka and ElasticMQ, used by nothing
+    else): their CPU is sampled too, into ``service_cpu_per_100k``.
     """
     log_path = Path(tempfile.gettempdir()) / f"bench-{name.replace(' ', '_')}-{uuid.uuid4().hex[:6]}.log"
     children = []
@@ -281,6 +289,8 @@ def measure(
     procs = [psutil.Process(c.pid) for c in children]
     start = time.monotonic()
     samples: list[tuple[float, int, float]] = []
+    watched = {name: psutil.Process(pid) for name, pid in (services or {}).items()}
+    service_samples: dict[str, list[tuple[float, int, float]]] = {name: [] for name in watched}
     result = Result(name, total)
     peak = 0.0
     try:
@@ -295,6 +305,8 @@ def measure(
             done = progress()
             cpu = sum(_tree_cpu(p) for p in procs)
             samples.append((now, done, cpu))
+            for service, proc in watched.items():
+                service_samples[service].append((now, done, _tree_cpu(proc)))
             peak = max(peak, _peak_rss_mib(procs[0]) or 0.0)
             if done >= total:
                 break
@@ -311,6 +323,10 @@ def measure(
                 p.kill()
                 p.wait()
     result.rate, result.cpu_per_100k = steady(samples, total)
+    for service, taken in service_samples.items():
+        _, cpu = steady(taken, total)
+        if cpu is not None:
+            result.service_cpu_per_100k[service] = cpu
     result.peak_rss_mib = round(peak, 1) if peak else None
     return result
 

@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         help="backlog of the Kafka and sink rows (they run 5-50x faster than SQS allows)",
     )
     parser.add_argument("--pollers", type=int, default=int(os.environ.get("BENCH_POLLERS", 4)))
+    parser.add_argument(
+        "--bridge-rounds", type=int, default=3, help="interleaved rounds of bridge and bare SQS loop (their medians)"
+    )
     parser.add_argument("--rss-backlogs", default=os.environ.get("BENCH_RSS_BACKLOGS", "10000,100000"))
     parser.add_argument(
         "--min-bare-copy",
@@ -341,29 +344,13 @@ def main(argv: list[str] | None = None) -> int:
                 invalid.append("COPY slower than the sink stage")
 
         if "bridge" not in skip:
-            pollers = str(args.pollers)
-            env = sb.env(
-                STREAMS_SQS_QUEUE=f"{s.sqs_queue}-bridge",
-                STREAMS_RAW_TOPIC=sb.topic("raw-bridge"),
-                STREAMS_BRIDGE_POLLERS=pollers,
-                STREAMS_LOG_LEVEL="WARNING",
-            )
-            qs = settings_from_env(env)
-            seed(qs, bodies)
-            bridge = measure("bridge", [python("-m", "streams", "bridge")], env, n, QueueProgress(qs, n), args.timeout)
-            checks.append(f"bridge: {sum(1 for _ in read_topic(qs, qs.raw_topic))} raw records for {n} messages")
-            env = sb.env(STREAMS_SQS_QUEUE=f"{s.sqs_queue}-bare", STREAMS_LOG_LEVEL="WARNING")
-            qs = settings_from_env(env)
-            seed(qs, bodies)
-            bare_sqs = measure(
-                "bare SQS loop",
-                [python("-m", "benchmarks.bare", "sqs", pollers)],
-                env,
-                n,
-                QueueProgress(qs, n),
-                args.timeout,
-            )
-            results += [("bridge", bridge, "target ≥ 0.9× bare SQS loop"), ("bridge", bare_sqs, "comparator")]
+            from benchmarks.bridge import BARE, BRIDGE, bridge_rounds, median_rows
+
+            medians = median_rows(bridge_rounds(sb, bodies, args.pollers, args.bridge_rounds, args.timeout, checks))
+            results += [
+                ("bridge", medians[BRIDGE], f"target ≥ 0.9× bare SQS loop; median of {args.bridge_rounds} rounds"),
+                ("bridge", medians[BARE], "comparator"),
+            ]
 
         if "e2e" not in skip:
             dsn = sb.new_database("e2e")
@@ -454,6 +441,7 @@ def _print_table(n, args, results, transform_row, rss, load_before, load_after, 
     print()
     print(
         f"`python -m benchmarks.run --messages {n} --kafka-messages {args.kafka_messages} --pollers {args.pollers} "
+        f"--bridge-rounds {args.bridge_rounds} "
         f"--rss-backlogs {args.rss_backlogs}`: "
         f"{seconds:.0f} s, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after, "
         f"{os.cpu_count()} cores"

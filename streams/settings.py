@@ -64,7 +64,19 @@ class Settings(BaseSettings):
     accept_low_replication: bool = Field(
         False, description="start even if a topic's replication factor or min.insync.replicas is below the setting"
     )
-    raw_retention_ms: int = Field(7 * 24 * 3600 * 1000, description="raw topic and DLQ hold PII: bounded")
+    raw_retention_ms: int = Field(
+        7 * 24 * 3600 * 1000,
+        description="raw topic and DLQ hold PII: bounded, > 0 and at most RETENTION_CEILING_MS (docs/privacy.md)",
+    )
+    accept_long_retention: bool = Field(
+        False, description="allow a raw/DLQ retention above the ceiling (and such topics at start)"
+    )
+    masked_compaction_lag_ms: int = Field(
+        24 * 3600 * 1000, gt=0, description="masked topic: longest a replaced or deleted value may stay uncompacted"
+    )
+    masked_tombstone_ms: int = Field(
+        24 * 3600 * 1000, gt=0, description="masked topic: how long a tombstone stays for readers (delete.retention.ms)"
+    )
     app_id: str = Field("streams", description="Faust app id; mask and sink consumer groups derive from it")
 
     # --- SQS -------------------------------------------------------------
@@ -89,6 +101,21 @@ class Settings(BaseSettings):
         262_144, ge=1, description="larger bodies are dead-lettered as too_large (SQS's own limit)"
     )
 
+    # --- Schema registry (Confluent REST API) ------------------------------
+    # Set: every record is in the Confluent wire format (0x00, 4-byte schema id, datum) and
+    # schemas are registered by the deploy step; empty: Avro single-object encoding.
+    schema_registry_url: str | None = Field(
+        None, description="base of the Confluent-compatible API, e.g. http://127.0.0.1:8081/apis/ccompat/v7"
+    )
+    schema_registry_username: str | None = Field(None, description="HTTP basic auth user")
+    schema_registry_password: SecretStr | None = None
+    schema_registry_ca_file: Path | None = Field(
+        None, description="CA bundle the registry's certificate must chain to; none = system store"
+    )
+    schema_registry_cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    schema_registry_key_file: Path | None = Field(None, description="its private key (PEM)")
+    schema_registry_timeout: float = Field(10.0, gt=0, description="seconds one registry request may take")
+
     # --- PostgreSQL ------------------------------------------------------
     pg_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/streams")
     pg_command_timeout: float = Field(30.0, gt=0, description="seconds a statement may take before it is retried")
@@ -108,7 +135,11 @@ class Settings(BaseSettings):
     retry_max_backoff: float = Field(10.0, gt=0)
     startup_timeout: float = Field(30.0, ge=0, description="seconds a starting stage waits for Kafka and PostgreSQL")
     mask_cache_size: int = Field(
-        16384, ge=0, description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none"
+        16384,
+        ge=0,
+        le=262_144,
+        description="masked values the mask stage remembers (duplicates skip HMAC and AES-SIV); 0 = none. "
+        "Each entry holds a plaintext value in worker memory (~700 bytes): bounded, see docs/privacy.md",
     )
 
     data_dir: Path = Field(
@@ -120,6 +151,17 @@ class Settings(BaseSettings):
     keys_file: Path = Field(default_factory=lambda: _default_home() / "keys.json")
     keys_json: SecretStr | None = Field(None, description="the key document itself (from a secret store)")
     dev_keys: bool = Field(False, description="generate a development key file when none exists")
+    # Key material wrapped by a KMS (docs/privacy.md): with a key id set, the key file holds
+    # only a KMS-wrapped document and a plaintext one is refused.
+    kms_key_id: str | None = Field(None, description="AWS KMS key id, ARN or alias that wraps the key document")
+    kms_endpoint: str | None = Field(None, description="KMS endpoint override (local moto); empty: AWS's own")
+    kms_region: str | None = Field(None, description="else AWS_REGION, AWS_DEFAULT_REGION or us-east-1")
+    kms_timeout: float = Field(10.0, gt=0, description="seconds a KMS call may take at start")
+    deployment: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="names this deployment in every KMS EncryptionContext; else STREAMS_APP_ID",
+    )
 
     # --- Process ---------------------------------------------------------
     log_dir: Path = Field(
@@ -137,8 +179,13 @@ class Settings(BaseSettings):
     stack_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "streams")
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
+    kafka_brokers: int = Field(
+        1, ge=1, le=9, description="Kafka nodes the local stack runs (3: `streams stack up --brokers 3`)"
+    )
     pg_port: int = 5432
     sqs_port: int = 9324
+    kms_port: int = 9350
+    registry_port: int = Field(8081, description="the local stack's schema registry (Apicurio)")
 
     @field_validator(
         "sqs_endpoint",
@@ -152,6 +199,16 @@ class Settings(BaseSettings):
         "kafka_ssl_cert_file",
         "kafka_ssl_key_file",
         "kafka_ssl_key_password",
+        "kms_key_id",
+        "kms_endpoint",
+        "kms_region",
+        "deployment",
+        "schema_registry_url",
+        "schema_registry_username",
+        "schema_registry_password",
+        "schema_registry_ca_file",
+        "schema_registry_cert_file",
+        "schema_registry_key_file",
         mode="before",
     )
     @classmethod
@@ -168,9 +225,28 @@ class Settings(BaseSettings):
         return self.sqs_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
+RETENTION_CEILING_MS = 30 * 24 * 3600 * 1000  # raw and DLQ keep plaintext PII at most this long (docs/privacy.md)
+
+
+def check_retention(settings: Settings) -> None:
+    """Raw and DLQ hold plaintext PII: their retention is bounded (never -1, the broker's "forever")."""
+    retention = settings.raw_retention_ms
+    if retention <= 0:
+        raise ConfigError(
+            f"invalid setting STREAMS_RAW_RETENTION_MS={retention}: the raw topic and DLQ hold PII, "
+            f"use a bound > 0 (at most {RETENTION_CEILING_MS} ms, 30 days)"
+        )
+    if retention > RETENTION_CEILING_MS and not settings.accept_long_retention:
+        raise ConfigError(
+            f"STREAMS_RAW_RETENTION_MS={retention} is above the {RETENTION_CEILING_MS} ms (30 days) ceiling for PII: "
+            "lower it, or set STREAMS_ACCEPT_LONG_RETENTION=1 to accept it"
+        )
+
+
 def _check_combinations(settings: Settings) -> None:
     """Settings valid one by one but not together: one line naming what to set."""
     s = settings
+    check_retention(s)
     if s.kafka_security_protocol.startswith("SASL"):
         if not s.kafka_sasl_username:
             raise ConfigError(
@@ -186,10 +262,40 @@ def _check_combinations(settings: Settings) -> None:
         path = getattr(s, name)
         if path is not None and not path.is_file():
             raise ConfigError(f"invalid setting STREAMS_{name.upper()}: no such file {path}")
+    _check_registry(s)
     if (s.aws_access_key_id is None) != (s.aws_secret_access_key is None):
         raise ConfigError(
             "set both STREAMS_AWS_ACCESS_KEY_ID and STREAMS_AWS_SECRET_ACCESS_KEY, or neither (the default AWS credential chain)"
         )
+
+
+def _check_registry(s: Settings) -> None:
+    """The schema registry settings, like Kafka's: credentials in pairs, files that exist, TLS only with https."""
+    url = s.schema_registry_url
+    used = [
+        name
+        for name in ("username", "password", "ca_file", "cert_file", "key_file")
+        if getattr(s, f"schema_registry_{name}") is not None
+    ]
+    if url is None:
+        if used:
+            raise ConfigError(
+                f"STREAMS_SCHEMA_REGISTRY_{used[0].upper()} is set but STREAMS_SCHEMA_REGISTRY_URL is not"
+            )
+        return
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError("invalid setting STREAMS_SCHEMA_REGISTRY_URL: use an http:// or https:// URL")
+    if (s.schema_registry_username is None) != (s.schema_registry_password is None):
+        raise ConfigError("set both STREAMS_SCHEMA_REGISTRY_USERNAME and STREAMS_SCHEMA_REGISTRY_PASSWORD, or neither")
+    if (s.schema_registry_cert_file is None) != (s.schema_registry_key_file is None):
+        raise ConfigError("set both STREAMS_SCHEMA_REGISTRY_CERT_FILE and STREAMS_SCHEMA_REGISTRY_KEY_FILE, or neither")
+    tls = [name for name in used if name.endswith("_file")]
+    if tls and not url.startswith("https://"):
+        raise ConfigError(f"STREAMS_SCHEMA_REGISTRY_{tls[0].upper()} needs an https:// STREAMS_SCHEMA_REGISTRY_URL")
+    for name in tls:
+        path = getattr(s, f"schema_registry_{name}")
+        if not path.is_file():
+            raise ConfigError(f"invalid setting STREAMS_SCHEMA_REGISTRY_{name.upper()}: no such file {path}")
 
 
 def load_settings(**overrides) -> Settings:

@@ -18,6 +18,7 @@ from streams.io.kafka import group_lag, read_topic, total_lag
 from streams.io.postgres import fetch, require_migrated
 from streams.io.sqs import bodies_from_json, send_to_queue
 from streams.ops import children
+from streams.ops.schemas import register as register_schemas
 from streams.ops.state import current_queue_depth, dead_letters
 from streams.settings import Settings
 from streams_dev.sandbox import sandbox_env, settings_from_env
@@ -52,8 +53,17 @@ class Pipeline:
         self.workdir = workdir
         self.procs: list[tuple[subprocess.Popen, Path]] = []
         self.stopped: set[subprocess.Popen] = set()
-        self.codecs = Codecs()
         self.migrated = False
+        self.deployed = False
+        self._codecs: Codecs | None = None
+
+    @property
+    def codecs(self) -> Codecs:
+        """The sandbox's codecs (the Confluent format with a registry: its schemas registered first)."""
+        if self._codecs is None:
+            self.deploy()
+            self._codecs = Codecs.from_settings(self.settings)
+        return self._codecs
 
     @property
     def settings(self) -> Settings:
@@ -80,8 +90,17 @@ class Pipeline:
             require_migrated(self.settings.pg_dsn.get_secret_value())
             self.migrated = True
 
+    def deploy(self) -> None:
+        """Register the sandbox's schemas, once: the deploy step (`streams topics apply`) of a real run."""
+        if not self.deployed:
+            register_schemas(self.settings)
+            self.deployed = True
+
     def start(self, command: str, *args: str, **env: str) -> subprocess.Popen:
-        """Start a stage process; before a worker, migrate the database as `streams run` does."""
+        """Start a stage process; before a worker, migrate the database as `streams run` does;
+        before any stage, register the schemas as the deploy step does."""
+        if command in ("worker", "bridge"):
+            self.deploy()
         if command == "worker":
             self.migrate()
         log_path = self.workdir / f"{command}-{len(self.procs)}.log"
@@ -90,6 +109,7 @@ class Pipeline:
         return proc
 
     def run(self, command: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+        self.deploy()
         full_env = {**os.environ, **self.env, **env}
         return subprocess.run(
             [sys.executable, "-m", "streams", command, *args],
@@ -127,6 +147,7 @@ class Pipeline:
         return read_topic(self.settings, name)
 
     def dead_letters(self) -> list[dict]:
+        self.deploy()
         return dead_letters(self.settings)
 
     def lag(self, topics: list[str], group: str | None = None) -> int:

@@ -1,19 +1,25 @@
-"""Chaos run: push N messages through while killing stages and restarting services, then audit.
+"""Chaos run: push N messages through while killing stages, brokers and PostgreSQL, then audit.
 
 ``python -m streams_dev.chaos --messages 100000 --kills 5`` (``make chaos``) starts a private
-stack on its own ports (the shared one is never touched), feeds the queue at a steady
-rate with ``--malformed`` of the bodies invalid, SIGKILLs the worker and the bridge
-``--kills`` times each (by pid, restarting them at once), restarts Kafka and PostgreSQL
-once each (Kafka for longer than the SQS visibility timeout), and injects the hostile
+stack on its own ports (the shared one is never touched), three Kafka brokers by default
+(``--brokers``), feeds the queue at a steady rate with ``--malformed`` of the bodies
+invalid, SIGKILLs the worker and the bridge ``--kills`` times each (by pid, restarting
+them at once), SIGKILLs the leader of the busiest raw partition ``--leader-kills`` times
+(found through the cluster metadata; restarted after the SQS visibility timeout, and the
+next kill waits until every replica is back in sync), restarts PostgreSQL once (and, on
+one broker, Kafka once, for longer than the visibility timeout), and injects the hostile
 records of docs/delivery.md: bodies with a known reason each (among them a 5,000-digit
 number and a body over STREAMS_MAX_BODY_BYTES), tombstones on the raw and masked topics,
 and a raw record with an over-long message id. Then it audits: every valid id has exactly
 one row whose content is what its input implies (tokens recomputed with the run's keys),
 every injected record is dead-lettered with its specific reason (or deleted, for a masked
-tombstone), the queue is empty, consumer lag zero; it also counts copies per message id
-on the raw topic and in the DLQ (redeliveries after a SIGKILL between produce and delete
-are at-least-once, not loss or doubling) and SQS deletes refused on stale receipt
-handles. It exits 1 if the promise was broken.
+tombstone), the queue is empty, consumer lag zero, and a ``read_committed`` reader sees
+every message id exactly once across the masked and dead-letter topics (the run's masked
+topic gets a ``min.compaction.lag.ms`` beyond the run, so compaction hides no copy). It
+also reports copies a ``read_uncommitted`` reader sees (aborted transactions), copies per
+message id on the raw topic and in the DLQ (redeliveries after a SIGKILL between produce
+and delete are at-least-once), and SQS deletes refused on stale receipt handles. It exits
+1 if the promise was broken.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 from streams.io.codec import Codecs
-from streams.io.kafka import ensure_topics, read_topic, send_records
+from streams.io.kafka import admin_client, ensure_topics, metadata_consumer, read_topic, send_records
 from streams.io.postgres import fetch, require_migrated
 from streams.io.sqs import bodies_from_json, ensure_queue, send_bodies, sqs_client
 from streams.ops import children
+from streams.ops.schemas import register as register_schemas
 from streams.ops.state import current_queue_depth, dead_letters, pipeline_lag
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID
 from streams.pipeline.mask import parse_login
@@ -49,6 +58,8 @@ from streams.privacy.masking import Masker, canonical_device_id, canonical_ip
 from streams.settings import Settings
 from streams_dev.sandbox import private_settings, sandbox_env, settings_from_env
 
+# The run's masked topic keeps every copy this long (compaction would hide duplicates).
+KEEP_UNCOMPACTED_MS = 7 * 24 * 3600 * 1000
 MAX_BODY = 100_000  # STREAMS_MAX_BODY_BYTES of the run: the oversized body below is over it
 # (body, the reason its dead letter must carry)
 MALFORMED = [
@@ -68,9 +79,9 @@ MALFORMED = [
 class Report:
     messages: int = 0
     malformed: int = 0
-    faults: dict[str, int] = field(
-        default_factory=lambda: {"worker SIGKILL": 0, "bridge SIGKILL": 0, "kafka restart": 0, "postgres restart": 0}
-    )
+    brokers: int = 1
+    faults: dict[str, int] = field(default_factory=dict)  # fault -> times injected
+    killed_leaders: list[str] = field(default_factory=list)  # "raw partition 2 on kafka-3"
     rows: int = 0
     lost: int = 0
     unexpected_rows: int = 0
@@ -83,6 +94,11 @@ class Report:
     raw_redelivered_ids: int = 0
     dlq_redelivered_ids: int = 0
     failed_deletes: int = 0
+    # Copies per message id across the masked and DLQ topics, as each kind of reader sees them.
+    topic_records: int = 0
+    topic_duplicated_ids: int = 0  # read_committed: ids with more than one record
+    topic_extra_copies: int = 0  # read_committed: records beyond the first per id
+    uncommitted_extra_copies: int = 0  # read_uncommitted: includes aborted transactions
     injected: dict[str, int] = field(default_factory=dict)
     queue_depth: int = -1
     lag: int = -1
@@ -99,13 +115,16 @@ class Report:
             or self.content_mismatches
             or self.queue_depth
             or self.lag
+            or self.topic_extra_copies
         )
 
     def table(self) -> str:
         lines = [
+            ("Kafka brokers", self.brokers),
             ("messages sent", self.messages),
             ("  of which malformed", self.malformed),
             *((f"injected: {name}", n) for name, n in self.faults.items()),
+            *(("  killed leader", where) for where in self.killed_leaders),
             *((f"injected record: {name}", n) for name, n in self.injected.items()),
             ("raw records (redeliveries included)", self.raw_records),
             ("  ids with more than one raw copy", self.raw_redelivered_ids),
@@ -118,6 +137,10 @@ class Report:
             ("  ids with more than one dead letter", self.dlq_redelivered_ids),
             ("injected ids not dead-lettered (or extra)", self.missing_dead_letters),
             ("dead letters with the wrong reason", self.wrong_reasons),
+            ("masked + DLQ records (read_committed)", self.topic_records),
+            ("  ids with more than one record (read_committed)", self.topic_duplicated_ids),
+            ("  extra copies (read_committed)", self.topic_extra_copies),
+            ("  extra copies (read_uncommitted)", self.uncommitted_extra_copies),
             ("SQS deletes refused (stale receipt handle)", self.failed_deletes),
             ("queue depth at the end", self.queue_depth),
             ("consumer lag at the end", self.lag),
@@ -199,16 +222,155 @@ def inject_records(s: Settings) -> tuple[dict[str, str], set[str]]:
     return expected, deleted
 
 
+def keep_every_copy(s: Settings, topic: str) -> None:
+    """Compaction must not hide a duplicate before the audit counts it: records of the
+    run's compacted ``topic`` stay uncompacted for longer than any run."""
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry("min.compaction.lag.ms", str(KEEP_UNCOMPACTED_MS), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    admin = admin_client(s)  # kept alive until the futures resolve
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
+
+
+def busiest_partition(s: Settings, topic: str) -> tuple[int, int]:
+    """``(partition, leader node id)`` of the partition of ``topic`` that grew most over one
+    second (the bridge writes it, the mask stage reads it), from the cluster metadata."""
+    consumer = metadata_consumer(s)
+    try:
+        leaders = {
+            p: meta.leader
+            for p, meta in admin_client(s).list_topics(topic, timeout=10).topics[topic].partitions.items()
+        }
+
+        def ends() -> dict[int, int]:
+            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in leaders}
+
+        before = ends()
+        time.sleep(1)
+        after = ends()
+    finally:
+        consumer.close()
+    partition = max(leaders, key=lambda p: (after[p] - before[p], after[p]))
+    return partition, leaders[partition]
+
+
+def wait_in_sync(s: Settings, timeout: float, check) -> None:
+    """Until every partition of the cluster has all its replicas in sync (a restarted broker
+    caught up), so the next broker kill never takes a partition below min.insync.replicas."""
+    admin = admin_client(s)
+    deadline = time.monotonic() + timeout
+    while True:
+        check()
+        try:
+            topics = admin.list_topics(timeout=10).topics.values()
+            behind = [
+                (t.topic, p) for t in topics for p, meta in t.partitions.items() if len(meta.isrs) < len(meta.replicas)
+            ]
+        except Exception as exc:  # metadata not answered while a broker comes back
+            behind = [(type(exc).__name__, -1)]
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replicas not back in sync {timeout:.0f}s after a broker restart: {behind[:3]}")
+        time.sleep(0.5)
+
+
+def kill_busy_leader(base: Settings, s: Settings, down_for: float, check) -> str:
+    """SIGKILL the broker leading the busiest raw partition, keep it down ``down_for`` seconds
+    (clients fail over), restart it and wait until its replicas are in sync again."""
+    from streams_dev import stack
+
+    wait_in_sync(s, 120, check)
+    partition, node = busiest_partition(s, s.raw_topic)
+    stack.kill_service(base, f"kafka-{node}")
+    time.sleep(down_for)
+    stack.start_service(base, f"kafka-{node}")
+    wait_in_sync(s, 120, check)
+    return f"raw partition {partition} on kafka-{node}"
+
+
+def topic_copies(s: Settings, isolation: str, timeout: float = 30.0) -> Counter:
+    """Records per message id across the masked and DLQ topics (keys are message ids), as a
+    reader with ``isolation.level`` = ``isolation`` sees them, up to the partitions' ends.
+    Masked tombstones and the masked records the run put there itself (``gone-*``) are not
+    outputs of the pipeline and are left out."""
+    consumer = metadata_consumer(s, **{"enable.partition.eof": True, "isolation.level": isolation})
+    copies: Counter = Counter()
+    try:
+        for topic in (s.masked_topic, s.dlq_topic):
+            partitions = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+            remaining = set(partitions)
+            while remaining:
+                msg = consumer.poll(timeout)
+                if msg is None:
+                    raise RuntimeError(f"reading {topic} ({isolation}): no record nor end within {timeout:.0f}s")
+                error = msg.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        raise RuntimeError(f"reading {topic} ({isolation}): {error.str()}")
+                    remaining.discard(msg.partition())
+                    continue
+                key = (msg.key() or b"").decode("utf-8", "replace")
+                if topic == s.masked_topic and (msg.value() is None or key.startswith("gone-")):
+                    continue
+                copies[key] += 1
+    finally:
+        consumer.close()
+    return copies
+
+
+def written(s: Settings, topics: list[str]) -> int:
+    """Records written to ``topics`` so far (end offsets summed; 0 while Kafka does not answer)."""
+    consumer = metadata_consumer(s)
+    try:
+        metadata = consumer.list_topics(timeout=10).topics
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for topic in topics
+            for p in metadata[topic].partitions
+        )
+    except Exception:
+        return 0
+    finally:
+        consumer.close()
+
+
 class Stages:
-    """The bridge and worker processes of the run; killed only by their own pid."""
+    """The bridge and worker processes of the run; killed only by their own pid, and only
+    once they write (a kill of a stage still starting up would test nothing)."""
 
     def __init__(self, env: dict[str, str], workdir: Path) -> None:
         self.env, self.workdir, self.count = env, workdir, 0
+        self.settings = settings_from_env(env)
+        s = self.settings
+        self.outputs = {"bridge": [s.raw_topic], "worker": [s.masked_topic, s.dlq_topic]}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.written_at_start: dict[str, int] = {}
 
     def start(self, command: str) -> None:
         self.count += 1
-        self.procs[command] = children.start_stage(command, self.workdir / f"{command}-{self.count}.log", self.env)
+        self.written_at_start[command] = written(self.settings, self.outputs[command])
+        # The worker is child 0 of the run, and its restarts take its slot (a stable
+        # transactional id, so the new one fences the killed one's transaction).
+        env = {**self.env, "STREAMS_WORKER_SLOT": "0"} if command == "worker" else self.env
+        self.procs[command] = children.start_stage(command, self.workdir / f"{command}-{self.count}.log", env)
+
+    def wait_busy(self, command: str, timeout: float = 60.0) -> bool:
+        """Until ``command`` wrote since its (re)start, so its kill lands mid-work; False if
+        it wrote nothing within ``timeout`` (nothing left to do: the kill tests less)."""
+        deadline = time.monotonic() + timeout
+        while written(self.settings, self.outputs[command]) <= self.written_at_start[command]:
+            self.check()
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
     def check(self) -> None:
         """A stage that exits by itself is a bug the run must surface, not wait out."""
@@ -234,8 +396,10 @@ def run(
     workdir: Path,
     timeout: float = 600,
     say=print,
+    leader_kills: int = 0,
 ) -> Report:
-    """One chaos run on the running stack ``base``; ``base``'s Kafka and PostgreSQL get restarted."""
+    """One chaos run on the running stack ``base``; ``base``'s PostgreSQL gets restarted, and its
+    Kafka too (one broker) or ``leader_kills`` partition leaders SIGKILLed (several brokers)."""
     from streams_dev import stack
 
     visibility = 5
@@ -250,8 +414,14 @@ def run(
     )
     s = settings_from_env(env)
     ensure_topics(s)
+    keep_every_copy(s, s.masked_topic)
     require_migrated(s.pg_dsn.get_secret_value())  # the workers only check the schema version
-    report = Report()
+    register_schemas(s)  # the deploy step: with a registry, the stages only look their schemas up
+    report = Report(brokers=base.kafka_brokers)
+    if leader_kills and base.kafka_brokers < 3:
+        raise RuntimeError(
+            f"a leader kill needs three brokers (min.insync.replicas 2); the stack has {base.kafka_brokers}"
+        )
     bodies = make_bodies(messages, malformed)
     valid_ids: dict[str, str] = {}  # message id -> body
     malformed_ids: dict[str, str] = {}  # message id -> expected reason
@@ -279,9 +449,15 @@ def run(
     began = time.monotonic()
     feeder.start()
     planned = (
-        [("worker", i) for i in range(kills)] + [("bridge", i) for i in range(kills)] + [("kafka", 0), ("postgres", 0)]
+        [("worker", i) for i in range(kills)]
+        + [("bridge", i) for i in range(kills)]
+        + [("leader", i) for i in range(leader_kills)]
+        + ([("kafka", 0)] if base.kafka_brokers == 1 else [])
+        + [("postgres", 0)]
     )
     random.Random(11).shuffle(planned)
+    names = {"worker": "worker SIGKILL", "bridge": "bridge SIGKILL", "leader": "partition leader SIGKILL"}
+    report.faults = {names.get(t, f"{t} restart"): 0 for t, _ in sorted(set(planned), key=lambda p: p[0])}
     send_estimate = messages / rate
     try:
         for n, (target, _) in enumerate(planned, 1):
@@ -289,8 +465,13 @@ def run(
                 stages.check()
                 time.sleep(0.2)
             if target in ("worker", "bridge"):
+                if not stages.wait_busy(target):
+                    say(f"{target} wrote nothing since its start: killing it idle")
                 stages.kill_and_restart(target)
                 report.faults[f"{target} SIGKILL"] += 1
+            elif target == "leader":
+                report.killed_leaders.append(kill_busy_leader(base, s, down_for=visibility, check=stages.check))
+                report.faults["partition leader SIGKILL"] += 1
             else:
                 stack.stop_service(base, target)
                 # Kafka stays down longer than the visibility timeout: produces stay pending.
@@ -365,6 +546,12 @@ def _audit(s: Settings, report: Report, valid: dict[str, str], malformed: dict[s
     )
     report.queue_depth = asyncio.run(current_queue_depth(s))
     report.lag = pipeline_lag(s)
+    committed = topic_copies(s, "read_committed")
+    report.topic_records = sum(committed.values())
+    report.topic_duplicated_ids = sum(1 for n in committed.values() if n > 1)
+    report.topic_extra_copies = report.topic_records - len(committed)
+    uncommitted = topic_copies(s, "read_uncommitted")
+    report.uncommitted_extra_copies = sum(uncommitted.values()) - len(uncommitted)
 
 
 def _content_mismatches(s: Settings, rows: list, valid: dict[str, str]) -> int:
@@ -394,6 +581,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--malformed", type=float, default=0.02, help="share of malformed bodies")
     parser.add_argument("--kills", type=int, default=5, help="SIGKILLs of the worker, and of the bridge")
+    parser.add_argument("--brokers", type=int, default=3, choices=[1, 3], help="Kafka brokers of the private stack")
+    parser.add_argument(
+        "--leader-kills", type=int, default=2, help="SIGKILLs of a busy partition's leader broker (three brokers)"
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="messages per second sent to the queue")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the drain")
     args = parser.parse_args(argv)
@@ -405,10 +596,13 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, interrupted)
 
     workdir = Path(tempfile.mkdtemp(prefix="streams-chaos-"))
-    base = private_settings(workdir / "stack")
+    base = private_settings(workdir / "stack", brokers=args.brokers)
+    leader_kills = args.leader_kills if args.brokers > 1 else 0
     stack.up(base, report=print)
     try:
-        report = run(base, args.messages, args.malformed, args.kills, args.rate, workdir, args.timeout)
+        report = run(
+            base, args.messages, args.malformed, args.kills, args.rate, workdir, args.timeout, leader_kills=leader_kills
+        )
     except RuntimeError as exc:
         print(f"chaos run broken: {exc}", file=sys.stderr)
         sys.exit(1)

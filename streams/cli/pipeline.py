@@ -23,14 +23,18 @@ def _seed(settings: Settings, args) -> None:
 
 def _bridge(settings: Settings, args) -> None:
     from streams.pipeline.bridge import run_bridge
+    from streams.privacy.hardening import no_core_dumps
 
+    no_core_dumps()  # plaintext bodies in memory
     faults.configure(settings.fault)
     run_bridge(settings)
 
 
 def _worker(settings: Settings, args) -> None:
     from streams.pipeline.app import run_worker
+    from streams.privacy.hardening import no_core_dumps
 
+    no_core_dumps()  # keys and plaintext values in memory
     faults.configure(settings.fault)
     if args.log_level:
         settings = settings.model_copy(update={"log_level": args.log_level})
@@ -65,9 +69,12 @@ def _run(settings: Settings, args) -> None:
 
 def _migrate(settings: Settings, args) -> None:
     from streams.io.postgres import require_migrated
+    from streams.ops import schemas
 
     applied = require_migrated(settings.pg_dsn.get_secret_value())
     print(f"migrations applied: {', '.join(applied) or 'none pending'}")
+    for line in schemas.register(settings):  # the deploy step: the registry's schemas too
+        print(line)
 
 
 def register(sub) -> None:
@@ -93,5 +100,5 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_ping)
 
-    p = sub.add_parser("migrate", help="apply pending database migrations")
+    p = sub.add_parser("migrate", help="apply pending database migrations and register the schemas")
     p.set_defaults(func=_migrate)

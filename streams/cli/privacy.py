@@ -57,9 +57,18 @@ def _keys_json(settings: Settings) -> str | None:
     return settings.keys_json.get_secret_value() if settings.keys_json else None
 
 
+def _kms(settings: Settings):
+    """The KMS that wraps the key file (STREAMS_KMS_KEY_ID), or None for a plaintext file."""
+    from streams.privacy.kms import settings_kms
+
+    return settings_kms(settings)
+
+
 def _masker(settings: Settings):
+    from streams.privacy.hardening import no_core_dumps
     from streams.privacy.masking import Masker
 
+    no_core_dumps()  # this process is about to hold keys and decrypted values
     return Masker(keymod.settings_keyring(settings.model_copy(update={"dev_keys": False})))
 
 
@@ -68,9 +77,23 @@ def _masker(settings: Settings):
 
 def _keys_init(settings: Settings, args) -> None:
     path = settings.keys_file
-    if not keymod.publish_document(path, keymod.generate_document()):
+    kms = _kms(settings)
+    if path.exists():
         raise Refused(f"{path} already exists: keys are never overwritten; use `streams keys rotate`")
-    print(f"wrote new keys to {path} (mode 600); back it up in your secret store")
+    if not keymod.publish_document(path, keymod.stored_form(keymod.generate_document(), kms)):
+        raise Refused(f"{path} already exists: keys are never overwritten; use `streams keys rotate`")
+    wrapped = f", wrapped by KMS key {settings.kms_key_id}" if kms is not None else ""
+    print(f"wrote new keys to {path} (mode 600{wrapped}); back it up in your secret store")
+
+
+def _keys_migrate(settings: Settings, args) -> None:
+    kms = _kms(settings)
+    if kms is None:
+        raise Refused(
+            "set STREAMS_KMS_KEY_ID (and STREAMS_KMS_ENDPOINT for a local KMS) to the key that will wrap the file"
+        )
+    keymod.migrate_to_kms(settings.keys_file, kms)
+    print(f"{settings.keys_file} is now wrapped by KMS key {settings.kms_key_id}; the plaintext form is gone from it")
 
 
 def _keys_list(settings: Settings, args) -> None:
@@ -79,14 +102,15 @@ def _keys_list(settings: Settings, args) -> None:
 
 
 def _keys_rotate(settings: Settings, args) -> None:
-    doc = keymod.editable_document(settings.keys_file, _keys_json(settings))
+    kms = _kms(settings)
+    doc = keymod.editable_document(settings.keys_file, _keys_json(settings), kms)
     if args.what == "encryption":
         key_id = keymod.add_encryption_key(doc)
-        keymod.write_document(settings.keys_file, doc)
+        keymod.write_document(settings.keys_file, doc, kms)
         print(f"encryption key {key_id} is active; restart workers, then run `streams keys reencrypt`")
     else:
         version = keymod.add_join_version(doc)
-        keymod.write_document(settings.keys_file, doc)
+        keymod.write_document(settings.keys_file, doc, kms)
         print(f"join version {version} added; run `streams keys rejoin` to move every table to it")
 
 
@@ -99,36 +123,47 @@ def _keys_reencrypt(settings: Settings, args) -> None:
 
 
 def _keys_retire(settings: Settings, args) -> None:
+    from streams.privacy.key_use import running_writers
     from streams.privacy.rotation import key_in_use
 
-    doc = keymod.editable_document(settings.keys_file, _keys_json(settings))
+    kms = _kms(settings)
+    doc = keymod.editable_document(settings.keys_file, _keys_json(settings), kms)
     enc = doc["encryption"]
     if args.key_id not in enc["keys"]:
         raise Refused(f"no encryption key {args.key_id!r}; `streams keys list` shows the ids")
     if args.key_id == enc["active"]:
         raise Refused(f"{args.key_id} is the active key: rotate first with `streams keys rotate encryption`")
+    writers = [w for w in running_writers(settings) if w.encryption_key_id == args.key_id]
+    if writers:
+        raise Refused(
+            f"{len(writers)} running mask worker(s) still write under {args.key_id} (e.g. {writers[0].client_id} on "
+            f"{writers[0].host}): restart them so they load {enc['active']}, run `streams keys reencrypt`, then retire"
+        )
     used = _with_db(settings, lambda conn: key_in_use(conn, args.key_id))
     if used:
         raise Refused(f"{used} vault rows still use {args.key_id}: run `streams keys reencrypt` first")
     del enc["keys"][args.key_id]
-    keymod.write_document(settings.keys_file, doc)
+    keymod.write_document(settings.keys_file, doc, kms)
     print(f"encryption key {args.key_id} removed")
 
 
 def _keys_rejoin(settings: Settings, args) -> None:
+    from streams.privacy.hardening import no_core_dumps
     from streams.privacy.masking import Masker
     from streams.privacy.rotation import rejoin
 
-    doc = keymod.editable_document(settings.keys_file, _keys_json(settings))
+    no_core_dumps()
+    kms = _kms(settings)
+    doc = keymod.editable_document(settings.keys_file, _keys_json(settings), kms)
     ring = keymod.parse_keyring(json.dumps(doc), str(settings.keys_file))
     target = ring.join_next or ring.join_version
 
     def switch() -> None:
-        current = keymod.editable_document(settings.keys_file, _keys_json(settings))
+        current = keymod.editable_document(settings.keys_file, _keys_json(settings), kms)
         if current["join"].get("next") == target:
             current["join"]["active"] = target
             del current["join"]["next"]
-            keymod.write_document(settings.keys_file, current)
+            keymod.write_document(settings.keys_file, current, kms)
             print(f"new writes now use {target} (restart workers to load it)", file=sys.stderr)
 
     done = _with_db(
@@ -147,9 +182,10 @@ def _keys_rejoin(settings: Settings, args) -> None:
     if not done:
         print(f"stopped after {args.max_batches} batches; rerun `streams keys rejoin` to continue")
         return
-    final = keymod.editable_document(settings.keys_file, _keys_json(settings))
+    final = keymod.editable_document(settings.keys_file, _keys_json(settings), kms)
     final["join"]["versions"] = {target: final["join"]["versions"][target]}
-    keymod.write_document(settings.keys_file, final)
+    final["join"]["domain_separated"] = [v for v in final["join"].get("domain_separated", []) if v == target]
+    keymod.write_document(settings.keys_file, final, kms)
     print(f"every table uses join version {target}; older join keys removed")
 
 
@@ -230,6 +266,8 @@ def register(sub) -> None:
 
     k = ksub.add_parser("init", help="create a new key file at STREAMS_KEYS_FILE")
     k.set_defaults(func=_keys_init)
+    k = ksub.add_parser("migrate", help="wrap today's plaintext key file with the KMS key STREAMS_KMS_KEY_ID (once)")
+    k.set_defaults(func=_keys_migrate)
     k = ksub.add_parser("list", help="show key ids and versions in use")
     k.set_defaults(func=_keys_list)
     k = ksub.add_parser("rotate", help="add a new encryption key (active at once) or join version (see rejoin)")

@@ -12,7 +12,11 @@ def _topics(settings: Settings, args) -> None:
     if args.action == "plan":
         steps = _kafka_call(lambda: topics.plan(settings), settings)
     else:
+        from streams.ops import schemas
+
         steps = _kafka_call(lambda: topics.apply(settings), settings)
+        for line in schemas.register(settings):  # the deploy step: schemas with the topics
+            print(line)
     for step in steps:
         print(step)
     manual = [s for s in steps if s.action == "manual"]
@@ -24,6 +28,9 @@ def _topics(settings: Settings, args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("topics", help="show (plan) or create and configure (apply) the pipeline's topics")
+    p = sub.add_parser(
+        "topics",
+        help="show (plan) or create and configure (apply) the pipeline's topics (apply also registers the schemas)",
+    )
     p.add_argument("action", choices=["plan", "apply"], help="plan changes nothing; apply creates what is missing")
     p.set_defaults(func=_topics)

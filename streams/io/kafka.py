@@ -70,13 +70,10 @@ def preflight(settings: Settings, timeout: float | None = None) -> None:
 
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Raw and DLQ hold PII, so their retention is bounded; the masked topic is compacted."""
-    bounded = {"retention.ms": str(settings.raw_retention_ms)}
-    return {
-        settings.raw_topic: bounded,
-        settings.masked_topic: {"cleanup.policy": "compact"},
-        settings.dlq_topic: bounded,
-    }
+    """Each topic's managed configuration (retention, cleanup): see ``streams.ops.topics.topic_configs``."""
+    from streams.ops.topics import topic_configs
+
+    return topic_configs(settings)
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
@@ -113,7 +110,9 @@ PERMANENT_ERRORS = frozenset(
     }
 )
 
-Record = tuple[str, bytes | None, bytes | None]  # topic, key, value
+# topic, key, value[, timestamp ms]: a dead letter carries its input's timestamp, so the
+# DLQ's retention counts from when the plaintext first reached Kafka (0 or none: now).
+Record = tuple[str, bytes | None, bytes | None] | tuple[str, bytes | None, bytes | None, int]
 
 
 class DeliveryError(TransientError):
@@ -190,11 +189,17 @@ class AsyncProducer:
             if last:
                 loop.call_soon_threadsafe(_resolve, done)
 
-        for index, (topic, key, value) in enumerate(records):
+        for index, record in enumerate(records):
+            topic, key, value = record[0], record[1], record[2]
+            timestamp = record[3] if len(record) > 3 else 0
             while True:
                 try:
                     self._producer.produce(
-                        topic, value=value, key=key, on_delivery=functools.partial(_delivered, settle, index)
+                        topic,
+                        value=value,
+                        key=key,
+                        timestamp=timestamp,
+                        on_delivery=functools.partial(_delivered, settle, index),
                     )
                     break
                 except BufferError:  # local queue full: let the delivery thread drain it
@@ -253,7 +258,7 @@ class AsyncProducer:
         self._thread.join(timeout)
 
 
-def send_records(settings: Settings, records: Sequence[tuple[str, bytes | None, bytes]], chunk: int = 10_000) -> None:
+def send_records(settings: Settings, records: Sequence[Record], chunk: int = 10_000) -> None:
     """Produce ``(topic, key, value)`` records and return once the broker acked all (commands, tests)."""
 
     async def send() -> None:

@@ -110,7 +110,7 @@ def redrive_records(
                 raise Refused(f"dead letter {d['message_id']}: its payload was cut to fit Kafka; it cannot be redriven")
             if masker is None:
                 masker = Masker(keyring or settings_keyring(settings.model_copy(update={"dev_keys": False})))
-                codec = Codecs().masked
+                codec = Codecs.from_settings(settings).masked
             payload = remask(masker, codec, d["message_id"], payload)
         records.append((stage_topic(settings, d["stage"]), d["message_id"].encode("utf-8"), payload))
     return records

@@ -1,6 +1,6 @@
 """``streams run``: the bridge and a worker as child processes, with progress and a summary.
 
-It runs ``streams migrate`` first, as whoever STREAMS_PG_DSN names (the worker itself
+It runs ``streams migrate`` first (and registers the schemas), as whoever STREAMS_PG_DSN names (the worker itself
 only checks the schema version). Children log to files under ``STREAMS_LOG_DIR``; this process prints one progress line
 every few seconds. Ctrl-C (or SIGTERM) stops both children cleanly. With ``drain`` it
 stops once the queue is empty and both stages have committed everything. It needs no
@@ -43,9 +43,12 @@ def print_summary(settings: Settings) -> None:
 
 def run_pipeline(settings: Settings, drain: bool = False) -> int:
     """Migrate (the worker never does: its role needs only DML), then run both stages."""
+    from streams.ops import schemas
+
     applied = require_migrated(settings.pg_dsn.get_secret_value())
     if applied:
         print(f"migrations applied: {', '.join(applied)}")
+    schemas.register(settings)  # with a schema registry: `streams migrate` registers the schemas too
     log_dir = settings.log_dir
     # With STREAMS_METRICS_PORT=P the bridge serves on P and the worker on P+1.
     port = settings.metrics_port

@@ -44,7 +44,7 @@ def pipeline_lag(settings: Settings) -> int:
 
 def dead_letters(settings: Settings) -> list[dict]:
     """Every dead letter now in the DLQ topic, decoded."""
-    codec = Codecs().dead_letter
+    codec = Codecs.from_settings(settings).dead_letter
     return [codec.decode(value) for _, value in read_topic(settings, settings.dlq_topic)]
 
 

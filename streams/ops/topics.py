@@ -3,7 +3,8 @@
 Each topic's partitions, replication factor and ``min.insync.replicas`` come from the
 settings (``STREAMS_TOPIC_PARTITIONS``, ``..._REPLICATION_FACTOR``, ``..._MIN_INSYNC_REPLICAS``,
 exceptions per topic in ``STREAMS_TOPIC_OVERRIDES``), its other configuration from
-``streams.io.kafka.topic_configs`` (bounded retention of raw and DLQ, compacted masked).
+``topic_configs`` (bounded retention of raw and DLQ, compacted masked with bounded
+compaction and tombstone times; docs/privacy.md has the time bounds).
 
 - ``streams topics plan`` shows what is missing or differs; ``streams topics apply``
   creates missing topics and sets differing configuration, so an admin can prepare the
@@ -11,7 +12,9 @@ exceptions per topic in ``STREAMS_TOPIC_OVERRIDES``), its other configuration fr
 - At start the bridge and the worker (``require``) create what is missing if their
   principal may (the local stack), and refuse, in one line, a topic whose replication
   factor or ``min.insync.replicas`` is below the settings, unless
-  ``STREAMS_ACCEPT_LOW_REPLICATION=1``. Partition counts are never changed here: adding
+  ``STREAMS_ACCEPT_LOW_REPLICATION=1``; likewise a topic whose cleanup policy differs, or
+  whose retention, segment, compaction-lag or tombstone time is above the settings (plaintext
+  would outlive its bound), unless ``STREAMS_ACCEPT_LONG_RETENTION=1``. Partition counts are never changed here: adding
   partitions moves keys to other partitions (the masked topic is compacted by key), so
   that stays a deliberate operator step (docs/operations.md).
 """
@@ -31,12 +34,43 @@ from confluent_kafka.admin import (
 )
 
 from streams.errors import ConfigError, Refused
-from streams.io.kafka import admin_client, topic_configs
-from streams.settings import Settings
+from streams.io.kafka import admin_client
+from streams.settings import Settings, check_retention
 
 log = logging.getLogger(__name__)
 
 MIN_ISR = "min.insync.replicas"
+CLEANUP = "cleanup.policy"
+MINUTE_MS = 60_000
+DAY_MS = 24 * 3600 * 1000
+# Time bounds a topic may hold at most the settings' value of (a larger one lets data outlive them).
+BOUNDS = ("retention.ms", "segment.ms", "max.compaction.lag.ms", "delete.retention.ms")
+
+
+def segment_ms(retention_ms: int) -> int:
+    """Kafka deletes whole closed segments: a record lives at most retention + segment.ms
+    (+ the broker's log.retention.check.interval.ms). A tenth of the retention, 1 min to 1 day."""
+    return max(MINUTE_MS, min(retention_ms // 10, DAY_MS))
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Raw and DLQ hold PII: deleted after a bounded retention. The masked topic is compacted,
+    with a bounded time before a replaced or tombstoned value is compacted away and a
+    bounded time its tombstone stays (so erasure takes effect within a documented time)."""
+    s = settings
+    bounded = {
+        CLEANUP: "delete",
+        "retention.ms": str(s.raw_retention_ms),
+        "segment.ms": str(segment_ms(s.raw_retention_ms)),
+    }
+    compacted = {
+        CLEANUP: "compact",
+        "max.compaction.lag.ms": str(s.masked_compaction_lag_ms),
+        "delete.retention.ms": str(s.masked_tombstone_ms),
+    }
+    return {s.raw_topic: bounded, s.masked_topic: compacted, s.dlq_topic: dict(bounded)}
+
+
 DENIED = (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED)
 
 
@@ -81,6 +115,7 @@ class Step:
 
 def specs(settings: Settings) -> list[TopicSpec]:
     s = settings
+    check_retention(s)
     names = {"raw": s.raw_topic, "masked": s.masked_topic, "dlq": s.dlq_topic}
     configs = topic_configs(s)
     result = []
@@ -281,3 +316,29 @@ def require(settings: Settings) -> None:
             raise ConfigError(f"{problem}: fix the topic, or set STREAMS_ACCEPT_LOW_REPLICATION=1 to accept it")
         if have.partitions != spec.partitions:
             log.warning("topic %s has %d partitions, settings say %d", spec.name, have.partitions, spec.partitions)
+        _require_retention(settings, spec, have)
+
+
+def retention_problem(spec: TopicSpec, have: Found) -> str | None:
+    """Why an existing topic may keep data longer than the settings allow (None: it may not)."""
+    if have.config is None:
+        return None  # not readable: inspect() warned
+    if have.config.get(CLEANUP) != spec.config[CLEANUP]:
+        return f"topic {spec.name} has {CLEANUP}={have.config.get(CLEANUP)}, settings say {spec.config[CLEANUP]}"
+    for key in BOUNDS:
+        if key not in spec.config:
+            continue
+        value = int(have.config.get(key, "-1"))
+        if value < 0 or value > int(spec.config[key]):
+            return f"topic {spec.name} has {key}={value}, above the settings' {spec.config[key]}"
+    return None
+
+
+def _require_retention(settings: Settings, spec: TopicSpec, have: Found) -> None:
+    problem = retention_problem(spec, have)
+    if problem is None:
+        return
+    if settings.accept_long_retention:
+        log.warning("%s; accepted (STREAMS_ACCEPT_LONG_RETENTION)", problem)
+        return
+    raise ConfigError(f"{problem}: run `streams topics apply`, or set STREAMS_ACCEPT_LONG_RETENTION=1 to accept it")

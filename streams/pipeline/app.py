@@ -24,9 +24,10 @@ from streams.logs import logging_config
 from streams.loop import fewer_malloc_arenas, use_uvloop
 from streams.pipeline.consumer import QuietMonitor, RawSchema, StreamsApp
 from streams.pipeline.dead_letters import refused_by_kafka
-from streams.pipeline.delivery import Events, batch_agent, where
+from streams.pipeline.delivery import Events, batch_agent, source_timestamp, where
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
+from streams.privacy import key_use
 from streams.privacy.keys import KeyRing
 from streams.privacy.masking import Masker
 from streams.retry import retry_forever, wait_at_start
@@ -38,10 +39,10 @@ log = logging.getLogger("streams.worker")
 class Outputs(Service):
     """Long-lived resources of the agents: the Kafka producer and the PostgreSQL sink."""
 
-    def __init__(self, settings: Settings, **kwargs) -> None:
+    def __init__(self, settings: Settings, codecs: Codecs, **kwargs) -> None:
         super().__init__(**kwargs)
         self.settings = settings
-        self.codecs = Codecs()
+        self.codecs = codecs
         self.producer: AsyncProducer | None = None
         self.sink = PostgresSink(settings.pg_dsn.get_secret_value(), settings.pg_command_timeout)
 
@@ -73,7 +74,7 @@ def broker_urls(settings: Settings) -> str:
     return ";".join(f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",") if host.strip())
 
 
-def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
+def create_app(settings: Settings, keyring: KeyRing | None, codecs: Codecs | None = None) -> faust.App:
     app = StreamsApp(
         settings.app_id,
         broker=broker_urls(settings),
@@ -94,6 +95,8 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         # default of 60 s would stall the group that long after every crash.
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
+        # A mask worker names the keys it writes under (`streams keys retire` reads it from the group).
+        broker_client_id=key_use.client_id(settings, keyring),
         # On stop or rebalance Faust waits until every delivered event is acked; an agent
         # retrying against a dead database never acks, so SIGTERM would hang. Don't wait:
         # the agent is cancelled, its unfinished events stay unacked and are redelivered.
@@ -107,8 +110,9 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
     )
     app.stream_buffer_bytes = settings.stream_buffer_bytes  # type: ignore[attr-defined]  # read by consumer.py
-    codecs = Codecs()
-    outputs = Outputs(settings)
+    if codecs is None:
+        codecs = Codecs.from_settings(settings)
+    outputs = Outputs(settings, codecs)
     app.service(cast(Any, outputs))  # an instance works too: started and stopped with the app
     if settings.metrics_port:  # /healthz, /readyz (ready once partitions are assigned)
         from streams.health import HealthServer, HealthService, worker_readiness
@@ -158,15 +162,18 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
             the records still reach Kafka in batch order.
             """
             nonlocal last_delivery
+            await codecs.raw.resolve([e.message.value for e in events], settings.retry_max_backoff)  # new ids only
             outputs_ = transform.batch([(e.message.key, e.message.value, where(e)) for e in events])
-            records = []
+            records: list[Record] = []
             dead = 0
-            for out in outputs_:
-                records.append((settings.dlq_topic if out.reason else settings.masked_topic, out.key, out.value))
-                if out.reason:
+            for out, event in zip(outputs_, events, strict=True):
+                if out.reason:  # the input's timestamp: the DLQ's retention counts from the raw record's
+                    records.append((settings.dlq_topic, out.key, out.value, source_timestamp(event)))
                     dead += 1
                     log.info("dead-lettered a record: %s", out.reason, extra={"stage": "mask", "reason": out.reason})
                     metrics.count_dead_letter("mask", out.reason, out.key)
+                else:
+                    records.append((settings.masked_topic, out.key, out.value))
 
             async def deliver(previous: asyncio.Future | None) -> None:
                 if previous is not None:
@@ -194,6 +201,7 @@ def create_app(settings: Settings, keyring: KeyRing | None) -> faust.App:
             after another, in order, while the next one is decoded meanwhile.
             """
             nonlocal last_write
+            await codecs.masked.resolve([e.message.value for e in events], settings.retry_max_backoff)  # new ids only
             batch = sink_stage.plan([(e.message.key, e.message.value, where(e)) for e in events])
 
             async def write(previous: asyncio.Future | None) -> None:
@@ -266,11 +274,12 @@ def run_worker(settings: Settings) -> None:
         wait_at_start(
             lambda: require_schema(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout
         )
+    codecs = Codecs.from_settings(settings)  # with a registry: its schema ids, or one line to register them
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     use_uvloop()
     fewer_malloc_arenas()
     asyncio.set_event_loop(asyncio.new_event_loop())
-    app = create_app(settings, keyring)
+    app = create_app(settings, keyring, codecs)
     faust.Worker(
         app,
         loglevel=settings.log_level.lower(),

@@ -68,12 +68,44 @@ def envelope(message: dict, keep: Collection[str] = ("SentTimestamp",)) -> dict:
     }
 
 
+# SQS's system attributes: only these names can be asked for (an unknown name would make
+# every receive fail), so any other name in STREAMS_BRIDGE_ATTRIBUTES is simply never found.
+SYSTEM_ATTRIBUTES = frozenset(
+    {
+        "SenderId",
+        "SentTimestamp",
+        "ApproximateReceiveCount",
+        "ApproximateFirstReceiveTimestamp",
+        "SequenceNumber",
+        "MessageDeduplicationId",
+        "MessageGroupId",
+        "AWSTraceHeader",
+        "DeadLetterQueueSourceArn",
+    }
+)
+
+
+def receive_attributes(keep: Collection[str]) -> dict[str, list[str]]:
+    """The attribute arguments of ReceiveMessage: only what ``envelope`` keeps, never ``All``.
+
+    ``SentTimestamp`` always (the envelope's ``sent_at``); custom message attributes
+    (``All`` of them) only if an ``attr.NAME`` is kept. Smaller answers cost SQS, the
+    network and botocore's parser less, and what is not kept is never fetched.
+    """
+    system = sorted({"SentTimestamp", *(name for name in keep if name in SYSTEM_ATTRIBUTES)})
+    args = {"AttributeNames": system}
+    if any(name.startswith("attr.") for name in keep):
+        args["MessageAttributeNames"] = ["All"]
+    return args
+
+
 class Bridge:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, codecs: Codecs | None = None) -> None:
         self.settings = settings
-        self.codecs = Codecs()
+        self.codecs = codecs if codecs is not None else Codecs.from_settings(settings)
         self.codec = self.codecs.raw
         self.keep_attributes = frozenset(a.strip() for a in settings.bridge_attributes.split(",") if a.strip())
+        self.receive_attributes = receive_attributes(self.keep_attributes)
         self.bridged = 0
         self.dead_lettered = 0
         self.visibility_extensions = 0
@@ -89,7 +121,7 @@ class Bridge:
         producer = self.producer = AsyncProducer(settings)
         try:
             pool = max(20, settings.bridge_pollers * (settings.bridge_inflight + 2))  # receive, deletes, extensions
-            async with sqs_client(settings, max_pool=pool) as sqs:
+            async with sqs_client(settings, max_pool=pool, lean=True) as sqs:
                 # A dependency that does not answer is waited out; a missing queue or refused
                 # credentials (ConfigError) stop the bridge with one line.
                 url = self.queue_url = await retry_forever(
@@ -179,7 +211,7 @@ class Bridge:
 
     def _refused(self, record: Record, err) -> Record:
         """A record Kafka refused for good (its size): its dead letter instead."""
-        _, key, value = record
+        _, key, value = record[:3]
         message_id = (key or b"").decode("utf-8", "replace")
         return self._dead(message_id, Rejected(Reason.TOO_LARGE, f"Kafka refused the record: {err.name()}"), value)
 
@@ -244,8 +276,7 @@ class Bridge:
                 MaxNumberOfMessages=10,
                 WaitTimeSeconds=s.bridge_wait_seconds,
                 VisibilityTimeout=s.bridge_visibility_timeout,
-                AttributeNames=["All"],
-                MessageAttributeNames=["All"],
+                **self.receive_attributes,
             )
         except Exception as exc:
             log.warning("SQS receive failed (%s); retrying", type(exc).__name__)
@@ -304,12 +335,13 @@ def run_bridge(settings: Settings) -> None:
     from streams.io.kafka import require_topics
 
     wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
+    codecs = Codecs.from_settings(settings)  # with a registry: its schema ids, or one line to register them
     LIVENESS.stuck_after = settings.stuck_after
     bridge_failed = False
 
     async def run() -> None:
         nonlocal bridge_failed
-        bridge = Bridge(settings)
+        bridge = Bridge(settings, codecs)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop)

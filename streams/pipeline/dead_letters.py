@@ -30,6 +30,7 @@ class Reason(str, Enum):  # noqa: UP042 - str() must stay the member name for ex
     INVALID_MESSAGE_ID = "invalid_message_id"
     TOO_LARGE = "too_large"
     UNDECODABLE_RECORD = "undecodable_record"
+    UNKNOWN_SCHEMA = "unknown_schema"  # a Confluent-format schema id the registry (which answered) does not have
     PROCESSING_ERROR = "processing_error"
     REJECTED_BY_DATABASE = "rejected_by_database"
 
@@ -62,9 +63,9 @@ def refused_by_kafka(record: tuple, err, stage: str, codec, dlq_topic: str) -> t
 
     A dead letter that is itself too large keeps its reason with its payload cut to
     ``MAX_PAYLOAD``; any other record becomes a ``too_large`` dead letter. ``codec`` is
-    the dead-letter codec.
+    the dead-letter codec. The replacement keeps the record's timestamp, if it had one.
     """
-    topic, key, value = record
+    topic, key, value = record[:3]
     if topic == dlq_topic:
         datum = codec.decode(value)
         datum["payload"], datum["payload_truncated"] = datum["payload"][:MAX_PAYLOAD], True
@@ -72,4 +73,4 @@ def refused_by_kafka(record: tuple, err, stage: str, codec, dlq_topic: str) -> t
         message_id = (key or b"").decode("utf-8", "replace")
         rejected = Rejected(Reason.TOO_LARGE, f"Kafka refused the record: {err.name()}")
         datum = dead_letter(message_id, stage, rejected, value, truncate=True)
-    return dlq_topic, datum["message_id"].encode("utf-8", "replace"), codec.encode(datum)
+    return (dlq_topic, datum["message_id"].encode("utf-8", "replace"), codec.encode(datum), *record[3:])

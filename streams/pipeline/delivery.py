@@ -44,6 +44,12 @@ def where(event: Any) -> str:
     return f"{message.topic}/{message.partition}/{message.offset}"
 
 
+def source_timestamp(event: Any) -> int:
+    """The consumed record's Kafka timestamp in ms (0 if it has none): its dead letter keeps it."""
+    timestamp = event.message.timestamp
+    return int(timestamp * 1000) if timestamp and timestamp > 0 else 0
+
+
 def _die(agent: str, exc: BaseException) -> None:
     """An agent raised: exit instead of letting Faust restart it with the batch unacked.
 

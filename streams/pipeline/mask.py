@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from streams.errors import Rejected
-from streams.io.codec import CodecError, Codecs
+from streams.io.codec import CodecError, Codecs, UnknownSchemaError
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
 from streams.privacy.keys import PII_FIELDS
 from streams.privacy.masking import Masker, canonical_device_id, canonical_ip
@@ -276,6 +276,8 @@ class MaskTransform:
                 raise Rejected(Reason.EMPTY_RECORD, "the record has no value (a tombstone or an empty record)")
             try:
                 envelope = self._decode(value)  # sent_at stays epoch milliseconds: it is copied as it is
+            except UnknownSchemaError as exc:
+                raise Rejected(Reason.UNKNOWN_SCHEMA, str(exc)) from None
             except CodecError as exc:
                 raise Rejected(Reason.UNDECODABLE_RECORD, str(exc)) from None
             message_id = envelope["message_id"]

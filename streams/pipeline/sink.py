@@ -26,7 +26,7 @@ from operator import itemgetter
 import asyncpg
 
 from streams.errors import Rejected
-from streams.io.codec import CodecError, Codecs
+from streams.io.codec import CodecError, Codecs, UnknownSchemaError
 from streams.io.postgres import connect
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
 
@@ -79,6 +79,8 @@ class SinkStage:
                     raise Rejected(Reason.EMPTY_RECORD, "a tombstone without a key deletes nothing")
                 try:
                     row: dict | None = self.codecs.masked.decode(value)
+                except UnknownSchemaError as exc:
+                    raise Rejected(Reason.UNKNOWN_SCHEMA, str(exc)) from None
                 except CodecError as exc:
                     raise Rejected(Reason.UNDECODABLE_RECORD, str(exc)) from None
                 assert row is not None
@@ -142,6 +144,12 @@ ON CONFLICT (message_id) DO UPDATE SET
 WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
     IS DISTINCT FROM ({", ".join(f"EXCLUDED.{c}" for c in _COLUMNS[1:])})
 """
+
+
+# The tables in streams.privacy.rotation.LOCK_ORDER: ``write`` runs PROBE first in every
+# transaction, whose DELETE takes user_logins before anything writes pii_vault (the COPY
+# or MERGE_STAGED after it); the fallback takes them explicitly.
+LOCK_WRITES = "LOCK TABLE user_logins, pii_vault IN ROW EXCLUSIVE MODE"
 
 
 def upsert_arguments(records: list[dict]) -> list[list]:
@@ -305,16 +313,21 @@ class PostgresSink:
         return True
 
     async def write_one(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
-        """``write`` by one ``UPSERT`` statement of column arrays (the row-by-row fallback)."""
+        """``write`` by one ``UPSERT`` statement of column arrays (the row-by-row fallback).
+
+        ``UPSERT`` would lock pii_vault before user_logins (its WITH comes first), the
+        reverse of the rotation's final lock; so the transaction takes both, in
+        ``LOCK_ORDER`` (user_logins, pii_vault), before it writes. ROW EXCLUSIVE is what
+        the writes take anyway: it waits for nothing they would not have waited for.
+        """
         conn = await self._connection()
         try:
-            if deletes:
-                async with conn.transaction():
+            async with conn.transaction():
+                await conn.execute(LOCK_WRITES)
+                if deletes:
                     await conn.execute("DELETE FROM user_logins WHERE message_id = ANY($1::text[])", list(deletes))
-                    if records:
-                        await conn.execute(UPSERT, *upsert_arguments(records))
-            else:
-                await conn.execute(UPSERT, *upsert_arguments(records))
+                if records:
+                    await conn.execute(UPSERT, *upsert_arguments(records))
         except CONNECTION_ERRORS:
             await self.close()
             raise

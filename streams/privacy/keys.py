@@ -1,7 +1,9 @@
 """Key material for masking: join (HMAC) keys per field and versioned encryption keys.
 
-Keys come from ``STREAMS_KEYS_JSON`` (for a secret store or KMS-rendered env) or the
-``STREAMS_KEYS_FILE`` JSON file. Fail closed: a missing file stops the process, unless
+Keys come from ``STREAMS_KEYS_JSON`` (for a secret store) or the ``STREAMS_KEYS_FILE``
+JSON file. With ``STREAMS_KMS_KEY_ID`` set, either holds only a KMS-wrapped document
+(``streams.privacy.kms``), a plaintext one is refused (``streams keys migrate`` wraps it
+once), and every command that writes keys writes them wrapped. Fail closed: a missing file stops the process, unless
 ``STREAMS_DEV_KEYS=1`` asks for a generated development key (``make run``, tests). A
 generated file is published once, atomically, so processes starting together on one
 empty volume all load the same key. A key file others can read or write is refused
@@ -10,14 +12,18 @@ Key bytes are never printed.
 
 File format::
 
-    {"join": {"active": "h1", "next": "h2",
+    {"join": {"active": "h1", "next": "h2", "domain_separated": ["h2"],
               "versions": {"h1": {"ip": "<b64>", "device_id": "<b64>"}, "h2": {...}}},
      "encryption": {"active": "k1", "keys": {"k1": "<b64, 64 bytes AES-SIV>"}}}
 
+``domain_separated`` lists the join versions whose MAC input holds the field and the
+version (``streams.privacy.masking``): every version made since issue 19. A version not
+listed is an older one, kept so its tokens stay joinable until ``streams keys rejoin``
+moves them. The two fields of a version must have different keys.
+
 ``join.next`` is optional: it names a version being rolled out by ``streams keys
 rejoin`` (new writes keep using ``active`` until the rewrite switches them).
-A KMS plugs in by rendering this document into ``STREAMS_KEYS_JSON`` at process start
-(see docs/privacy.md); the commands that change keys edit the file only.
+The commands that change keys edit the file only.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streams.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streams.privacy.kms import Kms
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,7 @@ class KeyRing:
     encryption_key_id: str
     encryption_keys: dict[str, bytes]  # key id -> key
     join_next: str | None = None  # version being rolled out by `keys rejoin`
+    join_separated: frozenset[str] = frozenset()  # versions whose MAC input names field and version
 
     def active_join_keys(self) -> dict[str, bytes]:
         return self.join_keys[self.join_version]
@@ -93,6 +104,7 @@ def parse_keyring(text: str, source: str) -> KeyRing:
             }
             for version, fields in join["versions"].items()
         }
+        separated = frozenset(join.get("domain_separated", [])) & join_keys.keys()
         enc_id = _check_id(enc["active"], f"{source}: encryption.active")
         enc_keys = {
             _check_id(key_id, f"{source}: encryption key id"): _b64(
@@ -105,6 +117,12 @@ def parse_keyring(text: str, source: str) -> KeyRing:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         detail = f"missing {exc}" if isinstance(exc, KeyError) else "not valid key JSON"
         raise KeyMaterialError(f"{source}: {detail}; see docs/privacy.md for the format") from None
+    for version, fields in join_keys.items():
+        if len(set(fields.values())) < len(fields):
+            raise KeyMaterialError(
+                f"{source}: join version {version} uses one key for two fields: "
+                "each field needs its own key (`streams keys rotate join`, then `streams keys rejoin`)"
+            )
     if join_version not in join_keys:
         raise KeyMaterialError(f"{source}: join.active {join_version!r} has no keys")
     if enc_id not in enc_keys:
@@ -112,7 +130,7 @@ def parse_keyring(text: str, source: str) -> KeyRing:
     join_next = join.get("next")
     if join_next is not None and join_next not in join_keys:
         raise KeyMaterialError(f"{source}: join.next {join_next!r} has no keys")
-    return KeyRing(join_version, join_keys, enc_id, enc_keys, join_next)
+    return KeyRing(join_version, join_keys, enc_id, enc_keys, join_next, separated)
 
 
 def _new_key(size: int) -> str:
@@ -125,9 +143,17 @@ def next_id(existing, prefix: str) -> str:
     return f"{prefix}{max(numbers, default=0) + 1}"
 
 
+def _new_join_version() -> dict:
+    return {f: _new_key(JOIN_KEY_BYTES) for f in PII_FIELDS}
+
+
 def generate_document(join_version: str = "h1", key_id: str = "k1") -> dict:
     return {
-        "join": {"active": join_version, "versions": {join_version: {f: _new_key(JOIN_KEY_BYTES) for f in PII_FIELDS}}},
+        "join": {
+            "active": join_version,
+            "domain_separated": [join_version],
+            "versions": {join_version: _new_join_version()},
+        },
         "encryption": {"active": key_id, "keys": {key_id: _new_key(ENCRYPTION_KEY_BYTES)}},
     }
 
@@ -146,20 +172,67 @@ def add_join_version(doc: dict) -> str:
     if join.get("next"):
         raise KeyMaterialError(f"join version {join['next']} is already being rolled out: run `streams keys rejoin`")
     version = next_id(join["versions"], "h")
-    join["versions"][version] = {f: _new_key(JOIN_KEY_BYTES) for f in PII_FIELDS}
+    join["versions"][version] = _new_join_version()
+    join["domain_separated"] = sorted({*join.get("domain_separated", []), version})
     join["next"] = version
     return version
 
 
-def editable_document(keys_file: Path, keys_json: str | None = None) -> dict:
-    """The key file's document, for commands that change keys (never the env/KMS copy)."""
+def plaintext(text: str, source: str, kms: Kms | None) -> str:
+    """The keyring JSON of a stored document: unwrapped through the KMS when one is set.
+
+    With a KMS a plaintext document is refused (nothing at rest is a plaintext key);
+    without one a wrapped document cannot be opened. Both say the fix in one line.
+    """
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise KeyMaterialError(f"{source}: not valid key JSON; see docs/privacy.md for the format") from None
+    wrapped = isinstance(doc, dict) and "format" in doc
+    if wrapped and kms is None:
+        raise KeyMaterialError(
+            f"{source} is wrapped by a KMS: set STREAMS_KMS_KEY_ID (and STREAMS_KMS_ENDPOINT for a local KMS)"
+        )
+    if kms is None:
+        return text
+    if not wrapped:
+        raise KeyMaterialError(
+            f"{source} holds plaintext keys, refused with STREAMS_KMS_KEY_ID set: run `streams keys migrate` once "
+            "to wrap it"
+        )
+    return kms.unwrap(doc, source)
+
+
+def editable_document(keys_file: Path, keys_json: str | None = None, kms: Kms | None = None) -> dict:
+    """The key file's document, for commands that change keys (never the env copy)."""
     if keys_json:
         raise KeyMaterialError(
             "keys come from STREAMS_KEYS_JSON: change them in your secret store, not with this command"
         )
-    text = read_key_file(keys_file)
+    text = plaintext(read_key_file(keys_file), str(keys_file), kms)
     parse_keyring(text, str(keys_file))
     return json.loads(text)
+
+
+def stored_form(doc: dict, kms: Kms | None) -> dict:
+    """What goes to disk: the keyring wrapped by the KMS when one is set."""
+    return kms.wrap(json.dumps(doc)) if kms is not None else doc
+
+
+def migrate_to_kms(keys_file: Path, kms: Kms) -> None:
+    """Replace a plaintext key file by its wrapped form, checked to open before it replaces anything."""
+    text = read_key_file(keys_file)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise KeyMaterialError(f"{keys_file}: not valid key JSON") from None
+    if isinstance(doc, dict) and "format" in doc:
+        raise KeyMaterialError(f"{keys_file} is already wrapped by a KMS: nothing to migrate")
+    parse_keyring(text, str(keys_file))
+    wrapped = kms.wrap(json.dumps(doc))
+    if json.loads(kms.unwrap(wrapped, "the new wrapped document")) != doc:
+        raise KeyMaterialError("the wrapped document did not open to the same keys: nothing was changed")
+    os.replace(_write_new(keys_file, wrapped), keys_file)
 
 
 def _write_new(path: Path, doc: dict) -> Path:
@@ -174,9 +247,9 @@ def _write_new(path: Path, doc: dict) -> Path:
     return tmp
 
 
-def write_document(path: Path, doc: dict) -> None:
+def write_document(path: Path, doc: dict, kms: Kms | None = None) -> None:
     """Replace a key file readable by its owner only, atomically (commands that change keys)."""
-    os.replace(_write_new(path, doc), path)
+    os.replace(_write_new(path, stored_form(doc, kms)), path)
 
 
 def publish_document(path: Path, doc: dict) -> bool:
@@ -210,18 +283,22 @@ def read_key_file(keys_file: Path) -> str:
         ) from None
 
 
-def load_keyring(keys_file: Path, keys_json: str | None = None, dev_keys: bool = False) -> KeyRing:
+def load_keyring(
+    keys_file: Path, keys_json: str | None = None, dev_keys: bool = False, kms: Kms | None = None
+) -> KeyRing:
     """The keyring every stage uses; always what the final file (or env) holds, never a private copy."""
     if keys_json:
-        return parse_keyring(keys_json, "STREAMS_KEYS_JSON")
-    if dev_keys and not keys_file.exists() and publish_document(keys_file, generate_document()):
+        return parse_keyring(plaintext(keys_json, "STREAMS_KEYS_JSON", kms), "STREAMS_KEYS_JSON")
+    if dev_keys and not keys_file.exists() and publish_document(keys_file, stored_form(generate_document(), kms)):
         log.warning(
             "generated a DEV masking key at %s (STREAMS_DEV_KEYS); use real key management in production", keys_file
         )
-    return parse_keyring(read_key_file(keys_file), str(keys_file))
+    return parse_keyring(plaintext(read_key_file(keys_file), str(keys_file), kms), str(keys_file))
 
 
 def settings_keyring(settings) -> KeyRing:
-    """``load_keyring`` with the process settings."""
+    """``load_keyring`` with the process settings (and its KMS, when STREAMS_KMS_KEY_ID is set)."""
+    from streams.privacy.kms import settings_kms
+
     keys_json = settings.keys_json.get_secret_value() if settings.keys_json else None
-    return load_keyring(settings.keys_file, keys_json, settings.dev_keys)
+    return load_keyring(settings.keys_file, keys_json, settings.dev_keys, settings_kms(settings))

@@ -1,8 +1,13 @@
 """Masking of PII fields: keyed join tokens for analysts, AES-SIV ciphertexts for recovery.
 
-- Join token: ``<version>.<base64url(HMAC-SHA256(field key, canonical value))>``. Equal
-  values give equal tokens (duplicates stay visible); without the key the 2^32 IPv4
-  space cannot be brute-forced, unlike an unkeyed hash.
+- Join token: ``<version>.<base64url(HMAC-SHA256(field key, field NUL version NUL
+  canonical value))>``: the field and the token version are inside the MAC input (domain
+  separation), not only in the key, so a token of one field or version never equals
+  another's even under a shared key. Older versions (no ``domain_separated`` in the key
+  file) MAC the canonical value alone; they stay readable and joinable until ``streams
+  keys rejoin`` moves their rows to a separated version. Equal values give equal tokens
+  (duplicates stay visible); without the key the 2^32 IPv4 space cannot be
+  brute-forced, unlike an unkeyed hash.
 - Recovery ciphertext: ``<key id>.v2.<base64url(AES-SIV(pad(canonical)))>`` with the
   field name, key id and join token as associated data, so a ciphertext cannot be moved
   to another field, key or token (a copy under another token does not open).
@@ -87,9 +92,10 @@ class _HmacSha256:
     _IPAD = bytes(b ^ 0x36 for b in range(256))
     _OPAD = bytes(b ^ 0x5C for b in range(256))
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, prefix: bytes = b"") -> None:
+        """``prefix`` starts every message; it is absorbed once here, so it costs nothing per digest."""
         block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
-        self._inner = hashlib.sha256(block.translate(self._IPAD))
+        self._inner = hashlib.sha256(block.translate(self._IPAD) + prefix)
         self._outer = hashlib.sha256(block.translate(self._OPAD))
 
     def digest(self, message: bytes) -> bytes:
@@ -98,6 +104,12 @@ class _HmacSha256:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()
+
+
+def mac_prefix(keyring: KeyRing, field: str, version: str) -> bytes:
+    """What precedes the canonical value in the MAC input: ``field NUL version NUL`` for a
+    domain-separated version, nothing for an older one (ids and fields hold no NUL)."""
+    return f"{field}\0{version}\0".encode() if version in keyring.join_separated else b""
 
 
 def _unb64(text: str) -> bytes:
@@ -153,14 +165,20 @@ class MaskedValue:
 
 
 class Masker:
-    """Masks values with one keyring; results are cached since duplicates are common."""
+    """Masks values with one keyring; results are cached since duplicates are common.
+
+    The cache is keyed by the plaintext (field, canonical value): it holds at most
+    ``cache_size`` plaintext values in memory (least recently used go first), never on
+    disk (workers run without core dumps, ``streams.privacy.hardening``).
+    """
 
     def __init__(self, keyring: KeyRing, cache_size: int = 65536) -> None:
         self.keyring = keyring
         self._join = keyring.active_join_keys()
         self._key_id = keyring.encryption_key_id
         self._siv = {key_id: AESSIV(key) for key_id, key in keyring.encryption_keys.items()}
-        self._hmac = {field: _HmacSha256(key) for field, key in self._join.items()}
+        version = keyring.join_version
+        self._hmac = {field: _HmacSha256(key, mac_prefix(keyring, field, version)) for field, key in self._join.items()}
         self.mask = lru_cache(maxsize=cache_size)(self._mask) if cache_size else self._mask
 
     def token(self, field: str, canonical: str, version: str | None = None) -> str:
@@ -168,7 +186,8 @@ class Masker:
         if version is None:
             digest = self._hmac[field].digest(canonical.encode("utf-8"))
             return f"{self.keyring.join_version}.{_b64(digest)}"
-        digest = hmac.digest(self.keyring.join_keys[version][field], canonical.encode("utf-8"), "sha256")
+        message = mac_prefix(self.keyring, field, version) + canonical.encode("utf-8")
+        digest = hmac.digest(self.keyring.join_keys[version][field], message, "sha256")
         return f"{version}.{_b64(digest)}"
 
     def encrypt(self, field: str, canonical: str, token: str) -> str:

@@ -16,6 +16,12 @@ recomputed from ``pii_vault`` with the encryption key.
   old tokens; the final check holds a table lock, so it either sees them (and does
   another round) or they arrive after it (with their own vault row, and the next
   ``streams keys rejoin`` converts them). Only then are old vault rows deleted.
+
+Lock order: every transaction that writes more than one of these tables takes their
+locks in the order ``LOCK_ORDER`` (the rotation's final lock, the sink's merge and its
+row-by-row fallback), so none waits in a cycle. A deadlock (SQLSTATE 40P01) with some
+other writer is still possible in principle; the final step then gives up its round and
+tries again, like a lock that was not granted in time.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import asyncpg
 
 from streams.errors import Refused
 from streams.privacy.masking import BOUND, Masker, MissingKeyError, RevealError, ciphertext_key_id
+
+LOCK_ORDER = ("user_logins", "pii_vault", "join_token_map")
 
 
 class Progress:
@@ -231,20 +239,21 @@ async def finish(conn: asyncpg.Connection, target: str, lock_timeout: float = 5.
     """Under a write lock: if no old token is left in user_logins, drop old vault rows and the map.
 
     Returns how many user_logins rows still hold old tokens (0 means finished), or None
-    when the lock was not granted within ``lock_timeout`` seconds (busy writers: a
-    transient state, tried again next round, never a silent hang).
+    when the lock was not granted within ``lock_timeout`` seconds or PostgreSQL broke a
+    deadlock by aborting this transaction (busy writers: a transient state, tried again
+    next round, never a silent hang nor a crash).
     """
     try:
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
-            await conn.execute("LOCK TABLE user_logins, pii_vault, join_token_map IN SHARE ROW EXCLUSIVE MODE")
+            await conn.execute(f"LOCK TABLE {', '.join(LOCK_ORDER)} IN SHARE ROW EXCLUSIVE MODE")
             left = await conn.fetchval(f"SELECT count(*) FROM user_logins WHERE {_OLD_LOGINS}", target)
             if left:
                 return left
             await conn.execute("DELETE FROM pii_vault WHERE split_part(token, '.', 1) <> $1", target)
             await conn.execute("DELETE FROM join_token_map")
             return 0
-    except asyncpg.LockNotAvailableError:
+    except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
         return None
 
 
@@ -276,7 +285,7 @@ async def rejoin(
         if left == 0:
             return True
         if left is None:
-            print("the tables are busy (lock not granted in time); another round", file=out)
+            print("the tables are busy (lock not granted in time, or a deadlock broken); another round", file=out)
         else:
             print(f"{left} rows still hold old join tokens (workers not restarted yet?); another round", file=out)
         await asyncio.sleep(wait)

@@ -6,6 +6,9 @@
   the container's command waits for a file holding it, written by ``start()``.
 - PostgreSQL: testcontainers' ``PostgresContainer("postgres:16", driver=None)``.
 - ElasticMQ: a generic container, ready when ``GET /health`` answers 200.
+- Apicurio Registry: a generic container with SQL storage in a database of its own on the
+  PostgreSQL container (reached at its published address), ready when its
+  Confluent-compatible API answers ``GET /subjects``.
 
 Ports are published on the engine's bridge address (``get_container_host_ip()``), never
 on fixed host ports unless a caller asks (``bind_port``: a restart keeps the address).
@@ -28,6 +31,8 @@ from streams.settings import Settings
 KAFKA_IMAGE = "apache/kafka:3.9.1"
 POSTGRES_IMAGE = "postgres:16"
 ELASTICMQ_IMAGE = "softwaremill/elasticmq-native:1.6.16"
+APICURIO_IMAGE = "quay.io/apicurio/apicurio-registry:3.3.3"
+REGISTRY_DATABASE = "apicurio_registry"
 START_TIMEOUT = 120
 
 
@@ -105,6 +110,36 @@ def postgres_container(image: str = POSTGRES_IMAGE) -> PostgresContainer:
     return PostgresContainer(image, username="postgres", password="postgres", dbname="streams", driver=None)
 
 
+def registry_container(postgres: PostgresContainer, image: str = APICURIO_IMAGE) -> DockerContainer:
+    """Apicurio on the PostgreSQL container's published port (its database must exist)."""
+    host, port = postgres.get_container_host_ip(), postgres.get_exposed_port(5432)
+    return (
+        DockerContainer(image)
+        .with_exposed_ports(8080)
+        .with_envs(
+            APICURIO_STORAGE_KIND="sql",
+            APICURIO_STORAGE_SQL_KIND="postgresql",
+            APICURIO_DATASOURCE_URL=f"jdbc:postgresql://{host}:{port}/{REGISTRY_DATABASE}",
+            APICURIO_DATASOURCE_USERNAME="postgres",
+            APICURIO_DATASOURCE_PASSWORD="postgres",
+        )
+        .waiting_for(
+            HttpWaitStrategy(8080, "/apis/ccompat/v7/subjects").for_status_code(200).with_startup_timeout(START_TIMEOUT)
+        )
+    )
+
+
+async def create_registry_database(dsn: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/postgres")
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", REGISTRY_DATABASE):
+            await conn.execute(f'CREATE DATABASE "{REGISTRY_DATABASE}"')
+    finally:
+        await conn.close()
+
+
 def bind_port(container: DockerContainer, port: int) -> int:
     """Publish ``port`` on a fixed free host port (same address after a restart); returns it."""
     with socket.socket() as sock:
@@ -115,20 +150,27 @@ def bind_port(container: DockerContainer, port: int) -> int:
 
 
 class ContainerStack:
-    """The three services, started together; ``settings`` points the pipeline at them."""
+    """The four services, started together; ``settings`` points the pipeline at them."""
 
     def __init__(self) -> None:
         self.kafka = ApacheKafkaContainer()
         self.postgres = postgres_container()
         self.sqs = elasticmq_container()
+        self.registry: DockerContainer | None = None
         self.started: list[DockerContainer] = []
 
     def start(self) -> Settings:
+        import asyncio
+
         t0 = time.monotonic()
         try:
             for container in (self.postgres, self.sqs, self.kafka):
                 container.start()
                 self.started.append(container)
+            asyncio.run(create_registry_database(self.postgres.get_connection_url(driver=None)))
+            self.registry = registry_container(self.postgres)
+            self.registry.start()
+            self.started.append(self.registry)
         except BaseException:
             self.stop()
             raise
@@ -141,7 +183,14 @@ class ContainerStack:
             kafka_bootstrap=self.kafka.bootstrap_server,
             pg_dsn=self.postgres.get_connection_url(driver=None),
             sqs_endpoint=f"http://{self.sqs.get_container_host_ip()}:{self.sqs.get_exposed_port(9324)}",
+            schema_registry_url=self.registry_url,
         )
+
+    @property
+    def registry_url(self) -> str | None:
+        if self.registry is None:
+            return None
+        return f"http://{self.registry.get_container_host_ip()}:{self.registry.get_exposed_port(8080)}/apis/ccompat/v7"
 
     def stop(self) -> None:
         for container in reversed(self.started):

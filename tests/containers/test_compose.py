@@ -1,9 +1,20 @@
-"""docker-compose.yml end to end: the sample lands (99 rows, one dead letter, an empty queue),
-then three workers in one group each hold partitions. Runs through the lab's engine
-(``make containers-test``) with docker-compose 1.29; the file is also valid for v2."""
+"""docker-compose.yml end to end: the sample lands (99 rows, one dead letter, an empty queue,
+every bridged message on the raw topic), then three workers in one group each hold
+partitions. Runs through the lab's engine (``make containers-test``) with docker-compose
+1.29; the file is also valid for v2.
+
+Raw against bridged: the bridge deletes a message from SQS only after ``deliver`` returned,
+that is after the broker acknowledged its raw record (``acks=all``, idempotent) or its
+``too_large`` dead letter; its ``bridged`` counter counts those messages after the delete.
+So raw records == bridged - bridge dead letters, exactly (a redelivery adds one to both).
+The raw topic is neither compacted nor transactional and holds nothing near its retention,
+so latest minus earliest offset counts its records exactly, with no reader that could stop
+early or miss a partition assigned late. Issue 10's one run with 99 raw records after
+"bridged 100" came from bridge code that is gone; this check fails if it ever recurs."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -42,7 +53,7 @@ class Compose:
     def diagnostics(self) -> str:
         ps = self("ps", check=False).stdout
         logs = self(
-            "logs", "--no-color", "--tail", "60", "bridge", "worker", "seed", "keys", "migrate", check=False
+            "logs", "--no-color", "--tail", "60", "bridge", "worker", "seed", "keys", "migrate", "registry", check=False
         ).stdout
         raw = self(
             "exec",
@@ -56,6 +67,51 @@ class Compose:
             check=False,
         ).stdout
         return f"--- ps\n{ps}\n--- raw end offsets\n{raw}\n--- logs\n{logs[-8000:]}"
+
+
+METRICS = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/metrics', timeout=3).read().decode())"
+
+
+def bridge_counts(compose: Compose) -> tuple[int, int]:
+    """(messages the bridge finished, dead letters it wrote instead of a raw record), from its /metrics."""
+    text = compose("exec", "-T", "bridge", "python", "-c", METRICS).stdout
+    bridged = dead = 0.0
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("streams_records_out_total{") and 'stage="bridge"' in name and 'outcome="bridged"' in name:
+            bridged += float(value)
+        elif name.startswith("streams_dead_letters_total{") and 'stage="bridge"' in name:
+            dead += float(value)
+    return int(bridged), int(dead)
+
+
+def raw_records(compose: Compose) -> int:
+    """Records on the raw topic: latest minus earliest offset, summed over every partition.
+
+    Exact for this topic: never compacted, no transactions (so no control records), and
+    nothing old enough for its retention; no consumer, so no partition can be missed by a
+    reader that stops early or joins a group late."""
+
+    def offsets(spec: str) -> dict[int, int]:
+        out = compose.kafka(
+            "/opt/kafka/bin/kafka-get-offsets.sh",
+            "--bootstrap-server",
+            "localhost:9092",
+            "--topic",
+            "logins.raw",
+            "--time",
+            spec,
+        )
+        found = {}
+        for line in out.splitlines():
+            if line.startswith("logins.raw:"):
+                _, partition, offset = line.strip().rsplit(":", 2)
+                found[int(partition)] = int(offset)
+        return found
+
+    latest, earliest = offsets("-1"), offsets("-2")
+    assert len(latest) == 6 and set(latest) == set(earliest), (latest, earliest)
+    return sum(latest[p] - earliest[p] for p in latest)
 
 
 def group_members(compose: Compose) -> list[int]:
@@ -103,9 +159,29 @@ def test_compose_end_to_end_then_three_workers(docker_engine, record_property, c
         letters = [m.groups() for m in re.finditer(r"^(\w+)\s+(\w+)\s+(\d+)\b", dlq, re.M)]
         assert letters == [("mask", "missing_field", "1")], dlq
         assert compose.rows() == 99, status
+        # Every message the bridge finished is on the raw topic (a bridge dead letter goes to
+        # the DLQ instead; a redelivery adds a copy on both sides): nothing deleted from SQS
+        # without its record. The seed sent 100.
+        bridge: dict[str, int] = {}
+
+        def raw_matches_bridged() -> bool:
+            bridge["bridged"], bridge["bridge dead letters"] = bridge_counts(compose)
+            bridge["raw"] = raw_records(compose)
+            return bridge["raw"] == bridge["bridged"] - bridge["bridge dead letters"]
+
+        try:
+            wait_for(raw_matches_bridged, 30, "raw records == bridged - bridge dead letters", 1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {bridge}\n{compose.diagnostics()}") from None
+        assert bridge["bridged"] >= 100 and bridge["raw"] >= 100, bridge
         # The keys came from the one-shot init service, never from a worker.
         assert "wrote new keys" in compose("logs", "--no-color", "keys").stdout
         assert "generated a DEV masking key" not in compose("logs", "--no-color", "worker").stdout
+        # The migrate job registered the schemas with the registry (the stages only look them up).
+        subjects = compose(
+            "exec", "-T", "registry", "curl", "-fsS", "http://127.0.0.1:8080/apis/ccompat/v7/subjects"
+        ).stdout
+        assert {"logins.raw-value", "logins.masked-value", "logins.dlq-value"} <= set(json.loads(subjects)), subjects
 
         # Three workers in one group: every one gets partitions (12: raw and masked, 6 each).
         compose("up", "-d", "--no-deps", "--scale", "worker=3", "worker", timeout=300)
@@ -131,6 +207,7 @@ def test_compose_end_to_end_then_three_workers(docker_engine, record_property, c
         with capsys.disabled():
             print(
                 f"\ncompose timings: up {t_up:.0f}s, 99 rows at {t_rows:.0f}s, 3 workers ready at {t_scaled:.0f}s; partitions per member {counts}"
+                f"\ncompose raw topic: {bridge} "
             )
     finally:
         compose("down", "-v", "--remove-orphans", timeout=300, check=False)

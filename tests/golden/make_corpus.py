@@ -27,7 +27,12 @@ def fixed_keys() -> str:
 
     return json.dumps(
         {
-            "join": {"active": "h1", "versions": {"h1": {"ip": key(32), "device_id": key(32)}}},
+            # Domain-separated tokens (field and version in the MAC input), as `keys init` makes them.
+            "join": {
+                "active": "h1",
+                "domain_separated": ["h1"],
+                "versions": {"h1": {"ip": key(32), "device_id": key(32)}},
+            },
             "encryption": {"active": "k1", "keys": {"k1": key(64)}},
         },
         indent=2,

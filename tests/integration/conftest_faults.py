@@ -20,21 +20,32 @@ from streams_dev.sandbox import private_settings
 from tests.helpers import isolated_pipeline
 
 
-@pytest.fixture(scope="session")
-def private_stack():
-    """Kafka, PostgreSQL and ElasticMQ of our own: safe to stop and restart.
+def _private(brokers: int):
+    """A private stack with ``brokers`` Kafka nodes, up for the session, then gone.
 
     Not under pytest's basetemp: every pytest session resets /tmp/pytest-of-<user> to
     mode 0700, which locks out the system user PostgreSQL runs as under root.
     """
     stack_dir = Path(tempfile.mkdtemp(prefix="streams-private-stack-"))
-    settings = private_settings(stack_dir)
+    settings = private_settings(stack_dir, brokers=brokers)
     try:
         stack.up(settings)
         yield settings
     finally:
         stack.down(settings)
         shutil.rmtree(stack_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def private_stack():
+    """Kafka, PostgreSQL and ElasticMQ of our own: safe to stop and restart."""
+    yield from _private(brokers=1)
+
+
+@pytest.fixture(scope="session")
+def private_cluster():
+    """The same with three Kafka brokers (replication 3, min.insync 2): safe to kill a broker."""
+    yield from _private(brokers=3)
 
 
 def restore(settings: Settings) -> None:

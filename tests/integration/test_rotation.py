@@ -13,7 +13,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-from streams.privacy.keys import load_keyring
+from streams.privacy.keys import generate_document, load_keyring, write_document
 from streams.privacy.masking import Masker, canonical_device_id, canonical_ip, pad
 
 pytestmark = pytest.mark.integration
@@ -106,6 +106,10 @@ def test_encryption_and_join_key_rotation_end_to_end(pipeline, sample_path):
         sent.update(zip(pipeline.send(records), records, strict=False))
         pipeline.wait_for(lambda: pipeline.row_count() == len(sent), 120, f"{len(sent)} rows")
 
+    # A key file from before issue 19: h1 tokens without domain separation (rejoin moves them to h2, which has it).
+    doc = generate_document()
+    del doc["join"]["domain_separated"]
+    write_document(pipeline.settings.keys_file, doc)
     bridge = pipeline.start("bridge")
     worker = pipeline.start("worker")
     send(sample + BATCHES["first"])
@@ -138,6 +142,7 @@ def test_encryption_and_join_key_rotation_end_to_end(pipeline, sample_path):
     assert versions(pipeline) == {"logins": {"h2"}, "vault": {"h2"}, "key_ids": {"k2"}}
     assert pipeline.query("SELECT count(*) AS n FROM join_token_map")[0]["n"] == 0
     assert json.loads(keys(pipeline, "list").stdout)["join"] == {"active": "h2", "next": None, "versions": ["h2"]}
+    assert load_keyring(pipeline.settings.keys_file).join_separated == {"h2"}
 
     # The window: a worker not restarted yet writes h1 after the switch; a rerun converts it.
     send(BATCHES["late_old_worker"])

@@ -32,16 +32,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_status_reports_all_three_running(settings):
+def test_status_reports_every_service_running(settings):
     statuses = {s.name: s for s in stack.status(settings)}
 
-    assert set(statuses) == {"kafka", "postgres", "sqs"}
+    assert set(statuses) == {"kafka", "postgres", "sqs", "registry", "kms"}
     for s in statuses.values():
         assert s.running, f"{s.name}: {s.detail}"
         assert isinstance(s.pid, int) and s.pid > 0
     assert statuses["kafka"].port == settings.kafka_port
     assert statuses["postgres"].port == settings.pg_port
     assert statuses["sqs"].port == settings.sqs_port
+    assert statuses["kms"].port == settings.kms_port
+    assert statuses["registry"].port == settings.registry_port
 
 
 def test_up_is_idempotent_and_fast_when_running(settings):

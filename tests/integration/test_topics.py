@@ -30,7 +30,7 @@ def test_plan_apply_and_alter_as_the_settings_say(pipeline):
     assert applied.returncode == 0, applied.stderr
     found = topics.inspect(s, topics.specs(s), 10)
     assert [found[t].partitions for t in (s.raw_topic, s.masked_topic, s.dlq_topic)] == [6, 6, 2]
-    assert found[s.masked_topic].config == {"cleanup.policy": "compact", "min.insync.replicas": "1"}
+    assert found[s.masked_topic].config["cleanup.policy"] == "compact"
 
     # A changed retention is an alter that apply carries out; a partition count only a person changes.
     changed = pipeline.run("topics", "plan", STREAMS_RAW_RETENTION_MS="3600000")

@@ -93,3 +93,12 @@ def test_envelope_keeps_only_allowed_attributes():
 
 def test_parse_login_still_accepts_big_but_legal_numbers_in_ignored_fields():
     assert parse_login(json.dumps({**BODY, "n": 10**100})).user_id == "u"
+
+
+def test_bridge_asks_sqs_only_for_the_attributes_it_keeps():
+    from streams.pipeline.bridge import receive_attributes
+
+    assert receive_attributes({"SentTimestamp"}) == {"AttributeNames": ["SentTimestamp"]}
+    # sent_at always needs SentTimestamp; unknown names are never sent (SQS would refuse every receive)
+    assert receive_attributes({"SenderId", "NoSuchAttribute"}) == {"AttributeNames": ["SenderId", "SentTimestamp"]}
+    assert receive_attributes({"attr.trace"}) == {"AttributeNames": ["SentTimestamp"], "MessageAttributeNames": ["All"]}

@@ -1,4 +1,5 @@
-"""The local process stack: Kafka, PostgreSQL and an SQS server as plain processes on loopback.
+"""The local process stack: Kafka, PostgreSQL, an SQS server, a schema registry and a KMS (moto) as plain
+processes on loopback.
 
 No Docker: each service is a detached process whose pid file, config and log
 live in ``settings.stack_dir/<service>``. ``up`` is idempotent (a running
@@ -6,28 +7,54 @@ service is only re-probed), returns only once every service answers a real
 request, and ``down`` leaves no process behind.
 
     from streams_dev.stack import up, down, status
-    up(settings)                      # all three, in parallel
+    up(settings)                      # all of them, in parallel (the registry waits for PostgreSQL)
     stop_service(settings, "kafka")   # tests: simulate an outage...
     start_service(settings, "kafka")  # ...and the recovery
+
+Kafka runs one node, or ``settings.kafka_brokers`` nodes (``kafka-1``, ``kafka-2``, ...):
+``"kafka"`` names all of them, ``"kafka-2"`` one (``kill_service`` SIGKILLs one for
+failover tests). ``down`` stops whatever Kafka layout the stack dir holds.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kafka import Kafka
+from .kafka import Kafka, client_env
+from .kms import Kms
 from .postgres import Postgres
-from .process import Service, StackError, file_lock, port_open, require_java
+from .process import Service, StackError, file_lock, port_open, require_java, send_signal, wait_until
+from .registry import Registry, find_java
 from .sqs import Sqs
 
-__all__ = ["SERVICES", "ServiceStatus", "StackError", "down", "start_service", "status", "stop_service", "up"]
+__all__ = [
+    "SERVICES",
+    "ServiceStatus",
+    "StackError",
+    "client_env",
+    "down",
+    "kafka_nodes",
+    "kill_service",
+    "running_brokers",
+    "start_service",
+    "status",
+    "stop_service",
+    "up",
+]
 
-SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "postgres": Postgres, "sqs": Sqs}
+SERVICES: dict[str, type[Service]] = {
+    "kafka": Kafka,
+    "postgres": Postgres,
+    "sqs": Sqs,
+    "registry": Registry,
+    "kms": Kms,
+}
 
 log = logging.getLogger("streams_dev.stack")
 Reporter = Callable[[str], None]
@@ -42,12 +69,53 @@ class ServiceStatus:
     detail: str
 
 
+def kafka_nodes(settings, brokers: int | None = None) -> list[Kafka]:
+    """The Kafka nodes of a stack of ``brokers`` (default ``settings.kafka_brokers``)."""
+    n = settings.kafka_brokers if brokers is None else brokers
+    return [Kafka(settings, node, n) for node in range(1, n + 1)]
+
+
+def _layouts_on_disk(settings) -> list[int]:
+    """Broker counts whose Kafka dirs exist in the stack dir (1: ``kafka``, n: ``kafka-1..n``)."""
+    root = Path(settings.stack_dir).expanduser().resolve()
+    found = [1] if (root / "kafka").is_dir() else []
+    cluster = len([d for d in root.glob("kafka-[0-9]") if d.is_dir()])
+    return found + ([cluster] if cluster > 1 else [])
+
+
+def running_brokers(settings) -> int | None:
+    """How many brokers the Kafka running in this stack dir has (None: none runs)."""
+    for n in _layouts_on_disk(settings):
+        if any(node.pid(adopt=False) is not None for node in kafka_nodes(settings, n)):
+            return n
+    return None
+
+
 def _select(settings, services: Iterable[str] | None) -> list[Service]:
     names = list(SERVICES) if services is None else list(dict.fromkeys(services))
-    unknown = [n for n in names if n not in SERVICES]
-    if unknown:
-        raise StackError(f"unknown service {unknown[0]!r}: choose from {', '.join(SERVICES)}")
-    return [SERVICES[n](settings) for n in names]
+    nodes = {node.name: node for node in kafka_nodes(settings)}
+    picked: list[Service] = []
+    for name in names:
+        if name == "kafka":
+            picked += nodes.values()
+        elif name in nodes:
+            picked.append(nodes[name])
+        elif name in SERVICES:
+            picked.append(SERVICES[name](settings))
+        else:
+            choices = list(SERVICES) + (list(nodes) if settings.kafka_brokers > 1 else [])
+            raise StackError(f"unknown service {name!r}: choose from {', '.join(choices)}")
+    return picked
+
+
+def _refuse_other_layout(settings) -> None:
+    """Two Kafka layouts share the client port: switching needs a ``down`` first."""
+    running = running_brokers(settings)
+    if running is not None and running != settings.kafka_brokers:
+        raise StackError(
+            f"Kafka runs with {running} broker(s) in {settings.stack_dir}: run `streams stack down` first, "
+            f"then `streams stack up --brokers {settings.kafka_brokers}`"
+        )
 
 
 def _lock(settings):
@@ -87,6 +155,8 @@ def up(settings, services: Iterable[str] | None = None, *, report: Reporter | No
     """
     svcs = _select(settings, services)
     with _lock(settings):
+        if any(isinstance(svc, Kafka) for svc in svcs):
+            _refuse_other_layout(settings)
         pids = {svc.name: svc.pid() for svc in svcs}
         # Cheap pre-flight checks first, so a taken port fails in milliseconds
         # instead of after a download or a JVM start.
@@ -95,6 +165,8 @@ def up(settings, services: Iterable[str] | None = None, *, report: Reporter | No
                 svc.check_ports()
         if any(pids[s.name] is None and isinstance(s, (Kafka, Sqs)) for s in svcs):
             require_java()
+        if any(pids[s.name] is None and isinstance(s, Registry) for s in svcs):
+            find_java()  # Java 21+, before a download or a JVM start
 
         def bring_up(svc: Service) -> None:
             began = time.monotonic()
@@ -117,6 +189,10 @@ def down(settings, services: Iterable[str] | None = None, *, report: Reporter | 
     dir whose pid file was lost, so nothing is left listening afterwards.
     """
     svcs = _select(settings, services)
+    if services is None:  # also a Kafka of another size started earlier from this stack dir
+        names = {svc.name for svc in svcs}
+        for n in _layouts_on_disk(settings):
+            svcs += [node for node in kafka_nodes(settings, n) if node.name not in names]
     with _lock(settings):
 
         def bring_down(svc: Service) -> None:
@@ -146,8 +222,23 @@ def status(settings) -> list[ServiceStatus]:
     return result
 
 
+def kill_service(settings, name: str, *, report: Reporter | None = None) -> int | None:
+    """SIGKILL one service (e.g. ``"kafka-2"``, a broker dying without a controlled
+    shutdown); returns its pid (None: it was not running). ``start_service`` restarts it."""
+    (svc,) = _select(settings, [name])
+    with _lock(settings):
+        pid = svc.pid(adopt=False)
+        if pid is None:
+            return None
+        send_signal(pid, signal.SIGKILL)
+        if not wait_until(lambda: svc.pid(adopt=False) is None, 10.0):
+            raise StackError(f"{name} (pid {pid}) survived SIGKILL: check `ps -p {pid}`")
+    _say(report, f"{name} killed (pid {pid})")
+    return pid
+
+
 def start_service(settings, name: str, *, report: Reporter | None = None) -> None:
-    """Start one service ("kafka", "postgres" or "sqs") and wait until it serves."""
+    """Start one service ("kafka", "kafka-2", "postgres", "sqs" or "registry") and wait until it serves."""
     up(settings, [name], report=report)
 
 

@@ -147,16 +147,16 @@ def terminate(pid: int, marker: str, *, timeout: float = 30.0) -> bool:
     """
     if not matches(pid, marker):
         return False
-    _signal(pid, signal.SIGTERM)
+    send_signal(pid, signal.SIGTERM)
     if wait_until(lambda: not matches(pid, marker), timeout):
         return False
-    _signal(pid, signal.SIGKILL)
+    send_signal(pid, signal.SIGKILL)
     if not wait_until(lambda: not matches(pid, marker), 10.0):
         raise StackError(f"process {pid} survived SIGKILL: check `ps -p {pid}`")
     return True
 
 
-def _signal(pid: int, sig: int) -> None:
+def send_signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         # Services are session leaders (start_new_session), so signal the whole
         # group: nothing they forked can be left behind.
@@ -272,8 +272,8 @@ def require_java() -> str:
     return java
 
 
-def ensure_jars(pom: Path, target: Path, log_file: Path) -> Path:
-    """Materialise the pom's dependency jars in ``target`` once.
+def ensure_jars(pom: Path, target: Path, log_file: Path, pattern: str = "*.jar") -> Path:
+    """Materialise the pom's dependencies (files matching ``pattern``) in ``target`` once.
 
     A marker file holding the pom's hash is written only after a successful
     copy, so an interrupted download (or an edited pom) is redone, while the
@@ -303,7 +303,7 @@ def ensure_jars(pom: Path, target: Path, log_file: Path) -> Path:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             ).returncode
-        if rc != 0 or not any(staging.glob("*.jar")):
+        if rc != 0 or not any(staging.glob(pattern)):
             shutil.rmtree(staging, ignore_errors=True)
             raise StackError(f"maven download failed: {last_meaningful_line(log_file)} (see {log_file})")
         (staging / MARKER).write_text(digest + "\n")
@@ -396,6 +396,10 @@ class Service(abc.ABC):
         self.prepare()
         proc = self.launch()
         pid = self.pid()
+        if pid is None and proc is not None and proc.poll() is None:
+            # Our own child, alive, whose command line did not read back yet (seen while
+            # several JVMs start at once): the child handle is the authority.
+            pid = proc.pid
         try:
             if pid is None:
                 raise StackError(f"{self.name} exited during startup: {self.last_log_line()} (see {self.log_file})")
@@ -416,7 +420,7 @@ class Service(abc.ABC):
         last = "no probe ran"
         while True:
             exited = proc.poll() if proc is not None else None
-            if exited is not None or not matches(pid, self.marker):
+            if exited is not None or (proc is None and not matches(pid, self.marker)):
                 code = f" (exit code {exited})" if exited is not None else ""
                 raise StackError(
                     f"{self.name} exited during startup{code}: {self.last_log_line()} (see {self.log_file})"
