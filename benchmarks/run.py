@@ -55,6 +55,7 @@ from benchmarks.harness import (
 from streams.io.codec import Codecs
 from streams.io.kafka import ensure_topics, read_topic
 from streams.io.sqs import queue_url, send_bodies, sqs_client
+from streams.ops.schemas import register as register_schemas
 from streams.pipeline.mask import MaskTransform
 from streams.privacy.keys import settings_keyring
 from streams.privacy.masking import Masker
@@ -313,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if "sink" not in skip:
             if "kafka" in skip:  # the sink part alone: its input is the golden transform's output
-                ensure_topics(settings_from_env(sb.env(STREAMS_MASKED_TOPIC=masked_topic)))
+                sink_input = settings_from_env(sb.env(STREAMS_MASKED_TOPIC=masked_topic))
+                ensure_topics(sink_input)
+                register_schemas(sink_input)  # what the mask stage's run would have done
                 fill(s, [(masked_topic, k, v) for k, v in expected.items()])
             dsn = sb.new_database("sink")
             g = sb.group("sink")
