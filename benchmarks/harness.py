@@ -28,7 +28,7 @@ from confluent_kafka import TopicPartition
 
 from streams.io.codec import Codecs
 from streams.io.kafka import admin_client, metadata_consumer, send_records
-from streams.io.postgres import connect
+from streams.io.postgres import connect, migrate
 from streams.ops.schemas import register as register_schemas
 from streams.ops.topics import ensure_topics
 from streams.pipeline.bridge import envelope
@@ -94,9 +94,10 @@ class Sandbox:
         return full
 
     def new_database(self, name: str) -> str:
-        """A fresh empty database of this sandbox; its DSN."""
+        """A fresh database of this sandbox, migrated (a worker does not migrate); its DSN."""
         tag = f"{self.settings.pg_dsn.get_secret_value().rsplit('/', 1)[1]}_{name}"
         admin = self.base.pg_dsn.get_secret_value()
+        dsn = admin.rsplit("/", 1)[0] + "/" + tag
 
         async def create() -> None:
             conn = await connect(admin)
@@ -104,10 +105,15 @@ class Sandbox:
                 await conn.execute(f'CREATE DATABASE "{tag}"')
             finally:
                 await conn.close()
+            conn = await connect(dsn)
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
 
         asyncio.run(create())
         self.databases.add(tag)
-        return admin.rsplit("/", 1)[0] + "/" + tag
+        return dsn
 
     def close(self) -> None:
         try:
@@ -117,7 +123,8 @@ class Sandbox:
             if doomed:
                 for future in admin.delete_topics(doomed, request_timeout=30).values():
                     future.result()
-            for future in admin.delete_consumer_groups(list(self.groups), request_timeout=30).values():
+            groups = admin.delete_consumer_groups(list(self.groups), request_timeout=30) if self.groups else {}
+            for future in groups.values():
                 try:
                     future.result()
                 except Exception:

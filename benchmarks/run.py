@@ -57,6 +57,7 @@ from streams.io.codec import Codecs
 from streams.io.kafka import read_topic
 from streams.io.sqs import queue_url, send_bodies, sqs_client
 from streams.ops.topics import ensure_topics
+from streams.ops.schemas import register as register_schemas
 from streams.pipeline.mask import MaskTransform
 from streams.privacy.keys import settings_keyring
 from streams.privacy.masking import Masker
@@ -215,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--transform-costs", type=int, help=argparse.SUPPRESS)  # the child that measures them
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: kafka,sink,bridge,e2e,rss")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated parts to skip: kafka,sink,bridge,e2e,rss (the sink without kafka reads the golden output)",
+    )
     args = parser.parse_args(argv)
     if args.transform_costs:
         from streams.settings import load_settings
@@ -323,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             if bare_mask.rate and mask.rate and bare_mask.rate < mask.rate:
                 invalid.append("bare mask loop slower than the mask stage")
 
-        if "sink" not in skip and "kafka" not in skip:
+        if "sink" not in skip:
+            if "kafka" in skip:  # the sink part alone: its input is the golden transform's output
+                sink_input = settings_from_env(sb.env(STREAMS_MASKED_TOPIC=masked_topic))
+                ensure_topics(sink_input)
+                register_schemas(sink_input)  # what the mask stage's run would have done
+                fill(s, [(masked_topic, k, v) for k, v in expected.items()])
             dsn = sb.new_database("sink")
             g = sb.group("sink")
             env = sb.env(
@@ -345,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 comparators.append(r)
             results += [
-                ("sink", sink, "target ≥ 0.8× COPY"),
+                ("sink", sink, "target ≥ 0.7× COPY, ≤ 20 µs CPU per row"),
                 ("sink", comparators[0], "comparator"),
                 ("sink", comparators[1], "the sink's SQL alone"),
             ]

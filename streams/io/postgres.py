@@ -48,9 +48,11 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
     return applied
 
 
-async def connect(dsn: str, timeout: float = 15.0, command_timeout: float | None = None) -> asyncpg.Connection:
+async def connect(
+    dsn: str, timeout: float = 15.0, command_timeout: float | None = None, server_settings: dict[str, str] | None = None
+) -> asyncpg.Connection:
     """The one way to open a connection, so every caller gets the same bounds."""
-    return await asyncpg.connect(dsn, timeout=timeout, command_timeout=command_timeout)
+    return await asyncpg.connect(dsn, timeout=timeout, command_timeout=command_timeout, server_settings=server_settings)
 
 
 async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:

@@ -4,10 +4,15 @@
 cannot be decoded. ``PostgresSink`` is the writer: one transaction per batch, and the
 row-error rules (which refusals are the row's fault, not the database's).
 
-A batch is COPYed (binary) into two session-private staging tables, one COPY per table,
-then one statement (data-modifying CTEs) deletes the tombstoned rows, adds the new vault
-rows and upserts ``user_logins`` from the staged rows. A row that is already identical
-is not touched at all, so a replay leaves the table byte-for-byte as it was.
+A batch is written in one transaction. One statement deletes the tombstoned rows and
+looks the batch's keys up (``PROBE``). The usual batch, whose message ids are all new, is
+then COPYed (binary) straight into ``user_logins``, with the vault rows not yet there into
+``pii_vault``: the same work as a bare COPY plus one index lookup per key. A batch with a
+message id already written (a replay, a redelivery) is COPYed into two session-private
+staging tables and merged by one ``INSERT ... ON CONFLICT`` statement; so is any batch
+whose COPY met a key another worker committed meanwhile (unique violation: the
+transaction is retried once by the merge). A row that is already identical is not
+touched at all, so a replay leaves the table byte-for-byte as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
+from operator import itemgetter
 
 import asyncpg
 
@@ -140,8 +146,9 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 """
 
 
-# The tables in streams.privacy.rotation.LOCK_ORDER: MERGE_STAGED's CTEs name them in this
-# order already (DELETE user_logins, then INSERT pii_vault); the fallback takes them explicitly.
+# The tables in streams.privacy.rotation.LOCK_ORDER: ``write`` runs PROBE first in every
+# transaction, whose DELETE takes user_logins before anything writes pii_vault (the COPY
+# or MERGE_STAGED after it); the fallback takes them explicitly.
 LOCK_WRITES = "LOCK TABLE user_logins, pii_vault IN ROW EXCLUSIVE MODE"
 
 
@@ -196,12 +203,23 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGE_VAULT} ON COMMIT DELETE ROWS AS
 CREATE TEMP TABLE IF NOT EXISTS {STAGE_LOGINS} ON COMMIT DELETE ROWS AS
     SELECT {", ".join(_COLUMNS)} FROM user_logins WITH NO DATA;
 """
-# One statement from the staged rows: tombstone deletes, vault rows, then the upsert that
-# leaves an identical row untouched. The three sets of keys never overlap (``plan``).
-MERGE_STAGED = f"""
+# The first statement of every batch: delete the tombstoned rows ($1), then the keys of
+# the batch already in the tables: ('', message_id) for logins ($2), (field, token) for
+# vault rows ($3 ip tokens, $4 device id tokens). Deletes and upserts never share a key
+# (``plan``). The worker may read only pii_vault's key columns, which is all this reads.
+PROBE = """
 WITH deleted AS (
     DELETE FROM user_logins WHERE message_id = ANY($1::text[])
-), vault AS (
+)
+SELECT '' AS field, message_id AS token FROM user_logins WHERE message_id = ANY($2::text[])
+UNION ALL
+SELECT field, token FROM pii_vault WHERE field = 'ip' AND token = ANY($3::text[])
+UNION ALL
+SELECT field, token FROM pii_vault WHERE field = 'device_id' AND token = ANY($4::text[])
+"""
+# From the staged rows: the vault rows, then the upsert that leaves an identical row untouched.
+MERGE_STAGED = f"""
+WITH vault AS (
     INSERT INTO pii_vault ({", ".join(_VAULT_COLUMNS)})
     SELECT {", ".join(_VAULT_COLUMNS)} FROM {STAGE_VAULT}
     ON CONFLICT (field, token) DO NOTHING
@@ -215,6 +233,15 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 """
 
 
+# asyncpg prepares every statement, and after five runs PostgreSQL may keep a generic
+# plan; one made while the tables were nearly empty scanned all of user_logins for every
+# batch until autovacuum analyzed it. Every statement of the sink finds its rows by key
+# (the staging tables, which have no index, are read whole anyway), so its session never
+# picks a sequential scan when an index serves. (A fresh plan per run instead,
+# plan_cache_mode=force_custom_plan, costs milliseconds a batch: the arrays of keys.)
+SESSION = {"enable_seqscan": "off"}
+
+
 class PostgresSink:
     """A single connection is enough: one statement per batch, batches in sequence."""
 
@@ -226,30 +253,64 @@ class PostgresSink:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self.dsn, command_timeout=self.command_timeout)
+            self._conn = await connect(self.dsn, command_timeout=self.command_timeout, server_settings=SESSION)
         return self._conn
 
     async def write(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
         """Upsert ``records`` and delete the rows of ``deletes`` in one transaction.
 
-        The rows are COPYed (binary) into session-private staging tables, one COPY per
-        table, and merged from there by one statement; the transaction commits before
-        this returns.
+        New rows are COPYed (binary) into the tables themselves; a batch with a row
+        already written goes through the staging tables and ``MERGE_STAGED``. The
+        transaction commits before this returns.
         """
         conn = await self._connection()
         try:
             if self._staged is not conn:
                 await conn.execute(CREATE_STAGES)
                 self._staged = conn
-            async with conn.transaction():
-                if records:
-                    vault, rows = staged_rows(records)
-                    await conn.copy_records_to_table(STAGE_VAULT, records=vault, columns=_VAULT_COLUMNS)
-                    await conn.copy_records_to_table(STAGE_LOGINS, records=rows, columns=_COLUMNS)
-                await conn.execute(MERGE_STAGED, list(deletes))
+            vault, rows = staged_rows(records)
+            try:
+                async with conn.transaction():
+                    if not await self._copy_new(conn, vault, rows, deletes):
+                        await self._merge(conn, vault, rows)
+            except asyncpg.UniqueViolationError:
+                # Another worker committed one of these keys after the lookup: merge instead.
+                async with conn.transaction():
+                    await conn.execute(PROBE, list(deletes), [], [], [])
+                    await self._merge(conn, vault, rows)
         except CONNECTION_ERRORS:
             await self.close()
             raise
+
+    @staticmethod
+    async def _merge(conn: asyncpg.Connection, vault: list[tuple], rows: list[tuple]) -> None:
+        if rows:
+            await conn.copy_records_to_table(STAGE_VAULT, records=vault, columns=_VAULT_COLUMNS)
+            await conn.copy_records_to_table(STAGE_LOGINS, records=rows, columns=_COLUMNS)
+            await conn.execute(MERGE_STAGED)
+
+    @staticmethod
+    async def _copy_new(
+        conn: asyncpg.Connection, vault: list[tuple], rows: list[tuple], deletes: Sequence[str]
+    ) -> bool:
+        """Delete the tombstoned rows; COPY the batch if none of its message ids is written yet.
+
+        False: a message id is there already, and the batch is left for ``_merge``.
+        """
+        ip_tokens = [v[1] for v in vault if v[0] == "ip"]
+        device_tokens = [v[1] for v in vault if v[0] == "device_id"]
+        found = await conn.fetch(PROBE, list(deletes), [r[0] for r in rows], ip_tokens, device_tokens)
+        known = {(f, t) for f, t in found}
+        if any(f == "" for f, _ in known):
+            return False
+        new_vault = [v for v in vault if (v[0], v[1]) not in known] if known else vault
+        # In token order, so two workers adding the same new tokens do not deadlock each other.
+        new_vault.sort(key=itemgetter(1))
+        if new_vault:
+            await conn.copy_records_to_table("pii_vault", records=new_vault, columns=_VAULT_COLUMNS)
+        if rows:
+            await conn.copy_records_to_table("user_logins", records=rows, columns=_COLUMNS)
+        return True
 
     async def write_one(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
         """``write`` by one ``UPSERT`` statement of column arrays (the row-by-row fallback).
