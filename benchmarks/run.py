@@ -56,8 +56,8 @@ from benchmarks.harness import (
 from streams.io.codec import Codecs
 from streams.io.kafka import read_topic
 from streams.io.sqs import queue_url, send_bodies, sqs_client
-from streams.ops.topics import ensure_topics
 from streams.ops.schemas import register as register_schemas
+from streams.ops.topics import ensure_topics
 from streams.pipeline.mask import MaskTransform
 from streams.privacy.keys import settings_keyring
 from streams.privacy.masking import Masker
