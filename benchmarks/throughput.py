@@ -37,7 +37,11 @@ SAMPLE = next(
 
 
 def produce_raw(settings: Settings, records: list[object], chunk: int = 5000) -> list[str]:
-    """Put each record on the raw topic as the bridge would (fresh message ids); returns the ids."""
+    """Put each record on the raw topic as the bridge would (fresh message ids); returns the ids.
+
+    The topics are created first, as the settings describe them (a raw topic the broker
+    auto-created would have its defaults: one partition, week-long segments)."""
+    ensure_topics(settings)
     codec = Codecs().raw
     now = int(time.time() * 1000)
     ids = [str(uuid.uuid4()) for _ in records]
