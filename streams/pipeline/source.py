@@ -29,7 +29,7 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -58,17 +58,14 @@ class Batch:
     ends: dict[int, int] = field(default_factory=dict)
 
 
-class RevokeHandler:
-    """What the stage does when partitions leave it (called on the event loop)."""
+class RevokeHandler(Protocol):
+    """What the stage does when partitions come and go (called on the event loop)."""
 
-    async def on_revoke(self, partitions: set[int]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    async def on_revoke(self, partitions: set[int]) -> None: ...
 
-    async def on_lost(self, partitions: set[int]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    async def on_lost(self, partitions: set[int]) -> None: ...
 
-    async def on_assign(self, partitions: set[int]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    async def on_assign(self, partitions: set[int]) -> None: ...
 
 
 class KafkaSource:
