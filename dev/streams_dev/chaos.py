@@ -225,12 +225,17 @@ def inject_records(s: Settings) -> tuple[dict[str, str], set[str]]:
 
 def keep_every_copy(s: Settings, topic: str) -> None:
     """Compaction must not hide a duplicate before the audit counts it: records of the
-    run's compacted ``topic`` stay uncompacted for longer than any run."""
+    run's compacted ``topic`` stay uncompacted for longer than any run (as long as the
+    topic's bounded max.compaction.lag.ms allows: Kafka refuses a min above the max)."""
     resource = ConfigResource(
         ResourceType.TOPIC,
         topic,
         incremental_configs=[
-            ConfigEntry("min.compaction.lag.ms", str(KEEP_UNCOMPACTED_MS), incremental_operation=AlterConfigOpType.SET)
+            ConfigEntry(
+                "min.compaction.lag.ms",
+                str(min(KEEP_UNCOMPACTED_MS, s.masked_compaction_lag_ms)),
+                incremental_operation=AlterConfigOpType.SET,
+            )
         ],
     )
     admin = admin_client(s)  # kept alive until the futures resolve
