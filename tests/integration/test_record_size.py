@@ -15,11 +15,12 @@ import pytest
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 
 from streams.io.kafka import admin_client, send_records
+from streams.ops.topics import ensure_topics, topic_configs
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.transactions import SIZE_MARGIN
 from streams.privacy.keys import settings_keyring
 from streams.privacy.masking import Masker
-from tests.factories import CODECS, LOGIN, raw_value
+from tests.factories import LOGIN, raw_value
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def login(user_chars: int) -> str:
 def test_a_record_at_the_margin_is_written_and_one_byte_over_is_dead_lettered(pipeline):
     s = pipeline.settings
     assert pipeline.run("keys", "init").returncode == 0
-    transform = MaskTransform(Masker(settings_keyring(s)), CODECS)
+    transform = MaskTransform(Masker(settings_keyring(s)), pipeline.codecs)  # the wire format the worker writes
 
     def size(message_id: str, chars: int) -> int:
         out = transform(message_id.encode(), raw_value(message_id, login(chars)), "t/0/0")
@@ -43,10 +44,16 @@ def test_a_record_at_the_margin_is_written_and_one_byte_over_is_dead_lettered(pi
     assert size(over, 61) == size(at, 60) + 1
     admin = admin_client(s)
     topics = [
-        NewTopic(s.masked_topic, s.topic_partitions, 1, config={"max.message.bytes": str(max_bytes)}),
+        NewTopic(
+            s.masked_topic,
+            s.topic_partitions,
+            1,
+            config={**topic_configs(s)[s.masked_topic], "max.message.bytes": str(max_bytes)},
+        ),
     ]
     for future in admin.create_topics(topics).values():
         future.result()
+    ensure_topics(s)  # the others as the settings describe them (the start-up check verifies their bounds)
     send_records(
         s,
         [
