@@ -304,8 +304,13 @@ def topic_copies(s: Settings, isolation: str, timeout: float = 30.0) -> Counter:
     """Records per message id across the masked and DLQ topics (keys are message ids), as a
     reader with ``isolation.level`` = ``isolation`` sees them, up to the partitions' ends.
     Masked tombstones and the masked records the run put there itself (``gone-*``) are not
-    outputs of the pipeline and are left out."""
+    outputs of the pipeline and are left out. The bridge's own dead letters count once per
+    id: the bridge is at-least-once by nature (SQS has no transactions), so a bridge killed
+    between its produce and its SQS delete writes one again ("ids with more than one dead
+    letter" reports those)."""
     consumer = metadata_consumer(s, **{"enable.partition.eof": True, "isolation.level": isolation})
+    dead_letter_codec = Codecs.from_settings(s).dead_letter
+    bridge_dead: set[str] = set()
     copies: Counter = Counter()
     try:
         for topic in (s.masked_topic, s.dlq_topic):
@@ -325,6 +330,10 @@ def topic_copies(s: Settings, isolation: str, timeout: float = 30.0) -> Counter:
                 key = (msg.key() or b"").decode("utf-8", "replace")
                 if topic == s.masked_topic and (msg.value() is None or key.startswith("gone-")):
                     continue
+                if topic == s.dlq_topic and dead_letter_codec.decode(msg.value())["stage"] == "bridge":
+                    if key in bridge_dead:  # a bridge copy: at least once, counted once
+                        continue
+                    bridge_dead.add(key)
                 copies[key] += 1
     finally:
         consumer.close()
