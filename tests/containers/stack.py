@@ -84,7 +84,9 @@ class ApacheKafkaContainer(DockerContainer):
 
     def start(self) -> ApacheKafkaContainer:
         super().start()
-        advertised = f"PLAINTEXT://{self.bootstrap_server},BROKER://{self.alias}:{self.INTERNAL_PORT}"
+        # BROKER is the inter-broker listener: a single node reaches itself there (transaction
+        # markers, for one, go through it), so it must resolve inside the container.
+        advertised = f"PLAINTEXT://{self.bootstrap_server},BROKER://localhost:{self.INTERNAL_PORT}"
         result = self.exec(
             [
                 "bash",
