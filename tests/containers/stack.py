@@ -40,8 +40,8 @@ class ApacheKafkaContainer(DockerContainer):
     """Single-node KRaft Kafka from the Apache image.
 
     Listeners: ``PLAINTEXT`` on 9092 for the host (advertised on the mapped port),
-    ``BROKER`` on 19092 for containers on the same network (advertised as
-    ``<alias>:19092``), ``CONTROLLER`` on 9093 (inside only).
+    ``BROKER`` on 19092, the inter-broker listener (advertised as ``localhost:19092``:
+    the single node reaches itself there), ``CONTROLLER`` on 9093 (inside only).
     """
 
     PORT = 9092
