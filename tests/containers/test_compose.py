@@ -115,20 +115,20 @@ def raw_records(compose: Compose) -> int:
 
 
 def group_members(compose: Compose) -> list[int]:
-    """Partitions held by each member of the workers' group (kafka-consumer-groups --members)."""
+    """Partitions held by each member of the mask stage's group (kafka-consumer-groups --members)."""
     out = compose.kafka(
         "/opt/kafka/bin/kafka-consumer-groups.sh",
         "--bootstrap-server",
         "localhost:9092",
         "--describe",
         "--group",
-        "streams",
+        "streams-mask",
         "--members",
     )
     counts = []
     for line in out.splitlines():
         fields = line.split()
-        if fields and fields[0] == "streams" and fields[-1].isdigit():
+        if fields and fields[0] == "streams-mask" and fields[-1].isdigit():
             counts.append(int(fields[-1]))
     return counts
 
