@@ -101,6 +101,16 @@ class StageWriter(RevokeHandler):
     def close(self) -> None:
         self.producer.close()
 
+    async def handle(self, batch: Batch) -> None:
+        """Write one batch; the source learns it was handled, whatever happened."""
+        try:
+            await self._handle(batch)
+        finally:
+            self.source.finished(batch)
+
+    async def _handle(self, batch: Batch) -> None:
+        """Each stage's writer: transform the batch and write it with its offsets."""
+
     def fit(self, record: tuple[str, bytes | None, bytes | None], source: tuple[int, int], codecs: Any) -> tuple:
         """The record, or its dead letter when it cannot fit the topic (or the broker refused it before)."""
         topic, key, value = record
@@ -307,12 +317,6 @@ class MaskWriter(StageWriter):
         if self.dedup is not None:
             self.dedup.commit()
 
-    async def handle(self, batch: Batch) -> None:
-        try:
-            await self._handle(batch)
-        finally:
-            self.source.finished(batch)
-
     async def _handle(self, batch: Batch) -> None:
         messages = self.source.live(batch) if batch.messages else []
         began = time.monotonic()
@@ -412,15 +416,6 @@ class SinkWriter(StageWriter):
         self.sink_stage = sink_stage
         self.codecs = sink_stage.codecs
         self.database = database
-
-    def close(self) -> None:
-        super().close()
-
-    async def handle(self, batch: Batch) -> None:
-        try:
-            await self._handle(batch)
-        finally:
-            self.source.finished(batch)
 
     async def _handle(self, batch: Batch) -> None:
         messages = self.source.live(batch) if batch.messages else []
