@@ -115,7 +115,13 @@ containers-test: install
 	@set -e; \
 	if [ -n "$(DOCKER_LAB)" ]; then \
 	  t0=$$(date +%s); \
-	  lab=$$($(DOCKER_LAB)/up | tail -n 1) || { echo "containers-test: the Docker engine did not start: see the lines above ($(DOCKER_LAB)/up)" >&2; exit 1; }; \
+	  for try in 1 2 3; do \
+	    lab=$$($(DOCKER_LAB)/up) && break; \
+	    echo "containers-test: $(DOCKER_LAB)/up failed (try $$try of 3); stopping the lab's engine and trying again" >&2; \
+	    $(DOCKER_LAB)/down >&2 || true; lab=""; \
+	  done; \
+	  lab=$$(printf '%s\n' "$$lab" | tail -n 1); \
+	  [ -n "$$lab" ] || { echo "containers-test: the Docker engine did not start after 3 tries: see the lines above ($(DOCKER_LAB)/up)" >&2; exit 1; }; \
 	  case "$$lab" in "export DOCKER_HOST="*) eval "$$lab" ;; *) echo "containers-test: unexpected output of $(DOCKER_LAB)/up: $$lab" >&2; exit 1 ;; esac; \
 	  echo "containers-test: engine up in $$(( $$(date +%s) - t0 )) s ($$DOCKER_HOST)"; \
 	fi; \
