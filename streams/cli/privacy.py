@@ -229,6 +229,11 @@ def _reveal(settings: Settings, args) -> None:
         raise Refused("--operator must name the person revealing (it goes to the audit trail)")
     if not args.reason.strip():
         raise Refused("--reason must give the ticket or reason (it goes to the audit trail)")
+    from streams.privacy.user_keys import split_mode
+
+    if split_mode(settings):
+        _print_revealed(_reveal_sealed(settings, args))
+        return
     try:
         masker = _masker(settings)
     except keymod.KeyMaterialError:
@@ -255,8 +260,58 @@ def _reveal(settings: Settings, args) -> None:
         ) from None
     except asyncpg.PostgresError as exc:  # the server's message is not quoted: keep values out of errors
         raise Refused(f"PostgreSQL refused the reveal ({type(exc).__name__}, SQLSTATE {exc.sqlstate})") from None
+    _print_revealed(found)
+
+
+def _print_revealed(found) -> None:
     for item in found:  # JSON lines: a value may hold tabs or newlines
         print(json.dumps({"field": item.field, "token": item.token, "value": item.value}, ensure_ascii=False))
+
+
+def _opener(settings: Settings):
+    """The decrypting side of per-user key mode: KMS (kms:Decrypt naming the user) and no keyring."""
+    from streams.privacy.hardening import no_core_dumps
+    from streams.privacy.kms import Kms
+    from streams.privacy.user_keys import Opener, deployment
+
+    no_core_dumps()  # this process is about to hold data keys and decrypted values
+    return Opener(Kms(settings), deployment(settings))
+
+
+def _reveal_sealed(settings: Settings, args):
+    """``streams reveal`` in per-user key mode: sealed values opened through KMS, audited per user."""
+    import asyncpg
+
+    from streams.privacy.vault import reveal_sealed
+
+    opener = _opener(settings)
+    try:
+        return _with_db(
+            settings,
+            lambda conn: reveal_sealed(
+                conn,
+                opener,
+                args.operator.strip(),
+                token=args.token,
+                message_id=args.message_id,
+                field=args.field,
+                reason=args.reason.strip(),
+            ),
+            migrate=False,
+        )
+    except asyncpg.PostgresError as exc:  # the server's message is not quoted: keep values out of errors
+        raise Refused(f"PostgreSQL refused the reveal ({type(exc).__name__}, SQLSTATE {exc.sqlstate})") from None
+
+
+def _keys_seal(settings: Settings, args) -> None:
+    """Re-wrap lifetime-wrapped user keys by KMS under each user's context (the key custodian's job)."""
+    from streams.privacy.user_keys import seal_user_keys, split_mode
+
+    if not split_mode(settings):
+        raise Refused("`streams keys seal` is for per-user key mode: set STREAMS_KMS_KEY_ID and STREAMS_KMS_MAC_KEY_ID")
+    opener = _opener(settings)
+    sealed = _with_db(settings, lambda conn: seal_user_keys(conn, opener, args.batch_size))
+    print(f"sealed {sealed} user data keys under their users' KMS context")
 
 
 def register(sub) -> None:
@@ -280,6 +335,9 @@ def register(sub) -> None:
     k = ksub.add_parser("retire", help="remove an encryption key no vault row uses any more")
     k.add_argument("key_id")
     k.set_defaults(func=_keys_retire)
+    k = ksub.add_parser("seal", help="per-user key mode: wrap new user data keys by KMS under each user's context")
+    k.add_argument("--batch-size", type=_positive, default=500)
+    k.set_defaults(func=_keys_seal)
     k = ksub.add_parser("rejoin", help="move every table to the new join version, then switch writes to it")
     k.add_argument("--batch-size", type=_positive, default=500)
     k.add_argument("--max-batches", type=_positive, help="stop after this many batches (rerun to continue)")

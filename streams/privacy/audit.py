@@ -39,11 +39,31 @@ async def record(
     field: str | None = None,
     token: str | None = None,
     message_id: str | None = None,
+    action: str | None = None,
+    user_id: str | None = None,
 ) -> None:
-    """One audit row, committed (autocommit) before the caller shows anything."""
+    """One audit row, committed (autocommit) before the caller shows anything.
+
+    ``action`` names the decrypting path (reveal, export, redrive, ...) and ``user_id``
+    whose data it opened (per-user key mode, migration 0005); both stay out of the
+    statement when not given, so the row is the same as before for the keyring paths.
+    """
+    if action is None and user_id is None:
+        await conn.execute(
+            "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            operator,
+            os_user(),
+            reason,
+            field,
+            token,
+            message_id,
+            outcome,
+        )
+        return
     await conn.execute(
-        "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome, action, user_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         operator,
         os_user(),
         reason,
@@ -51,4 +71,6 @@ async def record(
         token,
         message_id,
         outcome,
+        action or "reveal",
+        user_id,
     )
