@@ -1,0 +1,254 @@
+"""Issue 19 items 2-3 on the real stack: workers never decrypt; only audited paths open values.
+
+A private moto server (started here on a free port, not the stack's shared one) enforces
+IAM (``INITIAL_NO_AUTH_ACTION_COUNT=0``), with one IAM user per role, made in moto's
+backend before it serves. The worker runs the pipeline with the worker role's actions
+only; its kms:Decrypt is refused; reveal (the reveal role) opens values through a
+kms:Decrypt whose context names the user, and leaves an audit row per user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import asyncpg
+import botocore.session
+import pytest
+
+from streams.privacy.kms import Kms
+from streams.privacy.masking import IP_SIZE, canonical_device_id, canonical_ip
+from streams.privacy.user_keys import Opener, erase_user_keys, kek_context
+from streams.privacy.vault import reveal_sealed
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+ROLES = {
+    "admin": ["kms:*"],
+    "worker": ["kms:DescribeKey", "kms:GenerateMac", "kms:GenerateDataKey"],
+    "reveal": ["kms:DescribeKey", "kms:Decrypt", "kms:Encrypt"],
+}
+
+# Runs in the moto process: IAM users and their access keys straight in moto's backend
+# (with no unauthenticated action allowed, nothing could create them over HTTP), then serve.
+BOOT = r"""
+import json, sys
+from moto.iam.models import iam_backends
+from moto.server import main
+iam = iam_backends["123456789012"]["global"]
+out = {}
+for name, actions in json.loads(sys.argv[2]).items():
+    iam.create_user("us-east-1", name)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+    iam.put_user_policy(name, "role", json.dumps(policy))
+    key = iam.create_access_key(name)
+    out[name] = [key.access_key_id, key.secret_access_key]
+with open(sys.argv[3] + ".tmp", "w") as fh:
+    json.dump(out, fh)
+import os; os.replace(sys.argv[3] + ".tmp", sys.argv[3])
+main(["-H", "127.0.0.1", "-p", sys.argv[1]])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class PrivateKms:
+    def __init__(self, port: int, creds: dict[str, list[str]]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.creds = creds
+
+    def client(self, role: str):
+        key, secret = self.creds[role]
+        return botocore.session.get_session().create_client(
+            "kms", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret
+        )
+
+    def env(self, role: str) -> dict[str, str]:
+        key, secret = self.creds[role]
+        return {"STREAMS_AWS_ACCESS_KEY_ID": key, "STREAMS_AWS_SECRET_ACCESS_KEY": secret}
+
+
+@pytest.fixture
+def private_kms(tmp_path):
+    if os.environ.get("STREAMS_TEST_STACK") == "containers":
+        pytest.skip("runs moto as a local process")
+    port, creds = free_port(), tmp_path / "creds.json"
+    log = (tmp_path / "moto.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BOOT, str(port), json.dumps(ROLES), str(creds)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: creds.exists() and answers(port), 30, "the private moto server")
+        yield PrivateKms(port, json.loads(creds.read_text()))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture
+def split(pipeline, private_kms):
+    """The pipeline in per-user key mode on the private KMS: a symmetric and an HMAC key."""
+    admin = private_kms.client("admin")
+    key = admin.create_key(Description="streams test")["KeyMetadata"]["KeyId"]
+    mac = admin.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]["KeyId"]
+    pipeline.env.update(
+        STREAMS_KMS_KEY_ID=key,
+        STREAMS_KMS_MAC_KEY_ID=mac,
+        STREAMS_KMS_ENDPOINT=private_kms.url,
+        STREAMS_DEPLOYMENT=f"t-{uuid.uuid4().hex[:8]}",
+    )
+    return private_kms
+
+
+def refused(call) -> str:
+    with pytest.raises(botocore.exceptions.ClientError) as caught:
+        call()
+    return caught.value.response["Error"]["Code"]
+
+
+class RecordingKms(Kms):
+    """The real KMS client, remembering each call's operation and EncryptionContext."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[str, dict | None]] = []
+
+    def _call(self, operation, **kwargs):
+        self.seen.append((operation, kwargs.get("EncryptionContext")))
+        return super()._call(operation, **kwargs)
+
+
+def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_opens_values(pipeline, split, sample_path):
+    import botocore.exceptions  # noqa: F401  (refused() names it)
+
+    sample = json.loads(sample_path.read_text())
+    valid = [r for r in sample if "ip" in r]
+    ids = pipeline.send(sample)
+    assert pipeline.run("migrate").returncode == 0
+    bridge = pipeline.start("bridge")  # no KMS settings matter to it: it loads no key material
+    worker = pipeline.start("worker", **split.env("worker"))
+    pipeline.wait_for(lambda: pipeline.row_count() == len(valid), 120, f"{len(valid)} rows")
+    assert pipeline.stop(bridge) == 0
+    assert pipeline.stop(worker) == 0
+
+    # What the worker wrote: tokens of the KMS-made join version, sealed values, wrapped keys only.
+    rows = pipeline.query("SELECT * FROM user_logins ORDER BY message_id")
+    assert {r["masked_ip"].split(".")[0] for r in rows} == {"g1"}
+    assert pipeline.query("SELECT count(*) AS n FROM pii_vault")[0]["n"] == 0
+    sealed = pipeline.query("SELECT * FROM sealed_values")
+    assert len(sealed) == len(valid) and {len(s["ip_sealed"]) for s in sealed} == {1 + 8 + 16 + IP_SIZE}
+    keys = pipeline.query("SELECT * FROM user_data_keys")
+    assert {k["user_id"] for k in keys} == {r["user_id"] for r in valid}
+    assert all(k["wrapped_key"] is not None and k["sealed_key"] is None for k in keys)
+    lifetimes = pipeline.query("SELECT * FROM key_lifetimes")
+    assert len(lifetimes) == 1  # one worker lifetime, one GenerateDataKey
+
+    # The worker's credentials: its Decrypt is refused, on the lifetime key it made itself too.
+    deployment = pipeline.env["STREAMS_DEPLOYMENT"]
+    worker_kms = split.client("worker")
+    blob, key_id = lifetimes[0]["kek_blob"], bytes.fromhex(lifetimes[0]["key_id"])
+    context = kek_context(deployment, key_id)
+    assert refused(lambda: worker_kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)) in (
+        "AccessDeniedException",
+        "403",
+    )
+    assert split.client("reveal").decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"]
+
+    # A reveal with the worker's credentials is refused in one line, and shows nothing.
+    by_worker = pipeline.run(
+        "reveal", "--message-id", ids[0], "--operator", "mallory", "--reason", "X", **split.env("worker")
+    )
+    assert by_worker.returncode != 0 and by_worker.stdout == "" and "Traceback" not in by_worker.stderr
+    assert "refused decrypt" in by_worker.stderr and "check the credentials and the key policy" in by_worker.stderr
+
+    # Reveal by message id, as the reveal role: the values sent, audited per user.
+    first = valid[0]
+    out = pipeline.run(
+        "reveal", "--message-id", ids[0], "--operator", "ann", "--reason", "INC-7", **split.env("reveal")
+    )
+    assert out.returncode == 0, out.stderr
+    assert [(r["field"], r["value"]) for r in map(json.loads, out.stdout.splitlines())] == [
+        ("ip", canonical_ip(first["ip"])[0]),
+        ("device_id", canonical_device_id(first["device_id"])),
+    ]
+    audit = pipeline.query("SELECT * FROM pii_reveal_audit WHERE operator = 'ann'")
+    assert {(a["action"], a["user_id"], a["outcome"], a["reason"]) for a in audit} == {
+        ("reveal", first["user_id"], "revealed", "INC-7")
+    }
+
+    # The worker role may rewrite user_logins: repointing a row at another login's tokens
+    # does not change what reveal by message id shows (it reads sealed_values).
+    other = rows[-1]
+    pipeline.query(
+        "UPDATE user_logins SET masked_ip = $1, masked_device_id = $2, user_id = $3 WHERE message_id = $4",
+        other["masked_ip"],
+        other["masked_device_id"],
+        other["user_id"],
+        ids[0],
+    )
+    again = pipeline.run(
+        "reveal", "--message-id", ids[0], "--operator", "ann", "--reason", "INC-8", **split.env("reveal")
+    )
+    assert [json.loads(line)["value"] for line in again.stdout.splitlines()] == [
+        canonical_ip(first["ip"])[0],
+        canonical_device_id(first["device_id"]),
+    ]
+
+    # In process: each kms:Decrypt of the reveal names the user whose data it opened; then
+    # erasure shreds the user's keys and reveal is refused, audited as erased.
+    settings = pipeline.settings.model_copy(
+        update={
+            "aws_access_key_id": pydantic_secret(split.creds["reveal"][0]),
+            "aws_secret_access_key": pydantic_secret(split.creds["reveal"][1]),
+        }
+    )
+    second = valid[1]
+
+    async def go():
+        conn = await asyncpg.connect(settings.pg_dsn.get_secret_value())
+        try:
+            kms = RecordingKms(settings)
+            opener = Opener(kms, deployment)
+            shown = await reveal_sealed(conn, opener, "bob", message_id=ids[1], reason="INC-9")
+            user_decrypts = [c for op, c in kms.seen if op == "decrypt" and c and c["purpose"] == "user-key"]
+            assert [c["user_id"] for c in user_decrypts] == [second["user_id"]]
+            assert await erase_user_keys(conn, second["user_id"]) == 1
+            assert await erase_user_keys(conn, second["user_id"]) == 0  # idempotent
+            with pytest.raises(Exception, match="erased"):
+                await reveal_sealed(conn, Opener(RecordingKms(settings), deployment), "bob", message_id=ids[1])
+            outcomes = await conn.fetch("SELECT outcome, user_id FROM pii_reveal_audit WHERE operator = 'bob'")
+            return shown, [(o["outcome"], o["user_id"]) for o in outcomes]
+        finally:
+            await conn.close()
+
+    shown, outcomes = asyncio.run(go())
+    assert [s.value for s in shown] == [canonical_ip(second["ip"])[0], canonical_device_id(second["device_id"])]
+    assert ("erased", second["user_id"]) in outcomes
+
+
+def pydantic_secret(text: str):
+    from pydantic import SecretStr
+
+    return SecretStr(text)
