@@ -336,13 +336,14 @@ class SealingMaskTransform(MaskTransform):
         self.codecs = codecs
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
-        self._seal = masker.mask
+        self._seal = masker.mask_login
 
     def _mask(self, envelope: dict) -> dict:
         user_id, device_type, ip_text, device_id, app_version, locale = _login_values(envelope["body"])
         ip_canonical, ip_is_valid = canonical_ip(ip_text)
-        ip_token, ip_sealed = self._seal(user_id, "ip", ip_canonical)
-        device_token, device_sealed = self._seal(user_id, "device_id", canonical_device_id(device_id))
+        ip_token, ip_sealed, device_token, device_sealed = self._seal(
+            user_id, ip_canonical, canonical_device_id(device_id)
+        )
         return {
             "message_id": envelope["message_id"],
             "sent_at": envelope["sent_at"],

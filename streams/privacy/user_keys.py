@@ -44,6 +44,7 @@ PURPOSE_KEK = "user-kek"
 PURPOSE_USER = "user-key"
 JOIN_LABEL = b"streams join key"
 WRAP_LABEL = b"streams user key"
+RANDOM_KEYS = 256  # data keys drawn from the OS per getrandom call
 MAX_USERS = 262_144  # per lifetime: past it a new lifetime (one GenerateDataKey) starts with an empty cache
 
 
@@ -122,19 +123,29 @@ class Lifetime:
             EncryptionContext=kek_context(self.deployment, self.key_id),
         )
         self._kek = AESSIV(made["Plaintext"])
+        self._wrap_prefix = wrap_ad(self.deployment, self.key_id, "")  # + the user id: ``wrap_ad``
         self.new_lifetimes.append((self.key_id, made["CiphertextBlob"]))
         self._keys: dict[str, tuple[bytes, AESSIV]] = {}
+        self._random, self._random_at = b"", 0
 
     def data_key(self, user_id: str) -> tuple[bytes, AESSIV]:
         """``(key id, AES-SIV)`` of ``user_id`` in this lifetime: made and queued on first use."""
         found = self._keys.get(user_id)
         if found is None:
-            if len(self._keys) >= self.max_users:
-                self._start()
-            key = os.urandom(DATA_KEY_BYTES)
-            wrapped = self._kek.encrypt(key, [wrap_ad(self.deployment, self.key_id, user_id)])
-            self.pending.append(KeyRow(user_id, self.key_id, wrapped))
-            found = self._keys[user_id] = (self.key_id, AESSIV(key))
+            found = self._new_key(user_id)
+        return found
+
+    def _new_key(self, user_id: str) -> tuple[bytes, AESSIV]:
+        if len(self._keys) >= self.max_users:
+            self._start()
+        if self._random_at >= len(self._random):  # one getrandom call per RANDOM_KEYS keys
+            self._random, self._random_at = os.urandom(DATA_KEY_BYTES * RANDOM_KEYS), 0
+        at = self._random_at
+        key = self._random[at : at + DATA_KEY_BYTES]
+        self._random_at = at + DATA_KEY_BYTES
+        wrapped = self._kek.encrypt(key, [self._wrap_prefix + user_id.encode()])
+        self.pending.append(KeyRow(user_id, self.key_id, wrapped))
+        found = self._keys[user_id] = (self.key_id, AESSIV(key))
         return found
 
     def take(self) -> tuple[list[tuple[bytes, bytes]], list[KeyRow]]:

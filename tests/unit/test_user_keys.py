@@ -162,3 +162,20 @@ def test_the_sealing_transform_writes_masked_schema_v3_with_bytes_and_no_recover
     assert isinstance(record["ip_sealed"], bytes) and len(record["ip_sealed"]) == 73
     assert record["masked_ip"].startswith("g1.")
     assert b"192.0.2.1" not in out.value and b"dev-1" not in out.value
+
+
+def test_the_hot_path_mask_login_gives_the_reference_bytes():
+    m = masker()
+    ip_token, ip_sealed, device_token, device_sealed = m.mask_login("u1", "192.0.2.1", "dev-1")
+    assert (ip_token, ip_sealed) == m.mask("u1", "ip", "192.0.2.1")
+    assert (device_token, device_sealed) == m.mask("u1", "device_id", "dev-1")
+    key_id, siv = m.lifetime.data_key("u1")
+    assert ip_sealed == sealed_value(
+        key_id, siv.encrypt(pad_field("ip", b"192.0.2.1"), [associated(b"ip", b"u1", key_id, ip_token.encode())])
+    )
+
+
+def test_each_user_gets_its_own_random_key():
+    m = masker()
+    values = {m.mask(f"u{n}", "ip", "192.0.2.1")[1] for n in range(300)}  # past one block of drawn keys
+    assert len(values) == 300
