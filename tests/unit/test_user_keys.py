@@ -179,3 +179,39 @@ def test_each_user_gets_its_own_random_key():
     m = masker()
     values = {m.mask(f"u{n}", "ip", "192.0.2.1")[1] for n in range(300)}  # past one block of drawn keys
     assert len(values) == 300
+
+
+def test_a_sealed_sink_dead_letter_is_redriven_as_it_is_without_decrypting():
+    import datetime as dt
+
+    from streams.errors import Refused
+    from streams.ops.dlq import redrive_records
+    from streams.settings import Settings
+
+    codecs = Codecs()
+    m = masker()
+    ip_token, ip_sealed, device_token, device_sealed = m.mask_login("u1", "192.0.2.1", "dev-1")
+    record = {
+        "message_id": "m1",
+        "sent_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        "user_id": "u1",
+        "device_type": "ios",
+        "locale": None,
+        "app_version_raw": "1",
+        "app_version": 1000000,
+        "masked_ip": ip_token,
+        "masked_device_id": device_token,
+        "ip_ciphertext": "",
+        "device_id_ciphertext": "",
+        "ip_is_valid": True,
+        "ip_sealed": ip_sealed,
+        "device_id_sealed": device_sealed,
+    }
+    payload = codecs.masked.encode(record)
+    letter = {"message_id": "m1", "stage": "sink", "payload": payload, "payload_truncated": False}
+    settings = Settings(_env_file=None, schema_registry_url="")
+    # No keyring is given and none exists: a keyring-mode remask would refuse for want of keys.
+    assert [(k, v) for _, k, v in redrive_records(settings, [letter])] == [(b"m1", payload)]
+    other = settings.model_copy(update={"join_version": "g2"})
+    with pytest.raises(Refused, match="join version g2"):
+        redrive_records(other, [letter])
