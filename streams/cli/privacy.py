@@ -75,6 +75,13 @@ def _masker(settings: Settings):
 # --- keys -----------------------------------------------------------------------------
 
 
+async def _audit_bulk(conn, action: str, reason: str) -> None:
+    """A bulk decryption (keyring mode: the whole vault) leaves its audit row before it starts."""
+    from streams.privacy import audit
+
+    await audit.record(conn, audit.os_user(), "bulk_open", reason=reason, action=action)
+
+
 def _keys_init(settings: Settings, args) -> None:
     path = settings.keys_file
     kms = _kms(settings)
@@ -118,7 +125,12 @@ def _keys_reencrypt(settings: Settings, args) -> None:
     from streams.privacy.rotation import reencrypt
 
     masker = _masker(settings)
-    moved = _with_db(settings, lambda conn: reencrypt(conn, masker, args.batch_size, args.max_batches))
+
+    async def job(conn):
+        await _audit_bulk(conn, "reencrypt", args.reason)
+        return await reencrypt(conn, masker, args.batch_size, args.max_batches)
+
+    moved = _with_db(settings, job)
     print(f"re-encrypted {moved} vault rows to {masker.keyring.encryption_key_id}")
 
 
@@ -166,9 +178,9 @@ def _keys_rejoin(settings: Settings, args) -> None:
             keymod.write_document(settings.keys_file, current, kms)
             print(f"new writes now use {target} (restart workers to load it)", file=sys.stderr)
 
-    done = _with_db(
-        settings,
-        lambda conn: rejoin(
+    async def job(conn):
+        await _audit_bulk(conn, "rejoin", args.reason)
+        return await rejoin(
             conn,
             Masker(ring),
             target,
@@ -177,8 +189,9 @@ def _keys_rejoin(settings: Settings, args) -> None:
             max_batches=args.max_batches,
             rounds=args.rounds,
             wait=args.wait,
-        ),
-    )
+        )
+
+    done = _with_db(settings, job)
     if not done:
         print(f"stopped after {args.max_batches} batches; rerun `streams keys rejoin` to continue")
         return
@@ -331,6 +344,7 @@ def register(sub) -> None:
     k = ksub.add_parser("reencrypt", help="move pii_vault rows to the active encryption key, in batches")
     k.add_argument("--batch-size", type=_positive, default=500)
     k.add_argument("--max-batches", type=_positive, help="stop after this many batches (rerun to continue)")
+    k.add_argument("--reason", default="key rotation", help="why (recorded in pii_reveal_audit)")
     k.set_defaults(func=_keys_reencrypt)
     k = ksub.add_parser("retire", help="remove an encryption key no vault row uses any more")
     k.add_argument("key_id")
@@ -343,6 +357,7 @@ def register(sub) -> None:
     k.add_argument("--max-batches", type=_positive, help="stop after this many batches (rerun to continue)")
     k.add_argument("--rounds", type=_positive, default=10, help="rounds to wait for workers still writing old tokens")
     k.add_argument("--wait", type=float, default=2.0, help="seconds between rounds")
+    k.add_argument("--reason", default="join key rotation", help="why (recorded in pii_reveal_audit)")
     k.set_defaults(func=_keys_rejoin)
 
     p = sub.add_parser("reveal", help="decrypt a masked value for an authorised operator (audited)")

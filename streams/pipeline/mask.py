@@ -331,7 +331,7 @@ class SealingMaskTransform(MaskTransform):
     transaction that carries the records sealed under them (``user_keys.KeyStore``).
     """
 
-    def __init__(self, masker: UserMasker, codecs: Codecs) -> None:  # type: ignore[override]
+    def __init__(self, masker: UserMasker, codecs: Codecs) -> None:
         self.masker = masker  # type: ignore[assignment]
         self.codecs = codecs
         self._decode = codecs.raw.decode_millis

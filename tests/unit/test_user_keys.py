@@ -215,3 +215,17 @@ def test_a_sealed_sink_dead_letter_is_redriven_as_it_is_without_decrypting():
     other = settings.model_copy(update={"join_version": "g2"})
     with pytest.raises(Refused, match="join version g2"):
         redrive_records(other, [letter])
+
+
+def test_the_bridge_and_the_split_sink_get_no_key_material():
+    from pathlib import Path
+
+    import yaml
+
+    k8s = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+    for path in (k8s / "common" / "bridge-deployment.yaml", k8s / "split" / "sink-deployment.yaml"):
+        spec = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]
+        secrets = [v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v]
+        assert "streams-keys" not in secrets, path.name
+        env = {e["name"] for c in spec["containers"] for e in c.get("env", [])}
+        assert not env & {"STREAMS_KEYS_JSON", "STREAMS_KMS_KEY_ID", "STREAMS_KMS_MAC_KEY_ID"}, path.name
