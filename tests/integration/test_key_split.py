@@ -234,6 +234,17 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
             shown = await reveal_sealed(conn, opener, "bob", message_id=ids[1], reason="INC-9")
             user_decrypts = [c for op, c in kms.seen if op == "decrypt" and c and c["purpose"] == "user-key"]
             assert [c["user_id"] for c in user_decrypts] == [second["user_id"]]
+            # export --reveal (streams erase's subject access) opens one user's logins, audited as export.
+            third = valid[2]
+            exported = await reveal_sealed(
+                conn, Opener(kms, deployment), "carol", user_id=third["user_id"], reason="SAR-1", action="export"
+            )
+            assert [e.value for e in exported] == [
+                canonical_ip(third["ip"])[0],
+                canonical_device_id(third["device_id"]),
+            ]
+            export_rows = await conn.fetch("SELECT action, user_id FROM pii_reveal_audit WHERE operator = 'carol'")
+            assert {(r["action"], r["user_id"]) for r in export_rows} == {("export", third["user_id"])}
             assert await erase_user_keys(conn, second["user_id"]) == 1
             assert await erase_user_keys(conn, second["user_id"]) == 0  # idempotent
             with pytest.raises(Exception, match="erased"):
