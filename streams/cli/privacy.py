@@ -159,11 +159,32 @@ def _keys_retire(settings: Settings, args) -> None:
     print(f"encryption key {args.key_id} removed")
 
 
+def _keys_rejoin_sealed(settings: Settings, args) -> None:
+    """Per-user key mode: move every login to STREAMS_JOIN_VERSION (opens each user through KMS, audited)."""
+    from streams.privacy.audit import os_user
+    from streams.privacy.user_keys import deployment, join_keys, kms_pair, rejoin_sealed
+
+    opener = _opener(settings)
+    _, mac = kms_pair(settings)
+    target = settings.join_version
+    join = join_keys(mac, deployment(settings), target)
+    moved, skipped = _with_db(
+        settings,
+        lambda conn: rejoin_sealed(conn, opener, join, target, os_user(), args.reason, args.batch_size),
+    )
+    erased = f"; {skipped} rows of erased users left as they are" if skipped else ""
+    print(f"moved {moved} logins to join version {target}{erased}")
+
+
 def _keys_rejoin(settings: Settings, args) -> None:
     from streams.privacy.hardening import no_core_dumps
     from streams.privacy.masking import Masker
     from streams.privacy.rotation import rejoin
+    from streams.privacy.user_keys import split_mode
 
+    if split_mode(settings):
+        _keys_rejoin_sealed(settings, args)
+        return
     no_core_dumps()
     kms = _kms(settings)
     doc = keymod.editable_document(settings.keys_file, _keys_json(settings), kms)

@@ -341,3 +341,86 @@ def worker_masker(settings: Settings):
         join_keys(mac, name, settings.join_version), settings.join_version, lifetime, settings.mask_cache_size
     )
     return masker, lifetime
+
+
+# --- join rotation in per-user key mode (a decrypting path, audited per user) -------------
+
+_PENDING = (
+    "SELECT message_id, user_id, masked_ip, masked_device_id, ip_sealed, device_id_sealed FROM sealed_values"
+    " WHERE (split_part(masked_ip, '.', 1) <> $1 OR split_part(masked_device_id, '.', 1) <> $1)"
+    " AND message_id > $2 ORDER BY message_id LIMIT $3"
+)
+
+
+async def rejoin_sealed(
+    conn: asyncpg.Connection,
+    opener: Opener,
+    join: dict[str, bytes],
+    target: str,
+    operator: str,
+    reason: str,
+    batch_size: int = 500,
+) -> tuple[int, int]:
+    """Move every login to join version ``target``: ``(rows moved, rows skipped as erased)``.
+
+    Each user's data key is opened through ``opener`` (kms:Decrypt naming the user) and
+    audited once per user (action ``rejoin``) before any of their values is opened; the
+    values are sealed again under the same user key, bound to their new tokens, and
+    ``sealed_values`` and ``user_logins`` switch to the new tokens in one transaction per batch.
+    """
+    from streams.privacy import audit
+    from streams.privacy.masking import UserMasker, open_value, split_sealed
+
+    class _SameKey:
+        """The user's own key, so re-sealing keeps the key id the row names."""
+
+        key: tuple[bytes, AESSIV]
+
+        def data_key(self, user_id: str) -> tuple[bytes, AESSIV]:
+            return self.key
+
+    same = _SameKey()
+    masker = UserMasker(join, target, same, cache_size=0)
+    audited: set[str] = set()
+    moved = skipped = 0
+    last = ""
+    while True:
+        rows = await conn.fetch(_PENDING, target, last, batch_size)
+        if not rows:
+            return moved, skipped
+        last = rows[-1]["message_id"]
+        updates = []
+        for r in rows:
+            user = r["user_id"]
+            key_id, _ = split_sealed(r["ip_sealed"])
+            if user not in audited:
+                await audit.record(conn, operator, "bulk_open", reason=reason, action="rejoin", user_id=user)
+                audited.add(user)
+            try:
+                key = await opener.data_key(conn, user, key_id)
+            except KeyErased:
+                skipped += 1
+                continue
+            ip = open_value(key, "ip", user, r["masked_ip"], r["ip_sealed"])
+            device = open_value(key, "device_id", user, r["masked_device_id"], r["device_id_sealed"])
+            same.key = (key_id, key)
+            updates.append((r["message_id"], *masker.mask_login(user, ip, device)))
+        if updates:
+            columns = [list(c) for c in zip(*updates, strict=True)]
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE sealed_values s SET masked_ip = n.ip, ip_sealed = n.ip_sealed,"
+                    " masked_device_id = n.device, device_id_sealed = n.device_sealed"
+                    " FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[])"
+                    " AS n(message_id, ip, ip_sealed, device, device_sealed) WHERE s.message_id = n.message_id",
+                    *columns,
+                )
+                await conn.execute(
+                    "UPDATE user_logins u SET masked_ip = n.ip, masked_device_id = n.device"
+                    " FROM unnest($1::text[], $2::text[], $3::text[]) AS n(message_id, ip, device)"
+                    " WHERE u.message_id = n.message_id",
+                    columns[0],
+                    columns[1],
+                    columns[3],
+                )
+            moved += len(updates)

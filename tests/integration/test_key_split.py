@@ -258,6 +258,33 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
     assert [s.value for s in shown] == [canonical_ip(second["ip"])[0], canonical_device_id(second["device_id"])]
     assert ("erased", second["user_id"]) in outcomes
 
+    # Join rotation (the custodian): every login moves to g2 through an audited open per user;
+    # the erased user's row stays unopenable; reveal still shows the values sent.
+    g2 = {"STREAMS_JOIN_VERSION": "g2", **split.env("admin")}
+    out = pipeline.run("keys", "rejoin", "--reason", "CHG-1", **g2)
+    assert out.returncode == 0, out.stderr
+    assert f"moved {len(valid) - 1} logins to join version g2; 1 rows of erased users" in out.stdout
+    versions = {
+        r["masked_ip"].split(".")[0]
+        for r in pipeline.query("SELECT masked_ip FROM user_logins WHERE user_id <> $1", second["user_id"])
+    }
+    assert versions == {"g2"}
+    rejoined = pipeline.query(
+        "SELECT DISTINCT user_id FROM pii_reveal_audit WHERE action = 'rejoin' AND reason = 'CHG-1'"
+    )
+    assert {r["user_id"] for r in rejoined} == {r["user_id"] for r in valid}
+    out = pipeline.run(
+        "reveal", "--message-id", ids[0], "--operator", "ann", "--reason", "INC-10", **split.env("reveal")
+    )
+    assert [json.loads(line)["value"] for line in out.stdout.splitlines()] == [
+        canonical_ip(first["ip"])[0],
+        canonical_device_id(first["device_id"]),
+    ]
+    g2_tokens = {
+        r["masked_ip"] for r in pipeline.query("SELECT masked_ip FROM sealed_values WHERE message_id = $1", ids[0])
+    }
+    assert [json.loads(line)["token"] for line in out.stdout.splitlines()][0] in g2_tokens
+
 
 def pydantic_secret(text: str):
     from pydantic import SecretStr
