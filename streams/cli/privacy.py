@@ -124,6 +124,13 @@ def _keys_rotate(settings: Settings, args) -> None:
 def _keys_reencrypt(settings: Settings, args) -> None:
     from streams.privacy.rotation import reencrypt
 
+    from streams.privacy.user_keys import split_mode
+
+    if split_mode(settings):
+        raise Refused(
+            "per-user key mode has no shared encryption key to re-encrypt to: data keys are per user and worker "
+            "lifetime; `streams keys seal` re-wraps new ones by KMS, and the KMS key rotates in the KMS"
+        )
     masker = _masker(settings)
 
     async def job(conn):

@@ -198,6 +198,30 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
         ("reveal", first["user_id"], "revealed", "INC-7")
     }
 
+    # Reveal by token opens one login holding it; its user is named in the audit.
+    by_token = pipeline.run(
+        "reveal",
+        "--token",
+        rows[0]["masked_device_id"],
+        "--operator",
+        "dan",
+        "--reason",
+        "INC-11",
+        **split.env("reveal"),
+    )
+    assert by_token.returncode == 0, by_token.stderr
+    assert [json.loads(line)["value"] for line in by_token.stdout.splitlines()] == [
+        canonical_device_id(first["device_id"])
+    ]
+
+    # The custodian seals every user key under its user's context; the lifetime copy goes.
+    assert pipeline.run("keys", "seal", **split.env("worker")).returncode != 0  # no Decrypt for the worker
+    sealed_out = pipeline.run("keys", "seal", **split.env("reveal"))
+    assert sealed_out.returncode == 0, sealed_out.stderr
+    assert f"sealed {len(valid) - 1} user data keys" in sealed_out.stdout  # one user was opened (sealed) already
+    assert all(k["sealed_key"] and k["wrapped_key"] is None for k in pipeline.query("SELECT * FROM user_data_keys"))
+    assert "no shared encryption key" in pipeline.run("keys", "reencrypt", **split.env("admin")).stderr
+
     # The worker role may rewrite user_logins: repointing a row at another login's tokens
     # does not change what reveal by message id shows (it reads sealed_values).
     other = rows[-1]
