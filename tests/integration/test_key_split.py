@@ -198,11 +198,12 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
         ("reveal", first["user_id"], "revealed", "INC-7")
     }
 
-    # Reveal by token opens one login holding it; its user is named in the audit.
+    # Reveal by token opens one login holding it (here the same user as above).
+    mine = next(r for r in rows if r["message_id"] == ids[0])
     by_token = pipeline.run(
         "reveal",
         "--token",
-        rows[0]["masked_device_id"],
+        mine["masked_device_id"],
         "--operator",
         "dan",
         "--reason",
