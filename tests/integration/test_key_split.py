@@ -315,3 +315,17 @@ def pydantic_secret(text: str):
     from pydantic import SecretStr
 
     return SecretStr(text)
+
+
+def test_a_worker_refuses_to_start_in_one_line_on_an_unusable_mac_key(pipeline, split):
+    admin = split.client("admin")
+    mac = pipeline.env["STREAMS_KMS_MAC_KEY_ID"]
+    admin.disable_key(KeyId=mac)
+    out = pipeline.run("worker", timeout=60, STREAMS_STAGES="mask", **split.env("worker"))
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode != 0 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "is Disabled" in lines[0] and mac in lines[0]
+    missing = pipeline.run(
+        "worker", timeout=60, STREAMS_STAGES="mask", STREAMS_KMS_MAC_KEY_ID="alias/none", **split.env("worker")
+    )
+    assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
