@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -122,6 +123,28 @@ def split(pipeline, private_kms):
     return private_kms
 
 
+@pytest.fixture
+def worker_dsn(pipeline):
+    """A login role in streams_worker (migration 0004, 0005) for the worker; dropped afterwards."""
+    assert pipeline.run("migrate").returncode == 0
+    owner = pipeline.settings.pg_dsn.get_secret_value()
+    login, password = f"w{uuid.uuid4().hex[:10]}", secrets.token_urlsafe(12)
+    pipeline.query(f"CREATE ROLE {login} LOGIN PASSWORD '{password}' IN ROLE streams_worker")
+    yield owner.replace("postgresql://postgres@", f"postgresql://{login}:{password}@")
+    pipeline.query(f"DROP ROLE IF EXISTS {login}")
+
+
+async def refused_sql(dsn: str, sql: str) -> type[Exception] | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    except asyncpg.PostgresError as exc:
+        return type(exc)
+    finally:
+        await conn.close()
+    return None
+
+
 def refused(call) -> str:
     with pytest.raises(botocore.exceptions.ClientError) as caught:
         call()
@@ -140,7 +163,9 @@ class RecordingKms(Kms):
         return super()._call(operation, **kwargs)
 
 
-def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_opens_values(pipeline, split, sample_path):
+def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_opens_values(
+    pipeline, split, sample_path, worker_dsn
+):
     import botocore.exceptions  # noqa: F401  (refused() names it)
 
     sample = json.loads(sample_path.read_text())
@@ -148,7 +173,7 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
     ids = pipeline.send(sample)
     assert pipeline.run("migrate").returncode == 0
     bridge = pipeline.start("bridge")  # no KMS settings matter to it: it loads no key material
-    worker = pipeline.start("worker", **split.env("worker"))
+    worker = pipeline.start("worker", STREAMS_PG_DSN=worker_dsn, **split.env("worker"))
     pipeline.wait_for(lambda: pipeline.row_count() == len(valid), 120, f"{len(valid)} rows")
     assert pipeline.stop(bridge) == 0
     assert pipeline.stop(worker) == 0
@@ -164,6 +189,17 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
     assert all(k["wrapped_key"] is not None and k["sealed_key"] is None for k in keys)
     lifetimes = pipeline.query("SELECT * FROM key_lifetimes")
     assert len(lifetimes) == 1  # one worker lifetime, one GenerateDataKey
+    # Its database role adds keys and sealed values; it reads no key back and rewrites no sealed value.
+    denied = asyncpg.InsufficientPrivilegeError
+    for sql in (
+        "SELECT wrapped_key FROM user_data_keys",
+        "SELECT kek_blob FROM key_lifetimes",
+        "SELECT ip_sealed FROM sealed_values",
+        "UPDATE sealed_values SET user_id = 'x'",
+        "DELETE FROM sealed_values",
+        "DELETE FROM user_data_keys",
+    ):
+        assert asyncio.run(refused_sql(worker_dsn, sql)) is denied, sql
 
     # The worker's credentials: its Decrypt is refused, on the lifetime key it made itself too.
     deployment = pipeline.env["STREAMS_DEPLOYMENT"]
