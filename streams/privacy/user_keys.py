@@ -155,8 +155,10 @@ class Lifetime:
         return lifetimes, rows
 
     def forget(self, user_id: str) -> None:
-        """Drop a user's data key from memory (erasure): the next record makes a new one."""
+        """Drop a user's data key from memory and from the rows not stored yet (erasure):
+        the next record of the user makes a new one."""
         self._keys.pop(user_id, None)
+        self.pending = [r for r in self.pending if r.user_id != user_id]
 
 
 # --- the key store ------------------------------------------------------------------
@@ -320,6 +322,11 @@ class KeyStore:
             await self.close()
             raise
         self._unsaved = ([], [])
+
+    def forget(self, user_id: str) -> None:
+        """Erasure: the user's key leaves memory and is never stored from here (call between batches)."""
+        self.lifetime.forget(user_id)
+        self._unsaved = (self._unsaved[0], [r for r in self._unsaved[1] if r.user_id != user_id])
 
     async def close(self) -> None:
         if self._conn is not None:

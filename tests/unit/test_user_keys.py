@@ -229,3 +229,14 @@ def test_the_bridge_and_the_split_sink_get_no_key_material():
         assert "streams-keys" not in secrets, path.name
         env = {e["name"] for c in spec["containers"] for e in c.get("env", [])}
         assert not env & {"STREAMS_KEYS_JSON", "STREAMS_KMS_KEY_ID", "STREAMS_KMS_MAC_KEY_ID"}, path.name
+
+
+def test_forgetting_a_user_drops_its_key_and_its_unstored_row():
+    m = masker()
+    _, first = m.mask("u1", "ip", "192.0.2.1")
+    m.mask("u2", "ip", "192.0.2.1")
+    m.lifetime.forget("u1")
+    _, rows = m.lifetime.take()
+    assert [r.user_id for r in rows] == ["u2"]
+    _, again = m.mask("u1", "ip", "192.0.2.1")
+    assert again != first  # a new data key: nothing made before the erasure opens with it
