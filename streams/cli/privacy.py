@@ -123,7 +123,6 @@ def _keys_rotate(settings: Settings, args) -> None:
 
 def _keys_reencrypt(settings: Settings, args) -> None:
     from streams.privacy.rotation import reencrypt
-
     from streams.privacy.user_keys import split_mode
 
     if split_mode(settings):
