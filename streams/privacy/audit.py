@@ -11,7 +11,9 @@ Outcomes: ``revealed``; refusals ``no_keys`` (no key material at all), ``malform
 the keyring), ``does_not_open`` (wrong key, tampered, or a token-bound ciphertext moved to
 another token), ``unverifiable`` (the token's join version is not in the keyring), and
 ``token_mismatch`` (the value does not belong to the token: a ciphertext copied under
-another token).
+another token). Per-user key mode adds ``erased`` (the user's keys are gone),
+``refused_kms`` (the KMS refused to open the user's key for this caller) and
+``bulk_open`` (a job that opens many users: one row per user, or per run in keyring mode).
 """
 
 from __future__ import annotations

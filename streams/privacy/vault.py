@@ -16,7 +16,7 @@ import asyncpg
 
 from streams.errors import Refused
 from streams.privacy import audit
-from streams.privacy.keys import PII_FIELDS
+from streams.privacy.keys import PII_FIELDS, KeyMaterialError
 from streams.privacy.masking import Masker, MissingKeyError, RevealError, token_version
 
 
@@ -157,6 +157,9 @@ async def reveal_sealed(
             except KeyErased as exc:
                 await audit.record(conn, operator, "erased", **{**where, "field": name, "token": masked})
                 raise Refused(f"{exc}: nothing revealed") from None
+            except KeyMaterialError:  # KMS refused (no Decrypt right, wrong context): audited, then its one line
+                await audit.record(conn, operator, "refused_kms", **{**where, "field": name, "token": masked})
+                raise
             except (RevealError, ValueError):
                 await audit.record(conn, operator, "does_not_open", **{**where, "field": name, "token": masked})
                 raise Refused("a sealed value does not open under its user's key (altered or moved)") from None

@@ -218,6 +218,8 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
     )
     assert by_worker.returncode != 0 and by_worker.stdout == "" and "Traceback" not in by_worker.stderr
     assert "refused decrypt" in by_worker.stderr and "check the credentials and the key policy" in by_worker.stderr
+    tried = pipeline.query("SELECT outcome, user_id FROM pii_reveal_audit WHERE operator = 'mallory'")
+    assert [(t["outcome"], t["user_id"]) for t in tried] == [("refused_kms", valid[0]["user_id"])]
 
     # Reveal by message id, as the reveal role: the values sent, audited per user.
     first = valid[0]
