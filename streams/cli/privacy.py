@@ -350,7 +350,13 @@ def _keys_seal(settings: Settings, args) -> None:
     if not split_mode(settings):
         raise Refused("`streams keys seal` is for per-user key mode: set STREAMS_KMS_KEY_ID and STREAMS_KMS_MAC_KEY_ID")
     opener = _opener(settings)
-    sealed = _with_db(settings, lambda conn: seal_user_keys(conn, opener, args.batch_size))
+
+    async def job(conn):
+        if await conn.fetchval("SELECT count(*) FROM user_data_keys WHERE sealed_key IS NULL"):
+            await _audit_bulk(conn, "seal", "re-wrap user data keys by KMS")  # opens lifetime keys: audited first
+        return await seal_user_keys(conn, opener, args.batch_size)
+
+    sealed = _with_db(settings, job)
     print(f"sealed {sealed} user data keys under their users' KMS context")
 
 

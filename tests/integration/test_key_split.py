@@ -259,6 +259,8 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
     assert sealed_out.returncode == 0, sealed_out.stderr
     assert f"sealed {len(valid) - 1} user data keys" in sealed_out.stdout  # one user was opened (sealed) already
     assert all(k["sealed_key"] and k["wrapped_key"] is None for k in pipeline.query("SELECT * FROM user_data_keys"))
+    seal_audit = pipeline.query("SELECT outcome FROM pii_reveal_audit WHERE action = 'seal'")
+    assert [a["outcome"] for a in seal_audit] == ["bulk_open"] * 2  # the worker's refused attempt is audited too
     assert "no shared encryption key" in pipeline.run("keys", "reencrypt", **split.env("admin")).stderr
 
     # The worker role may rewrite user_logins: repointing a row at another login's tokens
