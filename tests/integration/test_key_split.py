@@ -178,6 +178,16 @@ def test_a_worker_without_decrypt_runs_the_pipeline_and_only_audited_reveal_open
     assert pipeline.stop(bridge) == 0
     assert pipeline.stop(worker) == 0
 
+    # No plaintext in the logs, the masked topic or the key store.
+    s = pipeline.settings
+    places = {
+        "logs": pipeline.logs().encode(),
+        "masked topic": b"".join((k or b"") + (v or b"") for k, v in pipeline.topic(s.masked_topic)),
+        "key store": b"".join(repr(r).encode() for r in pipeline.query("SELECT * FROM user_data_keys")),
+    }
+    secrets_sent = {r["ip"] for r in valid} | {r["device_id"] for r in valid}
+    assert [(n, v) for v in secrets_sent for n, blob in places.items() if v.encode() in blob] == []
+
     # What the worker wrote: tokens of the KMS-made join version, sealed values, wrapped keys only.
     rows = pipeline.query("SELECT * FROM user_logins ORDER BY message_id")
     assert {r["masked_ip"].split(".")[0] for r in rows} == {"g1"}
