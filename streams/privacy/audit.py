@@ -11,7 +11,7 @@ Outcomes: ``revealed``; refusals ``no_keys`` (no key material at all), ``malform
 the keyring), ``does_not_open`` (wrong key, tampered, or a token-bound ciphertext moved to
 another token), ``unverifiable`` (the token's join version is not in the keyring), and
 ``token_mismatch`` (the value does not belong to the token: a ciphertext copied under
-another token).
+another token), ``erased`` (the user is in the erasure ledger, ``streams erase``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,26 @@ async def record(
     field: str | None = None,
     token: str | None = None,
     message_id: str | None = None,
+    user_id: str | None = None,
 ) -> None:
-    """One audit row, committed (autocommit) before the caller shows anything."""
+    """One audit row, committed (autocommit) before the caller shows anything.
+
+    ``user_id``: whose data an export opened, or which erased user a refusal was about.
+    """
+    if user_id is not None:
+        await conn.execute(
+            "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome, user_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            operator,
+            os_user(),
+            reason,
+            field,
+            token,
+            message_id,
+            outcome,
+            user_id,
+        )
+        return
     await conn.execute(
         "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7)",
