@@ -21,7 +21,14 @@ pytestmark = pytest.mark.integration
 SHARED_IP = "203.0.113.50"
 U = "u-erase-me"
 V = "u-keep-me"
-U1 = {"user_id": U, "app_version": "2.3.0", "device_type": "ios", "ip": SHARED_IP, "locale": "DE", "device_id": "U-DEV-1"}
+U1 = {
+    "user_id": U,
+    "app_version": "2.3.0",
+    "device_type": "ios",
+    "ip": SHARED_IP,
+    "locale": "DE",
+    "device_id": "U-DEV-1",
+}
 U2 = {**U1, "ip": "198.51.100.77"}
 U_BROKEN = {**U1, "app_version": 5}  # a number: dead-lettered by the mask stage (wrong_type), with U's plaintext
 V1 = {**U1, "user_id": V, "device_id": "V-DEV-9"}
@@ -182,3 +189,77 @@ def test_erase_waits_for_stages_and_resumes_after_kill_9(pipeline):
     with pytest.raises(Exception, match="append-only"):
         pipeline.query("DELETE FROM erasure_ledger")
     assert s.masked_topic
+
+
+def test_the_vault_is_rekeyed_by_user_keeping_existing_entries(pipeline, tmp_path):
+    """Migration 0006 on a database with data: one entry per user of a token, an unowned one kept."""
+    import asyncio
+    import shutil
+
+    from streams.io.postgres import connect, migrate, migration_files
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for version, path in migration_files():
+        if version < 6:
+            shutil.copy(path, before / path.name)
+    login = "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id,"
+    login += " create_date, app_version_raw, sent_at) VALUES ($1, $2, 'ios', $3, $4, '2024-05-01', '1', now())"
+
+    async def go():
+        conn = await connect(pipeline.settings.pg_dsn.get_secret_value())
+        try:
+            await migrate(conn, before)
+            await conn.execute(login, "m1", U, "h1.shared", "h1.du")
+            await conn.execute(login, "m2", V, "h1.shared", "h1.dv")
+            await conn.executemany(
+                "INSERT INTO pii_vault (field, token, key_id, ciphertext) VALUES ($1, $2, 'k1', $3)",
+                [
+                    ("ip", "h1.shared", "c-shared"),
+                    ("device_id", "h1.du", "c-du"),
+                    ("device_id", "h1.dv", "c-dv"),
+                    ("ip", "h1.orphan", "c-orphan"),
+                ],
+            )
+            await migrate(conn)
+            return {tuple(r) for r in await conn.fetch("SELECT user_id, field, token, ciphertext FROM pii_vault")}
+        finally:
+            await conn.close()
+
+    assert asyncio.run(go()) == {
+        (U, "ip", "h1.shared", "c-shared"),
+        (V, "ip", "h1.shared", "c-shared"),
+        (U, "device_id", "h1.du", "c-du"),
+        (V, "device_id", "h1.dv", "c-dv"),
+        ("", "ip", "h1.orphan", "c-orphan"),
+    }
+
+
+def test_a_login_role_granted_streams_eraser_can_erase_and_not_rewrite_the_ledger(pipeline):
+    import asyncio
+    import uuid
+
+    from streams.io.postgres import fetch
+    from tests.integration.test_privacy import as_role
+
+    start(pipeline)
+    pipeline.send([U1])
+    pipeline.wait_for(lambda: pipeline.row_count() == 1, 120, "the row")
+    role = f"eraser_test_{uuid.uuid4().hex[:10]}"  # roles are cluster-wide: a unique name, dropped after
+    pipeline.query(f'CREATE ROLE "{role}" LOGIN IN ROLE streams_eraser')
+    try:
+        dsn = as_role(pipeline, role)
+        ok(pipeline.run(*ERASE, timeout=120, STREAMS_PG_DSN=dsn))
+        assert pipeline.row_count() == 0
+        assert pipeline.query("SELECT db_user FROM erasure_ledger")[0]["db_user"] == role
+        for sql in (
+            "UPDATE erasure_ledger SET reason = 'x'",
+            "DELETE FROM erasure_steps",
+            "SELECT ciphertext FROM pii_vault",
+            "INSERT INTO user_logins (message_id) VALUES ('x')",
+            "DROP TABLE user_logins",
+        ):
+            with pytest.raises(Exception, match="permission denied|must be owner"):
+                asyncio.run(fetch(dsn, sql))
+    finally:
+        pipeline.query(f'DROP ROLE "{role}"')
