@@ -50,21 +50,21 @@ def millis(moment: datetime) -> int:
 class ErasedUsers:
     """user_id -> the latest erasure time (epoch ms), and the ledger version it reflects."""
 
-    __slots__ = ("_at", "on_change", "version")
+    __slots__ = ("at", "on_change", "version")
 
     def __init__(self) -> None:
         self.version = 0
-        self._at: dict[str, int] = {}
+        self.at: dict[str, int] = {}
         self.on_change: list[Callable[[], None]] = []  # caches to drop (the mask stage's plaintext cache)
 
     def __bool__(self) -> bool:
-        return bool(self._at)
+        return bool(self.at)
 
     def add(self, entries: Iterable[tuple[int, str, int]]) -> None:
         """Apply ``(seq, user_id, erased_at ms)`` entries; drops the registered caches."""
         changed = False
         for seq, user_id, at in entries:
-            self._at[user_id] = max(at, self._at.get(user_id, at))
+            self.at[user_id] = max(at, self.at.get(user_id, at))
             self.version = max(self.version, seq)
             changed = True
         if changed:
@@ -73,7 +73,7 @@ class ErasedUsers:
 
     def erased(self, user_id: object, sent_at_ms: int) -> bool:
         """Was this user's record (sent at ``sent_at_ms``) erased? Later records are a new life."""
-        at = self._at.get(user_id) if isinstance(user_id, str) else None
+        at = self.at.get(user_id) if isinstance(user_id, str) else None
         return at is not None and sent_at_ms <= at
 
 

@@ -74,7 +74,7 @@ WHERE v.user_id IS NULL;
 DELETE FROM pii_vault v WHERE v.user_id IS NULL
     AND EXISTS (SELECT 1 FROM pii_vault o WHERE o.user_id IS NOT NULL AND o.field = v.field AND o.token = v.token);
 UPDATE pii_vault SET user_id = '' WHERE user_id IS NULL;
-ALTER TABLE pii_vault ALTER COLUMN user_id SET NOT NULL;
+ALTER TABLE pii_vault ALTER COLUMN user_id SET NOT NULL, ALTER COLUMN user_id SET DEFAULT '';
 ALTER TABLE pii_vault ADD PRIMARY KEY (field, token, user_id);
 CREATE INDEX pii_vault_user ON pii_vault (user_id);
 CREATE INDEX user_logins_user ON user_logins (user_id);
