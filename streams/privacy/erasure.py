@@ -50,7 +50,14 @@ T = TypeVar("T")
 REASON = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 TICKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:#/-]{0,63}$")
 LIVE_WINDOW = 30.0  # seconds: a stage whose heartbeat is older is not running (it reloads the ledger at start)
-DB_DOWN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError)
+# PostgreSQL down, restarting (cannot_connect_now, admin_shutdown) or the connection lost: waited out.
+DB_DOWN = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
 
 KNOWN_LIMITS = (
     "key store backups: a backup of the key store taken before the erasure still holds the user's data keys"

@@ -263,3 +263,35 @@ def test_a_login_role_granted_streams_eraser_can_erase_and_not_rewrite_the_ledge
                 asyncio.run(fetch(dsn, sql))
     finally:
         pipeline.query(f'DROP ROLE "{role}"')
+
+
+def test_postgres_down_is_waited_out_by_the_stages_and_the_command(fault_pipeline, private_stack):
+    """PostgreSQL stopped while a worker runs and `streams erase` starts: both retry, then finish."""
+    import os
+    import subprocess
+    import sys
+
+    from streams_dev import stack
+    from tests.helpers import REPO
+
+    p = fault_pipeline
+    start(p)
+    (u1,) = p.send([U1])
+    p.wait_for(lambda: p.row_count() == 1, 120, "the row")
+    p.wait_for(lambda: len(p.query("SELECT 1 FROM erasure_stage_versions")) == 2, 30, "both stages' heartbeats")
+    p.deploy()
+    stack.stop_service(private_stack, "postgres")
+    try:
+        p.wait_for(lambda: "erasure ledger not refreshed" in p.logs(), 60, "the stages to retry the ledger")
+        out_path, err_path = p.workdir / "erase.out", p.workdir / "erase.err"
+        with out_path.open("w") as out, err_path.open("w") as err:
+            erase = subprocess.Popen(
+                [sys.executable, "-m", "streams", *ERASE], env={**os.environ, **p.env}, cwd=REPO, stdout=out, stderr=err
+            )
+        p.wait_for(lambda: err_path.read_text().count("failed (") >= 2, 60, "the command to retry")
+        assert erase.poll() is None, err_path.read_text()
+    finally:
+        stack.start_service(private_stack, "postgres")
+    assert erase.wait(timeout=180) == 0, err_path.read_text()
+    assert "tombstones: 1" in out_path.read_text()
+    assert p.row_count() == 0 and latest(p)[u1] is None
