@@ -306,7 +306,6 @@ def erase(
 ) -> int:
     """Erase ``user_id`` (the order in the module docstring); returns the ledger entry's seq."""
     check_arguments(user_id, reason, ticket)
-    codecs = Codecs.from_settings(settings)
     entry = _db(settings, lambda c: latest_entry(c, user_id), "reading the erasure ledger")
     if entry is None or (entry.done and new_request):
         entry = _db(settings, lambda c: append(c, user_id, reason, ticket), "appending to the erasure ledger")
@@ -334,7 +333,7 @@ def erase(
     _db(settings, lambda c: _step(c, seq, "rows", {"rows": rows, "vault": vault}), "recording a step")
     fault_point("erase_after_delete")
 
-    ids = masked_ids(settings, codecs, user_id, millis(erased_at))
+    ids = masked_ids(settings, Codecs.from_settings(settings), user_id, millis(erased_at))
     if ids:
         send_records(settings, [(settings.masked_topic, i.encode("utf-8"), None) for i in ids])
     say(f"tombstones: {len(ids)} on {settings.masked_topic}")
