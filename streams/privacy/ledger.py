@@ -192,13 +192,21 @@ class LedgerWatch:
         conn = await self._connection()
         entries = await read_entries(conn, self.erased.version)
         if entries:
-            async with self.writer.lock:  # between batches: no batch is half under the old ledger
-                self.erased.add(entries)
-                mark = self.writer.boundaries if self.writer.busy() else None
-                self._pending = (self.erased.version, mark)
-            log.info("erasure ledger at version %d", self.erased.version, extra={"stage": self.stage})
+            await self.apply(entries)
+        await conn.execute(HEARTBEAT, self.instance, self.stage, self.confirm())
+
+    async def apply(self, entries: list[tuple[int, str, int]]) -> None:
+        """Apply new entries between batches (under the writer's lock): no batch is half under the old ledger."""
+        async with self.writer.lock:
+            self.erased.add(entries)
+            mark = self.writer.boundaries if self.writer.busy() else None
+            self._pending = (self.erased.version, mark)
+        log.info("erasure ledger at version %d", self.erased.version, extra={"stage": self.stage})
+
+    def confirm(self) -> int:
+        """The version this stage can vouch for: an applied one, once no transaction begun before it can commit."""
         if self._pending is not None:
             version, mark = self._pending
             if mark is None or self.writer.boundaries > mark:
                 self.confirmed, self._pending = version, None
-        await conn.execute(HEARTBEAT, self.instance, self.stage, self.confirmed)
+        return self.confirmed

@@ -90,3 +90,37 @@ def test_erase_arguments_hold_no_free_text():
     for bad in (("u-1", "the user asked me on the phone", None), ("u-1", "ok", "call Jane Doe"), ("", "ok", None)):
         with pytest.raises(Refused):
             check_arguments(*bad)
+
+
+class _Writer:
+    """What LedgerWatch uses of a stage writer: its lock, its transaction boundaries, whether one is open."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.lock = asyncio.Lock()
+        self.boundaries = 0
+        self.open = False
+
+    def busy(self) -> bool:
+        return self.open
+
+
+def test_a_stage_confirms_a_ledger_version_only_past_a_transaction_boundary():
+    import asyncio
+
+    from streams.privacy.ledger import LedgerWatch
+
+    async def go() -> None:
+        writer, erased = _Writer(), ErasedUsers()
+        watch = LedgerWatch("postgresql://unused", "mask", erased, writer)
+        assert watch.confirm() == 0
+        await watch.apply([(1, "u-a", ERASED_AT)])  # idle: nothing begun under the old ledger
+        assert watch.confirm() == 1 and erased.erased("u-a", 0)
+        writer.open = True  # a transaction is open: records in it were transformed under version 1
+        await watch.apply([(2, "u-b", ERASED_AT)])
+        assert erased.erased("u-b", 0) and watch.confirm() == 1
+        writer.boundaries += 1  # it committed (or aborted)
+        assert watch.confirm() == 2
+
+    asyncio.run(go())
