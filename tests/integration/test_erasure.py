@@ -168,6 +168,14 @@ def test_erase_waits_for_stages_and_resumes_after_kill_9(pipeline):
     stuck = pipeline.run(*ERASE, "--wait", "3")
     assert stuck.returncode == 1 and "mask@stuck/1" in stuck.stderr and len(stuck.stderr.strip().splitlines()) == 1
     assert pipeline.row_count() == 2
+    # U is in the ledger, the rows not deleted yet: reveal of U is refused and audited as erased; V's is not.
+    ann = ("--operator", "ann", "--reason", "INC-1")
+    device = pipeline.query("SELECT masked_device_id FROM user_logins WHERE message_id = $1", u1)[0][0]
+    for what in (("--message-id", u1), ("--token", device)):
+        refused = pipeline.run("reveal", *what, *ann)
+        assert refused.returncode == 1 and "erasure ledger" in refused.stderr and "U-DEV-1" not in refused.stdout
+        assert pipeline.query("SELECT outcome FROM pii_reveal_audit ORDER BY id DESC LIMIT 1")[0][0] == "erased"
+    assert "V-DEV-9" in ok(pipeline.run("reveal", "--message-id", v1, *ann)).stdout
     pipeline.query("DELETE FROM erasure_stage_versions WHERE instance = 'mask@stuck/1'")
 
     # kill -9 after the delete, before the tombstones: rerun resumes the same ledger entry.
