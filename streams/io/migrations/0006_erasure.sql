@@ -89,6 +89,27 @@ GRANT SELECT (user_id) ON pii_vault TO streams_worker;
 -- Reveal refuses erased users.
 GRANT SELECT ON erasure_ledger TO streams_reveal;
 
+-- A mask-only worker needs the database for the ledger alone: this role reads the ledger
+-- and writes the stage's confirmations, nothing else (no user_logins, no vault). Grant it
+-- to the mask Deployment's login role: CREATE ROLE streams_mask LOGIN PASSWORD '...' IN ROLE streams_erasure_watch;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'streams_erasure_watch') THEN
+        CREATE ROLE streams_erasure_watch NOLOGIN;
+    END IF;
+EXCEPTION
+    WHEN duplicate_object OR unique_violation THEN NULL;  -- made meanwhile by a migration of another database
+END
+$$;
+DO $$
+BEGIN
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO streams_erasure_watch', current_database());
+END
+$$;
+GRANT USAGE ON SCHEMA public TO streams_erasure_watch;
+GRANT SELECT ON erasure_ledger TO streams_erasure_watch;
+GRANT SELECT, INSERT, UPDATE, DELETE ON erasure_stage_versions TO streams_erasure_watch;
+
 -- The erasing operator: appends to the ledger and its steps (never changes them), sees
 -- the stages' confirmations, deletes a user's rows and vault entries, and (once the key
 -- store exists) a user's data keys. Nothing else: no read of ciphertexts' plaintext,
