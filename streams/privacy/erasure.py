@@ -150,6 +150,22 @@ async def append(conn: asyncpg.Connection, user_id: str, reason: str, ticket: st
     return Entry(row["seq"], row["erased_at"], False)
 
 
+async def open_entry(
+    conn: asyncpg.Connection, user_id: str, reason: str, ticket: str | None, new_request: bool
+) -> tuple[Entry, str]:
+    """The entry to work on, found or appended in one transaction under a per-user lock.
+
+    Two concurrent runs for one user share one entry, and a retry after a connection lost
+    mid-append finds the entry that did commit instead of appending a second one.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('streams erase'), hashtext($1))", user_id)
+        entry = await latest_entry(conn, user_id)
+        if entry is None or (entry.done and new_request):
+            return await append(conn, user_id, reason, ticket), "append"
+        return entry, "found"
+
+
 def _os_user() -> str | None:
     name = audit.os_user()
     return name if re.match(r"^[A-Za-z0-9._:@-]{1,64}$", name) else None
@@ -306,9 +322,8 @@ def erase(
 ) -> int:
     """Erase ``user_id`` (the order in the module docstring); returns the ledger entry's seq."""
     check_arguments(user_id, reason, ticket)
-    entry = _db(settings, lambda c: latest_entry(c, user_id), "reading the erasure ledger")
-    if entry is None or (entry.done and new_request):
-        entry = _db(settings, lambda c: append(c, user_id, reason, ticket), "appending to the erasure ledger")
+    entry, how = _db(settings, lambda c: open_entry(c, user_id, reason, ticket, new_request), "the erasure ledger")
+    if how == "append":
         say(f"append: ledger entry {entry.seq} at {entry.erased_at.isoformat()}")
     elif entry.done:
         say(f"already erased (ledger entry {entry.seq}); checking every step again")

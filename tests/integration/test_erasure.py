@@ -196,6 +196,22 @@ def test_erase_waits_for_stages_and_resumes_after_kill_9(pipeline):
     with pytest.raises(Exception, match="append-only"):
         pipeline.query("DELETE FROM erasure_ledger")
 
+    # Two runs at once for one user share one ledger entry (found or appended under a per-user lock).
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    erase_v = [sys.executable, "-m", "streams", "erase", "--user-id", V, "--reason", "gdpr_art17"]
+    runs = [
+        subprocess.Popen(erase_v, env={**os.environ, **pipeline.env}, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    assert [r.wait(timeout=120) for r in runs] == [0, 0]
+    assert len(pipeline.query("SELECT 1 FROM erasure_ledger WHERE user_id = $1", V)) == 1
+    assert pipeline.row_count() == 0 and latest(pipeline)[v1] is None
+
 
 def test_the_vault_is_rekeyed_by_user_keeping_existing_entries(pipeline, tmp_path):
     """Migration 0006 on a database with data: one entry per user of a token, an unowned one kept."""
