@@ -8,7 +8,8 @@ that hangs: the liveness probe must catch it). Unset in production, where the ch
 falsy test per batch. Points: bridge_after_produce (Kafka acked, SQS not deleted),
 mask_after_produce (masked records acked, raw offsets not acked), sink_before_commit
 (batch decoded, database not written), sink_after_commit (database committed, masked
-offsets not acked).
+offsets not acked); ``streams erase``: erase_after_append, erase_after_confirm,
+erase_after_delete (rows gone, no tombstones yet).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from streams.cli import ops, pipeline, privacy, topics
+from streams.cli import erasure, ops, pipeline, privacy, topics
 from streams.errors import ConfigError, StreamsError
 from streams.logs import setup_logging
 from streams.settings import load_settings
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streams", description="Login-event pipeline: SQS -> Kafka -> mask -> PostgreSQL.", epilog=None
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (pipeline, ops, topics, privacy):
+    for group in (pipeline, ops, topics, privacy, erasure):
         group.register(sub)
     plugins = entry_points(group="streams.commands")
     for plugin in plugins:

@@ -58,7 +58,10 @@ def _dlq(settings: Settings, args) -> None:
         return
     counts = _kafka_call(lambda: dlq.redrive(settings, args.reason, args.id, args.stage, args.dry_run), settings)
     verb = "would redrive" if args.dry_run else "redrove"
+    erased = counts.pop(dlq.DROPPED_ERASED, 0)
     print(f"{verb} {sum(counts.values())} dead letters" + "".join(f"; {n} to {t}" for t, n in counts.items()))
+    if erased:
+        print(f"dropped {erased} dead letter(s) of erased users (streams erase): not sent")
 
 
 def _kafka_call(fn, settings: Settings):

@@ -322,12 +322,16 @@ def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple
             time.sleep(0.1)
 
 
-def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes | None]]:
+def read_topic(
+    settings: Settings, topic: str, timeout: float = 30.0, committed_only: bool = False
+) -> list[tuple[bytes | None, bytes | None]]:
     """``(key, value)`` of every record now in ``topic``, partition by partition.
 
-    Joins no group and commits nothing, so it disturbs no worker.
+    Joins no group and commits nothing, so it disturbs no worker. ``committed_only``:
+    read_committed (what the stages and downstream readers see).
     """
-    consumer = metadata_consumer(settings, None, **{"enable.partition.eof": True})
+    isolation = {"isolation.level": "read_committed"} if committed_only else {}
+    consumer = metadata_consumer(settings, None, **{"enable.partition.eof": True}, **isolation)
     try:
         metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if metadata is None or metadata.error is not None:

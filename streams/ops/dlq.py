@@ -29,11 +29,13 @@ from streams.io.kafka import send_records
 from streams.ops.state import dead_letters
 from streams.ops.topology import stage_topic
 from streams.pipeline.dedup import REDRIVE_HEADER
+from streams.privacy.erasure import drop_erased
 from streams.privacy.keys import PII_FIELDS, KeyRing, settings_keyring
 from streams.privacy.masking import Masker, MissingKeyError, RevealError, ciphertext_key_id
 from streams.settings import Settings
 
 SINK = "sink"  # the stage whose dead letters hold masked records
+DROPPED_ERASED = "dropped: erased user"  # redrive's count of dead letters of erased users, not sent
 
 
 @dataclass
@@ -155,10 +157,13 @@ def redrive(settings: Settings, reasons: list[str], ids: list[str], stage: str |
     if not reasons and not ids:
         raise Refused("choose what to redrive: --reason CODE and/or --id MESSAGE_ID (see `streams dlq list`)")
     chosen = select(dead_letters(settings), reasons, ids, stage)
+    chosen, erased = drop_erased(settings, chosen)  # an erased user's dead letters never go back
     records = redrive_records(settings, chosen)
     counts: dict[str, int] = defaultdict(int)
     for topic, _, _ in records:
         counts[topic] += 1
+    if erased:
+        counts[DROPPED_ERASED] = erased
     if records and not dry_run:
         # Marked as a redrive: the mask stage's dedup window must not take it for a bridge copy.
         send_records(settings, records, headers=[(REDRIVE_HEADER, b"1")])

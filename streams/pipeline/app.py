@@ -34,6 +34,7 @@ from streams.pipeline.stages import MaskWriter, SinkWriter, StageWriter
 from streams.pipeline.transactions import TransactionalProducer
 from streams.privacy import key_use
 from streams.privacy.keys import KeyRing
+from streams.privacy.ledger import ErasedUsers, LedgerWatch, erased_users, load_ledger
 from streams.privacy.masking import Masker, UserMasker
 from streams.retry import wait_at_start
 from streams.settings import Settings
@@ -80,6 +81,7 @@ class StageService(Service):
         self.writer = writer
         self.channel = channel
         self.agent_ready = asyncio.Event()  # set by the agent once it iterates the channel
+        self.ledger: LedgerWatch | None = None  # the stage's erasure ledger refresh and confirmations
 
     async def deliver(self, batch: Batch) -> None:
         await self.agent_ready.wait()  # a batch put before the agent subscribed would be dropped
@@ -87,16 +89,25 @@ class StageService(Service):
 
     async def on_start(self) -> None:
         await self.writer.start()
+        if self.ledger is not None:
+            self.ledger.start()
         self.source.start(asyncio.get_running_loop(), self.deliver, self.writer)
 
     async def on_stop(self) -> None:
         await asyncio.to_thread(self.source.stop)  # revokes: the writer commits what is in flight
+        if self.ledger is not None:
+            await self.ledger.stop()
         self.writer.close()
 
 
 def create_app(
-    settings: Settings, keyring: KeyRing | None, codecs: Codecs | None = None, sealing: UserMasker | None = None
+    settings: Settings,
+    keyring: KeyRing | None,
+    codecs: Codecs | None = None,
+    ledger: list[tuple[int, str, int]] | None = None,
+    sealing: UserMasker | None = None,
 ) -> tuple[faust.App, list[StageService]]:
+    """The app and its stage services; ``ledger`` is the erasure ledger read at start (else read at the first tick)."""
     app = StreamsApp(
         settings.app_id,
         web_enabled=False,
@@ -107,13 +118,15 @@ def create_app(
         codecs = Codecs.from_settings(settings)  # with a registry: its schema ids, or one line to register them
     services: list[StageService] = []
 
-    def stage(name: str, topic: str, writer_for) -> None:
+    def stage(name: str, topic: str, writer_for, erased: ErasedUsers) -> None:
         # A mask worker names the keys it writes under (`streams keys retire` reads it from the group).
         client_id = key_use.client_id(settings, keyring) if name == "mask" else None
         source = KafkaSource(settings, name, topic, stage_group(settings, name), client_id)
         writer = writer_for(source, TransactionalProducer(settings, name))
+        writer.erased = erased
         channel = BatchChannel(app, maxsize=max(settings.stream_buffer_maxsize // max(settings.batch_size, 1), 4))
         service = StageService(app, source, writer, channel)
+        service.ledger = LedgerWatch(settings.pg_dsn.get_secret_value(), name, erased, writer)
         app.service(cast(Any, service))  # an instance works too: started and stopped with the app
         services.append(service)
 
@@ -132,28 +145,34 @@ def create_app(
 
     stages = settings.stage_list
     if "mask" in stages:
+        mask_erased = erased_users(ledger)
         keystore = None
         if sealing is not None:  # per-user key mode: no keyring, nothing here decrypts
             from streams.pipeline.mask import SealingMaskTransform
             from streams.privacy.user_keys import KeyStore
 
-            transform: MaskTransform = SealingMaskTransform(sealing, codecs)
+            transform: MaskTransform = SealingMaskTransform(sealing, codecs, mask_erased)
             keystore = KeyStore(settings.pg_dsn.get_secret_value(), sealing.lifetime, settings.pg_command_timeout)
+            store = keystore
+            mask_erased.on_change.append(lambda users: [store.forget(user) for user in users])
         else:
             assert keyring is not None, "the mask stage needs keys"
-            transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs)
+            transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs, mask_erased)
         dedup = DedupWindow(settings) if settings.dedup_window > 0 else None
         stage(
             "mask",
             settings.raw_topic,
             lambda source, producer: MaskWriter(settings, source, producer, transform, dedup, keystore),
+            mask_erased,
         )
     if "sink" in stages:
         database = PostgresSink(settings.pg_dsn.get_secret_value(), settings.pg_command_timeout)
+        sink_erased = erased_users(ledger)
         stage(
             "sink",
             settings.masked_topic,
-            lambda source, producer: SinkWriter(settings, source, producer, SinkStage(codecs), database),
+            lambda source, producer: SinkWriter(settings, source, producer, SinkStage(codecs, sink_erased), database),
+            sink_erased,
         )
 
     if settings.metrics_port:  # /healthz, /readyz (ready once a stage has partitions), /metrics
@@ -214,12 +233,16 @@ def run_worker(settings: Settings) -> None:
     for name in settings.stage_list:  # once, on the first start after the upgrade (docs/operations.md)
         adopt = functools.partial(adopt_legacy_offsets, settings, name)
         wait_at_start(adopt, "Kafka", log, settings.startup_timeout)
+    # Every stage holds the erasure ledger before it reads a record (fail closed: no ledger, no start).
+    ledger = wait_at_start(
+        lambda: load_ledger(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout
+    )
     codecs = Codecs.from_settings(settings)  # with a registry: its schema ids, or one line to register them
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     use_uvloop()
     fewer_malloc_arenas()
     asyncio.set_event_loop(asyncio.new_event_loop())
-    app, _ = create_app(settings, keyring, codecs, sealing)
+    app, _ = create_app(settings, keyring, codecs, ledger, sealing)
     faust.Worker(
         app,
         loglevel=settings.log_level.lower(),

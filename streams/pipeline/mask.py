@@ -29,6 +29,7 @@ from streams.errors import Rejected
 from streams.io.codec import CodecError, Codecs, UnknownSchemaError
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
 from streams.privacy.keys import PII_FIELDS
+from streams.privacy.ledger import ERASED, ErasedUsers, body_user_id
 from streams.privacy.masking import Masker, UserMasker, canonical_device_id, canonical_ip
 
 STAGE = "mask"
@@ -256,13 +257,25 @@ def _fallback_id(key: bytes | None, where: str) -> str:
     return where
 
 
+class _ErasedUser(Exception):
+    """The record belongs to an erased user (sent at or before the erasure): dropped."""
+
+
 class MaskTransform:
-    def __init__(self, masker: Masker, codecs: Codecs) -> None:
+    def __init__(self, masker: Masker, codecs: Codecs, erased: ErasedUsers | None = None) -> None:
         self.masker = masker
         self.codecs = codecs
+        self._hold_ledger(erased)
+        cache_clear = getattr(masker.mask, "cache_clear", None)
+        if cache_clear is not None:  # an erasure drops the plaintext cache (it may hold the user's values)
+            self.erased.on_change.append(lambda _users: cache_clear())
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._mask_value = masker.mask
+
+    def _hold_ledger(self, erased: ErasedUsers | None) -> None:
+        self.erased = erased if erased is not None else ErasedUsers()  # the erasure ledger (streams.privacy.ledger)
+        self._erased_at = self.erased.at  # the same dict: an empty one costs one truth test per record
 
     def __call__(self, key: bytes | None, value: bytes | None, where: str) -> Output:
         """Turn one consumed raw record into its output. Never raises.
@@ -271,6 +284,7 @@ class MaskTransform:
         key, else by ``where``; the key is only decoded then, not for every record.
         """
         message_id = None
+        envelope: dict | None = None
         try:
             if not value:
                 raise Rejected(Reason.EMPTY_RECORD, "the record has no value (a tombstone or an empty record)")
@@ -284,9 +298,15 @@ class MaskTransform:
             if not 0 < len(message_id) <= MAX_MESSAGE_ID:
                 raise Rejected(Reason.INVALID_MESSAGE_ID, f"message id must be 1 to {MAX_MESSAGE_ID} characters")
             return Output(message_id.encode("utf-8"), self._encode(self._mask(envelope)))
+        except _ErasedUser:
+            return Output((message_id or "").encode("utf-8"), b"", ERASED)
         except Rejected as rejected:
+            if self.erased and envelope is not None and self._erased_body(envelope):
+                return Output((message_id or "").encode("utf-8", "replace"), b"", ERASED)  # before any dead letter
             return self._dead(_fallback_id(key, where) if message_id is None else message_id, rejected, value)
         except Exception as exc:  # a bug must not stop the stream; the type name carries no PII
+            if self.erased and envelope is not None and self._erased_body(envelope):
+                return Output((message_id or "").encode("utf-8", "replace"), b"", ERASED)
             bug = Rejected(Reason.PROCESSING_ERROR, type(exc).__name__)
             return self._dead(_fallback_id(key, where) if message_id is None else message_id, bug, value)
 
@@ -296,6 +316,8 @@ class MaskTransform:
 
     def _mask(self, envelope: dict) -> dict:
         user_id, device_type, ip_text, device_id, app_version, locale = _login_values(envelope["body"])
+        if self._erased_at and self.erased.erased(user_id, envelope["sent_at"]):
+            raise _ErasedUser
         ip_canonical, ip_is_valid = canonical_ip(ip_text)
         ip = self._mask_value("ip", ip_canonical)
         device = self._mask_value("device_id", canonical_device_id(device_id))
@@ -316,6 +338,10 @@ class MaskTransform:
             "device_id_sealed": None,
         }
 
+    def _erased_body(self, envelope: dict) -> bool:
+        """Whether a refused record's body still names an erased user (then no plaintext copy goes to the DLQ)."""
+        return self.erased.erased(body_user_id(envelope.get("body")), envelope.get("sent_at", 0))
+
     def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> Output:
         datum = dead_letter(message_id, STAGE, rejected, payload)
         return Output(
@@ -331,9 +357,10 @@ class SealingMaskTransform(MaskTransform):
     transaction that carries the records sealed under them (``user_keys.KeyStore``).
     """
 
-    def __init__(self, masker: UserMasker, codecs: Codecs) -> None:
+    def __init__(self, masker: UserMasker, codecs: Codecs, erased: ErasedUsers | None = None) -> None:
         self.masker = masker  # type: ignore[assignment]
         self.codecs = codecs
+        self._hold_ledger(erased)  # an erasure's key forgetting is wired by the app (KeyStore.forget)
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._seal = masker.mask_login

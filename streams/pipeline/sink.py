@@ -29,6 +29,7 @@ from streams.errors import Rejected
 from streams.io.codec import CodecError, Codecs, UnknownSchemaError
 from streams.io.postgres import connect
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
+from streams.privacy.ledger import ErasedUsers, millis
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class SinkBatch:
 class SinkStage:
     """The sink's pure part: what to write and what to dead-letter, no I/O."""
 
-    def __init__(self, codecs: Codecs) -> None:
+    def __init__(self, codecs: Codecs, erased: ErasedUsers | None = None) -> None:
         self.codecs = codecs
+        self.erased = erased if erased is not None else ErasedUsers()  # the erasure ledger (streams.privacy.ledger)
 
     def plan(self, messages: Sequence[Message]) -> SinkBatch:
         """Rows to upsert and ids to delete (the last record per message id wins), and dead letters.
@@ -90,9 +92,12 @@ class SinkStage:
             except Rejected as rejected:
                 batch.dead.append(self._dead(message_id, rejected, value))
                 continue
+            if self.erased and self.erased.erased(row["user_id"], millis(row["sent_at"])):
+                row = None  # an erased user's record: its row is deleted, never written (nor dead-lettered)
             last.pop(message_id, None)
             last[message_id] = row
-            batch.payloads[message_id] = value
+            if row is not None:
+                batch.payloads[message_id] = value
         for message_id, row in last.items():
             if row is None:
                 batch.deletes.append(message_id)
@@ -133,12 +138,12 @@ _TYPES = ("text", "text", "text", "text", "text", "text", "int4", "date", "text"
 
 UPSERT = f"""
 WITH vault AS (
-    INSERT INTO pii_vault (field, token, key_id, ciphertext)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-    ON CONFLICT (field, token) DO NOTHING
+    INSERT INTO pii_vault (user_id, field, token, key_id, ciphertext)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+    ON CONFLICT (field, token, user_id) DO NOTHING
 )
 INSERT INTO user_logins ({", ".join(_COLUMNS)})
-SELECT * FROM unnest({", ".join(f"${i + 5}::{t}[]" for i, t in enumerate(_TYPES))})
+SELECT * FROM unnest({", ".join(f"${i + 6}::{t}[]" for i, t in enumerate(_TYPES))})
 ON CONFLICT (message_id) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])}
 WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
@@ -156,24 +161,26 @@ def upsert_arguments(records: list[dict]) -> list[list]:
     """Column arrays for ``UPSERT``; duplicates within the batch collapse to the last one."""
     vault, rows = staged_rows(records)
     columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in _COLUMNS]
-    fields, tokens, key_ids, ciphertexts = (list(c) for c in zip(*vault, strict=True)) if vault else ([], [], [], [])
-    return [fields, tokens, key_ids, ciphertexts, *columns]
+    users, fields, tokens, key_ids, ciphertexts = (
+        (list(c) for c in zip(*vault, strict=True)) if vault else ([], [], [], [], [])
+    )
+    return [users, fields, tokens, key_ids, ciphertexts, *columns]
 
 
 def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
     """``(vault rows, user_logins rows)`` as tuples in column order, each key once (the last wins).
 
-    Vault rows are ``(field, token, key_id, ciphertext)``, one per distinct token; login
-    rows follow ``_COLUMNS``.
+    Vault rows are ``(user_id, field, token, key_id, ciphertext)``, one per distinct user
+    and token (erasure deletes one user's entries, migration 0006); login rows follow ``_COLUMNS``.
     """
     latest = {r["message_id"]: r for r in records}
-    vault: dict[tuple[str, str], str] = {}
+    vault: dict[tuple[str, str, str], str] = {}
     rows = []
     utc = UTC
     for r in latest.values():
         if r["ip_ciphertext"]:  # per-user key mode writes sealed values instead (``sealed_rows``)
-            vault[("ip", r["masked_ip"])] = r["ip_ciphertext"]
-            vault[("device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
+            vault[(r["user_id"], "ip", r["masked_ip"])] = r["ip_ciphertext"]
+            vault[(r["user_id"], "device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
         sent = r["sent_at"]
         rows.append(
             (
@@ -190,7 +197,7 @@ def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
                 r["ip_is_valid"],
             )
         )
-    return [(f, t, c.partition(".")[0], c) for (f, t), c in vault.items()], rows
+    return [(u, f, t, c.partition(".")[0], c) for (u, f, t), c in vault.items()], rows
 
 
 def sealed_rows(records: list[dict]) -> list[list]:
@@ -215,7 +222,7 @@ ON CONFLICT (message_id) DO NOTHING
 # COPY targets: session-private, emptied at every commit or rollback, typed like the real
 # tables (CREATE TABLE AS copies the column types, not the constraints: a refused value
 # is refused by the INSERT below with the same SQLSTATE class as before).
-_VAULT_COLUMNS = ("field", "token", "key_id", "ciphertext")
+_VAULT_COLUMNS = ("user_id", "field", "token", "key_id", "ciphertext")
 STAGE_VAULT, STAGE_LOGINS = "streams_stage_vault", "streams_stage_logins"
 CREATE_STAGES = f"""
 CREATE TEMP TABLE IF NOT EXISTS {STAGE_VAULT} ON COMMIT DELETE ROWS AS
@@ -224,25 +231,25 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGE_LOGINS} ON COMMIT DELETE ROWS AS
     SELECT {", ".join(_COLUMNS)} FROM user_logins WITH NO DATA;
 """
 # The first statement of every batch: delete the tombstoned rows ($1), then the keys of
-# the batch already in the tables: ('', message_id) for logins ($2), (field, token) for
-# vault rows ($3 ip tokens, $4 device id tokens). Deletes and upserts never share a key
+# the batch already in the tables: ('', '', message_id) for logins ($2), (user_id, field,
+# token) for vault rows ($3 ip tokens, $4 device id tokens). Deletes and upserts never share a key
 # (``plan``). The worker may read only pii_vault's key columns, which is all this reads.
 PROBE = """
 WITH deleted AS (
     DELETE FROM user_logins WHERE message_id = ANY($1::text[])
 )
-SELECT '' AS field, message_id AS token FROM user_logins WHERE message_id = ANY($2::text[])
+SELECT '' AS user_id, '' AS field, message_id AS token FROM user_logins WHERE message_id = ANY($2::text[])
 UNION ALL
-SELECT field, token FROM pii_vault WHERE field = 'ip' AND token = ANY($3::text[])
+SELECT user_id, field, token FROM pii_vault WHERE field = 'ip' AND token = ANY($3::text[])
 UNION ALL
-SELECT field, token FROM pii_vault WHERE field = 'device_id' AND token = ANY($4::text[])
+SELECT user_id, field, token FROM pii_vault WHERE field = 'device_id' AND token = ANY($4::text[])
 """
 # From the staged rows: the vault rows, then the upsert that leaves an identical row untouched.
 MERGE_STAGED = f"""
 WITH vault AS (
     INSERT INTO pii_vault ({", ".join(_VAULT_COLUMNS)})
     SELECT {", ".join(_VAULT_COLUMNS)} FROM {STAGE_VAULT}
-    ON CONFLICT (field, token) DO NOTHING
+    ON CONFLICT (field, token, user_id) DO NOTHING
 )
 INSERT INTO user_logins ({", ".join(_COLUMNS)})
 SELECT {", ".join(_COLUMNS)} FROM {STAGE_LOGINS}
@@ -322,15 +329,15 @@ class PostgresSink:
 
         False: a message id is there already, and the batch is left for ``_merge``.
         """
-        ip_tokens = [v[1] for v in vault if v[0] == "ip"]
-        device_tokens = [v[1] for v in vault if v[0] == "device_id"]
+        ip_tokens = [v[2] for v in vault if v[1] == "ip"]
+        device_tokens = [v[2] for v in vault if v[1] == "device_id"]
         found = await conn.fetch(PROBE, list(deletes), [r[0] for r in rows], ip_tokens, device_tokens)
-        known = {(f, t) for f, t in found}
-        if any(f == "" for f, _ in known):
+        known = {(u, f, t) for u, f, t in found}
+        if any(f == "" for _, f, _ in known):
             return False
-        new_vault = [v for v in vault if (v[0], v[1]) not in known] if known else vault
-        # In token order, so two workers adding the same new tokens do not deadlock each other.
-        new_vault.sort(key=itemgetter(1))
+        new_vault = [v for v in vault if (v[0], v[1], v[2]) not in known] if known else vault
+        # In key order, so two workers adding the same new tokens do not deadlock each other.
+        new_vault.sort(key=itemgetter(1, 2, 0))
         if new_vault:
             await conn.copy_records_to_table("pii_vault", records=new_vault, columns=_VAULT_COLUMNS)
         if rows:

@@ -32,11 +32,13 @@ from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
 from streams.pipeline.source import Batch, KafkaSource, RevokeHandler
 from streams.pipeline.transactions import SIZE_MARGIN, Abort, TransactionalProducer
+from streams.privacy.ledger import ERASED
 from streams.retry import retry_forever
 from streams.settings import Settings
 
 if TYPE_CHECKING:
     from streams.pipeline.dedup import DedupWindow
+    from streams.privacy.ledger import ErasedUsers
     from streams.privacy.user_keys import KeyStore
 
 log = logging.getLogger("streams.worker")
@@ -89,6 +91,8 @@ class StageWriter(RevokeHandler):
         self.refused: dict[tuple[int, int], KafkaError] = {}  # inputs whose output the broker refused for good
         self.limits: dict[str, int] = {}
         self.batches = 0  # batches in the open transaction (liveness)
+        self.boundaries = 0  # transactions ended (committed or aborted): the erasure ledger confirms at one
+        self.erased: ErasedUsers | None = None  # the erasure ledger in memory (streams.privacy.ledger)
         self.in_ = metrics.RECORDS_IN.labels(self.stage)
         self.size_ = metrics.BATCH_SIZE.labels(self.stage)
         self.seconds_ = metrics.BATCH_SECONDS.labels(self.stage)
@@ -101,6 +105,13 @@ class StageWriter(RevokeHandler):
 
     def close(self) -> None:
         self.producer.close()
+
+    def busy(self) -> bool:
+        """A transaction is open or committing: work begun under an older erasure ledger may still commit."""
+        return self.producer.open or (self.in_flight is not None and not self.in_flight.done())
+
+    def ledger_version(self) -> int:
+        return self.erased.version if self.erased is not None else 0
 
     async def handle(self, batch: Batch) -> None:
         """Write one batch; the source learns it was handled, whatever happened."""
@@ -281,7 +292,7 @@ class MaskWriter(StageWriter):
         self.keystore = keystore  # per-user key mode: new data keys stored before their transaction
         self.codecs = transform.codecs
         self.dedup = dedup
-        self.counts = {"masked": 0, "dead_letter": 0, "duplicate": 0}
+        self.counts = {"masked": 0, "dead_letter": 0, "duplicate": 0, "erased": 0}
         self.dead: list[tuple[str, bytes]] = []  # (reason, message id) in the open transaction
         self.masked_out = metrics.RECORDS_OUT.labels("mask", "masked")
         self.dead_out = metrics.RECORDS_OUT.labels("mask", "dead_letter")
@@ -302,12 +313,14 @@ class MaskWriter(StageWriter):
             self.dedup.forget(partitions)
 
     def rolled_back(self) -> None:
+        self.boundaries += 1
         self.counts = dict.fromkeys(self.counts, 0)
         self.dead = []
         if self.dedup is not None:
             self.dedup.rollback()
 
     def committed(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.boundaries += 1
         self.prune(offsets)
         self.masked_out.inc(self.counts["masked"])
         self.dead_out.inc(self.counts["dead_letter"])
@@ -326,6 +339,7 @@ class MaskWriter(StageWriter):
         if messages:  # schema ids not seen before: fetched once (a registry that is down is waited out)
             await self.codecs.raw.resolve([m.value() for m in messages], self.settings.retry_max_backoff)
         # The transform runs while the previous transaction commits on its thread.
+        ledger = self.ledger_version()
         outputs = self.transform.batch([(m.key(), m.value(), where(m)) for m in messages]) if messages else []
         if self.keystore is not None:  # the data keys of new users are stored before anything uses them
             keystore = self.keystore
@@ -334,6 +348,8 @@ class MaskWriter(StageWriter):
             )
         async with self.lock:
             await self.settle()
+            if messages and self.ledger_version() != ledger:  # an erasure arrived meanwhile: apply it
+                outputs = self.transform.batch([(m.key(), m.value(), where(m)) for m in messages])
             if messages:
                 now = self.live_now(batch, messages)
                 if len(now) != len(messages):
@@ -392,6 +408,9 @@ class MaskWriter(StageWriter):
                     continue
                 dedup.admit(partition, offset, out.key, message.timestamp()[1], produce, force=True)
             reason = out.reason
+            if reason == ERASED:  # an erased user's record: dropped, never dead-lettered
+                counts["erased"] += 1
+                continue
             record: tuple = (dlq_topic, out.key, out.value) if reason else (masked_topic, out.key, out.value)
             if refused or reason or len(out.key) + len(out.value) > masked_limit:
                 fixed = fit(record, source, self.codecs)
@@ -431,11 +450,12 @@ class SinkWriter(StageWriter):
             return
         if messages:
             await self.codecs.masked.resolve([m.value() for m in messages], self.settings.retry_max_backoff)
+        ledger = self.ledger_version()
         plan = self.sink_stage.plan(sink_input(messages))  # while the last batch writes
         async with self.lock:
             await self.settle()
             now = self.live_now(batch, messages)
-            if len(now) != len(messages):
+            if len(now) != len(messages) or self.ledger_version() != ledger:  # or an erasure arrived meanwhile
                 plan = self.sink_stage.plan(sink_input(now))
             offsets: dict[tuple[str, int], int] = {}
             for m in now:
@@ -508,3 +528,5 @@ class SinkWriter(StageWriter):
         except asyncio.CancelledError:
             metrics.LIVENESS.finished()
             raise
+        finally:
+            self.boundaries += 1

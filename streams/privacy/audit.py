@@ -14,6 +14,7 @@ another token), ``unverifiable`` (the token's join version is not in the keyring
 another token). Per-user key mode adds ``erased`` (the user's keys are gone),
 ``refused_kms`` (the KMS refused to open the user's key for this caller) and
 ``bulk_open`` (a job that opens many users: one row per user, or per run in keyring mode).
+``erased`` is also the outcome for a user in the erasure ledger (``streams erase``).
 """
 
 from __future__ import annotations

@@ -155,14 +155,15 @@ async def map_vault(
 ) -> bool:
     """Add target-version vault rows and old->new map entries; False if the budget ran out."""
     pending = """FROM pii_vault v WHERE split_part(v.token, '.', 1) <> $1 AND NOT EXISTS
-        (SELECT 1 FROM join_token_map m WHERE m.field = v.field AND m.old_token = v.token)"""
+        (SELECT 1 FROM join_token_map m JOIN pii_vault n ON n.field = m.field AND n.token = m.new_token
+         WHERE m.field = v.field AND m.old_token = v.token AND n.user_id = v.user_id)"""
     progress = Progress(f"mapping vault to {target}", await conn.fetchval(f"SELECT count(*) {pending}", target), out)
-    last = ("", "")
+    last = ("", "", "")
     try:
         while True:
-            rows = await conn.fetch(
-                f"SELECT v.field, v.token, v.key_id, v.ciphertext {pending} AND (v.field, v.token) > ($3, $4)"
-                " ORDER BY v.field, v.token LIMIT $2",
+            rows = await conn.fetch(  # one vault entry per user (migration 0006): the new one keeps its user
+                f"SELECT v.user_id, v.field, v.token, v.key_id, v.ciphertext {pending}"
+                " AND (v.field, v.token, v.user_id) > ($3, $4, $5) ORDER BY v.field, v.token, v.user_id LIMIT $2",
                 target,
                 batch_size,
                 *last,
@@ -171,7 +172,7 @@ async def map_vault(
                 return True
             if not budget.take():
                 return False
-            last = (rows[-1]["field"], rows[-1]["token"])
+            last = (rows[-1]["field"], rows[-1]["token"], rows[-1]["user_id"])
             values = [_open(masker, r["field"], r["ciphertext"], r["token"]) for r in rows]
             fields = [r["field"] for r in rows]
             new = [masker.token(f, v, target) for f, v in zip(fields, values, strict=True)]
@@ -179,12 +180,13 @@ async def map_vault(
             sealed = [masker.encrypt(f, v, t) for f, v, t in zip(fields, values, new, strict=True)]
             async with conn.transaction():
                 await conn.execute(
-                    "INSERT INTO pii_vault (field, token, key_id, ciphertext)"
-                    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
+                    "INSERT INTO pii_vault (user_id, field, token, key_id, ciphertext) SELECT *"
+                    " FROM unnest($5::text[], $1::text[], $2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
                     fields,
                     new,
                     [masker.keyring.encryption_key_id] * len(rows),
                     sealed,
+                    [r["user_id"] for r in rows],
                 )
                 await conn.execute(
                     "INSERT INTO join_token_map (field, old_token, new_token)"

@@ -28,12 +28,26 @@ class Revealed:
 
 
 async def _vault_rows(conn: asyncpg.Connection, pairs: list[tuple[str, str]]) -> list[asyncpg.Record]:
+    """One entry per field (entries are per user, migration 0006): a user's not erased, if any.
+
+    ``erased`` is true when every entry of that token belongs to an erased user.
+    """
     fields, tokens = zip(*pairs, strict=False)
     return await conn.fetch(
-        "SELECT v.field, v.token, v.ciphertext FROM pii_vault v"
-        " JOIN unnest($1::text[], $2::text[]) AS q(field, token) USING (field, token)",
+        "SELECT DISTINCT ON (v.field) v.field, v.token, v.ciphertext, e.erased FROM pii_vault v"
+        " JOIN unnest($1::text[], $2::text[]) AS q(field, token) USING (field, token)"
+        " CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM erasure_ledger l"
+        " WHERE l.user_id = v.user_id AND v.created_at <= l.erased_at) AS erased) e"
+        " ORDER BY v.field, e.erased, v.user_id",
         list(fields),
         list(tokens),
+    )
+
+
+async def _erased_row(conn: asyncpg.Connection, user_id: str, sent_at: object) -> bool:
+    """Whether a login belongs to an erased user (sent at or before the erasure)."""
+    return await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM erasure_ledger WHERE user_id = $1 AND $2 <= erased_at)", user_id, sent_at
     )
 
 
@@ -58,16 +72,24 @@ async def reveal(
         pairs = [(f, token) for f in ([field] if field else PII_FIELDS)]
     else:
         row = await conn.fetchrow(
-            "SELECT masked_ip, masked_device_id FROM user_logins WHERE message_id = $1", message_id
+            "SELECT masked_ip, masked_device_id, user_id, sent_at FROM user_logins WHERE message_id = $1", message_id
         )
         if row is None:
             await audit.record(conn, operator, "not_found", **note)
             raise Refused(f"no row in user_logins with message_id {message_id!r}")
+        if await _erased_row(conn, row["user_id"], row["sent_at"]):
+            await audit.record(conn, operator, "erased", **note, user_id=row["user_id"])
+            raise Refused("that login's user is in the erasure ledger: nothing revealed (the refusal is audited)")
         pairs = [(f, row[f"masked_{f}"]) for f in ([field] if field else PII_FIELDS)]
     rows = await _vault_rows(conn, pairs)
     if not rows:
         await audit.record(conn, operator, "not_found", **note)
         raise Refused("no pii_vault entry for that token: check the token, or that the vault was not purged")
+    if any(r["erased"] for r in rows):
+        await audit.record(conn, operator, "erased", **note)
+        raise Refused(
+            "that value belongs only to a user in the erasure ledger: nothing revealed (the refusal is audited)"
+        )
     found = []
     for r in sorted(rows, key=lambda r: PII_FIELDS.index(r["field"])):
         where = {**note, "field": r["field"], "token": r["token"]}
@@ -146,6 +168,9 @@ async def reveal_sealed(
     for row in rows:
         owner = row["user_id"]
         where = {**note, "user_id": owner, "message_id": row["message_id"]}
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM erasure_ledger WHERE user_id = $1)", owner):
+            await audit.record(conn, operator, "erased", **where)  # under way: keys may not be shredded yet
+            raise Refused("that user is in the erasure ledger: nothing is revealed (the refusal is audited)")
         for name in fields:
             sealed, masked = row[f"{name}_sealed"], row[f"masked_{name}"]
             try:

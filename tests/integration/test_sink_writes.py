@@ -103,7 +103,10 @@ def test_a_key_committed_by_another_session_after_the_lookup_is_merged(pipeline,
             tx = other.transaction()
             await tx.start()
             if table == "pii_vault":
-                await other.execute("INSERT INTO pii_vault VALUES ('ip', $1, 'k0', 'k0.other')", f"h1.{mid}")
+                await other.execute(  # the same user's entry (the vault is keyed by user, migration 0006)
+                    "INSERT INTO pii_vault (user_id, field, token, key_id, ciphertext) VALUES ('u', 'ip', $1, 'k0', 'k0.other')",
+                    f"h1.{mid}",
+                )
             else:
                 await other.execute(
                     "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id,"
