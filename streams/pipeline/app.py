@@ -153,8 +153,7 @@ def create_app(
 
             transform: MaskTransform = SealingMaskTransform(sealing, codecs, mask_erased)
             keystore = KeyStore(settings.pg_dsn.get_secret_value(), sealing.lifetime, settings.pg_command_timeout)
-            store = keystore
-            mask_erased.on_change.append(lambda users: [store.forget(user) for user in users])
+            mask_erased.on_change.append(keystore.forget_users)
         else:
             assert keyring is not None, "the mask stage needs keys"
             transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs, mask_erased)

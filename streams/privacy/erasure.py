@@ -464,9 +464,7 @@ def export(
         if isinstance(masker, Opener):  # per-user key mode: kms:Decrypt naming the user, audited per login
             from streams.privacy.vault import reveal_sealed
 
-            opened = await reveal_sealed(
-                conn, masker, operator or "", user_id=user_id, reason=reason, action="export"
-            )
+            opened = await reveal_sealed(conn, masker, operator or "", user_id=user_id, reason=reason, action="export")
             result["sealed"] = [{"field": r.field, "token": r.token, "value": r.value} for r in opened]
             return result
         for entry in result["vault"]:

@@ -323,6 +323,11 @@ class KeyStore:
             raise
         self._unsaved = ([], [])
 
+    def forget_users(self, user_ids: list[str]) -> None:
+        """An erasure ledger change (``ErasedUsers.on_change``): forget each newly erased user."""
+        for user_id in user_ids:
+            self.forget(user_id)
+
     def forget(self, user_id: str) -> None:
         """Erasure: the user's key leaves memory and is never stored from here (call between batches)."""
         self.lifetime.forget(user_id)
