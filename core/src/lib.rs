@@ -1,0 +1,239 @@
+//! streams_core: the mask stage's per-value crypto for a whole batch in one call.
+//!
+//! Primitives only, with key schedules set once per object; how tokens and ciphertexts
+//! are composed (which key, which prefix, which associated data, which text format)
+//! stays in Python (streams/privacy/core.py), next to the reference in
+//! streams/privacy/masking.py, so a change of scheme is a change there, not here.
+//!
+//! - `Mac(key, prefix)`: HMAC-SHA256 with the key and a constant message prefix absorbed
+//!   once; `digests(values)` and `tokens(head, values)` (`head + base64url(digest)`).
+//! - `Siv(keys)`: AES-SIV (RFC 5297) keys by index; `seal(...)` encrypts a batch, each
+//!   value optionally padded, with shared associated data plus one item per value.
+//!
+//! A value the core cannot take exactly as the reference does (a `str` that is not valid
+//! UTF-8, such as a lone surrogate; a value too long for the 2-byte pad length; an
+//! unknown key index) gives `None` in its place: the caller sends that record to the
+//! reference. Nothing here formats a value into an error.
+
+use aes_siv::aead::KeyInit;
+use aes_siv::siv::{Aes128Siv, Aes256Siv};
+use hmac::{Hmac, Mac as _};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString};
+use sha2::Sha256;
+
+const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// base64url without padding, appended to `out`.
+fn b64url_into(data: &[u8], out: &mut String) {
+    out.reserve(data.len().div_ceil(3) * 4);
+    let mut chunks = data.chunks_exact(3);
+    for c in &mut chunks {
+        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
+        for shift in [18, 12, 6, 0] {
+            out.push(B64URL[((n >> shift) & 63) as usize] as char);
+        }
+    }
+    match *chunks.remainder() {
+        [a] => {
+            let n = u32::from(a) << 16;
+            out.push(B64URL[((n >> 18) & 63) as usize] as char);
+            out.push(B64URL[((n >> 12) & 63) as usize] as char);
+        }
+        [a, b] => {
+            let n = (u32::from(a) << 16) | (u32::from(b) << 8);
+            out.push(B64URL[((n >> 18) & 63) as usize] as char);
+            out.push(B64URL[((n >> 12) & 63) as usize] as char);
+            out.push(B64URL[((n >> 6) & 63) as usize] as char);
+        }
+        _ => {}
+    }
+}
+
+/// The bytes of a `str` (UTF-8) or `bytes` item; `None` for anything else or a `str`
+/// that has no UTF-8 form (a lone surrogate).
+fn item_bytes<'a>(item: &'a Bound<'_, PyAny>) -> Option<&'a [u8]> {
+    if let Ok(s) = item.cast::<PyString>() {
+        return s.to_str().ok().map(str::as_bytes);
+    }
+    if let Ok(b) = item.cast::<PyBytes>() {
+        return Some(b.as_bytes());
+    }
+    None
+}
+
+/// HMAC-SHA256 under one key, every message starting with the same prefix.
+#[pyclass(frozen, module = "streams_core")]
+struct Mac {
+    keyed: Hmac<Sha256>, // key schedule and prefix absorbed: cloned per value
+}
+
+impl Mac {
+    fn digest(&self, message: &[u8]) -> [u8; 32] {
+        let mut mac = self.keyed.clone();
+        mac.update(message);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+#[pymethods]
+impl Mac {
+    #[new]
+    fn new(key: &[u8], prefix: &[u8]) -> PyResult<Self> {
+        let mut keyed = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
+            .map_err(|_| PyValueError::new_err("HMAC key of an unusable length"))?;
+        keyed.update(prefix);
+        Ok(Mac { keyed })
+    }
+
+    /// The 32-byte digest of each value (`str` as UTF-8, or `bytes`); `None` for a value it declines.
+    fn digests<'py>(&self, py: Python<'py>, values: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyList>> {
+        let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(values.len());
+        for item in values.iter() {
+            out.push(match item_bytes(&item) {
+                Some(message) => PyBytes::new(py, &self.digest(message)).into_any(),
+                None => py.None().into_bound(py),
+            });
+        }
+        PyList::new(py, out)
+    }
+
+    /// `head + base64url(digest)` of each value, as `str`; `None` for a value it declines.
+    fn tokens<'py>(&self, py: Python<'py>, head: &str, values: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyList>> {
+        let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(values.len());
+        let mut text = String::with_capacity(head.len() + 44);
+        for item in values.iter() {
+            out.push(match item_bytes(&item) {
+                Some(message) => {
+                    text.clear();
+                    text.push_str(head);
+                    b64url_into(&self.digest(message), &mut text);
+                    PyString::new(py, &text).into_any()
+                }
+                None => py.None().into_bound(py),
+            });
+        }
+        PyList::new(py, out)
+    }
+}
+
+enum SivKey {
+    Aes128(Box<Aes128Siv>), // a 32-byte key
+    Aes256(Box<Aes256Siv>), // a 64-byte key
+}
+
+impl SivKey {
+    fn encrypt(&mut self, headers: &[&[u8]], plaintext: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            SivKey::Aes128(siv) => siv.encrypt(headers, plaintext).ok(),
+            SivKey::Aes256(siv) => siv.encrypt(headers, plaintext).ok(),
+        }
+    }
+}
+
+/// `len` (2 bytes, big-endian), the data, zeros to the next multiple of `block`.
+fn pad_into(data: &[u8], block: usize, out: &mut Vec<u8>) -> bool {
+    let Ok(size) = u16::try_from(data.len()) else {
+        return false;
+    };
+    out.clear();
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(data);
+    let framed = out.len();
+    out.resize(framed.div_ceil(block) * block, 0);
+    true
+}
+
+/// AES-SIV keys by index (32 bytes: AES-128-SIV, 64 bytes: AES-256-SIV), schedules set once.
+#[pyclass(module = "streams_core")]
+struct Siv {
+    keys: Vec<SivKey>,
+}
+
+#[pymethods]
+impl Siv {
+    #[new]
+    fn new(keys: Vec<Vec<u8>>) -> PyResult<Self> {
+        let keys = keys
+            .iter()
+            .map(|key| match key.len() {
+                32 => Ok(SivKey::Aes128(Box::new(Aes128Siv::new_from_slice(key).expect("32 bytes")))),
+                64 => Ok(SivKey::Aes256(Box::new(Aes256Siv::new_from_slice(key).expect("64 bytes")))),
+                _ => Err(PyValueError::new_err("AES-SIV keys are 32 or 64 bytes")),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Siv { keys })
+    }
+
+    /// Seal each plaintext: `AES-SIV(key, ad_shared + [ad_each[i]], pad(plaintext))`.
+    ///
+    /// `key_index` is one index for the batch or one per value; `pad_block` 0 seals the
+    /// plaintext as it is, N > 0 pads it like masking.pad (2-byte length, zeros to a
+    /// multiple of N). `ad_each` (or None) holds one `str`/`bytes` item per value. With
+    /// `head` the result is `head + base64url(sealed)` (`str`), else the sealed `bytes`.
+    /// `None` stands for a value it declines.
+    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn seal<'py>(
+        &mut self,
+        py: Python<'py>,
+        key_index: &Bound<'py, PyAny>,
+        plaintexts: &Bound<'py, PyList>,
+        pad_block: usize,
+        ad_shared: Vec<Vec<u8>>,
+        ad_each: Option<&Bound<'py, PyList>>,
+        head: Option<&str>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let n = plaintexts.len();
+        let per_value: Option<Vec<usize>> = match key_index.extract::<usize>() {
+            Ok(_) => None,
+            Err(_) => Some(key_index.extract::<Vec<usize>>()?),
+        };
+        let single = if per_value.is_none() { key_index.extract::<usize>()? } else { 0 };
+        if per_value.as_ref().is_some_and(|v| v.len() != n) || ad_each.is_some_and(|a| a.len() != n) {
+            return Err(PyValueError::new_err("key_index and ad_each need one item per plaintext"));
+        }
+        let mut padded = Vec::with_capacity(pad_block.max(256));
+        let mut text = String::new();
+        let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(n);
+        for (i, item) in plaintexts.iter().enumerate() {
+            let index = per_value.as_ref().map_or(single, |v| v[i]);
+            let each = ad_each.map(|a| a.get_item(i)).transpose()?;
+            let sealed = (|| {
+                let plaintext = item_bytes(&item)?;
+                let key = self.keys.get_mut(index)?;
+                let mut headers: Vec<&[u8]> = Vec::with_capacity(ad_shared.len() + 1);
+                headers.extend(ad_shared.iter().map(Vec::as_slice));
+                if let Some(each) = each.as_ref() {
+                    headers.push(item_bytes(each)?);
+                }
+                if pad_block == 0 {
+                    return key.encrypt(&headers, plaintext);
+                }
+                if !pad_into(plaintext, pad_block, &mut padded) {
+                    return None;
+                }
+                key.encrypt(&headers, &padded)
+            })();
+            out.push(match (sealed, head) {
+                (None, _) => py.None().into_bound(py),
+                (Some(sealed), None) => PyBytes::new(py, &sealed).into_any(),
+                (Some(sealed), Some(head)) => {
+                    text.clear();
+                    text.push_str(head);
+                    b64url_into(&sealed, &mut text);
+                    PyString::new(py, &text).into_any()
+                }
+            });
+        }
+        PyList::new(py, out)
+    }
+}
+
+#[pymodule]
+fn streams_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Mac>()?;
+    m.add_class::<Siv>()?;
+    Ok(())
+}

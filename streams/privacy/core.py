@@ -1,0 +1,114 @@
+"""The compiled mask core: masking a whole batch in one call, or the Python reference.
+
+``streams_core`` (core/ in the repository, Rust, built from source by ``make install``
+and the image's builder stage) holds the crypto primitives only: HMAC-SHA256 tokens
+and AES-SIV sealing, with key schedules set once. How a token and a ciphertext are
+composed (keys, MAC prefix, associated data, text format) is written here, beside the
+reference it must equal (``masking.Masker``), and checked against it when loaded: a
+core that does not give the reference's bytes is not used.
+
+Without the extension (or with one that disagrees), the mask stage runs the Python
+reference, says so once at start (a log line, the ``streams_mask_core`` gauge at 0) and
+works as before. ``STREAMS_REQUIRE_CORE=1`` (CI, ``make bench``) makes that an error
+instead, so a comparison of core and reference can never be one of the reference with
+itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+from streams import metrics
+from streams.errors import ConfigError
+from streams.privacy.masking import BOUND, PAD_BLOCK, Masker, _bound_ad, mac_prefix
+
+log = logging.getLogger(__name__)
+
+REQUIRE_ENV = "STREAMS_REQUIRE_CORE"
+# Values the self-check masks with both: ASCII, IPv6, non-ASCII, a value over one pad block.
+_PROBES = ("10.0.0.1", "2001:db8::1", "ÿ-devíce-✓", "é" * 150)
+_announced: set[bool] = set()  # log the core's state once per process, not per transform
+
+
+class CoreMismatch(RuntimeError):
+    """The compiled core's output differs from the reference's (a scheme it does not follow)."""
+
+
+class CoreMasker:
+    """Tokens and ciphertexts of a batch of canonical values, as ``Masker.mask`` makes them.
+
+    ``mask`` returns ``None`` in place of a value the core declines; the caller masks
+    that record with the reference.
+    """
+
+    def __init__(self, masker: Masker, module: ModuleType) -> None:
+        keyring = masker.keyring
+        version, key_id = keyring.join_version, keyring.encryption_key_id
+        self._siv = module.Siv([keyring.encryption_keys[key_id]])
+        self._ciphertext_head = f"{key_id}.{BOUND}."
+        self._token_head = f"{version}."
+        # Per field: the MAC (key and domain prefix absorbed once) and the associated data
+        # every ciphertext shares; the token is the last associated-data item.
+        self._fields = {
+            field: (module.Mac(key, mac_prefix(keyring, field, version)), _bound_ad(field, key_id, "")[:-1])
+            for field, key in keyring.active_join_keys().items()
+        }
+        self._check(masker)
+
+    def mask(self, field: str, canonicals: list[str]) -> tuple[list[str | None], list[str | None]]:
+        """``(tokens, ciphertexts)`` of each value, ``None`` where the core declined it."""
+        mac, shared_ad = self._fields[field]
+        tokens = mac.tokens(self._token_head, canonicals)
+        return tokens, self._siv.seal(0, canonicals, PAD_BLOCK, shared_ad, tokens, self._ciphertext_head)
+
+    def _check(self, masker: Masker) -> None:
+        for field in self._fields:
+            tokens, ciphertexts = self.mask(field, list(_PROBES))
+            for probe, token, ciphertext in zip(_PROBES, tokens, ciphertexts, strict=True):
+                expected = masker._mask(field, probe)
+                if (token, ciphertext) != (expected.token, expected.ciphertext):
+                    raise CoreMismatch(f"field {field}: the compiled core's bytes differ from the reference's")
+
+
+def core_required() -> bool:
+    """``STREAMS_REQUIRE_CORE``: 1 makes a missing or mismatched core an error, 0 or unset a fallback."""
+    value = os.environ.get(REQUIRE_ENV, "0").strip()
+    if value not in ("0", "1", ""):
+        raise ConfigError(f"{REQUIRE_ENV} must be 1 or 0, not {value!r}")
+    return value == "1"
+
+
+def load(masker: Masker, require: bool | None = None) -> CoreMasker | None:
+    """The compiled core for this masker, or ``None`` for the Python reference.
+
+    ``require`` (default: ``STREAMS_REQUIRE_CORE``) turns the fallback into a ``ConfigError``.
+    """
+    if require is None:
+        require = core_required()
+    try:
+        import streams_core
+    except ImportError:
+        return _fallback("the extension streams_core is not built (make install builds it)", require)
+    try:
+        core = CoreMasker(masker, streams_core)
+    except CoreMismatch as exc:
+        return _fallback(str(exc), require)
+    except ValueError as exc:  # a key the core does not take (length)
+        return _fallback(f"a key it does not take ({exc})", require)
+    metrics.MASK_CORE.set(1)
+    if True not in _announced:
+        _announced.add(True)
+        log.info("mask transform: compiled core streams_core in use")
+    return core
+
+
+def _fallback(reason: str, require: bool) -> None:
+    if require:
+        raise ConfigError(f"{REQUIRE_ENV}=1 but the compiled mask core is unusable: {reason}")
+    metrics.MASK_CORE.set(0)
+    if False not in _announced:
+        _announced.add(False)
+        log.warning("mask transform: Python reference in use, not the compiled core: %s", reason)
+    return None
