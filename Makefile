@@ -36,6 +36,7 @@ lock:
 	$(PY) -m pip install -q uv==0.13.9
 	$(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --quiet -o requirements.lock --custom-compile-command "make lock"
 	$(VENV)/bin/uv pip compile pyproject.toml dev/pyproject.toml --python-version 3.11 --generate-hashes --quiet -o requirements-dev.lock --custom-compile-command "make lock"
+	$(VENV)/bin/uv pip compile core/requirements-build.in --python-version 3.11 --generate-hashes --quiet -o core/requirements-build.lock --custom-compile-command "make lock"
 
 ## ruff (lint and format check) and mypy on the package.
 lint: install
