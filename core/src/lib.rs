@@ -231,9 +231,249 @@ impl Siv {
     }
 }
 
+
+// --- parse: raw envelope + login body, the common shape only --------------------------------
+
+const TS_MIN: i64 = -62_135_596_800_000; // years 1 to 9999, as the reference's decoder allows
+const TS_MAX: i64 = 253_402_300_799_999;
+const MAX_MESSAGE_ID: usize = 128;
+const INT32_MAX: u64 = (1 << 31) - 1;
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// A zig-zag varint of at most 10 bytes that fits an i64 (anything else: decline).
+    fn long(&mut self) -> Option<i64> {
+        let mut n: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = *self.data.get(self.pos)?;
+            self.pos += 1;
+            if shift == 63 && b > 1 {
+                return None;
+            }
+            n |= u64::from(b & 0x7F) << shift;
+            if b & 0x80 == 0 {
+                return Some(((n >> 1) as i64) ^ -((n & 1) as i64));
+            }
+        }
+        None
+    }
+
+    fn string(&mut self) -> Option<&'a str> {
+        let n = usize::try_from(self.long()?).ok()?;
+        let end = self.pos.checked_add(n)?;
+        let bytes = self.data.get(self.pos..end)?;
+        self.pos = end;
+        std::str::from_utf8(bytes).ok()
+    }
+}
+
+/// `(message_id, sent_at, body)` of a RawEnvelope v1 datum after `header`, its attributes
+/// checked and skipped, nothing after it.
+fn envelope<'a>(data: &'a [u8], header: &[u8]) -> Option<(&'a str, i64, &'a str)> {
+    let rest = data.strip_prefix(header)?;
+    let mut r = Reader { data: rest, pos: 0 };
+    let message_id = r.string()?;
+    let sent_at = r.long()?;
+    if !(TS_MIN..=TS_MAX).contains(&sent_at) {
+        return None;
+    }
+    let body = r.string()?;
+    loop {
+        let count = r.long()?;
+        if count == 0 {
+            break;
+        }
+        if count < 0 {
+            return None; // blocks with a byte size: the reference's
+        }
+        for _ in 0..count {
+            r.string()?;
+            r.string()?;
+        }
+    }
+    (r.pos == rest.len()).then_some((message_id, sent_at, body))
+}
+
+#[derive(Clone, Copy)]
+enum Json<'a> {
+    Str(&'a str),
+    Null,
+}
+
+/// A flat JSON object of strings and nulls, ASCII, without escapes or control characters,
+/// with unique keys; anything else (valid or not) is declined.
+fn flat_object(body: &str) -> Option<Vec<(&str, Json<'_>)>> {
+    let b = body.as_bytes();
+    if !body.is_ascii() || b.contains(&b'\\') {
+        return None;
+    }
+    let ws = |i: &mut usize| {
+        while *i < b.len() && matches!(b[*i], b' ' | b'\t' | b'\n' | b'\r') {
+            *i += 1;
+        }
+    };
+    let string = |i: &mut usize| -> Option<&str> {
+        if b.get(*i) != Some(&b'"') {
+            return None;
+        }
+        let start = *i + 1;
+        let len = b[start..].iter().position(|&c| c == b'"' || c < 0x20)?;
+        if b[start + len] != b'"' {
+            return None;
+        }
+        *i = start + len + 1;
+        Some(&body[start..start + len])
+    };
+    let mut i = 0;
+    let mut pairs: Vec<(&str, Json<'_>)> = Vec::with_capacity(8);
+    ws(&mut i);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    ws(&mut i);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            ws(&mut i);
+            let key = string(&mut i)?;
+            ws(&mut i);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i += 1;
+            ws(&mut i);
+            let value = if b[i..].starts_with(b"null") {
+                i += 4;
+                Json::Null
+            } else {
+                Json::Str(string(&mut i)?)
+            };
+            if pairs.iter().any(|(k, _)| *k == key) {
+                return None;
+            }
+            pairs.push((key, value));
+            ws(&mut i);
+            match b.get(i) {
+                Some(b',') => i += 1,
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    ws(&mut i);
+    (i == b.len()).then_some(pairs)
+}
+
+fn field<'a>(pairs: &[(&'a str, Json<'a>)], name: &str) -> Option<Json<'a>> {
+    pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+}
+
+/// A required field: a string within `limit` characters, not blank (ASCII: only spaces
+/// can be blank here, control characters were declined).
+fn required<'a>(pairs: &[(&'a str, Json<'a>)], name: &str, limit: usize) -> Option<&'a str> {
+    match field(pairs, name)? {
+        Json::Str(s) if s.len() <= limit && !s.trim_matches(' ').is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+fn octet(s: &str) -> bool {
+    // 25[0-5] | 2[0-4][0-9] | 1[0-9][0-9] | [1-9]?[0-9]: no leading zero, like ipaddress
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > 3 || !b.iter().all(u8::is_ascii_digit) || (b.len() > 1 && b[0] == b'0') {
+        return false;
+    }
+    s.parse::<u16>().is_ok_and(|n| n <= 255)
+}
+
+/// `(canonical, is an IP)` where the answer is certain without ipaddress: a dotted quad, or
+/// text without a colon that is not one (not an IP); text with a colon is declined.
+fn canonical_ip(text: &str) -> Option<(&str, bool)> {
+    let t = text.trim_matches(' ');
+    if t.contains(':') {
+        return None;
+    }
+    let parts: Vec<&str> = t.split('.').collect();
+    Some((t, parts.len() == 4 && parts.iter().all(|p| octet(p))))
+}
+
+/// mask.encode_app_version: `major*10^6 + minor*10^3 + patch`, or None.
+fn app_version_number(text: &str) -> Option<u64> {
+    let parts: Vec<&str> = text.split('.').collect();
+    if parts.is_empty() || parts.len() > 3 {
+        return None;
+    }
+    let mut numbers = [0u64; 3];
+    for (i, part) in parts.iter().enumerate() {
+        if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let digits = part.trim_start_matches('0');
+        numbers[i] = if digits.is_empty() { 0 } else if digits.len() > 12 { u64::MAX } else { digits.parse().ok()? };
+    }
+    if numbers[1] > 999 || numbers[2] > 999 {
+        return None;
+    }
+    let value = numbers[0].checked_mul(1_000_000)?.checked_add(numbers[1] * 1_000 + numbers[2])?;
+    (value <= INT32_MAX).then_some(value)
+}
+
+type Parsed<'a> = (&'a str, i64, &'a str, &'a str, &'a str, bool, &'a str, &'a str, Option<u64>, Option<&'a str>);
+
+fn parse_one<'a>(data: &'a [u8], header: &[u8]) -> Option<Parsed<'a>> {
+    let (message_id, sent_at, body) = envelope(data, header)?;
+    let id_chars = message_id.chars().count();
+    if id_chars == 0 || id_chars > MAX_MESSAGE_ID {
+        return None;
+    }
+    let pairs = flat_object(body)?;
+    let user_id = required(&pairs, "user_id", 128)?;
+    let device_type = required(&pairs, "device_type", 32)?;
+    let ip = required(&pairs, "ip", 200)?;
+    let device_id = required(&pairs, "device_id", 200)?;
+    let app_version = required(&pairs, "app_version", 64)?;
+    let locale = match field(&pairs, "locale")? {
+        Json::Null => None,
+        Json::Str(s) if s.len() <= 32 => Some(s),
+        Json::Str(_) => return None,
+    };
+    let (ip_canonical, ip_is_valid) = canonical_ip(ip)?;
+    let device_canonical = device_id.trim_matches(' ');
+    let number = app_version_number(app_version);
+    Some((message_id, sent_at, user_id, device_type, ip_canonical, ip_is_valid, device_canonical, app_version, number, locale))
+}
+
+/// Parse a batch of raw records written with `header`: for each, the tuple
+/// `(message_id, sent_at, user_id, device_type, ip (canonical), ip_is_valid, device_id
+/// (canonical), app_version, app_version number or None, locale or None)`, or `None`
+/// where it declines (any record that is not the plain common shape: the reference
+/// decides those, valid or not).
+#[pyfunction]
+fn parse_logins<'py>(py: Python<'py>, values: &Bound<'py, PyList>, header: &[u8]) -> PyResult<Bound<'py, PyList>> {
+    let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(values.len());
+    for item in values.iter() {
+        let parsed = item.cast::<PyBytes>().ok().and_then(|b| parse_one(b.as_bytes(), header).map(|p| p.into_pyobject(py)));
+        out.push(match parsed {
+            Some(tuple) => tuple?.into_any(),
+            None => py.None().into_bound(py),
+        });
+    }
+    PyList::new(py, out)
+}
+
 #[pymodule]
 fn streams_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Mac>()?;
     m.add_class::<Siv>()?;
+    m.add_function(wrap_pyfunction!(parse_logins, m)?)?;
     Ok(())
 }

@@ -258,29 +258,46 @@ def _fallback_id(key: bytes | None, where: str) -> str:
     return where
 
 
-def _masked_login(
-    envelope: dict,
-    login: tuple[str, str, str, str, str, str | None],
-    ip_is_valid: bool,
-    masked_ip: str,
-    masked_device_id: str,
-    ip_ciphertext: str,
-    device_id_ciphertext: str,
+# What the mask needs of a record: message_id, sent_at, user_id, device_type, ip (canonical),
+# ip_is_valid, device_id (canonical), app_version (text), its number, locale. The compiled
+# core's parser returns the same tuple (streams_core.parse_logins).
+_Fields = tuple[str, int, str, str, str, bool, str, str, int | None, str | None]
+
+
+def _fields(envelope: dict, login: tuple[str, str, str, str, str, str | None]) -> _Fields:
+    user_id, device_type, ip_text, device_id, app_version, locale = login
+    ip_canonical, ip_is_valid = canonical_ip(ip_text)
+    return (
+        envelope["message_id"],
+        envelope["sent_at"],
+        user_id,
+        device_type,
+        ip_canonical,
+        ip_is_valid,
+        canonical_device_id(device_id),
+        app_version,
+        encode_app_version(app_version),
+        locale,
+    )
+
+
+def _masked_datum(
+    fields: _Fields, masked_ip: str, masked_device_id: str, ip_ciphertext: str, device_ciphertext: str
 ) -> dict:
     """The masked record (schemas/masked_login), the same for the reference and the core."""
-    user_id, device_type, _, _, app_version, locale = login
+    message_id, sent_at, user_id, device_type, _, ip_is_valid, _, app_version, app_number, locale = fields
     return {
-        "message_id": envelope["message_id"],
-        "sent_at": envelope["sent_at"],
+        "message_id": message_id,
+        "sent_at": sent_at,
         "user_id": user_id,
         "device_type": device_type,
         "locale": locale,
         "app_version_raw": app_version,
-        "app_version": encode_app_version(app_version),
+        "app_version": app_number,
         "masked_ip": masked_ip,
         "masked_device_id": masked_device_id,
         "ip_ciphertext": ip_ciphertext,
-        "device_id_ciphertext": device_id_ciphertext,
+        "device_id_ciphertext": device_ciphertext,
         "ip_is_valid": ip_is_valid,
     }
 
@@ -296,7 +313,7 @@ class MaskTransform:
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._mask_value = masker.mask
-        self.core = mask_core.load(masker) if use_core else None
+        self.core = mask_core.load(masker, raw=codecs.raw) if use_core else None
         self.core_masked = 0  # records masked by the core, and those it declined (the reference's)
         self.core_declined = 0
 
@@ -335,60 +352,65 @@ class MaskTransform:
     def _core_batch(
         self, messages: Sequence[tuple[bytes | None, bytes | None, str]], core: mask_core.CoreMasker
     ) -> list[Output]:
-        """Parse each record here, mask all of them in one core call per field, then encode.
+        """Parse the batch in the core, mask it in one core call per field, then encode.
 
-        A record that does not parse cleanly (its dead letter, an unusual shape) and any
-        value the core declines go through ``__call__``, the reference, which decides it.
+        A record the core's parser declines is parsed by the reference's functions here;
+        one that does not parse cleanly even so (a dead letter) and any value the core's
+        crypto declines go through ``__call__``, the reference, which decides it.
         """
         outputs: list[Output | None] = []
-        ready = []  # (position, envelope, login values, ip validity)
+        ready: list[tuple[int, _Fields]] = []
         ips: list[str] = []
         devices: list[str] = []
-        for key, value, where in messages:
-            try:
-                envelope = self._decode(value)
-                if not 0 < len(envelope["message_id"]) <= MAX_MESSAGE_ID:
-                    raise ValueError
-                login = _login_values(envelope["body"])
-                ip_canonical, ip_is_valid = canonical_ip(login[2])
-                device_canonical = canonical_device_id(login[3])
-            except Exception:  # what it is (a dead letter, a bug) is the reference's to say
-                outputs.append(self(key, value, where))
-                continue
-            ready.append((len(outputs), envelope, login, ip_is_valid))
+        parsed = core.parse([value for _, value, _ in messages])
+        declined = 0
+        for (key, value, where), fields in zip(messages, parsed, strict=True):
+            if fields is None:
+                declined += 1
+                try:
+                    fields = self._parse(value)
+                except Exception:  # what it is (a dead letter, a bug) is the reference's to say
+                    outputs.append(self(key, value, where))
+                    continue
+            ready.append((len(outputs), fields))
             outputs.append(None)
-            ips.append(ip_canonical)
-            devices.append(device_canonical)
+            ips.append(fields[4])
+            devices.append(fields[6])
         if ready:
             ip_tokens, ip_ciphertexts = core.mask("ip", ips)
             device_tokens, device_ciphertexts = core.mask("device_id", devices)
-            declined = 0
-            for (position, envelope, login, ip_is_valid), ip_token, ip_ct, device_token, device_ct in zip(
+            encode = self._encode
+            for (position, fields), ip_token, ip_ct, device_token, device_ct in zip(
                 ready, ip_tokens, ip_ciphertexts, device_tokens, device_ciphertexts, strict=True
             ):
-                if ip_ct is None or device_ct is None or ip_token is None or device_token is None:
+                try:
+                    if ip_ct is None or device_ct is None or ip_token is None or device_token is None:
+                        raise ValueError("declined by the core")
+                    datum = _masked_datum(fields, ip_token, device_token, ip_ct, device_ct)
+                    outputs[position] = Output(fields[0].encode("utf-8"), encode(datum))
+                except Exception:
                     declined += 1
                     key, value, where = messages[position]
                     outputs[position] = self(key, value, where)
-                    continue
-                datum = _masked_login(envelope, login, ip_is_valid, ip_token, device_token, ip_ct, device_ct)
-                try:
-                    outputs[position] = Output(envelope["message_id"].encode("utf-8"), self._encode(datum))
-                except Exception:
-                    key, value, where = messages[position]
-                    outputs[position] = self(key, value, where)
-            self.core_masked += len(ready) - declined
-            if declined:
-                self.core_declined += declined
-                metrics.MASK_CORE_DECLINED.inc(declined)
+        self.core_masked += len(messages) - declined
+        if declined:
+            self.core_declined += declined
+            metrics.MASK_CORE_DECLINED.inc(declined)
         return outputs  # type: ignore[return-value]  # every position is filled above
 
+    def _parse(self, value: bytes | None) -> _Fields:
+        """The reference's reading of a record that yields a masked record, else it raises."""
+        envelope = self._decode(value)
+        message_id = envelope["message_id"]
+        if not 0 < len(message_id) <= MAX_MESSAGE_ID:
+            raise ValueError("invalid message id")
+        return _fields(envelope, _login_values(envelope["body"]))
+
     def _mask(self, envelope: dict) -> dict:
-        login = _login_values(envelope["body"])
-        ip_canonical, ip_is_valid = canonical_ip(login[2])
-        ip = self._mask_value("ip", ip_canonical)
-        device = self._mask_value("device_id", canonical_device_id(login[3]))
-        return _masked_login(envelope, login, ip_is_valid, ip.token, device.token, ip.ciphertext, device.ciphertext)
+        fields = _fields(envelope, _login_values(envelope["body"]))
+        ip = self._mask_value("ip", fields[4])
+        device = self._mask_value("device_id", fields[6])
+        return _masked_datum(fields, ip.token, device.token, ip.ciphertext, device.ciphertext)
 
     def _dead(self, message_id: str, rejected: Rejected, payload: bytes | None) -> Output:
         datum = dead_letter(message_id, STAGE, rejected, payload)

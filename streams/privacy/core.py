@@ -19,9 +19,11 @@ from __future__ import annotations
 import logging
 import os
 from types import ModuleType
+from typing import cast
 
 from streams import metrics
 from streams.errors import ConfigError
+from streams.io.codec import AvroCodec
 from streams.privacy.masking import BOUND, PAD_BLOCK, Masker, _bound_ad, mac_prefix
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,10 @@ class CoreMasker:
     that record with the reference.
     """
 
-    def __init__(self, masker: Masker, module: ModuleType) -> None:
+    def __init__(self, masker: Masker, module: ModuleType, raw_header: bytes | None = None) -> None:
         keyring = masker.keyring
+        self._parse = module.parse_logins
+        self._raw_header = raw_header
         version, key_id = keyring.join_version, keyring.encryption_key_id
         self._siv = module.Siv([keyring.encryption_keys[key_id]])
         self._ciphertext_head = f"{key_id}.{BOUND}."
@@ -56,6 +60,13 @@ class CoreMasker:
             for field, key in keyring.active_join_keys().items()
         }
         self._check(masker)
+
+    def parse(self, values: list[bytes | None]) -> list[tuple | None]:
+        """``MaskTransform``'s fields of each raw record (the tuple ``mask._fields`` makes),
+        ``None`` where the core declines (not the common shape, or no known raw header)."""
+        if self._raw_header is None:
+            return [None] * len(values)
+        return self._parse(values, self._raw_header)
 
     def mask(self, field: str, canonicals: list[str]) -> tuple[list[str | None], list[str | None]]:
         """``(tokens, ciphertexts)`` of each value, ``None`` where the core declined it."""
@@ -72,6 +83,22 @@ class CoreMasker:
                     raise CoreMismatch(f"field {field}: the compiled core's bytes differ from the reference's")
 
 
+# The raw envelope layout the core's parser reads (schemas/raw_envelope.v1.avsc); another
+# layout leaves parsing to the reference (the crypto still runs in the core).
+_RAW_LAYOUT = [("message_id", "string"), ("sent_at", "timestamp-millis"), ("body", "string"), ("attributes", "map")]
+
+
+def raw_header(codec: AvroCodec) -> bytes | None:
+    """The header of raw records the core's parser can read (the current writer's), else None."""
+    layout = []
+    for f in cast(dict, codec.schema)["fields"]:
+        kind = f["type"]
+        if isinstance(kind, dict):
+            kind = kind.get("logicalType") or (kind["type"] if kind.get("values") == "string" else None)
+        layout.append((f["name"], kind))
+    return codec.header if layout == _RAW_LAYOUT else None
+
+
 def core_required() -> bool:
     """``STREAMS_REQUIRE_CORE``: 1 makes a missing or mismatched core an error, 0 or unset a fallback."""
     value = os.environ.get(REQUIRE_ENV, "0").strip()
@@ -80,8 +107,9 @@ def core_required() -> bool:
     return value == "1"
 
 
-def load(masker: Masker, require: bool | None = None) -> CoreMasker | None:
-    """The compiled core for this masker, or ``None`` for the Python reference.
+def load(masker: Masker, require: bool | None = None, raw: AvroCodec | None = None) -> CoreMasker | None:
+    """The compiled core for this masker (its parser for records of the ``raw`` codec), or
+    ``None`` for the Python reference.
 
     ``require`` (default: ``STREAMS_REQUIRE_CORE``) turns the fallback into a ``ConfigError``.
     """
@@ -92,7 +120,7 @@ def load(masker: Masker, require: bool | None = None) -> CoreMasker | None:
     except ImportError:
         return _fallback("the extension streams_core is not built (make install builds it)", require)
     try:
-        core = CoreMasker(masker, streams_core)
+        core = CoreMasker(masker, streams_core, raw_header(raw) if raw is not None else None)
     except CoreMismatch as exc:
         return _fallback(str(exc), require)
     except ValueError as exc:  # a key the core does not take (length)

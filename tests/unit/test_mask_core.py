@@ -79,8 +79,8 @@ def test_core_matches_golden_corpus_byte_for_byte():
             assert dead == case["dead_letter"], i
         else:
             assert out.value.hex() == case["out_value"], i
-    masked = sum(1 for c in cases if not c["reason"])
-    assert transform.core_masked == masked and transform.core_declined == 0
+    # The core parsed and masked the plain records; the rest (dead letters, IPv6, non-ASCII) the reference read.
+    assert transform.core_masked > 250 and transform.core_masked + transform.core_declined == len(cases)
 
 
 # --- a property test: batches of 1,000 records, hostile ones included ---------------------
@@ -124,6 +124,10 @@ def _ip(rng: random.Random, text: str) -> str:
             f"::FFFF:{octet()}.{octet()}.{octet()}.{octet()}%eth0",
             f"fe80::{rng.getrandbits(16):x}%{text or 'en0'}",
             f"{octet()}.{octet()}.{octet()}",
+            f"{octet()}.{octet()}.{octet()}.{octet()}.",
+            f"{rng.randrange(250, 1000)}.1.1.1",
+            f"1.2.3.{rng.randrange(0, 300)} ",
+            "1..2.3",
             "::",
             "::1",
             text,
@@ -132,27 +136,36 @@ def _ip(rng: random.Random, text: str) -> str:
     )
 
 
-def _text(rng: random.Random, drawn: str) -> str:
+def _text(rng: random.Random, drawn: str, plain: bool) -> str:
     size = rng.choice([1, 3, 12, 40, 150, 199, 200, 201, 260])
-    parts = [rng.choice([drawn, rng.choice(_WEIRD), f"{rng.getrandbits(32):x}", "-"]) for _ in range(size // 4 + 1)]
+    weird = " " if plain else rng.choice(_WEIRD)
+    parts = [rng.choice([drawn, weird, f"{rng.getrandbits(32):x}", "-"]) for _ in range(size // 4 + 1)]
     return "".join(parts)[:size] or "x"
 
 
-def _json_str(value: str, rng: random.Random) -> str:
+def _json_str(value: str, rng: random.Random, plain: bool) -> str:
     encoded = json.dumps(value, ensure_ascii=rng.random() < 0.5)
-    if rng.random() < 0.08:  # an escape json.dumps would not write: NUL, lone surrogates, pairs
+    if not plain and rng.random() < 0.08:  # an escape json.dumps would not write: NUL, lone surrogates, pairs
         encoded = encoded[:-1] + rng.choice(_ESCAPES) + '"'
     return encoded
 
 
 def _body(rng: random.Random, drawn: str) -> str:
+    # Half the records plain (ASCII, no escapes: the shape the core parses itself), with
+    # edges of that shape: padding, blank and over-long values, near-IPs, odd versions.
+    plain = rng.random() < 0.5
+    if plain:
+        drawn = "".join(c for c in drawn if " " <= c <= "~" and c not in '"\\') or rng.choice(["a", " ", "1.2"])
     fields = {
         "user_id": f"u-{rng.getrandbits(40):x}",
-        "app_version": rng.choice(["2.3.0", "0.96", "5.0.1", "1.2.3.4", "beta", "99999.1", drawn]),
+        "app_version": rng.choice(
+            ["2.3.0", "0.96", "5.0.1", "1.2.3.4", "beta", "99999.1", "2147.483.647", "2147.483.648", "1.1000", "007.08"]
+            + ["1.", ".1", "", " 1.2", "1.2.3 ", "99999999999999999999999", "1.2.3." + "9" * 30, drawn]
+        ),
         "device_type": rng.choice(["ios", "android", drawn]),
         "ip": _ip(rng, drawn),
-        "locale": rng.choice(["EN", "RU", None, drawn]),
-        "device_id": rng.choice([f"{rng.getrandbits(48):012x}", _text(rng, drawn), f" {drawn} "]),
+        "locale": rng.choice(["EN", "RU", None, "", " ", "x" * 32, "x" * 33, drawn]),
+        "device_id": rng.choice([f"{rng.getrandbits(48):012x}", _text(rng, drawn, plain), f" {drawn} "]),
     }
     shape = rng.random()
     if shape < 0.03:
@@ -162,7 +175,8 @@ def _body(rng: random.Random, drawn: str) -> str:
     elif shape < 0.08:
         fields["extra"] = {"a": [1, 2, {"b": drawn}]}
     items = [
-        f"{json.dumps(k)}: {_json_str(v, rng) if isinstance(v, str) else json.dumps(v)}" for k, v in fields.items()
+        f"{json.dumps(k)}: {_json_str(v, rng, plain) if isinstance(v, str) else json.dumps(v)}"
+        for k, v in fields.items()
     ]
     rng.shuffle(items)
     if shape > 0.98:  # a repeated key
@@ -211,7 +225,7 @@ def test_core_equals_reference_on_100k_hostile_records():
     _core_equals_reference()
     assert sum(_SEEN) >= 100_000
     core = _PAIR[0]
-    assert core.core_masked > 10_000  # most records were masked by the core, not handed back
+    assert core.core_masked > 15_000  # the core parsed and masked a good share itself, not handing it back
 
 
 def test_core_with_every_join_format_and_fresh_keys():
@@ -275,7 +289,7 @@ def test_a_core_that_disagrees_with_the_reference_is_not_used(monkeypatch):
             return self._mac.tokens(head, values)
 
     wrong = type(sys)("streams_core")
-    wrong.Mac, wrong.Siv = WrongMac, streams_core.Siv
+    wrong.Mac, wrong.Siv, wrong.parse_logins = WrongMac, streams_core.Siv, streams_core.parse_logins
     monkeypatch.setitem(sys.modules, "streams_core", wrong)
     assert mask_core.load(Masker(KEYRING), require=False) is None
     with pytest.raises(ConfigError, match="differ from the reference"):
