@@ -15,6 +15,8 @@
 //! unknown key index) gives `None` in its place: the caller sends that record to the
 //! reference. Nothing here formats a value into an error.
 
+use std::borrow::Cow;
+
 use aes_siv::aead::KeyInit;
 use aes_siv::siv::{Aes128Siv, Aes256Siv};
 use hmac::{Hmac, Mac as _};
@@ -395,15 +397,112 @@ fn octet(s: &str) -> bool {
     s.parse::<u16>().is_ok_and(|n| n <= 255)
 }
 
-/// `(canonical, is an IP)` where the answer is certain without ipaddress: a dotted quad, or
-/// text without a colon that is not one (not an IP); text with a colon is declined.
-fn canonical_ip(text: &str) -> Option<(&str, bool)> {
-    let t = text.trim_matches(' ');
-    if t.contains(':') {
+/// ipaddress.IPv6Address's parse of a hex-only address (no embedded IPv4, no scope id),
+/// rule for rule (CPython 3.11 `_ip_int_from_string`); None when it would refuse it.
+fn ipv6_int(text: &str) -> Option<u128> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() < 3 || parts.len() > 9 {
         return None;
     }
+    let mut skip = None;
+    for (i, part) in parts.iter().enumerate().take(parts.len() - 1).skip(1) {
+        if part.is_empty() {
+            if skip.is_some() {
+                return None;
+            }
+            skip = Some(i);
+        }
+    }
+    let (hi, lo, skipped) = match skip {
+        Some(index) => {
+            let mut hi = index;
+            let mut lo = parts.len() - index - 1;
+            if parts[0].is_empty() {
+                hi -= 1;
+                if hi != 0 {
+                    return None;
+                }
+            }
+            if parts[parts.len() - 1].is_empty() {
+                lo -= 1;
+                if lo != 0 {
+                    return None;
+                }
+            }
+            let skipped = 8usize.checked_sub(hi + lo)?;
+            if skipped < 1 {
+                return None;
+            }
+            (hi, lo, skipped)
+        }
+        None => {
+            if parts.len() != 8 || parts[0].is_empty() || parts[7].is_empty() {
+                return None;
+            }
+            (8, 0, 0)
+        }
+    };
+    let hextet = |s: &str| -> Option<u128> {
+        if s.is_empty() || s.len() > 4 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        u16::from_str_radix(s, 16).ok().map(u128::from)
+    };
+    let mut n: u128 = 0;
+    for part in &parts[..hi] {
+        n = (n << 16) | hextet(part)?;
+    }
+    n = n.checked_shl(16 * skipped as u32).unwrap_or(0);
+    for part in &parts[parts.len() - lo..] {
+        n = (n << 16) | hextet(part)?;
+    }
+    Some(n)
+}
+
+/// ipaddress's text of an address: an IPv4-mapped one as its IPv4, else compressed IPv6
+/// (lower-case hextets, the first longest run of two or more zero hextets as `::`).
+fn ipv6_text(n: u128) -> String {
+    if n >> 32 == 0xFFFF {
+        let v4 = n as u32;
+        return format!("{}.{}.{}.{}", v4 >> 24, (v4 >> 16) & 255, (v4 >> 8) & 255, v4 & 255);
+    }
+    let hextets: Vec<u16> = (0..8).rev().map(|i| (n >> (16 * i)) as u16).collect();
+    let (mut best_start, mut best_len, mut start, mut len) = (0usize, 0usize, 0usize, 0usize);
+    for (i, h) in hextets.iter().enumerate() {
+        if *h == 0 {
+            if len == 0 {
+                start = i;
+            }
+            len += 1;
+            if len > best_len {
+                best_len = len;
+                best_start = start;
+            }
+        } else {
+            len = 0;
+        }
+    }
+    let text = |hs: &[u16]| hs.iter().map(|h| format!("{h:x}")).collect::<Vec<_>>().join(":");
+    if best_len > 1 {
+        format!("{}::{}", text(&hextets[..best_start]), text(&hextets[best_start + best_len..]))
+    } else {
+        text(&hextets)
+    }
+}
+
+/// `(canonical, is an IP)` where the answer is certain: a dotted quad, a hex-only IPv6
+/// address, or text that cannot be an IP (no colon, not a dotted quad). IPv6 with an
+/// embedded IPv4 or a scope id, or anything else with a colon, is declined.
+fn canonical_ip(text: &str) -> Option<(Cow<'_, str>, bool)> {
+    let t = text.trim_matches(' ');
+    if t.contains(':') {
+        if t.contains('.') || t.contains('%') || t.contains('/') {
+            return None;
+        }
+        return ipv6_int(t).map(|n| (Cow::Owned(ipv6_text(n)), true));
+    }
     let parts: Vec<&str> = t.split('.').collect();
-    Some((t, parts.len() == 4 && parts.iter().all(|p| octet(p))))
+    Some((Cow::Borrowed(t), parts.len() == 4 && parts.iter().all(|p| octet(p))))
 }
 
 /// mask.encode_app_version: `major*10^6 + minor*10^3 + patch`, or None.
@@ -427,7 +526,7 @@ fn app_version_number(text: &str) -> Option<u64> {
     (value <= INT32_MAX).then_some(value)
 }
 
-type Parsed<'a> = (&'a str, i64, &'a str, &'a str, &'a str, bool, &'a str, &'a str, Option<u64>, Option<&'a str>);
+type Parsed<'a> = (&'a str, i64, &'a str, &'a str, Cow<'a, str>, bool, &'a str, &'a str, Option<u64>, Option<&'a str>);
 
 fn parse_one<'a>(data: &'a [u8], header: &[u8]) -> Option<Parsed<'a>> {
     let (message_id, sent_at, body) = envelope(data, header)?;

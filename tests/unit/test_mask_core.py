@@ -26,7 +26,7 @@ from streams.pipeline.bridge import envelope
 from streams.pipeline.mask import MaskTransform, Output
 from streams.privacy import core as mask_core
 from streams.privacy.keys import generate_document, parse_keyring
-from streams.privacy.masking import Masker
+from streams.privacy.masking import Masker, canonical_ip
 from tests.integration.test_hostile import CATALOGUE
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -111,6 +111,46 @@ _WEIRD = [
 _ESCAPES = ["\\u0000", "\\ud800", "\\udfff", "\\ud83d\\ude00", "\\n", "\\u00e9", '\\"', "\\\\", "\\/"]
 
 
+def _ipv6(rng: random.Random) -> str:
+    """An IPv6 address in some written form: zero runs, either case, leading zeros, `::` anywhere."""
+    hextets = [rng.choice([0, 0, 1, 0xFFFF, rng.getrandbits(16)]) for _ in range(8)]
+    if rng.random() < 0.2:
+        hextets[:6] = [0, 0, 0, 0, 0, 0xFFFF]  # IPv4-mapped, written in hex
+    parts = [rng.choice(["{:x}", "{:X}", "{:04x}", "{:01x}"]).format(h) for h in hextets]
+    if rng.random() < 0.6:
+        i = rng.randrange(8)
+        j = rng.randrange(i, 9)
+        parts = parts[:i] + [""] + parts[j:]
+        text = ":".join(parts)
+        text = ("" if i else ":") + text + ("" if j < 8 else ":")
+        text = text.replace(":::", "::")
+    else:
+        text = ":".join(parts)
+    return text
+
+
+_IPV6_EDGES = [
+    "1:2:3:4:5:6:7::",
+    "1:2:3:4:5:6:7:8::",
+    "::1:2:3:4:5:6:7:8",
+    ":1::2",
+    "1:::2",
+    "12345::1",
+    "g::1",
+    "1:2:3:4:5:6:7:8:9",
+    "::0:0:0:0:0:0:0",
+    "1::2::3",
+    "1:2",
+    ":",
+    "::",
+    "1:2:3:4:5:6:7",
+    "::ffff:0:0",
+    "::fffe:1:2",
+    "0:0:0:0:0:ffff:1:2",
+    "1::/64",
+]
+
+
 def _ip(rng: random.Random, text: str) -> str:
     octet = lambda: str(rng.randrange(256))  # noqa: E731
     return rng.choice(
@@ -128,7 +168,10 @@ def _ip(rng: random.Random, text: str) -> str:
             f"{rng.randrange(250, 1000)}.1.1.1",
             f"1.2.3.{rng.randrange(0, 300)} ",
             "1..2.3",
-            "::",
+            _ipv6(rng),
+            _ipv6(rng),
+            f" {_ipv6(rng)} ",
+            rng.choice(_IPV6_EDGES),
             "::1",
             text,
             text * rng.randrange(1, 60),
@@ -317,3 +360,32 @@ def test_primitives_match_hmac_and_cryptography_aes_siv():
     out = streams_core.Siv(keys).seal([0, 0, 9], ["\ud800", "x" * 70_000, "ok"], 256, [b"a"])
     assert out == [None, None, None]
     assert streams_core.Mac(mac_key, b"").tokens("h.", ["\udfff", "a"])[0] is None
+
+
+def test_core_parser_reads_ips_as_ipaddress_does():
+    """50,000 written forms of IPv4 and IPv6 addresses (and near misses) through the core's
+    parser: each is declined or canonicalised exactly as ``canonical_ip`` does."""
+    transform = _core_transform()
+    assert transform.core is not None
+    rng = random.Random(17)
+    texts = [rng.choice([_ipv6(rng), _ip(rng, "x:y"), rng.choice(_IPV6_EDGES)]) for _ in range(50_000)]
+    values = [
+        CODECS.raw.encode(
+            envelope(
+                {
+                    "MessageId": f"m-{i}",
+                    "Body": json.dumps({"user_id": "u", "device_type": "ios", "ip": text, "locale": None})[:-1]
+                    + ', "device_id": "d", "app_version": "1.0"}',
+                    "Attributes": {"SentTimestamp": "1764000000000"},
+                }
+            )
+        )
+        for i, text in enumerate(texts)
+    ]
+    parsed = transform.core.parse(values)
+    read = 0
+    for text, fields in zip(texts, parsed, strict=True):
+        if fields is not None:
+            read += 1
+            assert (fields[4], fields[5]) == canonical_ip(text), text
+    assert read > 25_000  # most forms are read by the core (dotted IPv6 and scope ids are declined)
