@@ -32,3 +32,7 @@ class Siv:
         ad_each: list[str | None] | list[bytes | None] | None,
         head: str,
     ) -> list[str | None]: ...
+
+def parse_logins(
+    values: list[bytes | None], header: bytes
+) -> list[tuple[str, int, str, str, str, bool, str, str, int | None, str | None] | None]: ...

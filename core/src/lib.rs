@@ -9,6 +9,10 @@
 //!   once; `digests(values)` and `tokens(head, values)` (`head + base64url(digest)`).
 //! - `Siv(keys)`: AES-SIV (RFC 5297) keys by index; `seal(...)` encrypts a batch, each
 //!   value optionally padded, with shared associated data plus one item per value.
+//! - `parse_logins(values, header)`: the raw envelope and login body of each record, when
+//!   it has the plain common shape (flat ASCII JSON without escapes, a dotted-quad or
+//!   hex IPv6 address, ...), checked by the rules of streams/pipeline/mask.py; anything
+//!   else is declined and read by the Python reference. No crypto, no scheme.
 //!
 //! A value the core cannot take exactly as the reference does (a `str` that is not valid
 //! UTF-8, such as a lone surrogate; a value too long for the 2-byte pad length; an

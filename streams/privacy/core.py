@@ -1,8 +1,10 @@
 """The compiled mask core: masking a whole batch in one call, or the Python reference.
 
 ``streams_core`` (core/ in the repository, Rust, built from source by ``make install``
-and the image's builder stage) holds the crypto primitives only: HMAC-SHA256 tokens
-and AES-SIV sealing, with key schedules set once. How a token and a ciphertext are
+and the image's builder stage) holds primitives only: HMAC-SHA256 tokens and AES-SIV
+sealing with key schedules set once, and a parser of the common raw record shape
+(``parse_logins``: envelope, flat JSON body, the mask stage's validation; it declines
+everything else, which the reference reads). How a token and a ciphertext are
 composed (keys, MAC prefix, associated data, text format) is written here, beside the
 reference it must equal (``masking.Masker``), and checked against it when loaded: a
 core that does not give the reference's bytes is not used.
@@ -39,10 +41,11 @@ class CoreMismatch(RuntimeError):
 
 
 class CoreMasker:
-    """Tokens and ciphertexts of a batch of canonical values, as ``Masker.mask`` makes them.
+    """Tokens and ciphertexts of a batch of canonical values, as ``Masker.mask`` makes them,
+    and the parse of a batch of raw records.
 
-    ``mask`` returns ``None`` in place of a value the core declines; the caller masks
-    that record with the reference.
+    ``parse`` and ``mask`` return ``None`` in place of a record or value the core declines;
+    the caller reads or masks that one with the reference.
     """
 
     def __init__(self, masker: Masker, module: ModuleType, raw_header: bytes | None = None) -> None:
@@ -118,13 +121,16 @@ def load(masker: Masker, require: bool | None = None, raw: AvroCodec | None = No
     try:
         import streams_core
     except ImportError:
-        return _fallback("the extension streams_core is not built (make install builds it)", require)
+        _fallback("the extension streams_core is not built (make install builds it)", require)
+        return None
     try:
         core = CoreMasker(masker, streams_core, raw_header(raw) if raw is not None else None)
     except CoreMismatch as exc:
-        return _fallback(str(exc), require)
+        _fallback(str(exc), require)
+        return None
     except ValueError as exc:  # a key the core does not take (length)
-        return _fallback(f"a key it does not take ({exc})", require)
+        _fallback(f"a key it does not take ({exc})", require)
+        return None
     metrics.MASK_CORE.set(1)
     if True not in _announced:
         _announced.add(True)
