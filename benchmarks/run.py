@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 **env,
             )
             ensure_topics(settings_from_env(child_env))  # so the progress reader sees 6 partitions from the start
+            register_schemas(settings_from_env(child_env))  # sb.topic() named the topic first: env() skipped this
             progress = TopicProgress(s, out, PARTITIONS)
             try:
                 return measure(name, [cmd], child_env, nk, progress, args.timeout)

@@ -34,5 +34,5 @@ class Siv:
     ) -> list[str | None]: ...
 
 def parse_logins(
-    values: list[bytes | None], header: bytes
+    values: list[bytes | None], headers: list[bytes]
 ) -> list[tuple[str, int, str, str, str, bool, str, str, int | None, str | None] | None]: ...

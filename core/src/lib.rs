@@ -9,7 +9,7 @@
 //!   once; `digests(values)` and `tokens(head, values)` (`head + base64url(digest)`).
 //! - `Siv(keys)`: AES-SIV (RFC 5297) keys by index; `seal(...)` encrypts a batch, each
 //!   value optionally padded, with shared associated data plus one item per value.
-//! - `parse_logins(values, header)`: the raw envelope and login body of each record, when
+//! - `parse_logins(values, headers)`: the raw envelope and login body of each record, when
 //!   it has the plain common shape (flat ASCII JSON without escapes, a dotted-quad or
 //!   hex IPv6 address, ...), checked by the rules of streams/pipeline/mask.py; anything
 //!   else is declined and read by the Python reference. No crypto, no scheme.
@@ -279,8 +279,8 @@ impl<'a> Reader<'a> {
 
 /// `(message_id, sent_at, body)` of a RawEnvelope v1 datum after `header`, its attributes
 /// checked and skipped, nothing after it.
-fn envelope<'a>(data: &'a [u8], header: &[u8]) -> Option<(&'a str, i64, &'a str)> {
-    let rest = data.strip_prefix(header)?;
+fn envelope<'a>(data: &'a [u8], headers: &[Vec<u8>]) -> Option<(&'a str, i64, &'a str)> {
+    let rest = headers.iter().find_map(|h| data.strip_prefix(h.as_slice()))?;
     let mut r = Reader { data: rest, pos: 0 };
     let message_id = r.string()?;
     let sent_at = r.long()?;
@@ -532,8 +532,8 @@ fn app_version_number(text: &str) -> Option<u64> {
 
 type Parsed<'a> = (&'a str, i64, &'a str, &'a str, Cow<'a, str>, bool, &'a str, &'a str, Option<u64>, Option<&'a str>);
 
-fn parse_one<'a>(data: &'a [u8], header: &[u8]) -> Option<Parsed<'a>> {
-    let (message_id, sent_at, body) = envelope(data, header)?;
+fn parse_one<'a>(data: &'a [u8], headers: &[Vec<u8>]) -> Option<Parsed<'a>> {
+    let (message_id, sent_at, body) = envelope(data, headers)?;
     let id_chars = message_id.chars().count();
     if id_chars == 0 || id_chars > MAX_MESSAGE_ID {
         return None;
@@ -555,16 +555,17 @@ fn parse_one<'a>(data: &'a [u8], header: &[u8]) -> Option<Parsed<'a>> {
     Some((message_id, sent_at, user_id, device_type, ip_canonical, ip_is_valid, device_canonical, app_version, number, locale))
 }
 
-/// Parse a batch of raw records written with `header`: for each, the tuple
+/// Parse a batch of raw records written with one of `headers` (the writer schema's
+/// single-object and Confluent headers, RawEnvelope v1 layout): for each, the tuple
 /// `(message_id, sent_at, user_id, device_type, ip (canonical), ip_is_valid, device_id
 /// (canonical), app_version, app_version number or None, locale or None)`, or `None`
 /// where it declines (any record that is not the plain common shape: the reference
 /// decides those, valid or not).
 #[pyfunction]
-fn parse_logins<'py>(py: Python<'py>, values: &Bound<'py, PyList>, header: &[u8]) -> PyResult<Bound<'py, PyList>> {
+fn parse_logins<'py>(py: Python<'py>, values: &Bound<'py, PyList>, headers: Vec<Vec<u8>>) -> PyResult<Bound<'py, PyList>> {
     let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(values.len());
     for item in values.iter() {
-        let parsed = item.cast::<PyBytes>().ok().and_then(|b| parse_one(b.as_bytes(), header).map(|p| p.into_pyobject(py)));
+        let parsed = item.cast::<PyBytes>().ok().and_then(|b| parse_one(b.as_bytes(), &headers).map(|p| p.into_pyobject(py)));
         out.push(match parsed {
             Some(tuple) => tuple?.into_any(),
             None => py.None().into_bound(py),

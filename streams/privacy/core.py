@@ -48,10 +48,10 @@ class CoreMasker:
     the caller reads or masks that one with the reference.
     """
 
-    def __init__(self, masker: Masker, module: ModuleType, raw_header: bytes | None = None) -> None:
+    def __init__(self, masker: Masker, module: ModuleType, raw_headers: list[bytes] | None = None) -> None:
         keyring = masker.keyring
         self._parse = module.parse_logins
-        self._raw_header = raw_header
+        self._raw_headers = raw_headers or []
         version, key_id = keyring.join_version, keyring.encryption_key_id
         self._siv = module.Siv([keyring.encryption_keys[key_id]])
         self._ciphertext_head = f"{key_id}.{BOUND}."
@@ -67,9 +67,9 @@ class CoreMasker:
     def parse(self, values: list[bytes | None]) -> list[tuple | None]:
         """``MaskTransform``'s fields of each raw record (the tuple ``mask._fields`` makes),
         ``None`` where the core declines (not the common shape, or no known raw header)."""
-        if self._raw_header is None:
+        if not self._raw_headers:
             return [None] * len(values)
-        return self._parse(values, self._raw_header)
+        return self._parse(values, self._raw_headers)
 
     def mask(self, field: str, canonicals: list[str]) -> tuple[list[str | None], list[str | None]]:
         """``(tokens, ciphertexts)`` of each value, ``None`` where the core declined it."""
@@ -91,15 +91,19 @@ class CoreMasker:
 _RAW_LAYOUT = [("message_id", "string"), ("sent_at", "timestamp-millis"), ("body", "string"), ("attributes", "map")]
 
 
-def raw_header(codec: AvroCodec) -> bytes | None:
-    """The header of raw records the core's parser can read (the current writer's), else None."""
+def raw_headers(codec: AvroCodec) -> list[bytes]:
+    """The headers of raw records the core's parser can read: the current writer schema's,
+    single-object and Confluent (readers take both), when its layout is the one it knows."""
     layout = []
     for f in cast(dict, codec.schema)["fields"]:
         kind = f["type"]
         if isinstance(kind, dict):
             kind = kind.get("logicalType") or (kind["type"] if kind.get("values") == "string" else None)
         layout.append((f["name"], kind))
-    return codec.header if layout == _RAW_LAYOUT else None
+    if layout != _RAW_LAYOUT:
+        return []
+    writers = {**codec._writers, **codec._by_id}
+    return [codec.header] + [h for h, schema in writers.items() if schema is codec.schema and h != codec.header]
 
 
 def core_required() -> bool:
@@ -124,7 +128,7 @@ def load(masker: Masker, require: bool | None = None, raw: AvroCodec | None = No
         _fallback("the extension streams_core is not built (make install builds it)", require)
         return None
     try:
-        core = CoreMasker(masker, streams_core, raw_header(raw) if raw is not None else None)
+        core = CoreMasker(masker, streams_core, raw_headers(raw) if raw is not None else None)
     except CoreMismatch as exc:
         _fallback(str(exc), require)
         return None

@@ -389,3 +389,38 @@ def test_core_parser_reads_ips_as_ipaddress_does():
             read += 1
             assert (fields[4], fields[5]) == canonical_ip(text), text
     assert read > 25_000  # most forms are read by the core (dotted IPv6 and scope ids are declined)
+
+
+def test_with_a_registry_the_core_reads_both_wire_formats():
+    """A worker with a schema registry reads Confluent-format records and single-object
+    ones (written before the switch); the core parses both, and writes what the reference does."""
+    from tests.unit.test_registry_codec import codecs_with, registered
+
+    codecs = codecs_with(registered())
+    transform = MaskTransform(Masker(KEYRING), codecs)
+    if transform.core is None:
+        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
+    reference = MaskTransform(Masker(KEYRING), codecs, use_core=False)
+    rng = random.Random(23)
+    plain = [CODECS.raw.encode(envelope(_plain_login(rng, i))) for i in range(400)]
+    confluent = [codecs.raw.header + v[10:] for v in plain[:200]]
+    messages = [(None, v, f"r/0/{i}") for i, v in enumerate(confluent + plain[200:])]
+    got = transform.batch(messages)
+    assert got == [reference(k, v, w) for k, v, w in messages]
+    assert got[0].value[:1] == b"\x00" and transform.core_masked == 400 and transform.core_declined == 0
+
+
+def _plain_login(rng: random.Random, i: int) -> dict:
+    body = {
+        "user_id": f"u{i}",
+        "app_version": "2.3.0",
+        "device_type": "ios",
+        "ip": f"10.0.{rng.randrange(256)}.{i % 256}" if i % 3 else f"2001:db8::{i:x}",
+        "locale": "EN",
+        "device_id": f"{rng.getrandbits(48):012x}",
+    }
+    return {
+        "MessageId": f"m-{i}",
+        "Body": json.dumps(body),
+        "Attributes": {"SentTimestamp": str(1_764_000_000_000 + i)},
+    }
