@@ -190,6 +190,14 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9._-]{1,64}$",
         description="names this deployment in every KMS EncryptionContext; else STREAMS_APP_ID",
     )
+    # Workers that never decrypt (issue 19 item 2, docs/privacy.md): with an HMAC KMS key
+    # set, join keys come from kms:GenerateMac and values are sealed under per-user keys.
+    kms_mac_key_id: str | None = Field(
+        None, description="AWS KMS HMAC_256 key whose GenerateMac makes the join keys (per-user key mode)"
+    )
+    join_version: str = Field(
+        "g1", pattern=r"^[A-Za-z0-9_-]{1,16}$", description="join token version in per-user key mode"
+    )
 
     # --- Process ---------------------------------------------------------
     log_dir: Path = Field(
@@ -229,6 +237,7 @@ class Settings(BaseSettings):
         "kafka_ssl_key_file",
         "kafka_ssl_key_password",
         "kms_key_id",
+        "kms_mac_key_id",
         "kms_endpoint",
         "kms_region",
         "deployment",

@@ -75,6 +75,13 @@ def _masker(settings: Settings):
 # --- keys -----------------------------------------------------------------------------
 
 
+async def _audit_bulk(conn, action: str, reason: str) -> None:
+    """A bulk decryption (keyring mode: the whole vault) leaves its audit row before it starts."""
+    from streams.privacy import audit
+
+    await audit.record(conn, audit.os_user(), "bulk_open", reason=reason, action=action)
+
+
 def _keys_init(settings: Settings, args) -> None:
     path = settings.keys_file
     kms = _kms(settings)
@@ -116,9 +123,20 @@ def _keys_rotate(settings: Settings, args) -> None:
 
 def _keys_reencrypt(settings: Settings, args) -> None:
     from streams.privacy.rotation import reencrypt
+    from streams.privacy.user_keys import split_mode
 
+    if split_mode(settings):
+        raise Refused(
+            "per-user key mode has no shared encryption key to re-encrypt to: data keys are per user and worker "
+            "lifetime; `streams keys seal` re-wraps new ones by KMS, and the KMS key rotates in the KMS"
+        )
     masker = _masker(settings)
-    moved = _with_db(settings, lambda conn: reencrypt(conn, masker, args.batch_size, args.max_batches))
+
+    async def job(conn):
+        await _audit_bulk(conn, "reencrypt", args.reason)
+        return await reencrypt(conn, masker, args.batch_size, args.max_batches)
+
+    moved = _with_db(settings, job)
     print(f"re-encrypted {moved} vault rows to {masker.keyring.encryption_key_id}")
 
 
@@ -147,11 +165,32 @@ def _keys_retire(settings: Settings, args) -> None:
     print(f"encryption key {args.key_id} removed")
 
 
+def _keys_rejoin_sealed(settings: Settings, args) -> None:
+    """Per-user key mode: move every login to STREAMS_JOIN_VERSION (opens each user through KMS, audited)."""
+    from streams.privacy.audit import os_user
+    from streams.privacy.user_keys import deployment, join_keys, kms_pair, rejoin_sealed
+
+    opener = _opener(settings)
+    _, mac = kms_pair(settings)
+    target = settings.join_version
+    join = join_keys(mac, deployment(settings), target)
+    moved, skipped = _with_db(
+        settings,
+        lambda conn: rejoin_sealed(conn, opener, join, target, os_user(), args.reason, args.batch_size),
+    )
+    erased = f"; {skipped} rows of erased users left as they are" if skipped else ""
+    print(f"moved {moved} logins to join version {target}{erased}")
+
+
 def _keys_rejoin(settings: Settings, args) -> None:
     from streams.privacy.hardening import no_core_dumps
     from streams.privacy.masking import Masker
     from streams.privacy.rotation import rejoin
+    from streams.privacy.user_keys import split_mode
 
+    if split_mode(settings):
+        _keys_rejoin_sealed(settings, args)
+        return
     no_core_dumps()
     kms = _kms(settings)
     doc = keymod.editable_document(settings.keys_file, _keys_json(settings), kms)
@@ -166,9 +205,9 @@ def _keys_rejoin(settings: Settings, args) -> None:
             keymod.write_document(settings.keys_file, current, kms)
             print(f"new writes now use {target} (restart workers to load it)", file=sys.stderr)
 
-    done = _with_db(
-        settings,
-        lambda conn: rejoin(
+    async def job(conn):
+        await _audit_bulk(conn, "rejoin", args.reason)
+        return await rejoin(
             conn,
             Masker(ring),
             target,
@@ -177,8 +216,9 @@ def _keys_rejoin(settings: Settings, args) -> None:
             max_batches=args.max_batches,
             rounds=args.rounds,
             wait=args.wait,
-        ),
-    )
+        )
+
+    done = _with_db(settings, job)
     if not done:
         print(f"stopped after {args.max_batches} batches; rerun `streams keys rejoin` to continue")
         return
@@ -229,6 +269,11 @@ def _reveal(settings: Settings, args) -> None:
         raise Refused("--operator must name the person revealing (it goes to the audit trail)")
     if not args.reason.strip():
         raise Refused("--reason must give the ticket or reason (it goes to the audit trail)")
+    from streams.privacy.user_keys import split_mode
+
+    if split_mode(settings):
+        _print_revealed(_reveal_sealed(settings, args))
+        return
     try:
         masker = _masker(settings)
     except keymod.KeyMaterialError:
@@ -255,8 +300,64 @@ def _reveal(settings: Settings, args) -> None:
         ) from None
     except asyncpg.PostgresError as exc:  # the server's message is not quoted: keep values out of errors
         raise Refused(f"PostgreSQL refused the reveal ({type(exc).__name__}, SQLSTATE {exc.sqlstate})") from None
+    _print_revealed(found)
+
+
+def _print_revealed(found) -> None:
     for item in found:  # JSON lines: a value may hold tabs or newlines
         print(json.dumps({"field": item.field, "token": item.token, "value": item.value}, ensure_ascii=False))
+
+
+def _opener(settings: Settings):
+    """The decrypting side of per-user key mode: KMS (kms:Decrypt naming the user) and no keyring."""
+    from streams.privacy.hardening import no_core_dumps
+    from streams.privacy.kms import Kms
+    from streams.privacy.user_keys import Opener, deployment
+
+    no_core_dumps()  # this process is about to hold data keys and decrypted values
+    return Opener(Kms(settings), deployment(settings))
+
+
+def _reveal_sealed(settings: Settings, args):
+    """``streams reveal`` in per-user key mode: sealed values opened through KMS, audited per user."""
+    import asyncpg
+
+    from streams.privacy.vault import reveal_sealed
+
+    opener = _opener(settings)
+    try:
+        return _with_db(
+            settings,
+            lambda conn: reveal_sealed(
+                conn,
+                opener,
+                args.operator.strip(),
+                token=args.token,
+                message_id=args.message_id,
+                field=args.field,
+                reason=args.reason.strip(),
+            ),
+            migrate=False,
+        )
+    except asyncpg.PostgresError as exc:  # the server's message is not quoted: keep values out of errors
+        raise Refused(f"PostgreSQL refused the reveal ({type(exc).__name__}, SQLSTATE {exc.sqlstate})") from None
+
+
+def _keys_seal(settings: Settings, args) -> None:
+    """Re-wrap lifetime-wrapped user keys by KMS under each user's context (the key custodian's job)."""
+    from streams.privacy.user_keys import seal_user_keys, split_mode
+
+    if not split_mode(settings):
+        raise Refused("`streams keys seal` is for per-user key mode: set STREAMS_KMS_KEY_ID and STREAMS_KMS_MAC_KEY_ID")
+    opener = _opener(settings)
+
+    async def job(conn):
+        if await conn.fetchval("SELECT count(*) FROM user_data_keys WHERE sealed_key IS NULL"):
+            await _audit_bulk(conn, "seal", "re-wrap user data keys by KMS")  # opens lifetime keys: audited first
+        return await seal_user_keys(conn, opener, args.batch_size)
+
+    sealed = _with_db(settings, job)
+    print(f"sealed {sealed} user data keys under their users' KMS context")
 
 
 def register(sub) -> None:
@@ -276,15 +377,20 @@ def register(sub) -> None:
     k = ksub.add_parser("reencrypt", help="move pii_vault rows to the active encryption key, in batches")
     k.add_argument("--batch-size", type=_positive, default=500)
     k.add_argument("--max-batches", type=_positive, help="stop after this many batches (rerun to continue)")
+    k.add_argument("--reason", default="key rotation", help="why (recorded in pii_reveal_audit)")
     k.set_defaults(func=_keys_reencrypt)
     k = ksub.add_parser("retire", help="remove an encryption key no vault row uses any more")
     k.add_argument("key_id")
     k.set_defaults(func=_keys_retire)
+    k = ksub.add_parser("seal", help="per-user key mode: wrap new user data keys by KMS under each user's context")
+    k.add_argument("--batch-size", type=_positive, default=500)
+    k.set_defaults(func=_keys_seal)
     k = ksub.add_parser("rejoin", help="move every table to the new join version, then switch writes to it")
     k.add_argument("--batch-size", type=_positive, default=500)
     k.add_argument("--max-batches", type=_positive, help="stop after this many batches (rerun to continue)")
     k.add_argument("--rounds", type=_positive, default=10, help="rounds to wait for workers still writing old tokens")
     k.add_argument("--wait", type=float, default=2.0, help="seconds between rounds")
+    k.add_argument("--reason", default="join key rotation", help="why (recorded in pii_reveal_audit)")
     k.set_defaults(func=_keys_rejoin)
 
     p = sub.add_parser("reveal", help="decrypt a masked value for an authorised operator (audited)")

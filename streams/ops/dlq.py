@@ -7,6 +7,9 @@ fixed it lands on the same row as any other delivery would.
 
 - A mask-stage dead letter holds the raw envelope: it goes back as it is (the mask stage
   masks it with the keys of the day).
+- In per-user key mode (docs/privacy.md) a sink-stage dead letter's sealed values still
+  open under their user's key: it goes back as it is, nothing is decrypted (one whose
+  tokens are of another join version is refused).
 - A sink-stage dead letter holds a masked record frozen with the keys of its day (join
   token version, encryption key id), which a `keys rejoin` or `retire` may have retired
   since. It is re-masked first: its ciphertexts are opened with the keyring and the values
@@ -94,6 +97,28 @@ def remask(masker: Masker, codec, message_id: str, payload: bytes) -> bytes:
     return codec.encode(record)
 
 
+def sealed_record(settings: Settings, codec, message_id: str, payload: bytes) -> bool:
+    """Whether a sink-stage dead letter holds per-user sealed values that go back as they are.
+
+    They still open under their user's data key, so a redrive needs no decryption; tokens of
+    another join version than the current one are refused (re-masking them would need a
+    join rotation, which decrypts under audit). False for a keyring-mode record.
+    """
+    try:
+        record = codec.decode(payload)
+    except (CodecError, TypeError):
+        return False  # ``remask`` refuses it with its own message
+    if record.get("ip_sealed") is None:
+        return False
+    for name in PII_FIELDS:
+        if record[f"masked_{name}"].partition(".")[0] != settings.join_version:
+            raise Refused(
+                f"dead letter {message_id}: its {name} token is not of join version {settings.join_version}; "
+                "it cannot be redriven without re-masking"
+            )
+    return True
+
+
 def redrive_records(
     settings: Settings, chosen: list[dict], keyring: KeyRing | None = None
 ) -> list[tuple[str, bytes, bytes]]:
@@ -109,9 +134,13 @@ def redrive_records(
         if d["stage"] == SINK:
             if d.get("payload_truncated"):
                 raise Refused(f"dead letter {d['message_id']}: its payload was cut to fit Kafka; it cannot be redriven")
+            if codec is None:
+                codec = Codecs.from_settings(settings).masked
+            if sealed_record(settings, codec, d["message_id"], payload):
+                records.append((stage_topic(settings, d["stage"]), d["message_id"].encode("utf-8"), payload))
+                continue
             if masker is None:
                 masker = Masker(keyring or settings_keyring(settings.model_copy(update={"dev_keys": False})))
-                codec = Codecs.from_settings(settings).masked
             payload = remask(masker, codec, d["message_id"], payload)
         records.append((stage_topic(settings, d["stage"]), d["message_id"].encode("utf-8"), payload))
     return records

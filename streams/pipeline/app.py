@@ -34,7 +34,7 @@ from streams.pipeline.stages import MaskWriter, SinkWriter, StageWriter
 from streams.pipeline.transactions import TransactionalProducer
 from streams.privacy import key_use
 from streams.privacy.keys import KeyRing
-from streams.privacy.masking import Masker
+from streams.privacy.masking import Masker, UserMasker
 from streams.retry import wait_at_start
 from streams.settings import Settings
 
@@ -95,7 +95,7 @@ class StageService(Service):
 
 
 def create_app(
-    settings: Settings, keyring: KeyRing | None, codecs: Codecs | None = None
+    settings: Settings, keyring: KeyRing | None, codecs: Codecs | None = None, sealing: UserMasker | None = None
 ) -> tuple[faust.App, list[StageService]]:
     app = StreamsApp(
         settings.app_id,
@@ -132,13 +132,21 @@ def create_app(
 
     stages = settings.stage_list
     if "mask" in stages:
-        assert keyring is not None, "the mask stage needs keys"
-        transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs)
+        keystore = None
+        if sealing is not None:  # per-user key mode: no keyring, nothing here decrypts
+            from streams.pipeline.mask import SealingMaskTransform
+            from streams.privacy.user_keys import KeyStore
+
+            transform: MaskTransform = SealingMaskTransform(sealing, codecs)
+            keystore = KeyStore(settings.pg_dsn.get_secret_value(), sealing.lifetime, settings.pg_command_timeout)
+        else:
+            assert keyring is not None, "the mask stage needs keys"
+            transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs)
         dedup = DedupWindow(settings) if settings.dedup_window > 0 else None
         stage(
             "mask",
             settings.raw_topic,
-            lambda source, producer: MaskWriter(settings, source, producer, transform, dedup),
+            lambda source, producer: MaskWriter(settings, source, producer, transform, dedup, keystore),
         )
     if "sink" in stages:
         database = PostgresSink(settings.pg_dsn.get_secret_value(), settings.pg_command_timeout)
@@ -188,14 +196,18 @@ def run_worker(settings: Settings) -> None:
     from streams.ops.replay import adopt_legacy_offsets
     from streams.ops.topics import require_topics
     from streams.privacy.keys import settings_keyring
+    from streams.privacy.user_keys import split_mode, worker_masker
 
     faulthandler.enable()  # a crash in a native library (librdkafka) leaves the Python stacks in the log
-    keyring = settings_keyring(settings) if "mask" in settings.stage_list else None
+    masks = "mask" in settings.stage_list
+    # Per-user key mode: join keys and a lifetime key from KMS, no keyring (nothing to decrypt with).
+    sealing = worker_masker(settings)[0] if masks and split_mode(settings) else None
+    keyring = settings_keyring(settings) if masks and sealing is None else None
     metrics.LIVENESS.stuck_after = settings.stuck_after
     if keyring is not None:
         metrics.KEY_IN_USE.labels(keyring.join_version, keyring.encryption_key_id).set(1)
     wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
-    if "sink" in settings.stage_list:
+    if "sink" in settings.stage_list or sealing is not None:  # a sealing mask stage stores data keys
         wait_at_start(
             lambda: require_schema(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout
         )
@@ -207,7 +219,7 @@ def run_worker(settings: Settings) -> None:
     use_uvloop()
     fewer_malloc_arenas()
     asyncio.set_event_loop(asyncio.new_event_loop())
-    app, _ = create_app(settings, keyring, codecs)
+    app, _ = create_app(settings, keyring, codecs, sealing)
     faust.Worker(
         app,
         loglevel=settings.log_level.lower(),

@@ -149,7 +149,7 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 # The tables in streams.privacy.rotation.LOCK_ORDER: ``write`` runs PROBE first in every
 # transaction, whose DELETE takes user_logins before anything writes pii_vault (the COPY
 # or MERGE_STAGED after it); the fallback takes them explicitly.
-LOCK_WRITES = "LOCK TABLE user_logins, pii_vault IN ROW EXCLUSIVE MODE"
+LOCK_WRITES = "LOCK TABLE user_logins, pii_vault, sealed_values IN ROW EXCLUSIVE MODE"
 
 
 def upsert_arguments(records: list[dict]) -> list[list]:
@@ -171,8 +171,9 @@ def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
     rows = []
     utc = UTC
     for r in latest.values():
-        vault[("ip", r["masked_ip"])] = r["ip_ciphertext"]
-        vault[("device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
+        if r["ip_ciphertext"]:  # per-user key mode writes sealed values instead (``sealed_rows``)
+            vault[("ip", r["masked_ip"])] = r["ip_ciphertext"]
+            vault[("device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
         sent = r["sent_at"]
         rows.append(
             (
@@ -190,6 +191,25 @@ def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
             )
         )
     return [(f, t, c.partition(".")[0], c) for (f, t), c in vault.items()], rows
+
+
+def sealed_rows(records: list[dict]) -> list[list]:
+    """Column arrays for ``ADD_SEALED``: the per-user sealed values of a batch (masked schema v3)."""
+    latest = {r["message_id"]: r for r in records if r.get("ip_sealed") is not None}
+    rows = [
+        (m, r["user_id"], r["masked_ip"], r["masked_device_id"], r["ip_sealed"], r["device_id_sealed"])
+        for m, r in latest.items()
+    ]
+    return [list(c) for c in zip(*rows, strict=True)] if rows else []
+
+
+# Sealed values are added, never rewritten: the worker role may INSERT, not UPDATE, so the
+# first sealed value of a message id stays (reveal by message id trusts only this table).
+ADD_SEALED = """
+INSERT INTO sealed_values (message_id, user_id, masked_ip, masked_device_id, ip_sealed, device_id_sealed)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[])
+ON CONFLICT (message_id) DO NOTHING
+"""
 
 
 # COPY targets: session-private, emptied at every commit or rollback, typed like the real
@@ -269,15 +289,20 @@ class PostgresSink:
                 await conn.execute(CREATE_STAGES)
                 self._staged = conn
             vault, rows = staged_rows(records)
+            sealed = sealed_rows(records)
             try:
                 async with conn.transaction():
                     if not await self._copy_new(conn, vault, rows, deletes):
                         await self._merge(conn, vault, rows)
+                    if sealed:
+                        await conn.execute(ADD_SEALED, *sealed)
             except asyncpg.UniqueViolationError:
                 # Another worker committed one of these keys after the lookup: merge instead.
                 async with conn.transaction():
                     await conn.execute(PROBE, list(deletes), [], [], [])
                     await self._merge(conn, vault, rows)
+                    if sealed:
+                        await conn.execute(ADD_SEALED, *sealed)
         except CONNECTION_ERRORS:
             await self.close()
             raise
@@ -328,6 +353,9 @@ class PostgresSink:
                     await conn.execute("DELETE FROM user_logins WHERE message_id = ANY($1::text[])", list(deletes))
                 if records:
                     await conn.execute(UPSERT, *upsert_arguments(records))
+                    sealed = sealed_rows(records)
+                    if sealed:
+                        await conn.execute(ADD_SEALED, *sealed)
         except CONNECTION_ERRORS:
             await self.close()
             raise

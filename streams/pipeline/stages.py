@@ -37,6 +37,7 @@ from streams.settings import Settings
 
 if TYPE_CHECKING:
     from streams.pipeline.dedup import DedupWindow
+    from streams.privacy.user_keys import KeyStore
 
 log = logging.getLogger("streams.worker")
 
@@ -273,9 +274,11 @@ class MaskWriter(StageWriter):
         producer: TransactionalProducer,
         transform: MaskTransform,
         dedup: DedupWindow | None = None,
+        keystore: KeyStore | None = None,
     ) -> None:
         super().__init__(settings, source, producer)
         self.transform = transform
+        self.keystore = keystore  # per-user key mode: new data keys stored before their transaction
         self.codecs = transform.codecs
         self.dedup = dedup
         self.counts = {"masked": 0, "dead_letter": 0, "duplicate": 0}
@@ -324,6 +327,11 @@ class MaskWriter(StageWriter):
             await self.codecs.raw.resolve([m.value() for m in messages], self.settings.retry_max_backoff)
         # The transform runs while the previous transaction commits on its thread.
         outputs = self.transform.batch([(m.key(), m.value(), where(m)) for m in messages]) if messages else []
+        if self.keystore is not None:  # the data keys of new users are stored before anything uses them
+            keystore = self.keystore
+            await retry_forever(
+                keystore.flush, "store new data keys", log, self.settings.retry_max_backoff, label="key store"
+            )
         async with self.lock:
             await self.settle()
             if messages:

@@ -11,7 +11,9 @@ Outcomes: ``revealed``; refusals ``no_keys`` (no key material at all), ``malform
 the keyring), ``does_not_open`` (wrong key, tampered, or a token-bound ciphertext moved to
 another token), ``unverifiable`` (the token's join version is not in the keyring), and
 ``token_mismatch`` (the value does not belong to the token: a ciphertext copied under
-another token).
+another token). Per-user key mode adds ``erased`` (the user's keys are gone),
+``refused_kms`` (the KMS refused to open the user's key for this caller) and
+``bulk_open`` (a job that opens many users: one row per user, or per run in keyring mode).
 """
 
 from __future__ import annotations
@@ -39,11 +41,31 @@ async def record(
     field: str | None = None,
     token: str | None = None,
     message_id: str | None = None,
+    action: str | None = None,
+    user_id: str | None = None,
 ) -> None:
-    """One audit row, committed (autocommit) before the caller shows anything."""
+    """One audit row, committed (autocommit) before the caller shows anything.
+
+    ``action`` names the decrypting path (reveal, export, redrive, ...) and ``user_id``
+    whose data it opened (per-user key mode, migration 0005); both stay out of the
+    statement when not given, so the row is the same as before for the keyring paths.
+    """
+    if action is None and user_id is None:
+        await conn.execute(
+            "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            operator,
+            os_user(),
+            reason,
+            field,
+            token,
+            message_id,
+            outcome,
+        )
+        return
     await conn.execute(
-        "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO pii_reveal_audit (operator, os_user, reason, field, token, message_id, outcome, action, user_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         operator,
         os_user(),
         reason,
@@ -51,4 +73,6 @@ async def record(
         token,
         message_id,
         outcome,
+        action or "reveal",
+        user_id,
     )

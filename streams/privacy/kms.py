@@ -99,7 +99,14 @@ class Kms:
                 f"the key document does not open with {key} and context {self.context}: wrong key or wrong "
                 "STREAMS_DEPLOYMENT (the document was wrapped under another)"
             )
-        if code in ("AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException"):
+        # moto's IAM check answers a bare "403" where AWS says AccessDeniedException.
+        if code in (
+            "AccessDeniedException",
+            "AccessDenied",
+            "403",
+            "UnrecognizedClientException",
+            "InvalidSignatureException",
+        ):
             return KmsError(f"KMS refused {operation} on {key} ({code}): check the credentials and the key policy")
         return KmsError(f"KMS refused {operation} on {key} ({code})")
 

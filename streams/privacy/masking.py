@@ -226,3 +226,123 @@ class Masker:
     def _mask(self, field: str, canonical: str) -> MaskedValue:
         token = self.token(field, canonical)
         return MaskedValue(token, self.encrypt(field, canonical, token))
+
+
+# --- Per-user sealing (issue 19 item 2): the primitives, bytes in, bytes out ----------
+#
+# The reference for any compiled core: a token is ``join_token`` of the canonical value;
+# a value is ``sealed_value(key id, seal(data key, pad_field(field, canonical), associated))``.
+# All deterministic for given keys.
+
+SEALED_FORMAT = 3  # first byte of a per-user sealed value (the masked schema's v3 fields)
+KEY_ID_BYTES = 8  # a data key's id: its worker lifetime's id (one data key per user per lifetime)
+IP_SIZE = 48  # any IPv6 text with a zone id under 46 characters, plus 2 length bytes
+DEVICE_ID_SIZES = (48, 96, 208, 816)  # 816: 200 characters of 4-byte UTF-8 plus 2 length bytes
+DATA_KEY_BYTES = 64  # AES-256-SIV
+
+
+def join_token(join_key: bytes, field: bytes, version: bytes, canonical: bytes) -> bytes:
+    """HMAC-SHA256 of ``field NUL version NUL canonical`` (domain separation): the token digest."""
+    return hmac.digest(join_key, field + b"\0" + version + b"\0" + canonical, "sha256")
+
+
+def field_size(field: str, length: int) -> int:
+    """The fixed padded size of a field's value of ``length`` bytes (the length does not leak beyond it)."""
+    if field == "ip" and length + 2 <= IP_SIZE:
+        return IP_SIZE
+    for size in DEVICE_ID_SIZES:
+        if length + 2 <= size:
+            return size
+    raise ValueError("value too long to seal")
+
+
+def pad_field(field: str, canonical: bytes) -> bytes:
+    """2-byte length, the value, zeros up to the field's fixed size (48 for an IP)."""
+    framed = len(canonical).to_bytes(2, "big") + canonical
+    return framed + b"\0" * (field_size(field, len(canonical)) - len(framed))
+
+
+_AD_LABEL = b"streams-sealed/3"
+_FORMAT_BYTE = bytes((SEALED_FORMAT,))
+
+
+def associated(field: bytes, user_id: bytes, key_id: bytes, token: bytes) -> bytes:
+    """What a sealed value is bound to: its field, its user, its key and its join token."""
+    return b"\0".join((_AD_LABEL, field, user_id, key_id, token))
+
+
+def seal(data_key: bytes, padded: bytes, associated_data: bytes) -> bytes:
+    """AES-SIV (RFC 5297) of the padded value: the 16-byte synthetic IV, then the ciphertext."""
+    return AESSIV(data_key).encrypt(padded, [associated_data])
+
+
+def sealed_value(key_id: bytes, sealed: bytes) -> bytes:
+    """The stored form: format byte, the key id it names, the AES-SIV output (Avro ``bytes``)."""
+    return bytes((SEALED_FORMAT,)) + key_id + sealed
+
+
+def split_sealed(value: bytes) -> tuple[bytes, bytes]:
+    """``(key id, AES-SIV output)`` of a stored sealed value; ValueError if it is not one."""
+    if len(value) < 1 + KEY_ID_BYTES + 16 or value[0] != SEALED_FORMAT:
+        raise ValueError("not a per-user sealed value")
+    return value[1 : 1 + KEY_ID_BYTES], value[1 + KEY_ID_BYTES :]
+
+
+def open_sealed(data_key: bytes, sealed: bytes, associated_data: bytes) -> bytes:
+    """The canonical value of an AES-SIV output (InvalidTag if key, binding or bytes differ)."""
+    return unpad(AESSIV(data_key).decrypt(sealed, [associated_data]))
+
+
+class UserMasker:
+    """Per-user key mode (no decrypt right): tokens under join keys from kms:GenerateMac, values
+    sealed under the user's data key of this worker lifetime (``streams.privacy.user_keys``).
+
+    Same bytes as ``join_token`` and ``seal`` (the reference); keyed HMAC states and each
+    user's AES-SIV object are made once. Tokens are cached by plaintext value (bounded LRU,
+    memory only); sealed values are not cached (they depend on the user).
+    """
+
+    def __init__(self, join_keys: dict[str, bytes], version: str, lifetime, cache_size: int = 65536) -> None:
+        if len(set(join_keys.values())) < len(join_keys):
+            raise ValueError("each field needs its own join key")
+        self.version = version
+        self.lifetime = lifetime  # user_keys.Lifetime: data_key(user_id) -> (key id, AESSIV)
+        self._hmac = {f: _HmacSha256(k, f"{f}\0{version}\0".encode()) for f, k in join_keys.items()}
+        self.token = lru_cache(maxsize=cache_size)(self._token) if cache_size else self._token
+
+    def _token(self, field: str, canonical: str) -> str:
+        return f"{self.version}.{_b64(self._hmac[field].digest(canonical.encode('utf-8')))}"
+
+    def mask(self, user_id: str, field: str, canonical: str) -> tuple[str, bytes]:
+        """``(join token, sealed value)`` of one field of one user's login."""
+        token = self.token(field, canonical)
+        key_id, siv = self.lifetime.data_key(user_id)
+        data = associated(field.encode(), user_id.encode("utf-8"), key_id, token.encode())
+        return token, sealed_value(key_id, siv.encrypt(pad_field(field, canonical.encode("utf-8")), [data]))
+
+    def mask_login(self, user_id: str, ip: str, device_id: str) -> tuple[str, bytes, str, bytes]:
+        """``mask`` of both fields of one login, the user's key looked up once (the hot path)."""
+        key_id, siv = self.lifetime.data_key(user_id)
+        user = user_id.encode("utf-8")
+        ip_token, device_token = self.token("ip", ip), self.token("device_id", device_id)
+        format_and_key = _FORMAT_BYTE + key_id
+        ip_sealed = siv.encrypt(
+            pad_field("ip", ip.encode("utf-8")), [b"\0".join((_AD_LABEL, b"ip", user, key_id, ip_token.encode()))]
+        )
+        device_sealed = siv.encrypt(
+            pad_field("device_id", device_id.encode("utf-8")),
+            [b"\0".join((_AD_LABEL, b"device_id", user, key_id, device_token.encode()))],
+        )
+        return ip_token, format_and_key + ip_sealed, device_token, format_and_key + device_sealed
+
+
+def open_value(data_key: bytes | AESSIV, field: str, user_id: str, token: str, value: bytes) -> str:
+    """The canonical text of a sealed value (the decrypting paths); RevealError if it does not open."""
+    key_id, body = split_sealed(value)
+    siv = data_key if isinstance(data_key, AESSIV) else AESSIV(data_key)
+    try:
+        return unpad(
+            siv.decrypt(body, [associated(field.encode(), user_id.encode("utf-8"), key_id, token.encode())])
+        ).decode()
+    except Exception:
+        raise RevealError("the sealed value does not open (another user, token or key, or altered)") from None

@@ -35,7 +35,7 @@ import asyncpg
 from streams.errors import Refused
 from streams.privacy.masking import BOUND, Masker, MissingKeyError, RevealError, ciphertext_key_id
 
-LOCK_ORDER = ("user_logins", "pii_vault", "join_token_map")
+LOCK_ORDER = ("user_logins", "pii_vault", "sealed_values", "join_token_map")
 
 
 class Progress:

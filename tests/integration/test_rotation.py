@@ -142,6 +142,13 @@ def test_encryption_and_join_key_rotation_end_to_end(pipeline, sample_path):
     assert versions(pipeline) == {"logins": {"h2"}, "vault": {"h2"}, "key_ids": {"k2"}}
     assert pipeline.query("SELECT count(*) AS n FROM join_token_map")[0]["n"] == 0
     assert json.loads(keys(pipeline, "list").stdout)["join"] == {"active": "h2", "next": None, "versions": ["h2"]}
+    # Each bulk decryption left its audit row (who, what, why) before it opened anything.
+    bulk = pipeline.query("SELECT action, reason, db_user FROM pii_reveal_audit WHERE outcome = 'bulk_open'")
+    assert {(b["action"], b["reason"]) for b in bulk} == {
+        ("reencrypt", "key rotation"),
+        ("rejoin", "join key rotation"),
+    }
+    assert len(bulk) == 4 and all(b["db_user"] for b in bulk)  # two runs of each
     assert load_keyring(pipeline.settings.keys_file).join_separated == {"h2"}
 
     # The window: a worker not restarted yet writes h1 after the switch; a rerun converts it.

@@ -30,6 +30,8 @@ def masked_v2(**changes):
         "ip_ciphertext": "k1.c",
         "device_id_ciphertext": "k1.d",
         "ip_is_valid": False,
+        "ip_sealed": None,
+        "device_id_sealed": None,
         **changes,
     }
 
@@ -72,9 +74,10 @@ def test_record_from_older_writer_resolves_to_current_reader():
     old.schema = fastavro.parse_schema(v1)
     old.header = MAGIC + fingerprint(v1)
     datum = masked_v2()
-    del datum["ip_is_valid"]
+    for name in ("ip_is_valid", "ip_sealed", "device_id_sealed"):
+        del datum[name]
     decoded = Codecs().masked.decode(AvroCodec.encode(old, datum))
-    assert decoded == {**datum, "ip_is_valid": True}  # the v2 default
+    assert decoded == {**datum, "ip_is_valid": True, "ip_sealed": None, "device_id_sealed": None}  # v2, v3 defaults
 
 
 @pytest.mark.parametrize("data", [b"", b"{}", b"\xc3\x01" + b"\0" * 8 + b"x", b"\xc3\x01\xff"])
@@ -135,6 +138,8 @@ def masked_millis(draw):
         "ip_ciphertext": draw(_text),
         "device_id_ciphertext": draw(_text),
         "ip_is_valid": draw(st.booleans()),
+        "ip_sealed": draw(st.none() | st.binary(max_size=100)),
+        "device_id_sealed": draw(st.none() | st.binary(max_size=100)),
     }
 
 

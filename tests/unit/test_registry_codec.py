@@ -117,6 +117,8 @@ def test_readers_take_both_formats_with_and_without_a_registry():
         "ip_ciphertext": "k1.a",
         "device_id_ciphertext": "k1.b",
         "ip_is_valid": True,
+        "ip_sealed": None,
+        "device_id_sealed": None,
     }
     old = plain.encode(datum)
     new = confluent.encode(datum)

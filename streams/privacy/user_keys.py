@@ -1,0 +1,433 @@
+"""Per-user data keys (issue 19 items 2-3): workers seal values, only audited paths open them.
+
+Per-user key mode is on when ``STREAMS_KMS_MAC_KEY_ID`` names an HMAC_256 KMS key (beside
+``STREAMS_KMS_KEY_ID``, the symmetric key). docs/privacy.md has the threat model.
+
+- **Join keys**: ``kms:GenerateMac`` at start, one per join version and field, over
+  ``"streams join key" NUL deployment NUL version NUL field``. Kept in memory only.
+- **Lifetime key (KEK)**: each worker lifetime asks ``kms:GenerateDataKey`` (64 bytes,
+  context ``{deployment, purpose: user-kek, key_id}``) once; only the KMS-wrapped form is
+  stored (``key_lifetimes``). A lifetime also ends after ``MAX_USERS`` users, so the
+  cache of per-user keys stays bounded.
+- **Per-user data keys**: the first time a lifetime meets user U it draws a random
+  AES-SIV key, wraps it under the KEK (AES-SIV, bound to deployment, key id and U) and
+  queues the row; the mask stage writes the queued rows to ``user_data_keys`` before the
+  Kafka transaction that uses them. No KMS call and no database read per record.
+- **Opening** (reveal, export --reveal, redrive; ``open_data_key``): only through a row of
+  ``user_data_keys`` that is *sealed*: the data key wrapped by KMS itself under the
+  context ``{deployment, purpose: user-key, user_id: U, key_id}``, so each ``kms:Decrypt``
+  names the user whose data it opens. ``seal_user_keys`` (``streams keys seal``, the key
+  custodian's right to unwrap lifetime keys) turns lifetime-wrapped rows into sealed ones
+  and then drops the lifetime-wrapped copy.
+- **Erasure**: ``erase_user_keys`` deletes U's rows: every value sealed under them is
+  unreadable from any copy (crypto-shredding).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+
+import asyncpg
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from streams.errors import Refused
+from streams.privacy.keys import PII_FIELDS, KeyMaterialError
+from streams.privacy.kms import Kms
+from streams.privacy.masking import DATA_KEY_BYTES, KEY_ID_BYTES
+from streams.settings import Settings
+
+PURPOSE_JOIN = "join-key"
+PURPOSE_KEK = "user-kek"
+PURPOSE_USER = "user-key"
+JOIN_LABEL = b"streams join key"
+WRAP_LABEL = b"streams user key"
+RANDOM_KEYS = 256  # data keys drawn from the OS per getrandom call
+MAX_USERS = 262_144  # per lifetime: past it a new lifetime (one GenerateDataKey) starts with an empty cache
+
+
+def split_mode(settings: Settings) -> bool:
+    """Whether workers run without decrypt rights (per-user keys)."""
+    return bool(settings.kms_key_id and settings.kms_mac_key_id)
+
+
+def deployment(settings: Settings) -> str:
+    return settings.deployment or settings.app_id
+
+
+def kms_pair(settings: Settings) -> tuple[Kms, Kms]:
+    """``(symmetric key, HMAC key)`` clients; refuses in one line without both ids."""
+    if not split_mode(settings):
+        raise KeyMaterialError(
+            "per-user key mode needs STREAMS_KMS_KEY_ID (symmetric) and STREAMS_KMS_MAC_KEY_ID (HMAC_256)"
+        )
+    symmetric = Kms(settings)
+    return symmetric, Kms(settings.model_copy(update={"kms_key_id": settings.kms_mac_key_id}), symmetric._client)
+
+
+def join_keys(mac: Kms, deployment_name: str, version: str) -> dict[str, bytes]:
+    """The join keys of ``version``, one per field, from kms:GenerateMac (never stored)."""
+    arn = mac.arn()
+    keys = {}
+    for field in PII_FIELDS:
+        message = b"\0".join((JOIN_LABEL, deployment_name.encode(), version.encode(), field.encode()))
+        keys[field] = mac._call("generate_mac", KeyId=arn, Message=message, MacAlgorithm="HMAC_SHA_256")["Mac"]
+    return keys
+
+
+def kek_context(deployment_name: str, key_id: bytes) -> dict[str, str]:
+    return {"deployment": deployment_name, "purpose": PURPOSE_KEK, "key_id": key_id.hex()}
+
+
+def user_context(deployment_name: str, user_id: str, key_id: bytes) -> dict[str, str]:
+    """The context of a sealed user key: every kms:Decrypt of it names the user."""
+    return {"deployment": deployment_name, "purpose": PURPOSE_USER, "user_id": user_id, "key_id": key_id.hex()}
+
+
+def wrap_ad(deployment_name: str, key_id: bytes, user_id: str) -> bytes:
+    return b"\0".join((WRAP_LABEL, deployment_name.encode(), key_id, user_id.encode()))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """One new per-user data key, wrapped under its lifetime key: what ``user_data_keys`` stores."""
+
+    user_id: str
+    key_id: bytes
+    wrapped_key: bytes
+
+
+class Lifetime:
+    """This worker lifetime's key-encryption key and the per-user data keys it made.
+
+    Holds the plaintext KEK and data keys in memory only; the KMS-wrapped KEK and the
+    wrapped data keys are what gets stored.
+    """
+
+    def __init__(self, kms: Kms, deployment_name: str, max_users: int = MAX_USERS) -> None:
+        self._kms = kms
+        self.deployment = deployment_name
+        self.max_users = max_users
+        self.pending: list[KeyRow] = []
+        self.new_lifetimes: list[tuple[bytes, bytes]] = []  # (key id, KMS-wrapped KEK) not yet stored
+        self._start()
+
+    def _start(self) -> None:
+        self.key_id = secrets.token_bytes(KEY_ID_BYTES)
+        made = self._kms._call(
+            "generate_data_key",
+            KeyId=self._kms.arn(),
+            NumberOfBytes=DATA_KEY_BYTES,
+            EncryptionContext=kek_context(self.deployment, self.key_id),
+        )
+        self._kek = AESSIV(made["Plaintext"])
+        self._wrap_prefix = wrap_ad(self.deployment, self.key_id, "")  # + the user id: ``wrap_ad``
+        self.new_lifetimes.append((self.key_id, made["CiphertextBlob"]))
+        self._keys: dict[str, tuple[bytes, AESSIV]] = {}
+        self._random, self._random_at = b"", 0
+
+    def data_key(self, user_id: str) -> tuple[bytes, AESSIV]:
+        """``(key id, AES-SIV)`` of ``user_id`` in this lifetime: made and queued on first use."""
+        found = self._keys.get(user_id)
+        if found is None:
+            found = self._new_key(user_id)
+        return found
+
+    def _new_key(self, user_id: str) -> tuple[bytes, AESSIV]:
+        if len(self._keys) >= self.max_users:
+            self._start()
+        if self._random_at >= len(self._random):  # one getrandom call per RANDOM_KEYS keys
+            self._random, self._random_at = os.urandom(DATA_KEY_BYTES * RANDOM_KEYS), 0
+        at = self._random_at
+        key = self._random[at : at + DATA_KEY_BYTES]
+        self._random_at = at + DATA_KEY_BYTES
+        wrapped = self._kek.encrypt(key, [self._wrap_prefix + user_id.encode()])
+        self.pending.append(KeyRow(user_id, self.key_id, wrapped))
+        found = self._keys[user_id] = (self.key_id, AESSIV(key))
+        return found
+
+    def take(self) -> tuple[list[tuple[bytes, bytes]], list[KeyRow]]:
+        """The lifetimes and key rows to store now (each handed out once)."""
+        lifetimes, rows = self.new_lifetimes, self.pending
+        self.new_lifetimes, self.pending = [], []
+        return lifetimes, rows
+
+    def forget(self, user_id: str) -> None:
+        """Drop a user's data key from memory and from the rows not stored yet (erasure):
+        the next record of the user makes a new one."""
+        self._keys.pop(user_id, None)
+        self.pending = [r for r in self.pending if r.user_id != user_id]
+
+
+# --- the key store ------------------------------------------------------------------
+
+SAVE_LIFETIMES = """
+INSERT INTO key_lifetimes (key_id, kek_blob)
+SELECT * FROM unnest($1::text[], $2::bytea[])
+"""
+SAVE_KEYS = """
+INSERT INTO user_data_keys (user_id, key_id, wrapped_key)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
+"""
+
+
+async def save_keys(conn: asyncpg.Connection, lifetimes: list[tuple[bytes, bytes]], rows: list[KeyRow]) -> None:
+    """Store new lifetimes and key rows in one transaction (before the Kafka transaction that uses them)."""
+    async with conn.transaction():
+        if lifetimes:
+            await conn.execute(SAVE_LIFETIMES, [k.hex() for k, _ in lifetimes], [b for _, b in lifetimes])
+        if rows:
+            await conn.execute(
+                SAVE_KEYS, [r.user_id for r in rows], [r.key_id.hex() for r in rows], [r.wrapped_key for r in rows]
+            )
+
+
+async def erase_user_keys(conn: asyncpg.Connection, user_id: str) -> int:
+    """Crypto-shred ``user_id``: delete every data key of the user; returns how many rows went.
+
+    Every value sealed under them (table, topic, snapshot, dump) no longer opens. Idempotent.
+    There is no key topic: the key store is this table (and its backups, see docs/privacy.md).
+    """
+    status = await conn.execute("DELETE FROM user_data_keys WHERE user_id = $1", user_id)
+    return int(status.split()[-1])
+
+
+class KeyErased(Refused):
+    """No data key for that user and key id: erased (or never stored)."""
+
+
+class Opener:
+    """The decrypting side: opens per-user data keys through kms:Decrypt naming the user.
+
+    Caches what it opened for this process only (a reveal, an export, a redrive run).
+    """
+
+    def __init__(self, kms: Kms, deployment_name: str) -> None:
+        self.kms = kms
+        self.deployment = deployment_name
+        self._keys: dict[tuple[str, bytes], AESSIV] = {}
+        self._keks: dict[bytes, AESSIV] = {}
+
+    async def data_key(self, conn: asyncpg.Connection, user_id: str, key_id: bytes) -> AESSIV:
+        found = self._keys.get((user_id, key_id))
+        if found is not None:
+            return found
+        row = await conn.fetchrow(
+            "SELECT sealed_key FROM user_data_keys WHERE user_id = $1 AND key_id = $2", user_id, key_id.hex()
+        )
+        if row is None:
+            raise KeyErased("no data key for that user and key id: the user was erased (or the key never stored)")
+        sealed = row["sealed_key"]
+        if sealed is None:
+            sealed = await self.seal(conn, user_id, key_id)
+        opened = self.kms._call(
+            "decrypt",
+            CiphertextBlob=sealed,
+            KeyId=self.kms.arn(),
+            EncryptionContext=user_context(self.deployment, user_id, key_id),
+        )
+        found = self._keys[(user_id, key_id)] = AESSIV(opened["Plaintext"])
+        return found
+
+    async def seal(self, conn: asyncpg.Connection, user_id: str, key_id: bytes) -> bytes:
+        """Re-wrap one lifetime-wrapped user key by KMS under the user's context; drop the lifetime copy.
+
+        Needs the custodian's rights (kms:Decrypt of lifetime keys, kms:Encrypt); the
+        lifetime-wrapped copy goes once sealed, so the lifetime key opens nothing more.
+        """
+        row = await conn.fetchrow(
+            "SELECT u.wrapped_key, u.sealed_key, l.kek_blob FROM user_data_keys u"
+            " JOIN key_lifetimes l USING (key_id) WHERE u.user_id = $1 AND u.key_id = $2",
+            user_id,
+            key_id.hex(),
+        )
+        if row is None:
+            raise KeyErased("no data key for that user and key id: the user was erased (or the key never stored)")
+        if row["sealed_key"] is not None:
+            return row["sealed_key"]
+        kek = self._keks.get(key_id)
+        if kek is None:
+            opened = self.kms._call(
+                "decrypt",
+                CiphertextBlob=row["kek_blob"],
+                KeyId=self.kms.arn(),
+                EncryptionContext=kek_context(self.deployment, key_id),
+            )
+            kek = self._keks[key_id] = AESSIV(opened["Plaintext"])
+        try:
+            key = kek.decrypt(row["wrapped_key"], [wrap_ad(self.deployment, key_id, user_id)])
+        except InvalidTag:
+            raise Refused("a user_data_keys row does not open under its lifetime key (moved or altered)") from None
+        sealed = self.kms._call(
+            "encrypt",
+            KeyId=self.kms.arn(),
+            Plaintext=key,
+            EncryptionContext=user_context(self.deployment, user_id, key_id),
+        )["CiphertextBlob"]
+        await conn.execute(
+            "UPDATE user_data_keys SET sealed_key = $3, wrapped_key = NULL"
+            " WHERE user_id = $1 AND key_id = $2 AND sealed_key IS NULL",
+            user_id,
+            key_id.hex(),
+            sealed,
+        )
+        return sealed
+
+
+async def seal_user_keys(conn: asyncpg.Connection, opener: Opener, batch_size: int = 500) -> int:
+    """Seal every lifetime-wrapped row (``streams keys seal``); returns how many it sealed."""
+    done = 0
+    while True:
+        rows = await conn.fetch(
+            "SELECT user_id, key_id FROM user_data_keys WHERE sealed_key IS NULL ORDER BY user_id, key_id LIMIT $1",
+            batch_size,
+        )
+        if not rows:
+            return done
+        for r in rows:
+            await opener.seal(conn, r["user_id"], bytes.fromhex(r["key_id"]))
+        done += len(rows)
+
+
+class KeyStore:
+    """The mask stage's writer of new lifetimes and key rows: one short transaction per batch
+    that met new users, before that batch's Kafka transaction. PostgreSQL down is transient
+    (retried with backoff, the batch waits); nothing is read back."""
+
+    def __init__(self, dsn: str, lifetime: Lifetime, command_timeout: float = 30.0) -> None:
+        self.dsn = dsn
+        self.lifetime = lifetime
+        self.command_timeout = command_timeout
+        self._conn: asyncpg.Connection | None = None
+        self._unsaved: tuple[list[tuple[bytes, bytes]], list[KeyRow]] = ([], [])
+
+    async def flush(self) -> None:
+        """Store what the lifetime made since the last flush (kept until it is stored)."""
+        lifetimes, rows = self.lifetime.take()
+        self._unsaved[0].extend(lifetimes)
+        self._unsaved[1].extend(rows)
+        if self._unsaved[0] or self._unsaved[1]:
+            await self._save()
+
+    async def _save(self) -> None:
+        from streams.io.postgres import connect
+
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await connect(self.dsn, command_timeout=self.command_timeout)
+            await save_keys(self._conn, *self._unsaved)
+        except Exception:
+            await self.close()
+            raise
+        self._unsaved = ([], [])
+
+    def forget(self, user_id: str) -> None:
+        """Erasure: the user's key leaves memory and is never stored from here (call between batches)."""
+        self.lifetime.forget(user_id)
+        self._unsaved = (self._unsaved[0], [r for r in self._unsaved[1] if r.user_id != user_id])
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.close(timeout=2)
+            except Exception:
+                conn.terminate()
+
+
+def worker_masker(settings: Settings):
+    """``(UserMasker, Lifetime)`` for a mask worker: join keys and a lifetime key from KMS at start."""
+    from streams.privacy.masking import UserMasker
+
+    symmetric, mac = kms_pair(settings)
+    name = deployment(settings)
+    lifetime = Lifetime(symmetric, name)
+    masker = UserMasker(
+        join_keys(mac, name, settings.join_version), settings.join_version, lifetime, settings.mask_cache_size
+    )
+    return masker, lifetime
+
+
+# --- join rotation in per-user key mode (a decrypting path, audited per user) -------------
+
+_PENDING = (
+    "SELECT message_id, user_id, masked_ip, masked_device_id, ip_sealed, device_id_sealed FROM sealed_values"
+    " WHERE (split_part(masked_ip, '.', 1) <> $1 OR split_part(masked_device_id, '.', 1) <> $1)"
+    " AND message_id > $2 ORDER BY message_id LIMIT $3"
+)
+
+
+async def rejoin_sealed(
+    conn: asyncpg.Connection,
+    opener: Opener,
+    join: dict[str, bytes],
+    target: str,
+    operator: str,
+    reason: str,
+    batch_size: int = 500,
+) -> tuple[int, int]:
+    """Move every login to join version ``target``: ``(rows moved, rows skipped as erased)``.
+
+    Each user's data key is opened through ``opener`` (kms:Decrypt naming the user) and
+    audited once per user (action ``rejoin``) before any of their values is opened; the
+    values are sealed again under the same user key, bound to their new tokens, and
+    ``sealed_values`` and ``user_logins`` switch to the new tokens in one transaction per batch.
+    """
+    from streams.privacy import audit
+    from streams.privacy.masking import UserMasker, open_value, split_sealed
+
+    class _SameKey:
+        """The user's own key, so re-sealing keeps the key id the row names."""
+
+        key: tuple[bytes, AESSIV]
+
+        def data_key(self, user_id: str) -> tuple[bytes, AESSIV]:
+            return self.key
+
+    same = _SameKey()
+    masker = UserMasker(join, target, same, cache_size=0)
+    audited: set[str] = set()
+    moved = skipped = 0
+    last = ""
+    while True:
+        rows = await conn.fetch(_PENDING, target, last, batch_size)
+        if not rows:
+            return moved, skipped
+        last = rows[-1]["message_id"]
+        updates = []
+        for r in rows:
+            user = r["user_id"]
+            key_id, _ = split_sealed(r["ip_sealed"])
+            if user not in audited:
+                await audit.record(conn, operator, "bulk_open", reason=reason, action="rejoin", user_id=user)
+                audited.add(user)
+            try:
+                key = await opener.data_key(conn, user, key_id)
+            except KeyErased:
+                skipped += 1
+                continue
+            ip = open_value(key, "ip", user, r["masked_ip"], r["ip_sealed"])
+            device = open_value(key, "device_id", user, r["masked_device_id"], r["device_id_sealed"])
+            same.key = (key_id, key)
+            updates.append((r["message_id"], *masker.mask_login(user, ip, device)))
+        if updates:
+            columns = [list(c) for c in zip(*updates, strict=True)]
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE sealed_values s SET masked_ip = n.ip, ip_sealed = n.ip_sealed,"
+                    " masked_device_id = n.device, device_id_sealed = n.device_sealed"
+                    " FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[])"
+                    " AS n(message_id, ip, ip_sealed, device, device_sealed) WHERE s.message_id = n.message_id",
+                    *columns,
+                )
+                await conn.execute(
+                    "UPDATE user_logins u SET masked_ip = n.ip, masked_device_id = n.device"
+                    " FROM unnest($1::text[], $2::text[], $3::text[]) AS n(message_id, ip, device)"
+                    " WHERE u.message_id = n.message_id",
+                    columns[0],
+                    columns[1],
+                    columns[3],
+                )
+            moved += len(updates)
