@@ -435,3 +435,24 @@ def _plain_login(rng: random.Random, i: int) -> dict:
         "Body": json.dumps(body),
         "Attributes": {"SentTimestamp": str(1_764_000_000_000 + i)},
     }
+
+
+def test_primitives_seal_the_per_user_scheme_byte_for_byte():
+    """The per-user key mode (masking.join_token / pad_field / associated / seal) from the same
+    primitives: one key per user (an index per record), one associated-data item per value."""
+    from streams.privacy.masking import associated, join_token, pad_field, seal
+
+    streams_core = _core_module()
+    rng = random.Random(29)
+    user_keys = [rng.randbytes(64) for _ in range(7)]
+    join_key = rng.randbytes(32)
+    users = [rng.randrange(len(user_keys)) for _ in range(300)]
+    values = [rng.choice([f"10.0.0.{i % 256}", f"2001:db8::{i:x}", "é" * (i % 60)]) for i in range(300)]
+    digests = streams_core.Mac(join_key, b"ip\0h2\0").digests(values)
+    assert digests == [join_token(join_key, b"ip", b"h2", v.encode()) for v in values]
+    key_id = rng.randbytes(8)
+    tokens = streams_core.Mac(join_key, b"ip\0h2\0").tokens("h2.", values)
+    ads = [associated(b"ip", f"u{u}".encode(), key_id, t.encode()) for u, t in zip(users, tokens, strict=True)]
+    padded = [pad_field("ip", v.encode()) for v in values]
+    sealed = streams_core.Siv(user_keys).seal(users, padded, 0, [], ads)
+    assert sealed == [seal(user_keys[u], p, a) for u, p, a in zip(users, padded, ads, strict=True)]
