@@ -3,11 +3,33 @@
 #
 #   docker build --network host -t streams:local .     # --network host: see README "Docker"
 #
-# Two stages: `build` makes the wheel of the runtime package and installs it with the
+# Three stages: `core` builds the compiled mask core (core/, Rust) from source; `build`
+# makes the wheel of the runtime package and installs it, the core's wheel and the
 # hash-pinned runtime lock (requirements.lock, no dev tooling) into the venv /opt/streams;
 # the final stage is a clean python:3.11-slim with only that venv. It runs as uid/gid
 # 10001 and works with a read-only root file system: the only writable path it needs is
 # STREAMS_DATA_DIR (/var/lib/streams: a volume, emptyDir or tmpfs).
+
+# ---- core ---------------------------------------------------------------------------
+# The compiled mask core (core/: Rust, PyO3) built from source into a wheel: Debian's
+# rustc-web and cargo-web (bookworm-security; bookworm's plain rustc is too old for the
+# RustCrypto crates), maturin from PyPI (hash-pinned), crates from crates.io against the
+# committed Cargo.lock (`cargo build --locked`). No prebuilt binary of the core.
+FROM python:3.11-slim AS core
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+# Unpinned on purpose: Debian's security archive keeps only the current build of these.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends rustc-web cargo-web gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src/core
+COPY core/requirements-build.lock ./
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements-build.lock
+COPY core/Cargo.toml core/Cargo.lock core/pyproject.toml core/streams_core.pyi ./
+COPY core/src ./src
+RUN maturin build --release --locked --interpreter python3.11 --out /wheels \
+    && rm -rf target /root/.cargo/registry
 
 # ---- build --------------------------------------------------------------------------
 FROM python:3.11-slim AS build
@@ -29,6 +51,11 @@ COPY streams ./streams
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && pip --python /opt/streams/bin/python install --no-cache-dir --no-deps /wheels/streams-*.whl \
     && /opt/streams/bin/streams --help >/dev/null
+
+# The core's wheel beside it: the worker finds streams_core (else it says so and uses the reference).
+COPY --from=core /wheels /wheels
+RUN pip --python /opt/streams/bin/python install --no-cache-dir --no-deps /wheels/streams_core-*.whl \
+    && /opt/streams/bin/python -c "import streams_core"
 
 # ---- runtime ------------------------------------------------------------------------
 FROM python:3.11-slim

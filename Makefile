@@ -19,13 +19,24 @@ $(VENV)/.installed: pyproject.toml dev/pyproject.toml requirements-dev.lock
 	$(PY) -m pip install -q --no-deps -e . -e dev
 	touch $@
 
-install: $(VENV)/.installed
+# The compiled mask core (core/: Rust, PyO3; streams/privacy/core.py) built from source by
+# maturin (from the lock) with `cargo build --locked`, installed into the venv; rebuilt only
+# when its sources change.
+CORE_SOURCES = core/Cargo.toml core/Cargo.lock core/pyproject.toml core/streams_core.pyi $(wildcard core/src/*.rs)
+$(VENV)/.core: $(VENV)/.installed $(CORE_SOURCES)
+	rm -rf $(VENV)/core-wheel
+	$(VENV)/bin/maturin build --release --locked --manifest-path core/Cargo.toml --interpreter $(PY) --out $(VENV)/core-wheel
+	$(PY) -m pip install -q --no-deps --force-reinstall $(VENV)/core-wheel/streams_core-*.whl
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.core
 
 ## Re-pin both locks (runtime only, and runtime + dev) with hashes after editing a pyproject.
 lock:
 	$(PY) -m pip install -q uv==0.13.9
 	$(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --quiet -o requirements.lock --custom-compile-command "make lock"
 	$(VENV)/bin/uv pip compile pyproject.toml dev/pyproject.toml --python-version 3.11 --generate-hashes --quiet -o requirements-dev.lock --custom-compile-command "make lock"
+	$(VENV)/bin/uv pip compile core/requirements-build.in --python-version 3.11 --generate-hashes --quiet -o core/requirements-build.lock --custom-compile-command "make lock"
 
 ## ruff (lint and format check) and mypy on the package.
 lint: install
@@ -45,11 +56,11 @@ run: install
 ## The whole test suite against the real local stack.
 test: install
 	$(STREAMS) stack up
-	STREAMS_SAMPLE_DATA=$(SAMPLE) $(PY) -m pytest $(PYTEST_ARGS)
+	STREAMS_REQUIRE_CORE=1 STREAMS_SAMPLE_DATA=$(SAMPLE) $(PY) -m pytest $(PYTEST_ARGS)
 
 ## Unit tests only: no services needed.
 unit: install
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	STREAMS_REQUIRE_CORE=1 $(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 BROKERS ?=
 stack-up: install
@@ -62,7 +73,7 @@ stack-status: install
 ## Throughput and per-record cost figures.
 bench: install
 	$(STREAMS) stack up
-	$(PY) -m benchmarks.run
+	STREAMS_REQUIRE_CORE=1 $(PY) -m benchmarks.run
 
 ## Chaos run on a private three-broker stack: N messages (2% malformed), K kills of worker
 ## and bridge, L SIGKILLs of a busy partition's leader broker, one PostgreSQL restart;

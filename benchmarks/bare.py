@@ -40,8 +40,8 @@ def kafka_loop(out_topic: str, group: str, copy: bool) -> None:
     settings = load_settings()
     if copy:
 
-        def transform(key, value, where):  # noqa: ARG001
-            return key, value
+        def transform(batch):
+            return [(m.key(), m.value()) for m in batch if not m.error()]
     else:
         from streams.pipeline.mask import MaskTransform
         from streams.privacy.keys import settings_keyring
@@ -49,9 +49,11 @@ def kafka_loop(out_topic: str, group: str, copy: bool) -> None:
 
         mask = MaskTransform(Masker(settings_keyring(settings), cache_size=settings.mask_cache_size), Codecs())
 
-        def transform(key, value, where):
-            out = mask(key, value, where)
-            return out.key, out.value
+        def transform(batch):  # the whole batch in one call, as the stage does (the compiled core when built)
+            messages = [
+                (m.key(), m.value(), f"{m.topic()}/{m.partition()}/{m.offset()}") for m in batch if not m.error()
+            ]
+            return [(out.key, out.value) for out in mask.batch(messages)]
 
     consumer = Consumer(
         client_config(
@@ -79,10 +81,7 @@ def kafka_loop(out_topic: str, group: str, copy: bool) -> None:
         batch = consumer.consume(num_messages=BATCH, timeout=0.5)
         if not batch:
             continue
-        for msg in batch:
-            if msg.error():
-                continue
-            key, value = transform(msg.key(), msg.value(), f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
+        for key, value in transform(batch):
             while True:
                 try:
                     producer.produce(out_topic, value=value, key=key)
@@ -129,13 +128,12 @@ def kafka_txn_loop(out_topic: str, group: str) -> None:
     open_since, records, offsets = 0.0, 0, {}
     while not stopping:
         batch = consumer.consume(num_messages=BATCH, timeout=0.1)
-        for msg in batch:
-            if msg.error():
-                continue
+        batch = [m for m in batch if not m.error()]
+        outputs = mask.batch([(m.key(), m.value(), f"{m.topic()}/{m.partition()}/{m.offset()}") for m in batch])
+        for msg, out in zip(batch, outputs, strict=True):
             if not open_since:
                 producer.begin_transaction()
                 open_since = time.monotonic()
-            out = mask(msg.key(), msg.value(), f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
             while True:
                 try:
                     producer.produce(out_topic, value=out.value, key=out.key)

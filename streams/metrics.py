@@ -90,6 +90,19 @@ KEY_IN_USE = Gauge(
     registry=REGISTRY,
 )
 
+# The compiled mask core (streams/privacy/core.py): whether this process masks with it,
+# and the records it declined (masked by the Python reference instead).
+MASK_CORE = Gauge(
+    "streams_mask_core",
+    "1 when the mask stage masks in compiled code (streams_core), 0 when it uses the Python reference",
+    registry=REGISTRY,
+)
+MASK_CORE_DECLINED = Counter(
+    "streams_mask_core_declined",
+    "Records the compiled mask core declined (masked by the Python reference instead)",
+    registry=REGISTRY,
+)
+
 
 def exposition() -> bytes:
     return generate_latest(REGISTRY)

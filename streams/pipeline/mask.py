@@ -25,9 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from streams import metrics
 from streams.errors import Rejected
 from streams.io.codec import CodecError, Codecs, UnknownSchemaError
 from streams.pipeline.dead_letters import MAX_MESSAGE_ID, Reason, dead_letter
+from streams.privacy import core as mask_core
 from streams.privacy.keys import PII_FIELDS
 from streams.privacy.ledger import ERASED, ErasedUsers, body_user_id
 from streams.privacy.masking import Masker, UserMasker, canonical_device_id, canonical_ip
@@ -261,8 +263,60 @@ class _ErasedUser(Exception):
     """The record belongs to an erased user (sent at or before the erasure): dropped."""
 
 
+# What the mask needs of a record: message_id, sent_at, user_id, device_type, ip (canonical),
+# ip_is_valid, device_id (canonical), app_version (text), its number, locale. The compiled
+# core's parser returns the same tuple (streams_core.parse_logins).
+_Fields = tuple[str, int, str, str, str, bool, str, str, int | None, str | None]
+
+
+def _fields(envelope: dict, login: tuple[str, str, str, str, str, str | None]) -> _Fields:
+    user_id, device_type, ip_text, device_id, app_version, locale = login
+    ip_canonical, ip_is_valid = canonical_ip(ip_text)
+    return (
+        envelope["message_id"],
+        envelope["sent_at"],
+        user_id,
+        device_type,
+        ip_canonical,
+        ip_is_valid,
+        canonical_device_id(device_id),
+        app_version,
+        encode_app_version(app_version),
+        locale,
+    )
+
+
+def _masked_datum(
+    fields: _Fields, masked_ip: str, masked_device_id: str, ip_ciphertext: str, device_ciphertext: str
+) -> dict:
+    """The masked record (schemas/masked_login), the same for the reference and the core."""
+    message_id, sent_at, user_id, device_type, _, ip_is_valid, _, app_version, app_number, locale = fields
+    return {
+        "message_id": message_id,
+        "sent_at": sent_at,
+        "user_id": user_id,
+        "device_type": device_type,
+        "locale": locale,
+        "app_version_raw": app_version,
+        "app_version": app_number,
+        "masked_ip": masked_ip,
+        "masked_device_id": masked_device_id,
+        "ip_ciphertext": ip_ciphertext,
+        "device_id_ciphertext": device_ciphertext,
+        "ip_is_valid": ip_is_valid,
+        "ip_sealed": None,
+        "device_id_sealed": None,
+    }
+
+
 class MaskTransform:
-    def __init__(self, masker: Masker, codecs: Codecs, erased: ErasedUsers | None = None) -> None:
+    """Raw records in, outputs out. ``batch`` masks with the compiled core when there is
+    one (``use_core``, see streams/privacy/core.py); ``__call__``, one record at a time, is
+    the Python reference, and also the path of every record the core declines."""
+
+    def __init__(
+        self, masker: Masker, codecs: Codecs, erased: ErasedUsers | None = None, use_core: bool = True
+    ) -> None:
         self.masker = masker
         self.codecs = codecs
         self._hold_ledger(erased)
@@ -272,6 +326,9 @@ class MaskTransform:
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._mask_value = masker.mask
+        self.core = mask_core.load(masker, raw=codecs.raw) if use_core else None
+        self.core_masked = 0  # records masked by the core, and those it declined (the reference's)
+        self.core_declined = 0
 
     def _hold_ledger(self, erased: ErasedUsers | None) -> None:
         self.erased = erased if erased is not None else ErasedUsers()  # the erasure ledger (streams.privacy.ledger)
@@ -311,32 +368,78 @@ class MaskTransform:
             return self._dead(_fallback_id(key, where) if message_id is None else message_id, bug, value)
 
     def batch(self, messages: Sequence[tuple[bytes | None, bytes | None, str]]) -> list[Output]:
-        """Outputs of a batch of ``(key, value, where)``, in order."""
-        return [self(key, value, where) for key, value, where in messages]
+        """Outputs of a batch of ``(key, value, where)``, in order, byte for byte the reference's."""
+        if self.core is None:
+            return [self(key, value, where) for key, value, where in messages]
+        return self._core_batch(messages, self.core)
+
+    def _core_batch(
+        self, messages: Sequence[tuple[bytes | None, bytes | None, str]], core: mask_core.CoreMasker
+    ) -> list[Output]:
+        """Parse the batch in the core, mask it in one core call per field, then encode.
+
+        A record the core's parser declines is parsed by the reference's functions here;
+        one that does not parse cleanly even so (a dead letter) and any value the core's
+        crypto declines go through ``__call__``, the reference, which decides it.
+        """
+        outputs: list[Output | None] = []
+        ready: list[tuple[int, _Fields]] = []
+        ips: list[str] = []
+        devices: list[str] = []
+        parsed = core.parse([value for _, value, _ in messages])
+        declined = 0
+        for (key, value, where), fields in zip(messages, parsed, strict=True):
+            if fields is None:
+                declined += 1
+                try:
+                    fields = self._parse(value)
+                except Exception:  # what it is (a dead letter, a bug) is the reference's to say
+                    outputs.append(self(key, value, where))
+                    continue
+            if self._erased_at and self.erased.erased(fields[2], fields[1]):
+                outputs.append(self(key, value, where))  # the reference drops an erased user's record
+                continue
+            ready.append((len(outputs), fields))
+            outputs.append(None)
+            ips.append(fields[4])
+            devices.append(fields[6])
+        if ready:
+            ip_tokens, ip_ciphertexts = core.mask("ip", ips)
+            device_tokens, device_ciphertexts = core.mask("device_id", devices)
+            encode = self._encode
+            for (position, fields), ip_token, ip_ct, device_token, device_ct in zip(
+                ready, ip_tokens, ip_ciphertexts, device_tokens, device_ciphertexts, strict=True
+            ):
+                try:
+                    if ip_ct is None or device_ct is None or ip_token is None or device_token is None:
+                        raise ValueError("declined by the core")
+                    datum = _masked_datum(fields, ip_token, device_token, ip_ct, device_ct)
+                    outputs[position] = Output(fields[0].encode("utf-8"), encode(datum))
+                except Exception:
+                    declined += 1
+                    key, value, where = messages[position]
+                    outputs[position] = self(key, value, where)
+        self.core_masked += len(messages) - declined
+        if declined:
+            self.core_declined += declined
+            metrics.MASK_CORE_DECLINED.inc(declined)
+        return outputs  # type: ignore[return-value]  # every position is filled above
+
+    def _parse(self, value: bytes | None) -> _Fields:
+        """The reference's reading of a record that yields a masked record, else it raises."""
+        envelope = self._decode(value)
+        message_id = envelope["message_id"]
+        if not 0 < len(message_id) <= MAX_MESSAGE_ID:
+            raise ValueError("invalid message id")
+        return _fields(envelope, _login_values(envelope["body"]))
 
     def _mask(self, envelope: dict) -> dict:
-        user_id, device_type, ip_text, device_id, app_version, locale = _login_values(envelope["body"])
-        if self._erased_at and self.erased.erased(user_id, envelope["sent_at"]):
+        fields = _fields(envelope, _login_values(envelope["body"]))
+        if self._erased_at and self.erased.erased(fields[2], fields[1]):
             raise _ErasedUser
-        ip_canonical, ip_is_valid = canonical_ip(ip_text)
-        ip = self._mask_value("ip", ip_canonical)
-        device = self._mask_value("device_id", canonical_device_id(device_id))
-        return {
-            "message_id": envelope["message_id"],
-            "sent_at": envelope["sent_at"],
-            "user_id": user_id,
-            "device_type": device_type,
-            "locale": locale,
-            "app_version_raw": app_version,
-            "app_version": encode_app_version(app_version),
-            "masked_ip": ip.token,
-            "masked_device_id": device.token,
-            "ip_ciphertext": ip.ciphertext,
-            "device_id_ciphertext": device.ciphertext,
-            "ip_is_valid": ip_is_valid,
-            "ip_sealed": None,
-            "device_id_sealed": None,
-        }
+        ip = self._mask_value("ip", fields[4])
+        device = self._mask_value("device_id", fields[6])
+        return _masked_datum(fields, ip.token, device.token, ip.ciphertext, device.ciphertext)
 
     def _erased_body(self, envelope: dict) -> bool:
         """Whether a refused record's body still names an erased user (then no plaintext copy goes to the DLQ)."""
@@ -364,9 +467,15 @@ class SealingMaskTransform(MaskTransform):
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._seal = masker.mask_login
+        # Not the compiled core yet: sealing per user there needs the lifetime's raw data keys
+        # (streams_core.Siv with one key index per record); the reference masks every record.
+        self.core = None
+        self.core_masked = self.core_declined = 0
 
     def _mask(self, envelope: dict) -> dict:
         user_id, device_type, ip_text, device_id, app_version, locale = _login_values(envelope["body"])
+        if self._erased_at and self.erased.erased(user_id, envelope["sent_at"]):
+            raise _ErasedUser  # before a data key is made for the user
         ip_canonical, ip_is_valid = canonical_ip(ip_text)
         ip_token, ip_sealed, device_token, device_sealed = self._seal(
             user_id, ip_canonical, canonical_device_id(device_id)

@@ -93,7 +93,7 @@ def test_kafka_version_matches_the_local_stack_pom():
 
 def test_dockerfile_is_multi_stage_non_root_and_ships_what_it_reads():
     stages = re.findall(r"^FROM (\S+)", DOCKERFILE, re.M)
-    assert stages == ["python:3.11-slim", "python:3.11-slim"]
+    assert stages == ["python:3.11-slim", "python:3.11-slim", "python:3.11-slim"]  # core, build, runtime
     assert "pip wheel" in DOCKERFILE and "--require-hashes" in DOCKERFILE
     assert "requirements-dev.lock" not in DOCKERFILE and " -e " not in DOCKERFILE
     assert re.search(r"^USER 10001:10001$", DOCKERFILE, re.M)

@@ -124,3 +124,28 @@ def test_a_stage_confirms_a_ledger_version_only_past_a_transaction_boundary():
         assert watch.confirm() == 2
 
     asyncio.run(go())
+
+
+def test_the_batch_path_drops_an_erased_users_record_as_the_reference_does():
+    """``batch`` (the compiled core when built) must drop what ``__call__`` drops, before masking."""
+    transform = MaskTransform(Masker(parse_keyring(json.dumps(generate_document()), "t")), codecs, ledger())
+    messages = [
+        (b"m-1", raw(json.dumps(LOGIN)), "t/0/0"),
+        (b"m-2", raw(json.dumps({**LOGIN, "app_version": 5}), "m-2"), "t/0/1"),
+        (b"m-3", raw(json.dumps(LOGIN), "m-3", SENT + dt.timedelta(days=2)), "t/0/2"),
+        (b"m-4", raw(json.dumps({**LOGIN, "user_id": "u-kept"}), "m-4"), "t/0/3"),
+    ]
+    outputs = transform.batch(messages)
+    assert [o.reason for o in outputs] == [ERASED, ERASED, None, None]
+    assert outputs == [transform(*m) for m in messages]
+
+
+def test_the_sealing_transform_drops_an_erased_user_before_making_a_data_key():
+    from tests.unit.test_user_keys import masker
+    from streams.pipeline.mask import SealingMaskTransform
+
+    sealing = masker()
+    transform = SealingMaskTransform(sealing, codecs, ledger())
+    assert transform(b"m-1", raw(json.dumps(LOGIN)), "t/0/0").reason == ERASED
+    assert transform(b"m-4", raw(json.dumps({**LOGIN, "user_id": "u-kept"}), "m-4"), "t/0/3").reason is None
+    assert [row.user_id for row in sealing.lifetime.take()[1]] == ["u-kept"]  # no key for the erased user

@@ -1,0 +1,458 @@
+"""The compiled mask core (streams_core) against the Python reference, byte for byte.
+
+The core path is ``MaskTransform.batch`` with the core loaded; the reference is the same
+transform without it, one record at a time. With ``STREAMS_REQUIRE_CORE=1`` (make test,
+make unit, CI) a core that is not built fails these tests instead of skipping them: a
+comparison of the reference with itself would prove nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streams import metrics
+from streams.errors import ConfigError
+from streams.io.codec import Codecs
+from streams.pipeline.bridge import envelope
+from streams.pipeline.mask import MaskTransform, Output
+from streams.privacy import core as mask_core
+from streams.privacy.keys import generate_document, parse_keyring
+from streams.privacy.masking import Masker, canonical_ip
+from tests.integration.test_hostile import CATALOGUE
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+CODECS = Codecs()
+KEYRING = parse_keyring((GOLDEN / "keys.json").read_text(), "golden")
+
+
+def _core_module():
+    """streams_core itself; a skip without it, unless STREAMS_REQUIRE_CORE=1 (then a failure)."""
+    try:
+        import streams_core
+    except ImportError:
+        if mask_core.core_required():
+            raise
+        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
+    return streams_core
+
+
+def _core_transform(keyring=KEYRING) -> MaskTransform:
+    transform = MaskTransform(Masker(keyring), CODECS)
+    if transform.core is None:  # reached only without STREAMS_REQUIRE_CORE=1: load() raises then
+        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
+    return transform
+
+
+def _comparable(out: Output) -> tuple:
+    """An output without the dead letter's clock (``failed_at``)."""
+    if out.reason is None:
+        return out.key, out.value, None
+    dead = CODECS.dead_letter.decode(out.value)
+    dead.pop("failed_at")
+    return out.key, json.dumps(dead, sort_keys=True, default=repr), out.reason
+
+
+def _assert_same(core: MaskTransform, reference: MaskTransform, messages: list) -> None:
+    got = core.batch(messages)
+    expected = [reference(key, value, where) for key, value, where in messages]
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert _comparable(a) == _comparable(b), f"record {i} of the batch differs"
+
+
+# --- the golden corpus -------------------------------------------------------------------
+
+
+def test_core_matches_golden_corpus_byte_for_byte():
+    transform = _core_transform()
+    cases = [json.loads(line) for line in (GOLDEN / "corpus.jsonl").read_text().splitlines()]
+    messages = [
+        (bytes.fromhex(c["key"]) if c["key"] is not None else None, bytes.fromhex(c["value"]), f"golden/0/{i}")
+        for i, c in enumerate(cases)
+    ]
+    outputs = transform.batch(messages)
+    for i, (case, out) in enumerate(zip(cases, outputs, strict=True)):
+        assert out.key.hex() == case["out_key"], i
+        assert out.reason == case["reason"], i
+        if out.reason:
+            dead = CODECS.dead_letter.decode(out.value)
+            dead.pop("failed_at")
+            dead["payload"] = dead["payload"].hex()
+            assert dead == case["dead_letter"], i
+        else:
+            assert out.value.hex() == case["out_value"], i
+    # The core parsed and masked the plain records; the rest (dead letters, IPv6, non-ASCII) the reference read.
+    assert transform.core_masked > 250 and transform.core_masked + transform.core_declined == len(cases)
+
+
+# --- a property test: batches of 1,000 records, hostile ones included ---------------------
+
+BATCH = 1_000
+EXAMPLES = 100  # 100,000 records in all
+_SEEN: list[int] = []
+
+_WEIRD = [
+    "é",
+    "ß",
+    "✓",
+    "日本",
+    "\U0001f600",
+    " ",
+    "\t",
+    "\u00a0",
+    "\u2028",
+    "%",
+    ":",
+    ".",
+    "\\",
+    '"',
+    "١",
+    "\ufeff",
+    "\x7f",
+]
+_ESCAPES = ["\\u0000", "\\ud800", "\\udfff", "\\ud83d\\ude00", "\\n", "\\u00e9", '\\"', "\\\\", "\\/"]
+
+
+def _ipv6(rng: random.Random) -> str:
+    """An IPv6 address in some written form: zero runs, either case, leading zeros, `::` anywhere."""
+    hextets = [rng.choice([0, 0, 1, 0xFFFF, rng.getrandbits(16)]) for _ in range(8)]
+    if rng.random() < 0.2:
+        hextets[:6] = [0, 0, 0, 0, 0, 0xFFFF]  # IPv4-mapped, written in hex
+    parts = [rng.choice(["{:x}", "{:X}", "{:04x}", "{:01x}"]).format(h) for h in hextets]
+    if rng.random() < 0.6:
+        i = rng.randrange(8)
+        j = rng.randrange(i, 9)
+        parts = parts[:i] + [""] + parts[j:]
+        text = ":".join(parts)
+        text = ("" if i else ":") + text + ("" if j < 8 else ":")
+        text = text.replace(":::", "::")
+    else:
+        text = ":".join(parts)
+    return text
+
+
+_IPV6_EDGES = [
+    "1:2:3:4:5:6:7::",
+    "1:2:3:4:5:6:7:8::",
+    "::1:2:3:4:5:6:7:8",
+    ":1::2",
+    "1:::2",
+    "12345::1",
+    "g::1",
+    "1:2:3:4:5:6:7:8:9",
+    "::0:0:0:0:0:0:0",
+    "1::2::3",
+    "1:2",
+    ":",
+    "::",
+    "1:2:3:4:5:6:7",
+    "::ffff:0:0",
+    "::fffe:1:2",
+    "0:0:0:0:0:ffff:1:2",
+    "1::/64",
+]
+
+
+def _ip(rng: random.Random, text: str) -> str:
+    octet = lambda: str(rng.randrange(256))  # noqa: E731
+    return rng.choice(
+        [
+            f"{octet()}.{octet()}.{octet()}.{octet()}",
+            f" {octet()}.{octet()}.{octet()}.{octet()}\n",
+            f"0{octet()}.{octet()}.{octet()}.{octet()}",  # a leading zero: not an IP, masked as text
+            f"2001:DB8::{rng.getrandbits(16):X}",
+            f"2001:db8:0:0:0:0:{rng.getrandbits(16):x}:1",
+            f"::ffff:{octet()}.{octet()}.{octet()}.{octet()}",
+            f"::FFFF:{octet()}.{octet()}.{octet()}.{octet()}%eth0",
+            f"fe80::{rng.getrandbits(16):x}%{text or 'en0'}",
+            f"{octet()}.{octet()}.{octet()}",
+            f"{octet()}.{octet()}.{octet()}.{octet()}.",
+            f"{rng.randrange(250, 1000)}.1.1.1",
+            f"1.2.3.{rng.randrange(0, 300)} ",
+            "1..2.3",
+            _ipv6(rng),
+            _ipv6(rng),
+            f" {_ipv6(rng)} ",
+            rng.choice(_IPV6_EDGES),
+            "::1",
+            text,
+            text * rng.randrange(1, 60),
+        ]
+    )
+
+
+def _text(rng: random.Random, drawn: str, plain: bool) -> str:
+    size = rng.choice([1, 3, 12, 40, 150, 199, 200, 201, 260])
+    weird = " " if plain else rng.choice(_WEIRD)
+    parts = [rng.choice([drawn, weird, f"{rng.getrandbits(32):x}", "-"]) for _ in range(size // 4 + 1)]
+    return "".join(parts)[:size] or "x"
+
+
+def _json_str(value: str, rng: random.Random, plain: bool) -> str:
+    encoded = json.dumps(value, ensure_ascii=rng.random() < 0.5)
+    if not plain and rng.random() < 0.08:  # an escape json.dumps would not write: NUL, lone surrogates, pairs
+        encoded = encoded[:-1] + rng.choice(_ESCAPES) + '"'
+    return encoded
+
+
+def _body(rng: random.Random, drawn: str) -> str:
+    # Half the records plain (ASCII, no escapes: the shape the core parses itself), with
+    # edges of that shape: padding, blank and over-long values, near-IPs, odd versions.
+    plain = rng.random() < 0.5
+    if plain:
+        drawn = "".join(c for c in drawn if " " <= c <= "~" and c not in '"\\') or rng.choice(["a", " ", "1.2"])
+    fields = {
+        "user_id": f"u-{rng.getrandbits(40):x}",
+        "app_version": rng.choice(
+            ["2.3.0", "0.96", "5.0.1", "1.2.3.4", "beta", "99999.1", "2147.483.647", "2147.483.648", "1.1000", "007.08"]
+            + ["1.", ".1", "", " 1.2", "1.2.3 ", "99999999999999999999999", "1.2.3." + "9" * 30, drawn]
+        ),
+        "device_type": rng.choice(["ios", "android", drawn]),
+        "ip": _ip(rng, drawn),
+        "locale": rng.choice(["EN", "RU", None, "", " ", "x" * 32, "x" * 33, drawn]),
+        "device_id": rng.choice([f"{rng.getrandbits(48):012x}", _text(rng, drawn, plain), f" {drawn} "]),
+    }
+    shape = rng.random()
+    if shape < 0.03:
+        del fields[rng.choice(list(fields))]
+    elif shape < 0.06:
+        fields[rng.choice(list(fields))] = rng.choice([None, 7, 1.5, True, [], {}, ""])
+    elif shape < 0.08:
+        fields["extra"] = {"a": [1, 2, {"b": drawn}]}
+    items = [
+        f"{json.dumps(k)}: {_json_str(v, rng, plain) if isinstance(v, str) else json.dumps(v)}"
+        for k, v in fields.items()
+    ]
+    rng.shuffle(items)
+    if shape > 0.98:  # a repeated key
+        items.append(items[0])
+    body = "{" + ", ".join(items) + "}"
+    if rng.random() < 0.02:
+        body = rng.choice([body[: rng.randrange(len(body))], "\ufeff" + body, "[" * 70 + "]" * 70, body + "x"])
+    return body
+
+
+def _record(rng: random.Random, drawn: str, i: int) -> tuple[bytes | None, bytes | None, str]:
+    kind = rng.random()
+    body = rng.choice(CATALOGUE)[1] if kind < 0.03 else _body(rng, drawn)
+    message_id = f"m-{i}" if rng.random() < 0.94 else rng.choice(["", "x" * 129, f"{drawn}-{i}"])
+    raw = {"MessageId": message_id, "Body": body, "Attributes": {"SentTimestamp": str(1_764_000_000_000 + i)}}
+    try:
+        value: bytes | None = CODECS.raw.encode(envelope(raw))
+    except Exception:  # a body Avro cannot carry (not UTF-8): the record as random bytes
+        value = rng.randbytes(rng.randrange(0, 40))
+    if kind > 0.995:
+        value = rng.choice([None, b"", value[: len(value) // 2] if value else b"", b"\x00\x00\x00\x00\x01junk"])
+    key = rng.choice([message_id.encode("utf-8", "replace"), None, b"\xff\xfe"])
+    return key, value, f"prop/0/{i}"
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(seed=st.integers(0, 2**64 - 1), drawn=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=8))
+def _core_equals_reference(seed: int, drawn: list[str]) -> None:
+    rng = random.Random(seed)
+    messages = [_record(rng, rng.choice(drawn), i) for i in range(BATCH)]
+    _assert_same(_PAIR[0], _PAIR[1], messages)
+    _SEEN.append(len(messages))
+
+
+_PAIR: list[MaskTransform] = []
+
+
+def test_core_equals_reference_on_100k_hostile_records():
+    _PAIR[:] = [_core_transform(), MaskTransform(Masker(KEYRING), CODECS, use_core=False)]
+    _SEEN.clear()
+    _core_equals_reference()
+    assert sum(_SEEN) >= 100_000
+    core = _PAIR[0]
+    assert core.core_masked > 15_000  # the core parsed and masked a good share itself, not handing it back
+
+
+def test_core_with_every_join_format_and_fresh_keys():
+    """Keys as `keys init` makes them, and an older join version (no domain separation)."""
+    doc = generate_document()
+    older = json.loads(json.dumps(doc))
+    older["join"]["domain_separated"] = []
+    for document in (doc, older):
+        keyring = parse_keyring(json.dumps(document), "test")
+        rng = random.Random(3)
+        messages = [_record(rng, "zz", i) for i in range(500)]
+        _assert_same(_core_transform(keyring), MaskTransform(Masker(keyring), CODECS, use_core=False), messages)
+
+
+# --- declines, fallback and the require flag -----------------------------------------------
+
+
+def test_declined_values_go_to_the_reference_and_are_counted(monkeypatch):
+    transform = _core_transform()
+    core = transform.core
+    assert core is not None
+    real = core.mask
+
+    def declining(field: str, canonicals: list[str]):
+        tokens, ciphertexts = real(field, canonicals)
+        return tokens, [None if i % 3 == 0 else c for i, c in enumerate(ciphertexts)]
+
+    monkeypatch.setattr(core, "mask", declining)
+    rng = random.Random(11)
+    messages = [_record(rng, "q", i) for i in range(300)]
+    before = metrics.MASK_CORE_DECLINED._value.get()
+    _assert_same(transform, MaskTransform(Masker(KEYRING), CODECS, use_core=False), messages)
+    assert transform.core_declined > 50
+    assert metrics.MASK_CORE_DECLINED._value.get() - before == transform.core_declined
+
+
+def test_without_the_extension_the_reference_is_used_or_it_is_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "streams_core", None)  # import streams_core raises ImportError
+    masker = Masker(KEYRING)
+    assert mask_core.load(masker, require=False) is None
+    assert metrics.MASK_CORE._value.get() == 0
+    with pytest.raises(ConfigError) as refused:
+        mask_core.load(masker, require=True)
+    assert "STREAMS_REQUIRE_CORE=1" in str(refused.value) and "\n" not in str(refused.value)
+    monkeypatch.setenv("STREAMS_REQUIRE_CORE", "1")
+    with pytest.raises(ConfigError):
+        MaskTransform(masker, CODECS)
+    monkeypatch.setenv("STREAMS_REQUIRE_CORE", "yes")
+    with pytest.raises(ConfigError, match="must be 1 or 0"):
+        mask_core.core_required()
+
+
+def test_a_core_that_disagrees_with_the_reference_is_not_used(monkeypatch):
+    streams_core = _core_module()
+
+    class WrongMac:  # a token scheme that is not the reference's (no domain prefix)
+        def __init__(self, key: bytes, prefix: bytes) -> None:
+            self._mac = streams_core.Mac(key, b"")
+
+        def tokens(self, head, values):
+            return self._mac.tokens(head, values)
+
+    wrong = type(sys)("streams_core")
+    wrong.Mac, wrong.Siv, wrong.parse_logins = WrongMac, streams_core.Siv, streams_core.parse_logins
+    monkeypatch.setitem(sys.modules, "streams_core", wrong)
+    assert mask_core.load(Masker(KEYRING), require=False) is None
+    with pytest.raises(ConfigError, match="differ from the reference"):
+        mask_core.load(Masker(KEYRING), require=True)
+
+
+# --- the primitives, against the libraries the reference uses ------------------------------
+
+
+def test_primitives_match_hmac_and_cryptography_aes_siv():
+    streams_core = _core_module()
+    rng = random.Random(5)
+    keys = [rng.randbytes(64), rng.randbytes(32), rng.randbytes(64)]
+    values = [rng.randbytes(rng.randrange(0, 600)) for _ in range(200)]
+    mac_key, prefix = rng.randbytes(32), b"ip\0h2\0"
+    digests = streams_core.Mac(mac_key, prefix).digests(values)
+    assert digests == [hmac.digest(mac_key, prefix + v, "sha256") for v in values]
+    index = [rng.randrange(len(keys)) for _ in values]
+    each = [rng.randbytes(rng.randrange(0, 50)) for _ in values]
+    sealed = streams_core.Siv(keys).seal(index, values, 0, [b"shared", b""], each)
+    assert sealed == [
+        AESSIV(keys[k]).encrypt(v, [b"shared", b"", e]) for k, v, e in zip(index, values, each, strict=True)
+    ]
+    # Declined, never raised: a lone surrogate, a value too long for the pad, an unknown key index.
+    out = streams_core.Siv(keys).seal([0, 0, 9], ["\ud800", "x" * 70_000, "ok"], 256, [b"a"])
+    assert out == [None, None, None]
+    assert streams_core.Mac(mac_key, b"").tokens("h.", ["\udfff", "a"])[0] is None
+
+
+def test_core_parser_reads_ips_as_ipaddress_does():
+    """50,000 written forms of IPv4 and IPv6 addresses (and near misses) through the core's
+    parser: each is declined or canonicalised exactly as ``canonical_ip`` does."""
+    transform = _core_transform()
+    assert transform.core is not None
+    rng = random.Random(17)
+    texts = [rng.choice([_ipv6(rng), _ip(rng, "x:y"), rng.choice(_IPV6_EDGES)]) for _ in range(50_000)]
+    values = [
+        CODECS.raw.encode(
+            envelope(
+                {
+                    "MessageId": f"m-{i}",
+                    "Body": json.dumps({"user_id": "u", "device_type": "ios", "ip": text, "locale": None})[:-1]
+                    + ', "device_id": "d", "app_version": "1.0"}',
+                    "Attributes": {"SentTimestamp": "1764000000000"},
+                }
+            )
+        )
+        for i, text in enumerate(texts)
+    ]
+    parsed = transform.core.parse(values)
+    read = 0
+    for text, fields in zip(texts, parsed, strict=True):
+        if fields is not None:
+            read += 1
+            assert (fields[4], fields[5]) == canonical_ip(text), text
+    assert read > 25_000  # most forms are read by the core (dotted IPv6 and scope ids are declined)
+
+
+def test_with_a_registry_the_core_reads_both_wire_formats():
+    """A worker with a schema registry reads Confluent-format records and single-object
+    ones (written before the switch); the core parses both, and writes what the reference does."""
+    from tests.unit.test_registry_codec import codecs_with, registered
+
+    codecs = codecs_with(registered())
+    transform = MaskTransform(Masker(KEYRING), codecs)
+    if transform.core is None:
+        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
+    reference = MaskTransform(Masker(KEYRING), codecs, use_core=False)
+    rng = random.Random(23)
+    plain = [CODECS.raw.encode(envelope(_plain_login(rng, i))) for i in range(400)]
+    confluent = [codecs.raw.header + v[10:] for v in plain[:200]]
+    messages = [(None, v, f"r/0/{i}") for i, v in enumerate(confluent + plain[200:])]
+    got = transform.batch(messages)
+    assert got == [reference(k, v, w) for k, v, w in messages]
+    assert got[0].value[:1] == b"\x00" and transform.core_masked == 400 and transform.core_declined == 0
+
+
+def _plain_login(rng: random.Random, i: int) -> dict:
+    body = {
+        "user_id": f"u{i}",
+        "app_version": "2.3.0",
+        "device_type": "ios",
+        "ip": f"10.0.{rng.randrange(256)}.{i % 256}" if i % 3 else f"2001:db8::{i:x}",
+        "locale": "EN",
+        "device_id": f"{rng.getrandbits(48):012x}",
+    }
+    return {
+        "MessageId": f"m-{i}",
+        "Body": json.dumps(body),
+        "Attributes": {"SentTimestamp": str(1_764_000_000_000 + i)},
+    }
+
+
+def test_primitives_seal_the_per_user_scheme_byte_for_byte():
+    """The per-user key mode (masking.join_token / pad_field / associated / seal) from the same
+    primitives: one key per user (an index per record), one associated-data item per value."""
+    from streams.privacy.masking import associated, join_token, pad_field, seal
+
+    streams_core = _core_module()
+    rng = random.Random(29)
+    user_keys = [rng.randbytes(64) for _ in range(7)]
+    join_key = rng.randbytes(32)
+    users = [rng.randrange(len(user_keys)) for _ in range(300)]
+    values = [rng.choice([f"10.0.0.{i % 256}", f"2001:db8::{i:x}", "é" * (i % 60)]) for i in range(300)]
+    digests = streams_core.Mac(join_key, b"ip\0h2\0").digests(values)
+    assert digests == [join_token(join_key, b"ip", b"h2", v.encode()) for v in values]
+    key_id = rng.randbytes(8)
+    tokens = streams_core.Mac(join_key, b"ip\0h2\0").tokens("h2.", values)
+    ads = [associated(b"ip", f"u{u}".encode(), key_id, t.encode()) for u, t in zip(users, tokens, strict=True)]
+    padded = [pad_field("ip", v.encode()) for v in values]
+    sealed = streams_core.Siv(user_keys).seal(users, padded, 0, [], ads)
+    assert sealed == [seal(user_keys[u], p, a) for u, p, a in zip(users, padded, ads, strict=True)]
