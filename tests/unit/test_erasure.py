@@ -141,8 +141,8 @@ def test_the_batch_path_drops_an_erased_users_record_as_the_reference_does():
 
 
 def test_the_sealing_transform_drops_an_erased_user_before_making_a_data_key():
-    from tests.unit.test_user_keys import masker
     from streams.pipeline.mask import SealingMaskTransform
+    from tests.unit.test_user_keys import masker
 
     sealing = masker()
     transform = SealingMaskTransform(sealing, codecs, ledger())
