@@ -242,9 +242,13 @@ class StageWriter(RevokeHandler):
         if self.producer.open:
             await self.commit_now()
 
+    def before_commit(self) -> None:
+        """Last writes of the open transaction, just before it commits (the mask stage's dedup changelog)."""
+
     async def commit_now(self) -> None:
         offsets, self.offsets = self.offsets, {}
         try:
+            self.before_commit()
             await self.blocking(lambda: self.commit_sync(offsets), "commit transaction")
         except Abort as abort:
             await self.aborted(abort)
@@ -304,6 +308,10 @@ class MaskWriter(StageWriter):
         if self.dedup is not None:
             self.dedup.rollback()
 
+    def before_commit(self) -> None:
+        if self.dedup is not None:
+            self.dedup.flush(self.producer.produce)
+
     def committed(self, offsets: dict[tuple[str, int], int]) -> None:
         self.prune(offsets)
         self.masked_out.inc(self.counts["masked"])
@@ -354,6 +362,11 @@ class MaskWriter(StageWriter):
                 or time.monotonic() - producer.began >= self.settings.commit_interval
             ):
                 offsets, self.offsets = self.offsets, {}
+                try:
+                    self.before_commit()
+                except Abort as abort:
+                    await self.aborted(abort)
+                    return
                 self.in_flight = asyncio.ensure_future(self._commit(offsets))
 
     async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
@@ -378,11 +391,11 @@ class MaskWriter(StageWriter):
             partition, offset = cast(int, message.partition()), cast(int, message.offset())
             source = (partition, offset)
             offsets[(topic, partition)] = offset + 1
-            if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1], produce):
+            if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1]):
                 if not any(header[0] == REDRIVE_HEADER for header in message.headers() or ()):
                     counts["duplicate"] += 1
                     continue
-                dedup.admit(partition, offset, out.key, message.timestamp()[1], produce, force=True)
+                dedup.admit(partition, offset, out.key, message.timestamp()[1], force=True)
             reason = out.reason
             record: tuple = (dlq_topic, out.key, out.value) if reason else (masked_topic, out.key, out.value)
             if refused or reason or len(out.key) + len(out.value) > masked_limit:
