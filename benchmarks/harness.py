@@ -155,10 +155,11 @@ class Sandbox:
 
 
 def raw_records(
-    topic: str, bodies: list[str], sent_at: int = 1_764_000_000_000, first: int = 0
+    topic: str, bodies: list[str], sent_at: int = 1_764_000_000_000, first: int = 0, settings: Settings | None = None
 ) -> list[tuple[str, bytes, bytes]]:
-    """The bridge's records for ``bodies`` (message ids ``b-<first + i>``), ready to produce."""
-    codec = Codecs().raw
+    """The bridge's records for ``bodies`` (message ids ``b-<first + i>``), ready to produce;
+    encoded as the bridge of ``settings`` would (with a schema registry: its wire format)."""
+    codec = (Codecs.from_settings(settings) if settings is not None else Codecs()).raw
     return [
         (
             topic,

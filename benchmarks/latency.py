@@ -80,8 +80,8 @@ def visible_latency(
     reader.assign([TopicPartition(out_topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     producer = Producer(client_config(settings, **{"enable.idempotence": True, "acks": "all", "linger.ms": 5}))
     n = int(rate * seconds)
-    warm = raw_records(settings.raw_topic, logins(50, seed=7), first=90_000_000)
-    records = raw_records(settings.raw_topic, logins(n, seed=8), first=80_000_000)
+    warm = raw_records(settings.raw_topic, logins(50, seed=7), first=90_000_000, settings=settings)
+    records = raw_records(settings.raw_topic, logins(n, seed=8), first=80_000_000, settings=settings)
     sent: dict[bytes, float] = {}
     seen: dict[bytes, float] = {}
     try:

@@ -49,7 +49,7 @@ log = logging.getLogger("streams.worker")
 
 REDRIVE_HEADER = "streams-redrive"  # a record `streams dlq redrive` put back: reprocessed, never a copy
 ENTRY = struct.Struct(">qq")  # the earlier format's value: offset, raw timestamp (ms)
-ENTRY_BYTES = 300  # measured roughly: bytes key (~70), tuple of two ints (~120), dict slot (~100)
+ENTRY_BYTES = 300  # per id held: 276 measured for a 36-character id (tests/unit/test_dedup.py)
 MAGIC = b"\xff\x01"  # a batch value; an earlier entry starts with an offset's high byte (0x00)
 HEADER = struct.Struct(">2sI")  # magic, count
 ITEM = struct.Struct(">qqH")  # offset, raw timestamp (ms), id length; the id follows
@@ -103,6 +103,7 @@ class DedupWindow:
         self.undo: list[tuple[int, bytes, Entry | None]] = []
         # Ids admitted in the open transaction, not yet on the changelog: (id, offset, timestamp).
         self.pending: dict[int, list[tuple[bytes, int, int]]] = {}
+        self.admitted = 0  # ids admitted so far (a periodic expiry)
 
     def admit(self, partition: int, offset: int, key: bytes | None, timestamp: int, force: bool = False) -> bool:
         """Whether to write this record's output; remembers the id (its changelog entry goes out in ``flush``).
@@ -114,24 +115,30 @@ class DedupWindow:
         ids = self.state.get(partition)
         if ids is None:
             ids = self.state[partition] = OrderedDict()
+        newest = self.newest.get(partition, -1)
+        if timestamp > newest:
+            newest = self.newest[partition] = timestamp
         seen = ids.get(key)
-        if seen is not None:
+        if seen is not None and seen[1] >= newest - self.window_ms:  # older: forgotten, even if not yet removed
             if seen[0] < offset and not force:
                 return False  # a later copy of an id already written
             if seen[0] == offset:
                 return True  # the same record again (a replay, a rewind): reprocess it
-        entry = (offset, timestamp)
         self.undo.append((partition, key, seen))
-        ids[key] = entry
+        ids[key] = (offset, timestamp)
         if seen is None:
             self.size += 1
+        else:
+            ids.move_to_end(key)  # expiry goes front to back: the newest at the back
         pending = self.pending.get(partition)
         if pending is None:
             pending = self.pending[partition] = []
         pending.append((key, offset, timestamp))
-        if timestamp > self.newest.get(partition, -1):
-            self.newest[partition] = timestamp
-        self._expire(partition, ids)
+        self.admitted += 1
+        # Over a bound: at once. Past the window: every 256 ids (until then such an id only
+        # takes memory; the check above already treats it as forgotten).
+        if self.size > self.max_ids or self.size * ENTRY_BYTES > self.max_bytes or not self.admitted & 255:
+            self._expire(partition, ids)
         return True
 
     def _expire(self, partition: int, ids: OrderedDict[bytes, Entry]) -> None:

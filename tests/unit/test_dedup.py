@@ -56,7 +56,9 @@ def test_one_changelog_record_per_partition_per_transaction():
     assert commit(w) == 3  # 3,000 ids on 3 partitions: 3 records (the earlier format wrote 3,000)
     assert len(written) == 3 and len({key for _, key, _, _ in written}) == 3  # distinct keys: compaction keeps each
     got = entries(written)
-    assert sorted((p, k, e) for p, (k, e) in got) == sorted((i % 3, f"{i:036d}".encode(), (i, 1000 + i)) for i in range(3000))
+    assert sorted((p, k, e) for p, (k, e) in got) == sorted(
+        (i % 3, f"{i:036d}".encode(), (i, 1000 + i)) for i in range(3000)
+    )
     assert commit(w) == 0  # an empty transaction writes nothing
     for i in range(3000, 3010):
         admit(w, 0, i, f"{i:036d}".encode(), 1000 + i)
