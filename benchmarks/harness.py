@@ -227,6 +227,7 @@ class Result:
     name: str
     events: int
     seconds: float = 0.0  # from start to done
+    first: float | None = None  # from start to the first progress (start-up: imports, connections, assignment)
     rate: float | None = None  # steady events/s between 10 % and 90 % done
     cpu_per_100k: float | None = None  # CPU seconds per 100,000 events, same window
     peak_rss_mib: float | None = None
@@ -312,6 +313,8 @@ def measure(
                 result.notes.append(f"exited early (log {log_path})")
                 break
             done = progress()
+            if done and result.first is None:
+                result.first = round(now - start, 1)
             cpu = sum(_tree_cpu(p) for p in procs)
             samples.append((now, done, cpu))
             for service, proc in watched.items():
