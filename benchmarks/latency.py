@@ -20,6 +20,7 @@ output appeared (start-up, assignment) are left out. One clock (one machine).
 
 from __future__ import annotations
 
+import math
 import statistics
 import subprocess
 import threading
@@ -44,8 +45,9 @@ class Latency:
 
 
 def _quantile(values: list[float], q: float) -> float:
+    """Nearest rank: the smallest value with at least ``q`` of all values at or below it."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def visible_latency(
