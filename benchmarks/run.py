@@ -667,8 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for line in targets:
             print(line)
+    # The stages alone: a worker RSS row's CPU window counts sink rows while its mask stage runs ahead.
     project = {"mask stage", "mask stage, 2 workers", "sink stage", "bridge"}
-    sizing = [r for r in rows if (r.result.name in project or r.group == "rss") and r.result.cpu_per_100k]
+    sizing = [r for r in rows if r.result.name in project and r.result.cpu_per_100k]
     if sizing:
         print()
         _print_sizing(sizing)
