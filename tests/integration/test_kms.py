@@ -178,7 +178,7 @@ def test_a_fresh_kms_wipes_the_dev_rows_only_its_lost_keys_opened(pipeline, stac
     # A login of keyring mode (no sealed value) is not the KMS's: it stays.
     pipeline.query(
         "INSERT INTO user_logins SELECT (jsonb_populate_record(NULL::user_logins,"
-        " to_jsonb(l) || '{\"message_id\": \"keyring-row\"}')).* FROM user_logins l LIMIT 1"
+        ' to_jsonb(l) || \'{"message_id": "keyring-row"}\')).* FROM user_logins l LIMIT 1'
     )
 
     def counts() -> dict[str, int]:

@@ -98,7 +98,9 @@ class Kms(Service):
                 gone = 0
                 for table in LOST_WITH_KMS:
                     # user_logins: only the rows written in per-user key mode (tokens of the lost HMAC key)
-                    where = " WHERE message_id IN (SELECT message_id FROM sealed_values)" if table == "user_logins" else ""
+                    where = (
+                        " WHERE message_id IN (SELECT message_id FROM sealed_values)" if table == "user_logins" else ""
+                    )
                     status = await conn.execute(f"DELETE FROM {table}{where}")
                     gone += int(status.rsplit(" ", 1)[-1])
             return gone
