@@ -67,3 +67,4 @@ def pipeline(stack_settings: Settings, tmp_path: Path):
     p = isolated_pipeline(stack_settings, tmp_path)
     yield p
     p.stop_all()
+    p.remove_sandbox()

@@ -14,7 +14,7 @@ from typing import TypeVar
 import asyncpg
 
 from streams.io.codec import Codecs
-from streams.io.kafka import group_lag, read_topic, total_lag
+from streams.io.kafka import client_config, group_lag, read_topic, total_lag
 from streams.io.postgres import fetch, require_migrated
 from streams.io.sqs import bodies_from_json, send_to_queue
 from streams.ops import children
@@ -137,6 +137,38 @@ class Pipeline:
     def stop_all(self) -> None:
         for proc, _ in self.procs:
             children.kill(proc)
+
+    def remove_sandbox(self) -> None:
+        """Delete the sandbox's topics (raw, masked, DLQ, changelogs: every name under its tag)
+        and drop its database.
+
+        Best effort, at teardown: a shared stack that keeps every test's 24 partitions runs
+        its broker out of heap after a few hundred tests.
+        """
+        from confluent_kafka.admin import AdminClient
+
+        tag = self.env["STREAMS_RAW_TOPIC"].rsplit(".", 1)[0] + "."
+        try:
+            admin = AdminClient(client_config(self.settings))
+            doomed = [t for t in admin.list_topics(timeout=10).topics if t.startswith(tag)]
+            for future in admin.delete_topics(doomed, operation_timeout=30).values() if doomed else ():
+                future.result(timeout=60)
+        except Exception:  # a test that stopped the broker, or a topic already gone: nothing to keep
+            pass
+        dsn = self.settings.pg_dsn.get_secret_value()
+        admin_dsn, database = dsn.rsplit("/", 1)[0] + "/postgres", dsn.rsplit("/", 1)[1]
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(admin_dsn, timeout=10)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        try:
+            asyncio.run(drop())
+        except Exception:  # the test's own server is gone, or the role may not drop: nothing to keep
+            pass
 
     def log_of(self, proc: subprocess.Popen) -> str:
         return next(path.read_text(errors="replace") for p, path in self.procs if p is proc)

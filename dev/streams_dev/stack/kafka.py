@@ -147,7 +147,7 @@ class Kafka(Service):
         if not (self.data_dir / "meta.properties").exists():
             self._format()
 
-    def _java_argv(self, main: str, *args: str, heap: str = "512m") -> list[str]:
+    def _java_argv(self, main: str, *args: str, heap: str = "1g") -> list[str]:
         return [
             self._java,
             f"-Xmx{heap}",
