@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
@@ -37,12 +37,13 @@ from streams.privacy.masking import (
     _AD_LABEL,
     _FORMAT_BYTE,
     BOUND,
+    DEVICE_ID_SIZES,
+    IP_SIZE,
     PAD_BLOCK,
     Masker,
     UserMasker,
     _bound_ad,
     mac_prefix,
-    pad_field,
 )
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class _ProbeLifetime:
         return self.key
 
 
+# masking.field_size as ascending sizes: an IP fits IP_SIZE or falls into the larger device id sizes.
+_PAD_SIZES = {"ip": [IP_SIZE, *(s for s in DEVICE_ID_SIZES if s > IP_SIZE)], "device_id": list(DEVICE_ID_SIZES)}
+_SEAL_PROBES = (*_PROBES, "z" * 46, "z" * 47, "y" * 150, "€" * 68)  # each of pad_field's sizes and its edges
 _PROBE_USERS = ("u-1", "ü-✓-user", "x" * 128)
 
 
@@ -145,10 +149,15 @@ class SealingCore(_CoreParser):
         version = masker.version
         self._siv = module.Siv
         self._token_head = f"{version}."
-        # Per field: the MAC (key and ``field NUL version NUL`` absorbed once) and the start of
-        # the one associated-data item (``label NUL field NUL``; then user, key id, token).
+        # Per field: the MAC (key and ``field NUL version NUL`` absorbed once), the start of the
+        # one associated-data item (``label NUL field NUL``; then user, key id, token) and the
+        # padded sizes (``pad_field``: the smallest that holds the value).
         self._fields = {
-            field: (module.Mac(key, f"{field}\0{version}\0".encode()), _AD_LABEL + b"\0" + field.encode() + b"\0")
+            field: (
+                module.Mac(key, f"{field}\0{version}\0".encode()),
+                _AD_LABEL + b"\0" + field.encode() + b"\0",
+                _PAD_SIZES[field],
+            )
             for field, key in masker.join_keys.items()
         }
         self._check(masker)
@@ -167,43 +176,43 @@ class SealingCore(_CoreParser):
         whose id is ``key_ids[i]``."""
         siv = self._siv(keys)  # the batch's data keys, each key schedule set once
         bound = [_user_and_key(user, key_id) for user, key_id in zip(users, key_ids, strict=True)]
-        ip_tokens, ip_sealed = self._seal_field(siv, "ip", index, bound, ips)
-        device_tokens, device_sealed = self._seal_field(siv, "device_id", index, bound, devices)
-        out: list[tuple[str, bytes, str, bytes] | None] = []
-        for key_id, ip_token, ip_value, device_token, device_value in zip(
-            key_ids, ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True
-        ):
-            if ip_token is None or ip_value is None or device_token is None or device_value is None:
-                out.append(None)
-            else:
-                head = _FORMAT_BYTE + key_id
-                out.append((ip_token, head + ip_value, device_token, head + device_value))
-        return out
+        heads = [_FORMAT_BYTE + key_id for key_id in key_ids]  # what a stored sealed value starts with
+        ip_tokens, ip_sealed = self._seal_field(siv, "ip", index, bound, heads, ips)
+        device_tokens, device_sealed = self._seal_field(siv, "device_id", index, bound, heads, devices)
+        return [
+            None
+            if ip_token is None or ip_value is None or device_token is None or device_value is None
+            else (ip_token, ip_value, device_token, device_value)
+            for ip_token, ip_value, device_token, device_value in zip(
+                ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True
+            )
+        ]
 
     def _seal_field(
-        self, siv, field: str, index: list[int], bound: list[bytes | None], canonicals: list[str]
+        self,
+        siv: Any,
+        field: str,
+        index: list[int],
+        bound: list[bytes | None],
+        heads: list[bytes],
+        canonicals: list[str],
     ) -> tuple[list[str | None], list[bytes | None]]:
-        mac, ad_head = self._fields[field]
+        """Tokens and stored sealed values of one field; the core pads (``pad_field``'s sizes)."""
+        mac, ad_head, sizes = self._fields[field]
         tokens = mac.tokens(self._token_head, canonicals)
-        padded: list[bytes | None] = []
-        ads: list[bytes | None] = []
-        for canonical, token, user_and_key in zip(canonicals, tokens, bound, strict=True):
-            try:
-                if token is None or user_and_key is None:
-                    raise ValueError("no token or no user id")
-                padded.append(pad_field(field, canonical.encode("utf-8")))
-            except (UnicodeEncodeError, ValueError):  # no UTF-8 form, too long to seal, no token or user
-                padded.append(None)
-                ads.append(None)
-            else:
-                ads.append(ad_head + user_and_key + token.encode())
-        return tokens, siv.seal(index, padded, 0, [], ads)
+        try:
+            ads: list[bytes | None] = [ad_head + b + t.encode() for b, t in zip(bound, tokens, strict=True)]  # type: ignore[operator]
+        except (TypeError, AttributeError):  # a user id or token missing: that value is declined
+            ads = [
+                None if b is None or t is None else ad_head + b + t.encode() for b, t in zip(bound, tokens, strict=True)
+            ]
+        return tokens, siv.seal(index, canonicals, sizes, [], ads, None, heads)
 
     def _check(self, masker: UserMasker) -> None:
         key_id, key = b"probe-id", bytes(range(64))
         reference = UserMasker(masker.join_keys, masker.version, _ProbeLifetime(key_id, key), cache_size=0)
-        ips, devices = list(_PROBES), list(reversed(_PROBES))
-        users = [_PROBE_USERS[i % len(_PROBE_USERS)] for i in range(len(_PROBES))]
+        ips, devices = list(_SEAL_PROBES), list(reversed(_SEAL_PROBES))
+        users = [_PROBE_USERS[i % len(_PROBE_USERS)] for i in range(len(_SEAL_PROBES))]
         got = self.seal([key], [0] * len(ips), [key_id] * len(ips), users, ips, devices)
         for user, ip, device, sealed in zip(users, ips, devices, got, strict=True):
             if sealed != reference.mask_login(user, ip, device):

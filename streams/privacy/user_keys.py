@@ -99,6 +99,18 @@ class KeyRow:
     wrapped_key: bytes
 
 
+class _UserKey:
+    """One user's data key in a lifetime (memory only): its id, its bytes (the compiled
+    core's) and, once the reference has sealed with it, its AES-SIV object."""
+
+    __slots__ = ("key", "key_id", "siv")
+
+    def __init__(self, key_id: bytes, key: bytes) -> None:
+        self.key_id = key_id
+        self.key = key
+        self.siv: AESSIV | None = None
+
+
 class Lifetime:
     """This worker lifetime's key-encryption key and the per-user data keys it made.
 
@@ -134,7 +146,7 @@ class Lifetime:
         self._kek = AESSIV(made["Plaintext"])
         self._wrap_prefix = wrap_ad(self.deployment, self.key_id, "")  # + the user id: ``wrap_ad``
         self.new_lifetimes.append((self.key_id, made["CiphertextBlob"]))
-        self._keys: dict[str, tuple[bytes, AESSIV, bytes]] = {}  # user id: (key id, AES-SIV, data key)
+        self._keys: dict[str, _UserKey] = {}
         self._random, self._random_at = b"", 0
 
     def data_key(self, user_id: str) -> tuple[bytes, AESSIV]:
@@ -142,7 +154,10 @@ class Lifetime:
         found = self._keys.get(user_id)
         if found is None:
             found = self._new_key(user_id)
-        return found[0], found[1]
+        siv = found.siv
+        if siv is None:  # the AES-SIV object (3 µs to make) only when the reference seals
+            siv = found.siv = AESSIV(found.key)
+        return found.key_id, siv
 
     def raw_key(self, user_id: str) -> tuple[bytes, bytes]:
         """``(key id, data key bytes)`` of ``user_id``, for the compiled core (which sets its own
@@ -150,9 +165,9 @@ class Lifetime:
         found = self._keys.get(user_id)
         if found is None:
             found = self._new_key(user_id)
-        return found[0], found[2]
+        return found.key_id, found.key
 
-    def _new_key(self, user_id: str) -> tuple[bytes, AESSIV, bytes]:
+    def _new_key(self, user_id: str) -> _UserKey:
         if len(self._keys) >= self.max_users:
             self._start()
         if self._random_at >= len(self._random):  # one getrandom call per RANDOM_KEYS keys
@@ -162,7 +177,7 @@ class Lifetime:
         self._random_at = at + DATA_KEY_BYTES
         wrapped = self._kek.encrypt(key, [self._wrap_prefix + user_id.encode()])
         self.pending.append(KeyRow(user_id, self.key_id, wrapped))
-        found = self._keys[user_id] = (self.key_id, AESSIV(key), key)
+        found = self._keys[user_id] = _UserKey(self.key_id, key)
         return found
 
     def take(self) -> tuple[list[tuple[bytes, bytes]], list[KeyRow]]:

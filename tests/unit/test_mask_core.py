@@ -626,8 +626,8 @@ def test_a_sealing_core_that_disagrees_with_the_reference_is_not_used(monkeypatc
         def __init__(self, keys):
             self._siv = streams_core.Siv(keys)
 
-        def seal(self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None):
-            return self._siv.seal(index, plaintexts, pad_block, [b"other"], ad_each, head)
+        def seal(self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None):
+            return self._siv.seal(index, plaintexts, pad_block, [b"other"], ad_each, head, prefix_each)
 
     wrong = type(sys)("streams_core")
     wrong.Mac, wrong.Siv, wrong.parse_logins = streams_core.Mac, WrongSiv, streams_core.parse_logins
