@@ -459,6 +459,21 @@ def test_primitives_seal_the_per_user_scheme_byte_for_byte():
     padded = [pad_field("ip", v.encode()) for v in values]
     sealed = streams_core.Siv(user_keys).seal(users, padded, 0, [], ads)
     assert sealed == [seal(user_keys[u], p, a) for u, p, a in zip(users, padded, ads, strict=True)]
+    # The core pads to pad_field's sizes itself and puts each value's prefix (format byte, key id) first.
+    prefixes = [bytes((3,)) + rng.randbytes(8) for _ in values]
+    for field in ("ip", "device_id"):
+        sizes = mask_core._PAD_SIZES[field]
+        texts = [*values, "x" * 46, "x" * 47, "d" * 94, "d" * 95, "d" * 206, "d" * 207, "设" * 200]
+        each = [*prefixes, *prefixes[: len(texts) - len(values)]]
+        index = [*users, *users[: len(texts) - len(values)]]
+        ad = [*ads, *ads[: len(texts) - len(values)]]
+        got = streams_core.Siv(user_keys).seal(index, texts, sizes, [], ad, None, each)
+        assert got == [
+            p + seal(user_keys[u], pad_field(field, t.encode()), a)
+            for u, t, a, p in zip(index, texts, ad, each, strict=True)
+        ]
+    # Over the largest size (the reference refuses it): declined, never raised.
+    assert streams_core.Siv(user_keys).seal(0, ["d" * 815], mask_core._PAD_SIZES["ip"], [], [b"a"]) == [None]
 
 
 # --- per-user key mode: SealingMaskTransform.batch against its reference ------------------
