@@ -156,7 +156,7 @@ class SealingCore(_CoreParser):
             field: (
                 module.Mac(key, f"{field}\0{version}\0".encode()),
                 _AD_LABEL + b"\0" + field.encode() + b"\0",
-                _PAD_SIZES[field],
+                _PAD_SIZES.get(field, list(DEVICE_ID_SIZES)),
             )
             for field, key in masker.join_keys.items()
         }
