@@ -140,8 +140,8 @@ impl SivKey {
 
 /// How `seal` pads a plaintext before sealing it.
 enum Pad {
-    None,            // sealed as it is
-    Block(usize),    // to the next multiple of a block
+    None,              // sealed as it is
+    Block(usize),      // to the next multiple of a block
     Sizes(Vec<usize>), // to the smallest of these sizes (ascending) that holds it
 }
 
