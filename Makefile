@@ -71,9 +71,10 @@ stack-status: install
 	$(STREAMS) stack status
 
 ## Throughput and per-record cost figures.
+## make bench BENCH_ARGS="--only mask,latency": a subset (parts: mask,sink,bridge,e2e,rss,latency,scaling)
 bench: install
 	$(STREAMS) stack up
-	STREAMS_REQUIRE_CORE=1 $(PY) -m benchmarks.run
+	STREAMS_REQUIRE_CORE=1 $(PY) -m benchmarks.run $(BENCH_ARGS)
 
 ## Chaos run on a private three-broker stack: N messages (2% malformed), K kills of worker
 ## and bridge, L SIGKILLs of a busy partition's leader broker, one PostgreSQL restart;

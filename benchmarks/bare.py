@@ -47,7 +47,9 @@ def kafka_loop(out_topic: str, group: str, copy: bool) -> None:
         from streams.privacy.keys import settings_keyring
         from streams.privacy.masking import Masker
 
-        mask = MaskTransform(Masker(settings_keyring(settings), cache_size=settings.mask_cache_size), Codecs())
+        mask = MaskTransform(
+            Masker(settings_keyring(settings), cache_size=settings.mask_cache_size), Codecs.from_settings(settings)
+        )
 
         def transform(batch):  # the whole batch in one call, as the stage does (the compiled core when built)
             messages = [
@@ -105,7 +107,9 @@ def kafka_txn_loop(out_topic: str, group: str) -> None:
     from streams.privacy.masking import Masker
 
     settings = load_settings()
-    mask = MaskTransform(Masker(settings_keyring(settings), cache_size=settings.mask_cache_size), Codecs())
+    mask = MaskTransform(
+        Masker(settings_keyring(settings), cache_size=settings.mask_cache_size), Codecs.from_settings(settings)
+    )
     consumer = Consumer(
         client_config(
             settings,
@@ -151,7 +155,7 @@ def kafka_txn_loop(out_topic: str, group: str) -> None:
 
 
 def _masked_rows(settings) -> list[dict]:
-    codec = Codecs().masked
+    codec = Codecs.from_settings(settings).masked
     return [codec.decode(value) for _, value in read_topic(settings, settings.masked_topic) if value]
 
 

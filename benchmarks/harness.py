@@ -2,7 +2,8 @@
 
 - ``Sandbox``: its own database, topics, queue, consumer groups and keys on the shared
   stack (``streams_dev.sandbox``), removed afterwards.
-- ``logins``: N login bodies whose ``ip`` and ``device_id`` are all distinct (no cache flattery).
+- ``logins``: N login bodies whose ``ip`` and ``device_id`` are all distinct (no cache
+  flattery), from a given number of distinct users.
 - ``measure``: runs one child process until its progress reaches the total, sampling
   progress, CPU time and RSS; the steady rate and the CPU per 100,000 events are taken
   between 10 % and 90 % done, so start-up and the tail are left out.
@@ -38,8 +39,12 @@ from streams_dev.sandbox import sandbox_env, settings_from_env
 REPO = Path(__file__).resolve().parent.parent
 
 
-def logins(n: int, seed: int = 12) -> list[str]:
-    """``n`` valid login bodies; every ``ip`` and every ``device_id`` distinct."""
+def logins(n: int, seed: int = 12, users: int | None = None) -> list[str]:
+    """``n`` valid login bodies; every ``ip`` and every ``device_id`` distinct (no cache helps).
+
+    ``users``: how many distinct ``user_id`` they come from (drawn uniformly: about n / users
+    logins each, like a day of a login service); None: every login its own user.
+    """
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -47,7 +52,7 @@ def logins(n: int, seed: int = 12) -> list[str]:
         out.append(
             json.dumps(
                 {
-                    "user_id": f"{rng.getrandbits(64):016x}-{i}",
+                    "user_id": f"user-{rng.randrange(users):08d}" if users else f"{rng.getrandbits(64):016x}-{i}",
                     "app_version": rng.choice(["2.3.0", "0.96", "5.0.1", "10.2"]),
                     "device_type": rng.choice(["ios", "android"]),
                     "ip": ip,
@@ -73,12 +78,14 @@ class Sandbox:
         self.topics |= {self.settings.raw_topic, self.settings.masked_topic, self.settings.dlq_topic}
         ensure_topics(self.settings)  # 6 partitions each (not the broker's auto-created single one)
         register_schemas(self.settings)  # the deploy step (with a schema registry)
+        self.registered = {self.settings.raw_topic, self.settings.masked_topic, self.settings.dlq_topic}
 
     def env(self, **over: str) -> dict[str, str]:
         env = {**self.base_env, **over}
         s = settings_from_env(env)
-        if not {s.raw_topic, s.masked_topic, s.dlq_topic} <= self.topics:
+        if not {s.raw_topic, s.masked_topic, s.dlq_topic} <= self.registered:
             register_schemas(s)  # new topics: their subjects too
+            self.registered |= {s.raw_topic, s.masked_topic, s.dlq_topic}
         self.topics |= {s.raw_topic, s.masked_topic, s.dlq_topic, f"{s.raw_topic}.mask-dedup"}
         self.groups |= {s.app_id, f"{s.app_id}-mask", f"{s.app_id}-sink"}
         return env
@@ -148,10 +155,11 @@ class Sandbox:
 
 
 def raw_records(
-    topic: str, bodies: list[str], sent_at: int = 1_764_000_000_000, first: int = 0
+    topic: str, bodies: list[str], sent_at: int = 1_764_000_000_000, first: int = 0, settings: Settings | None = None
 ) -> list[tuple[str, bytes, bytes]]:
-    """The bridge's records for ``bodies`` (message ids ``b-<first + i>``), ready to produce."""
-    codec = Codecs().raw
+    """The bridge's records for ``bodies`` (message ids ``b-<first + i>``), ready to produce;
+    encoded as the bridge of ``settings`` would (with a schema registry: its wire format)."""
+    codec = (Codecs.from_settings(settings) if settings is not None else Codecs()).raw
     return [
         (
             topic,
@@ -219,6 +227,7 @@ class Result:
     name: str
     events: int
     seconds: float = 0.0  # from start to done
+    first: float | None = None  # from start to the first progress (start-up: imports, connections, assignment)
     rate: float | None = None  # steady events/s between 10 % and 90 % done
     cpu_per_100k: float | None = None  # CPU seconds per 100,000 events, same window
     peak_rss_mib: float | None = None
@@ -304,6 +313,8 @@ def measure(
                 result.notes.append(f"exited early (log {log_path})")
                 break
             done = progress()
+            if done and result.first is None:
+                result.first = round(now - start, 1)
             cpu = sum(_tree_cpu(p) for p in procs)
             samples.append((now, done, cpu))
             for service, proc in watched.items():

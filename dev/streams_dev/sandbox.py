@@ -80,6 +80,10 @@ def sandbox_env(base: Settings, workdir: Path, prefix: str = "t", **extra: str) 
         "STREAMS_DATA_DIR": str(workdir / "faust"),
         "STREAMS_LOG_DIR": str(workdir / "logs"),
         "STREAMS_DEV_KEYS": "1",
+        # Keyring mode (a dev key file), unless a test sets local.env's key ids (per-user key mode).
+        "STREAMS_KMS_KEY_ID": "",
+        "STREAMS_KMS_MAC_KEY_ID": "",
+        "STREAMS_KMS_ENDPOINT": f"http://127.0.0.1:{base.kms_port}",
         **extra,
     }
 

@@ -29,6 +29,14 @@ def print_summary(settings: Settings) -> None:
     print(
         f"dead letters: {sum(counts.values())}" + "".join(f"\n  {reason}: {n}" for reason, n in sorted(counts.items()))
     )
+    sealed, vault = asyncio.run(
+        fetch(
+            settings.pg_dsn.get_secret_value(),
+            "SELECT (SELECT count(*) FROM sealed_values) AS sealed, (SELECT count(*) FROM pii_vault) AS vault",
+        )
+    )[0].values()
+    # Per-user key mode writes sealed values (opened only through KMS), keyring mode the vault.
+    print(f"sealed values: {sealed}, pii_vault entries: {vault}")
     print("a few masked rows:")
     sample = asyncio.run(
         fetch(

@@ -74,7 +74,8 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
         s.raw_topic: bounded,
         s.masked_topic: compacted,
         s.dlq_topic: dict(bounded),
-        # The mask stage's dedup window: one record per id (compacted), and nothing much
+        # The mask stage's dedup window: one record per partition per transaction (unique
+        # keys; compaction also drops the earlier format's rewritten ids), and nothing much
         # older than the window (deleted after twice its length; never under an hour).
         changelog_topic(s): {
             CLEANUP: "compact,delete",

@@ -8,11 +8,20 @@ of raw-record time (not wall-clock time, so a backlog does not fill it), and dro
 record whose id it wrote **at an earlier offset**. The same record read again (a
 rewind, a crash, ``streams replay``) has the same offset and is processed again.
 
-State is per partition, restored on assignment from a compacted, time-bounded
-changelog topic with the raw topic's partitioning (``<raw topic>.mask-dedup``, topics as
-code in ``streams.ops.topics``), written inside the mask stage's transaction: what the
-changelog holds is exactly what was committed. An aborted transaction undoes its changes
-in memory (``rollback``).
+State is per partition, restored on assignment from a time-bounded changelog topic with
+the raw topic's partitioning (``<raw topic>.mask-dedup``, topics as code in
+``streams.ops.topics``), written inside the mask stage's transaction: what the changelog
+holds is exactly what was committed. An aborted transaction undoes its changes in memory
+(``rollback``).
+
+**Changelog format.** One record per transaction and partition (``flush``, just before
+the commit), holding every id that transaction admitted on that partition, not one record
+per id: the changelog then costs the stage a handful of records per commit instead of one
+per input. Its key is unique (``0xff``, first offset, time), so compaction keeps every
+batch and the delete retention ages them out; its value is ``0xff 0x01``, a count, and
+``offset, raw timestamp, id length, id`` per id (``encode``/``decode``). A record of the
+earlier format (key = the id, value = offset and timestamp, 16 bytes) is still read on
+restore, so a deployment moves over without a step.
 
 Memory is bounded by ``STREAMS_DEDUP_MAX_IDS`` and ``STREAMS_DEDUP_MAX_BYTES``; an id
 forgotten early under those bounds is counted (``streams_dedup_evictions_total``): a copy
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
@@ -38,10 +48,45 @@ from streams.settings import Settings
 log = logging.getLogger("streams.worker")
 
 REDRIVE_HEADER = "streams-redrive"  # a record `streams dlq redrive` put back: reprocessed, never a copy
-ENTRY = struct.Struct(">qq")  # offset, raw timestamp (ms)
-ENTRY_BYTES = 300  # measured roughly: bytes key (~70), tuple of two ints (~120), dict slot (~100)
+ENTRY = struct.Struct(">qq")  # the earlier format's value: offset, raw timestamp (ms)
+ENTRY_BYTES = 300  # per id held: 276 measured for a 36-character id (tests/unit/test_dedup.py)
+MAGIC = b"\xff\x01"  # a batch value; an earlier entry starts with an offset's high byte (0x00)
+HEADER = struct.Struct(">2sI")  # magic, count
+ITEM = struct.Struct(">qqH")  # offset, raw timestamp (ms), id length; the id follows
+BATCH_KEY = struct.Struct(">cqq")  # 0xff, first offset, time (ns): unique, so compaction keeps each batch
+CHUNK_BYTES = 64 * 1024  # a changelog record holds at most this much (far under any topic's limit)
+MAX_ID_BYTES = 1024  # longer ids (only a dead letter's fallback id can be) are not remembered
 Entry = tuple[int, int]
 Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int]], None]
+
+
+def encode(items: list[tuple[bytes, int, int]]) -> bytes:
+    """One changelog value: ``(id, offset, raw timestamp)`` of ids one transaction admitted."""
+    parts = [HEADER.pack(MAGIC, len(items))]
+    for key, offset, timestamp in items:
+        parts.append(ITEM.pack(offset, timestamp, len(key)))
+        parts.append(key)
+    return b"".join(parts)
+
+
+def decode(key: bytes | None, value: bytes | None) -> list[tuple[bytes, Entry]]:
+    """The ``(id, (offset, raw timestamp))`` of one changelog record, either format; [] if unreadable."""
+    if not value:
+        return []
+    if value[:2] != MAGIC:
+        return [(key, ENTRY.unpack(value))] if key and len(value) == ENTRY.size else []  # the earlier format
+    out = []
+    try:
+        _, count = HEADER.unpack_from(value)
+        at = HEADER.size
+        for _ in range(count):
+            offset, timestamp, length = ITEM.unpack_from(value, at)
+            at += ITEM.size
+            out.append((value[at : at + length], (offset, timestamp)))
+            at += length
+    except struct.error:
+        return []
+    return out
 
 
 class DedupWindow:
@@ -56,34 +101,44 @@ class DedupWindow:
         self.size = 0  # ids held over all partitions
         # Changes since the last commit, to undo on abort: (partition, id, entry before or None).
         self.undo: list[tuple[int, bytes, Entry | None]] = []
+        # Ids admitted in the open transaction, not yet on the changelog: (id, offset, timestamp).
+        self.pending: dict[int, list[tuple[bytes, int, int]]] = {}
+        self.admitted = 0  # ids admitted so far (a periodic expiry)
 
-    def admit(
-        self, partition: int, offset: int, key: bytes | None, timestamp: int, produce: Produce, force: bool = False
-    ) -> bool:
-        """Whether to write this record's output; records the id (and its changelog entry) if so.
+    def admit(self, partition: int, offset: int, key: bytes | None, timestamp: int, force: bool = False) -> bool:
+        """Whether to write this record's output; remembers the id (its changelog entry goes out in ``flush``).
 
         ``force``: a deliberate re-send (a redrive) at a later offset is written, and remembered.
         """
-        if not key:
+        if not key or len(key) > MAX_ID_BYTES:
             return True
         ids = self.state.get(partition)
         if ids is None:
             ids = self.state[partition] = OrderedDict()
+        newest = self.newest.get(partition, -1)
+        if timestamp > newest:
+            newest = self.newest[partition] = timestamp
         seen = ids.get(key)
-        if seen is not None:
+        if seen is not None and seen[1] >= newest - self.window_ms:  # older: forgotten, even if not yet removed
             if seen[0] < offset and not force:
                 return False  # a later copy of an id already written
             if seen[0] == offset:
                 return True  # the same record again (a replay, a rewind): reprocess it
-        entry = (offset, timestamp)
         self.undo.append((partition, key, seen))
-        ids[key] = entry
+        ids[key] = (offset, timestamp)
         if seen is None:
             self.size += 1
-        produce(self.topic, key, ENTRY.pack(*entry), (partition, offset))
-        if timestamp > self.newest.get(partition, -1):
-            self.newest[partition] = timestamp
-        self._expire(partition, ids)
+        else:
+            ids.move_to_end(key)  # expiry goes front to back: the newest at the back
+        pending = self.pending.get(partition)
+        if pending is None:
+            pending = self.pending[partition] = []
+        pending.append((key, offset, timestamp))
+        self.admitted += 1
+        # Over a bound: at once. Past the window: every 256 ids (until then such an id only
+        # takes memory; the check above already treats it as forgotten).
+        if self.size > self.max_ids or self.size * ENTRY_BYTES > self.max_bytes or not self.admitted & 255:
+            self._expire(partition, ids)
         return True
 
     def _expire(self, partition: int, ids: OrderedDict[bytes, Entry]) -> None:
@@ -98,8 +153,28 @@ class DedupWindow:
             self.size -= 1
             self.undo.append((partition, key, entry))
 
+    def flush(self, produce: Produce) -> int:
+        """Write what the open transaction admitted: one changelog record per partition
+        (more only past ``CHUNK_BYTES``), in that transaction, just before its commit. Records written."""
+        written = 0
+        for partition, items in self.pending.items():
+            start = 0
+            while start < len(items):
+                end, size = start, HEADER.size
+                while end < len(items) and (end == start or size + ITEM.size + len(items[end][0]) <= CHUNK_BYTES):
+                    size += ITEM.size + len(items[end][0])
+                    end += 1
+                chunk = items[start:end]
+                key = BATCH_KEY.pack(b"\xff", chunk[0][1], time.time_ns())
+                produce(self.topic, key, encode(chunk), (partition, -1))  # the output of no input record
+                written += 1
+                start = end
+        self.pending = {}
+        return written
+
     def commit(self) -> None:
         self.undo.clear()
+        self.pending = {}
 
     def rollback(self) -> None:
         """Undo every change since the last commit (the transaction was aborted)."""
@@ -115,6 +190,7 @@ class DedupWindow:
                     self.size += 1
                 ids[key] = before
         self.undo.clear()
+        self.pending = {}
 
     def forget(self, partitions: set[int]) -> None:
         """Partitions that left this worker: their state goes with them."""
@@ -151,9 +227,7 @@ class DedupWindow:
                     if err.code() == KafkaError._PARTITION_EOF:
                         remaining.discard(msg.partition())
                     continue
-                key, value = msg.key(), msg.value()
-                if key and value and len(value) == ENTRY.size:
-                    loaded[cast(int, msg.partition())].append((key, ENTRY.unpack(value)))
+                loaded[cast(int, msg.partition())].extend(decode(msg.key(), msg.value()))
         finally:
             consumer.close()
         return loaded

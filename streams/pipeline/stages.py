@@ -254,9 +254,13 @@ class StageWriter(RevokeHandler):
         if self.producer.open:
             await self.commit_now()
 
+    def before_commit(self) -> None:
+        """Last writes of the open transaction, just before it commits (the mask stage's dedup changelog)."""
+
     async def commit_now(self) -> None:
         offsets, self.offsets = self.offsets, {}
         try:
+            self.before_commit()
             await self.blocking(lambda: self.commit_sync(offsets), "commit transaction")
         except Abort as abort:
             await self.aborted(abort)
@@ -319,6 +323,10 @@ class MaskWriter(StageWriter):
         if self.dedup is not None:
             self.dedup.rollback()
 
+    def before_commit(self) -> None:
+        if self.dedup is not None:
+            self.dedup.flush(self.producer.produce)
+
     def committed(self, offsets: dict[tuple[str, int], int]) -> None:
         self.boundaries += 1
         self.prune(offsets)
@@ -378,6 +386,11 @@ class MaskWriter(StageWriter):
                 or time.monotonic() - producer.began >= self.settings.commit_interval
             ):
                 offsets, self.offsets = self.offsets, {}
+                try:
+                    self.before_commit()
+                except Abort as abort:
+                    await self.aborted(abort)
+                    return
                 self.in_flight = asyncio.ensure_future(self._commit(offsets))
 
     async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
@@ -402,11 +415,11 @@ class MaskWriter(StageWriter):
             partition, offset = cast(int, message.partition()), cast(int, message.offset())
             source = (partition, offset)
             offsets[(topic, partition)] = offset + 1
-            if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1], produce):
+            if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1]):
                 if not any(header[0] == REDRIVE_HEADER for header in message.headers() or ()):
                     counts["duplicate"] += 1
                     continue
-                dedup.admit(partition, offset, out.key, message.timestamp()[1], produce, force=True)
+                dedup.admit(partition, offset, out.key, message.timestamp()[1], force=True)
             reason = out.reason
             if reason == ERASED:  # an erased user's record: dropped, never dead-lettered
                 counts["erased"] += 1

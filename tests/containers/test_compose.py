@@ -53,7 +53,17 @@ class Compose:
     def diagnostics(self) -> str:
         ps = self("ps", check=False).stdout
         logs = self(
-            "logs", "--no-color", "--tail", "60", "bridge", "worker", "seed", "keys", "migrate", "registry", check=False
+            "logs",
+            "--no-color",
+            "--tail",
+            "60",
+            "bridge",
+            "worker",
+            "seed",
+            "kms-keys",
+            "migrate",
+            "registry",
+            check=False,
         ).stdout
         raw = self(
             "exec",
@@ -174,9 +184,36 @@ def test_compose_end_to_end_then_three_workers(docker_engine, record_property, c
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {bridge}\n{compose.diagnostics()}") from None
         assert bridge["bridged"] >= 100 and bridge["raw"] >= 100, bridge
-        # The keys came from the one-shot init service, never from a worker.
-        assert "wrote new keys" in compose("logs", "--no-color", "keys").stdout
+        # Per-user key mode: the KMS keys came from the one-shot init service; the worker
+        # loaded no key file and sealed every value (sealed_values, nothing in pii_vault).
+        assert "made alias/streams-dev-mac" in compose("logs", "--no-color", "kms-keys").stdout
         assert "generated a DEV masking key" not in compose("logs", "--no-color", "worker").stdout
+        assert compose.psql("SELECT count(*) FROM sealed_values") == "99"
+        assert compose.psql("SELECT count(*) FROM pii_vault") == "0"
+        assert compose.psql("SELECT count(*) FROM key_lifetimes WHERE length(kek_blob) > 0") == "1"
+        # Reveal opens a sealed value through the KMS (audited per user).
+        message_id, user_id = compose.psql("SELECT message_id, user_id FROM sealed_values LIMIT 1").split("|")
+        shown = compose(
+            "exec",
+            "-T",
+            "worker",
+            "streams",
+            "reveal",
+            "--message-id",
+            message_id,
+            "--operator",
+            "ann",
+            "--reason",
+            "T-1",
+        ).stdout
+        fields = {json.loads(line)["field"]: json.loads(line)["value"] for line in shown.splitlines()}
+        assert set(fields) == {"ip", "device_id"} and all(fields.values()), fields
+        assert (
+            compose.psql(
+                f"SELECT DISTINCT outcome FROM pii_reveal_audit WHERE operator = 'ann' AND user_id = '{user_id}'"
+            )
+            == "revealed"
+        )
         # The migrate job registered the schemas with the registry (the stages only look them up).
         subjects = compose(
             "exec", "-T", "registry", "curl", "-fsS", "http://127.0.0.1:8080/apis/ccompat/v7/subjects"

@@ -264,27 +264,31 @@ def test_the_bridge_mounts_no_keys_and_gets_no_database():
     assert all("secretRef" not in src for src in container.get("envFrom", [])), "no whole Secret as env"
 
 
-def test_workers_mount_the_keys_read_only_and_group_readable_only():
-    keys_dir = str(Path(CONFIG["STREAMS_KEYS_FILE"]).parent)
-    for name in ("streams-worker", "streams-mask", "streams-sink"):
-        pod = _pod_spec(_of_kind("Deployment")[name])
-        (container,) = pod["containers"]
-        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == keys_dir]
-        assert mount["readOnly"] is True
-        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-        assert volume["secret"]["secretName"] == "streams-keys"
-        assert volume["secret"]["defaultMode"] == 0o440, name
-        assert volume["secret"]["items"] == [{"key": "keys.json", "path": Path(CONFIG["STREAMS_KEYS_FILE"]).name}]
+def test_no_pod_holds_a_keyring_and_the_maskers_run_per_user_key_mode():
+    """Per-user key mode (docs/privacy.md): both KMS keys named in the config, no key file,
+    no keys Secret mounted or referenced anywhere."""
+    assert CONFIG["STREAMS_KMS_KEY_ID"] and CONFIG["STREAMS_KMS_MAC_KEY_ID"]
+    assert CONFIG["STREAMS_KMS_KEY_ID"] != CONFIG["STREAMS_KMS_MAC_KEY_ID"]
+    assert not {"STREAMS_KEYS_FILE", "STREAMS_KEYS_JSON", "STREAMS_DEV_KEYS", "STREAMS_KMS_ENDPOINT"} & set(CONFIG)
+    for doc in _workloads():
+        pod = _pod_spec(doc)
+        assert not any("secret" in v for v in pod.get("volumes", [])), doc["metadata"]["name"]
+        for container in pod["containers"]:
+            assert not any(m["mountPath"].startswith("/etc/streams/keys") for m in container.get("volumeMounts", []))
+            assert not {"STREAMS_KEYS_FILE", "STREAMS_KEYS_JSON"} & {e["name"] for e in container.get("env", [])}
+    for name in ("streams-worker", "streams-mask"):
+        (container,) = _pod_spec(_of_kind("Deployment")[name])["containers"]
+        assert {"configMapRef": {"name": "streams-config"}} in container["envFrom"], name
+        assert "mask" in {e["name"]: e.get("value") for e in container["env"]}["STREAMS_STAGES"], name
 
 
 def test_secrets_are_placeholders_and_referenced_keys_exist():
     secrets = _of_kind("Secret")
-    assert set(secrets) == {"streams-secrets", "streams-keys"}
+    assert set(secrets) == {"streams-secrets"}
     for secret in secrets.values():
         assert "data" not in secret, "placeholders go in stringData, never real base64 data"
         for value in secret["stringData"].values():
             assert "REPLACE_ME" in value
-    json.loads(secrets["streams-keys"]["stringData"]["keys.json"])
     for doc in _workloads():
         for container in _pod_spec(doc)["containers"]:
             for env in container.get("env", []):
@@ -304,7 +308,6 @@ def test_the_configmap_has_the_documented_settings():
         "STREAMS_SQS_QUEUE": "login-queue",
         "STREAMS_METRICS_PORT": "8080",
         "STREAMS_DATA_DIR": "/var/lib/streams",
-        "STREAMS_KEYS_FILE": "/etc/streams/keys/keys.json",
         "STREAMS_LOG_FORMAT": "json",
     }
     assert {"STREAMS_KAFKA_BOOTSTRAP", "STREAMS_SQS_REGION"} <= set(CONFIG)

@@ -6,6 +6,9 @@ import json
 
 import pytest
 
+from streams.privacy.masking import canonical_device_id, canonical_ip
+from streams_dev.sandbox import local_env
+
 pytestmark = pytest.mark.integration
 
 SHARED_IP = "203.0.113.77"
@@ -113,3 +116,28 @@ def test_run_drain_seeds_runs_and_summarises(pipeline, sample_path):
     for record in json.loads(sample_path.read_text()):
         if "ip" in record:
             assert record["ip"] not in out and record["device_id"] not in out
+
+
+def test_make_run_seals_values_that_only_reveal_through_kms_opens(pipeline, sample_path):
+    """`make run`'s settings (local.env) are per-user key mode: the worker seals, nothing is
+    in pii_vault, no key file exists, and `streams reveal` opens a value through the KMS."""
+    kms = {k: v for k, v in local_env().items() if k.startswith("STREAMS_KMS_")}
+    pipeline.env.update(kms)
+    assert kms.get("STREAMS_KMS_MAC_KEY_ID") and kms.get("STREAMS_KMS_KEY_ID"), kms
+    result = pipeline.run("run", "--seed", str(sample_path), "--drain", timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rows in user_logins: 99" in result.stdout
+    assert "sealed values: 99, pii_vault entries: 0" in result.stdout
+    assert "masked_ip=g1." in result.stdout
+    assert not pipeline.settings.keys_file.exists(), "per-user key mode loads no key file"
+    assert pipeline.query("SELECT count(*) AS n FROM key_lifetimes")[0]["n"] >= 1
+
+    row = pipeline.query("SELECT message_id, user_id FROM sealed_values ORDER BY message_id LIMIT 1")[0]
+    records = [r for r in json.loads(sample_path.read_text()) if r.get("user_id") == row["user_id"]]
+    sent = {(canonical_ip(r["ip"])[0], canonical_device_id(r["device_id"])) for r in records}
+    shown = pipeline.run("reveal", "--message-id", row["message_id"], "--operator", "ann", "--reason", "DEV-1")
+    assert shown.returncode == 0, shown.stderr
+    values = {item["field"]: item["value"] for item in map(json.loads, shown.stdout.splitlines())}
+    assert (values["ip"], values["device_id"]) in sent
+    audit = pipeline.query("SELECT action, user_id, outcome FROM pii_reveal_audit WHERE operator = 'ann'")
+    assert {tuple(a.values()) for a in audit} == {("reveal", row["user_id"], "revealed")}

@@ -379,3 +379,40 @@ def test_a_worker_refuses_to_start_in_one_line_on_an_unusable_mac_key(pipeline, 
         "worker", timeout=60, STREAMS_STAGES="mask", STREAMS_KMS_MAC_KEY_ID="alias/none", **split.env("worker")
     )
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_mask_only_worker_seals_with_the_erasure_watch_and_key_writer_roles_only(pipeline):
+    """The split mask Deployment (deploy/k8s/split) in per-user key mode: its login role is in
+    streams_erasure_watch and streams_key_writer (migration 0007); it stores key rows and
+    reads none back, nor any login."""
+    from streams_dev.sandbox import local_env
+    from tests.integration.test_erasure import U1, latest
+    from tests.integration.test_privacy import as_role
+
+    pipeline.env.update({k: v for k, v in local_env().items() if k.startswith("STREAMS_KMS_")})
+    pipeline.migrate()
+    role = f"mask_test_{uuid.uuid4().hex[:10]}"  # roles are cluster-wide: a unique name, dropped after
+    pipeline.query(f'CREATE ROLE "{role}" LOGIN IN ROLE streams_erasure_watch, streams_key_writer')
+    dsn = as_role(pipeline, role)
+    try:
+        worker = pipeline.start("worker", STREAMS_STAGES="mask", STREAMS_PG_DSN=dsn)
+        pipeline.start("bridge")
+        (u1,) = pipeline.send([U1])
+        pipeline.wait_for(lambda: u1 in latest(pipeline), 120, "the masked record")
+        assert pipeline.query("SELECT user_id FROM user_data_keys")[0]["user_id"] == U1["user_id"]
+        assert pipeline.query("SELECT count(*) AS n FROM key_lifetimes")[0]["n"] == 1
+        for sql in ("SELECT * FROM user_data_keys", "SELECT * FROM key_lifetimes", "SELECT * FROM sealed_values"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                asyncio.run(refused_fetch(dsn, sql))
+        assert pipeline.stop(worker) == 0
+    finally:
+        pipeline.stop_all()
+        pipeline.query(f'DROP ROLE "{role}"')
+
+
+async def refused_fetch(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.fetch(sql)
+    finally:
+        await conn.close()

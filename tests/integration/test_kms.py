@@ -16,6 +16,8 @@ import pytest
 from streams.errors import ConfigError
 from streams.privacy import keys
 from streams.privacy.kms import Kms
+from streams_dev import stack
+from streams_dev.sandbox import local_env, private_settings
 from streams_dev.stack import StackError
 from streams_dev.stack.kms import Kms as KmsService
 
@@ -160,3 +162,41 @@ def test_stack_up_refuses_a_fresh_kms_while_the_dev_key_file_depends_on_the_old_
     assert "\n" not in str(refused.value)
     pipeline.settings.keys_file.unlink()
     service.prepare()  # nothing depends on the old keys: a fresh moto may start
+
+
+def test_a_fresh_kms_wipes_the_dev_rows_only_its_lost_keys_opened(pipeline, stack_settings, tmp_path):
+    """Per-user key mode (`make run`): a restarted moto has new keys, so `stack up` deletes
+    the sealed rows, key rows and their logins of the dev database; a running one keeps them."""
+    if os.environ.get("STREAMS_TEST_STACK") == "containers":
+        pytest.skip("moto's KMS runs in the process stack")
+    pipeline.env.update({k: v for k, v in local_env().items() if k.startswith("STREAMS_KMS_")})
+    pipeline.start("bridge")
+    pipeline.start("worker")
+    pipeline.send([LOGIN, {**LOGIN, "user_id": "u-kms-2"}])
+    pipeline.wait_for(lambda: pipeline.row_count() == 2, 120, "two rows")
+    pipeline.stop_all()
+    # A login of keyring mode (no sealed value) is not the KMS's: it stays.
+    pipeline.query(
+        "INSERT INTO user_logins SELECT (jsonb_populate_record(NULL::user_logins,"
+        ' to_jsonb(l) || \'{"message_id": "keyring-row"}\')).* FROM user_logins l LIMIT 1'
+    )
+
+    def counts() -> dict[str, int]:
+        tables = ("user_logins", "sealed_values", "user_data_keys", "key_lifetimes")
+        return {t: pipeline.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in tables}
+
+    before = counts()
+    assert before["sealed_values"] == 2 and before["user_data_keys"] == 2 and before["key_lifetimes"] >= 1, before
+    dev_db = {"pg_dsn": pipeline.settings.pg_dsn}
+    stack.up(stack_settings.model_copy(update=dev_db), ["kms"])  # running: its keys still open the rows
+    assert counts() == before
+
+    fresh = private_settings(tmp_path / "stack").model_copy(update=dev_db)  # a moto that starts empty
+    said: list[str] = []
+    try:
+        stack.up(fresh, ["kms"], report=said.append)
+    finally:
+        stack.down(fresh, ["kms"])
+    assert counts() == {"user_logins": 1, "sealed_values": 0, "user_data_keys": 0, "key_lifetimes": 0}
+    assert pipeline.query("SELECT message_id FROM user_logins")[0]["message_id"] == "keyring-row"
+    assert any("wiped" in line for line in said), said

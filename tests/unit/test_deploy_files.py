@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
-APP_SERVICES = ("keys", "migrate", "seed", "bridge", "worker")
+APP_SERVICES = ("migrate", "seed", "bridge", "worker")
 
 
 def test_compose_has_the_stack_and_the_stages():
@@ -57,15 +57,20 @@ def test_app_services_share_the_image_read_only():
         assert service["environment"]["STREAMS_DATA_DIR"] == "/var/lib/streams", name
 
 
-def test_keys_are_written_once_and_workers_never_generate_them():
-    keys, worker = SERVICES["keys"], SERVICES["worker"]
-    assert "streams keys init" in " ".join(keys["command"])
-    assert worker["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
+def test_workers_run_per_user_key_mode_with_the_kms_keys_of_the_init_job():
+    init, worker = SERVICES["kms-keys"], SERVICES["worker"]
+    env = worker["environment"]
+    made = " ".join(init["command"])
+    assert env["STREAMS_KMS_KEY_ID"] in made and env["STREAMS_KMS_MAC_KEY_ID"] in made
+    assert '"KeySpec": "HMAC_256"' in made
+    assert worker["depends_on"]["kms-keys"] == {"condition": "service_completed_successfully"}
     assert worker["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
-    assert worker["environment"].get("STREAMS_DEV_KEYS", "0") in ("0", "false")
-    assert any(v.endswith(":/etc/streams/keys:ro") for v in worker["volumes"])
-    assert worker["environment"]["STREAMS_KEYS_FILE"].startswith("/etc/streams/keys/")
-    assert "STREAMS_METRICS_PORT" in worker["environment"]
+    # No key file anywhere: nothing a worker could decrypt with, and no dev fallback.
+    assert env.get("STREAMS_DEV_KEYS", "0") in ("0", "false")
+    assert "STREAMS_KEYS_FILE" not in env and "STREAMS_KEYS_JSON" not in env
+    assert not any("keys" in v for name in APP_SERVICES for v in SERVICES[name].get("volumes", []))
+    assert "keys" not in SERVICES and "keys" not in COMPOSE.get("volumes", {})
+    assert "STREAMS_METRICS_PORT" in env
 
 
 def test_commands_are_real_streams_commands():

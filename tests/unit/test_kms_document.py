@@ -56,7 +56,7 @@ def test_compose_wraps_the_key_file_with_its_kms():
     compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
     services = compose["services"]
     assert services["kms"]["image"] == "motoserver/moto:5.2.6"
-    assert services["keys"]["depends_on"]["kms-key"] == {"condition": "service_completed_successfully"}
+    assert services["kms-keys"]["depends_on"]["kms"] == {"condition": "service_healthy"}
     env = services["worker"]["environment"]
     assert env["STREAMS_KMS_KEY_ID"] and env["STREAMS_KMS_ENDPOINT"] == "http://kms:5000"
     assert services["worker"]["depends_on"]["kms"] == {"condition": "service_healthy"}

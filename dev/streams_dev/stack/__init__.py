@@ -180,6 +180,11 @@ def up(settings, services: Iterable[str] | None = None, *, report: Reporter | No
             _say(report, f"{svc.name} started (pid {pid}) in {time.monotonic() - began:.1f}s: {svc.detail()}")
 
         _run_all(bring_up, svcs)
+        fresh_kms = [s for s in svcs if isinstance(s, Kms) and pids[s.name] is None]
+        if fresh_kms:  # a fresh moto has new keys: the dev rows sealed under the old ones never open again
+            gone = fresh_kms[0].forget_lost_keys()
+            if gone:
+                _say(report, f"kms started empty: wiped {gone} dev rows sealed under its previous run's keys")
 
 
 def down(settings, services: Iterable[str] | None = None, *, report: Reporter | None = None) -> None:
