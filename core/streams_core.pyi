@@ -17,20 +17,22 @@ class Siv:
         self,
         key_index: int | list[int],
         plaintexts: list[str] | list[bytes],
-        pad_block: int,
+        pad_block: int | list[int],
         ad_shared: list[bytes],
         ad_each: list[str | None] | list[bytes | None] | None = None,
         head: None = None,
+        prefix_each: list[bytes] | None = None,
     ) -> list[bytes | None]: ...
     @overload
     def seal(
         self,
         key_index: int | list[int],
         plaintexts: list[str] | list[bytes],
-        pad_block: int,
+        pad_block: int | list[int],
         ad_shared: list[bytes],
         ad_each: list[str | None] | list[bytes | None] | None,
         head: str,
+        prefix_each: None = None,
     ) -> list[str | None]: ...
 
 def parse_logins(

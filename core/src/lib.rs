@@ -138,17 +138,47 @@ impl SivKey {
     }
 }
 
-/// `len` (2 bytes, big-endian), the data, zeros to the next multiple of `block`.
-fn pad_into(data: &[u8], block: usize, out: &mut Vec<u8>) -> bool {
-    let Ok(size) = u16::try_from(data.len()) else {
-        return false;
-    };
-    out.clear();
-    out.extend_from_slice(&size.to_be_bytes());
-    out.extend_from_slice(data);
-    let framed = out.len();
-    out.resize(framed.div_ceil(block) * block, 0);
-    true
+/// How `seal` pads a plaintext before sealing it.
+enum Pad {
+    None,              // sealed as it is
+    Block(usize),      // to the next multiple of a block
+    Sizes(Vec<usize>), // to the smallest of these sizes (ascending) that holds it
+}
+
+impl Pad {
+    /// An int (0: none, N: blocks of N) or a list of ascending sizes.
+    fn from_py(pad: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok(block) = pad.extract::<usize>() {
+            return Ok(if block == 0 { Pad::None } else { Pad::Block(block) });
+        }
+        let sizes: Vec<usize> = pad.extract()?;
+        if sizes.is_empty() || sizes.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(PyValueError::new_err("pad sizes must be a non-empty ascending list"));
+        }
+        Ok(Pad::Sizes(sizes))
+    }
+
+    /// `len` (2 bytes, big-endian), the data, zeros to the padded size; false when it does
+    /// not fit (a length over 2 bytes, or over the largest size).
+    fn pad_into(&self, data: &[u8], out: &mut Vec<u8>) -> bool {
+        let Ok(size) = u16::try_from(data.len()) else {
+            return false;
+        };
+        out.clear();
+        out.extend_from_slice(&size.to_be_bytes());
+        out.extend_from_slice(data);
+        let framed = out.len();
+        let target = match self {
+            Pad::None => framed,
+            Pad::Block(block) => framed.div_ceil(*block) * block,
+            Pad::Sizes(sizes) => match sizes.iter().find(|&&s| s >= framed) {
+                Some(&s) => s,
+                None => return false,
+            },
+        };
+        out.resize(target, 0);
+        true
+    }
 }
 
 /// AES-SIV keys by index (32 bytes: AES-128-SIV, 64 bytes: AES-256-SIV), schedules set once.
@@ -176,36 +206,45 @@ impl Siv {
     ///
     /// `key_index` is one index for the batch or one per value; `pad_block` 0 seals the
     /// plaintext as it is, N > 0 pads it like masking.pad (2-byte length, zeros to a
-    /// multiple of N). `ad_each` (or None) holds one `str`/`bytes` item per value. With
-    /// `head` the result is `head + base64url(sealed)` (`str`), else the sealed `bytes`.
-    /// `None` stands for a value it declines.
-    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None))]
+    /// multiple of N), a list of ascending sizes pads it like masking.pad_field (2-byte
+    /// length, zeros to the smallest size that holds it; a value over the largest is
+    /// declined). `ad_each` (or None) holds one `str`/`bytes` item per value. With `head`
+    /// the result is `head + base64url(sealed)` (`str`), else the sealed `bytes`, after
+    /// `prefix_each[i]` when given. `None` stands for a value it declines.
+    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None))]
     #[allow(clippy::too_many_arguments)]
     fn seal<'py>(
         &mut self,
         py: Python<'py>,
         key_index: &Bound<'py, PyAny>,
         plaintexts: &Bound<'py, PyList>,
-        pad_block: usize,
+        pad_block: &Bound<'py, PyAny>,
         ad_shared: Vec<Vec<u8>>,
         ad_each: Option<&Bound<'py, PyList>>,
         head: Option<&str>,
+        prefix_each: Option<&Bound<'py, PyList>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let n = plaintexts.len();
+        let pad = Pad::from_py(pad_block)?;
         let per_value: Option<Vec<usize>> = match key_index.extract::<usize>() {
             Ok(_) => None,
             Err(_) => Some(key_index.extract::<Vec<usize>>()?),
         };
         let single = if per_value.is_none() { key_index.extract::<usize>()? } else { 0 };
-        if per_value.as_ref().is_some_and(|v| v.len() != n) || ad_each.is_some_and(|a| a.len() != n) {
-            return Err(PyValueError::new_err("key_index and ad_each need one item per plaintext"));
+        if per_value.as_ref().is_some_and(|v| v.len() != n)
+            || ad_each.is_some_and(|a| a.len() != n)
+            || prefix_each.is_some_and(|p| p.len() != n)
+        {
+            return Err(PyValueError::new_err("key_index, ad_each and prefix_each need one item per plaintext"));
         }
-        let mut padded = Vec::with_capacity(pad_block.max(256));
+        let mut padded = Vec::with_capacity(256);
+        let mut joined: Vec<u8> = Vec::with_capacity(1024);
         let mut text = String::new();
         let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(n);
         for (i, item) in plaintexts.iter().enumerate() {
             let index = per_value.as_ref().map_or(single, |v| v[i]);
             let each = ad_each.map(|a| a.get_item(i)).transpose()?;
+            let prefix = prefix_each.map(|p| p.get_item(i)).transpose()?;
             let sealed = (|| {
                 let plaintext = item_bytes(&item)?;
                 let key = self.keys.get_mut(index)?;
@@ -214,17 +253,35 @@ impl Siv {
                 if let Some(each) = each.as_ref() {
                     headers.push(item_bytes(each)?);
                 }
-                if pad_block == 0 {
+                if let Pad::None = pad {
                     return key.encrypt(&headers, plaintext);
                 }
-                if !pad_into(plaintext, pad_block, &mut padded) {
+                if !pad.pad_into(plaintext, &mut padded) {
                     return None;
                 }
                 key.encrypt(&headers, &padded)
             })();
+            let prefix = match prefix.as_ref() {
+                Some(p) => match item_bytes(p) {
+                    Some(bytes) => Some(bytes),
+                    None => {
+                        out.push(py.None().into_bound(py)); // an unusable prefix: declined
+                        continue;
+                    }
+                },
+                None => None,
+            };
             out.push(match (sealed, head) {
                 (None, _) => py.None().into_bound(py),
-                (Some(sealed), None) => PyBytes::new(py, &sealed).into_any(),
+                (Some(sealed), None) => match prefix {
+                    Some(prefix) => {
+                        joined.clear();
+                        joined.extend_from_slice(prefix);
+                        joined.extend_from_slice(&sealed);
+                        PyBytes::new(py, &joined).into_any()
+                    }
+                    None => PyBytes::new(py, &sealed).into_any(),
+                },
                 (Some(sealed), Some(head)) => {
                     text.clear();
                     text.push_str(head);

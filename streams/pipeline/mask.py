@@ -452,47 +452,110 @@ class MaskTransform:
         )
 
 
+def _sealed_datum(fields: _Fields, masked: tuple[str, bytes, str, bytes]) -> dict:
+    """The masked record of per-user key mode (masked schema v3: sealed bytes, no recovery
+    text), from ``(ip token, ip sealed, device token, device sealed)``, the same for the
+    reference and the core."""
+    ip_token, ip_sealed, device_token, device_sealed = masked
+    datum = _masked_datum(fields, ip_token, device_token, "", "")
+    datum["ip_sealed"] = ip_sealed
+    datum["device_id_sealed"] = device_sealed
+    return datum
+
+
 class SealingMaskTransform(MaskTransform):
     """Per-user key mode: tokens from KMS-made join keys, values sealed under the user's data
     key (Avro ``bytes``, masked schema v3); the worker holds no key that opens older values.
 
     New data keys queue on ``masker.lifetime``; the mask stage stores them before the Kafka
     transaction that carries the records sealed under them (``user_keys.KeyStore``).
+    ``batch`` seals with the compiled core when there is one (``mask_core.SealingCore``);
+    ``__call__`` is the reference, and the path of every record the core declines.
     """
 
-    def __init__(self, masker: UserMasker, codecs: Codecs, erased: ErasedUsers | None = None) -> None:
+    core: mask_core.SealingCore | None  # the per-user key mode's core
+
+    def __init__(
+        self, masker: UserMasker, codecs: Codecs, erased: ErasedUsers | None = None, use_core: bool = True
+    ) -> None:
         self.masker = masker  # type: ignore[assignment]
         self.codecs = codecs
         self._hold_ledger(erased)  # an erasure's key forgetting is wired by the app (KeyStore.forget)
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._seal = masker.mask_login
-        # Not the compiled core yet: sealing per user there needs the lifetime's raw data keys
-        # (streams_core.Siv with one key index per record); the reference masks every record.
-        self.core = None
+        self._raw_key = masker.lifetime.raw_key
+        self.core = mask_core.load_sealing(masker, raw=codecs.raw) if use_core else None
         self.core_masked = self.core_declined = 0
 
     def _mask(self, envelope: dict) -> dict:
-        user_id, device_type, ip_text, device_id, app_version, locale = _login_values(envelope["body"])
-        if self._erased_at and self.erased.erased(user_id, envelope["sent_at"]):
+        fields = _fields(envelope, _login_values(envelope["body"]))
+        if self._erased_at and self.erased.erased(fields[2], fields[1]):
             raise _ErasedUser  # before a data key is made for the user
-        ip_canonical, ip_is_valid = canonical_ip(ip_text)
-        ip_token, ip_sealed, device_token, device_sealed = self._seal(
-            user_id, ip_canonical, canonical_device_id(device_id)
-        )
-        return {
-            "message_id": envelope["message_id"],
-            "sent_at": envelope["sent_at"],
-            "user_id": user_id,
-            "device_type": device_type,
-            "locale": locale,
-            "app_version_raw": app_version,
-            "app_version": encode_app_version(app_version),
-            "masked_ip": ip_token,
-            "masked_device_id": device_token,
-            "ip_ciphertext": "",
-            "device_id_ciphertext": "",
-            "ip_is_valid": ip_is_valid,
-            "ip_sealed": ip_sealed,
-            "device_id_sealed": device_sealed,
-        }
+        return _sealed_datum(fields, self._seal(fields[2], fields[4], fields[6]))
+
+    def batch(self, messages: Sequence[tuple[bytes | None, bytes | None, str]]) -> list[Output]:
+        """Outputs of a batch of ``(key, value, where)``, in order, byte for byte the reference's.
+
+        With the core: the batch is parsed in the core (a declined record by the reference's
+        functions), each record's user key is looked up (made and queued for the key store
+        on first use) in record order, as the reference does, after the erasure check (an
+        erased user's record is dropped by the reference before any key is made), and the
+        whole batch is sealed in one core call. A record that does not parse, and any the
+        core's crypto declines, goes through ``__call__``, the reference.
+        """
+        core = self.core
+        if core is None:
+            return [self(key, value, where) for key, value, where in messages]
+        outputs: list[Output | None] = []
+        ready: list[tuple[int, _Fields]] = []
+        keys: list[bytes] = []  # the batch's distinct data keys; index[i] is login i's
+        key_index: dict[bytes, int] = {}
+        index: list[int] = []
+        key_ids: list[bytes] = []
+        raw_key = self._raw_key
+        parsed = core.parse([value for _, value, _ in messages])
+        declined = 0
+        for (key, value, where), fields in zip(messages, parsed, strict=True):
+            if fields is None:
+                declined += 1
+                try:
+                    fields = self._parse(value)
+                except Exception:  # what it is (a dead letter, a bug) is the reference's to say
+                    outputs.append(self(key, value, where))
+                    continue
+            if self._erased_at and self.erased.erased(fields[2], fields[1]):
+                outputs.append(self(key, value, where))  # dropped before a data key is made
+                continue
+            try:
+                key_id, data_key = raw_key(fields[2])
+            except Exception:  # a new lifetime's KMS call failed: the reference decides, as for any record
+                outputs.append(self(key, value, where))
+                continue
+            at = key_index.get(data_key)
+            if at is None:
+                at = key_index[data_key] = len(keys)
+                keys.append(data_key)
+            index.append(at)
+            key_ids.append(key_id)
+            ready.append((len(outputs), fields))
+            outputs.append(None)
+        if ready:
+            sealed = core.seal(
+                keys, index, key_ids, [f[2] for _, f in ready], [f[4] for _, f in ready], [f[6] for _, f in ready]
+            )
+            encode = self._encode
+            for (position, fields), masked in zip(ready, sealed, strict=True):
+                try:
+                    if masked is None:
+                        raise ValueError("declined by the core")
+                    outputs[position] = Output(fields[0].encode("utf-8"), encode(_sealed_datum(fields, masked)))
+                except Exception:
+                    declined += 1
+                    key, value, where = messages[position]
+                    outputs[position] = self(key, value, where)
+        self.core_masked += len(messages) - declined
+        if declined:
+            self.core_declined += declined
+            metrics.MASK_CORE_DECLINED.inc(declined)
+        return outputs  # type: ignore[return-value]  # every position is filled above

@@ -9,6 +9,11 @@ composed (keys, MAC prefix, associated data, text format) is written here, besid
 reference it must equal (``masking.Masker``), and checked against it when loaded: a
 core that does not give the reference's bytes is not used.
 
+Per-user key mode (``SealingCore``, issue 19) uses the same primitives: tokens under the
+KMS-made join keys, each value sealed under its user's data key (one ``Siv`` per batch
+holding the batch's data keys, a key index per record), composed as
+``UserMasker.mask_login`` composes them and checked against it when loaded.
+
 Without the extension (or with one that disagrees), the mask stage runs the Python
 reference, says so once at start (a log line, the ``streams_mask_core`` gauge at 0) and
 works as before. ``STREAMS_REQUIRE_CORE=1`` (CI, ``make bench``) makes that an error
@@ -21,12 +26,25 @@ from __future__ import annotations
 import logging
 import os
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
+
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from streams import metrics
 from streams.errors import ConfigError
 from streams.io.codec import AvroCodec
-from streams.privacy.masking import BOUND, PAD_BLOCK, Masker, _bound_ad, mac_prefix
+from streams.privacy.masking import (
+    _AD_LABEL,
+    _FORMAT_BYTE,
+    BOUND,
+    DEVICE_ID_SIZES,
+    IP_SIZE,
+    PAD_BLOCK,
+    Masker,
+    UserMasker,
+    _bound_ad,
+    mac_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +58,22 @@ class CoreMismatch(RuntimeError):
     """The compiled core's output differs from the reference's (a scheme it does not follow)."""
 
 
-class CoreMasker:
+class _CoreParser:
+    """The core's parse of a batch of raw records (both modes read records alike)."""
+
+    def __init__(self, module: ModuleType, raw_headers: list[bytes] | None) -> None:
+        self._parse = module.parse_logins
+        self._raw_headers = raw_headers or []
+
+    def parse(self, values: list[bytes | None]) -> list[tuple | None]:
+        """``MaskTransform``'s fields of each raw record (the tuple ``mask._fields`` makes),
+        ``None`` where the core declines (not the common shape, or no known raw header)."""
+        if not self._raw_headers:
+            return [None] * len(values)
+        return self._parse(values, self._raw_headers)
+
+
+class CoreMasker(_CoreParser):
     """Tokens and ciphertexts of a batch of canonical values, as ``Masker.mask`` makes them,
     and the parse of a batch of raw records.
 
@@ -49,9 +82,8 @@ class CoreMasker:
     """
 
     def __init__(self, masker: Masker, module: ModuleType, raw_headers: list[bytes] | None = None) -> None:
+        super().__init__(module, raw_headers)
         keyring = masker.keyring
-        self._parse = module.parse_logins
-        self._raw_headers = raw_headers or []
         version, key_id = keyring.join_version, keyring.encryption_key_id
         self._siv = module.Siv([keyring.encryption_keys[key_id]])
         self._ciphertext_head = f"{key_id}.{BOUND}."
@@ -63,13 +95,6 @@ class CoreMasker:
             for field, key in keyring.active_join_keys().items()
         }
         self._check(masker)
-
-    def parse(self, values: list[bytes | None]) -> list[tuple | None]:
-        """``MaskTransform``'s fields of each raw record (the tuple ``mask._fields`` makes),
-        ``None`` where the core declines (not the common shape, or no known raw header)."""
-        if not self._raw_headers:
-            return [None] * len(values)
-        return self._parse(values, self._raw_headers)
 
     def mask(self, field: str, canonicals: list[str]) -> tuple[list[str | None], list[str | None]]:
         """``(tokens, ciphertexts)`` of each value, ``None`` where the core declined it."""
@@ -84,6 +109,114 @@ class CoreMasker:
                 expected = masker._mask(field, probe)
                 if (token, ciphertext) != (expected.token, expected.ciphertext):
                     raise CoreMismatch(f"field {field}: the compiled core's bytes differ from the reference's")
+
+
+def _user_and_key(user_id: str, key_id: bytes) -> bytes | None:
+    """``user NUL key id NUL``: the middle of a value's associated data; ``None`` if the user
+    id has no UTF-8 form (the reference refuses it)."""
+    try:
+        return user_id.encode("utf-8") + b"\0" + key_id + b"\0"
+    except UnicodeEncodeError:
+        return None
+
+
+class _ProbeLifetime:
+    """One fixed data key for every user: what the load-time check seals under."""
+
+    def __init__(self, key_id: bytes, key: bytes) -> None:
+        self.key = (key_id, AESSIV(key))
+
+    def data_key(self, user_id: str) -> tuple[bytes, AESSIV]:
+        return self.key
+
+
+# masking.field_size as ascending sizes: an IP fits IP_SIZE or falls into the larger device id sizes.
+_PAD_SIZES = {"ip": [IP_SIZE, *(s for s in DEVICE_ID_SIZES if s > IP_SIZE)], "device_id": list(DEVICE_ID_SIZES)}
+_SEAL_PROBES = (*_PROBES, "z" * 46, "z" * 47, "y" * 150, "€" * 68)  # each of pad_field's sizes and its edges
+_PROBE_USERS = ("u-1", "ü-✓-user", "x" * 128)
+
+
+class SealingCore(_CoreParser):
+    """Per-user key mode: join tokens and per-user sealed values of a batch, as
+    ``UserMasker.mask_login`` makes them, and the parse of a batch of raw records.
+
+    ``seal`` returns ``None`` in place of a record the core declines; the caller masks
+    that one with the reference.
+    """
+
+    def __init__(self, masker: UserMasker, module: ModuleType, raw_headers: list[bytes] | None = None) -> None:
+        super().__init__(module, raw_headers)
+        version = masker.version
+        self._siv = module.Siv
+        self._token_head = f"{version}."
+        # Per field: the MAC (key and ``field NUL version NUL`` absorbed once), the start of the
+        # one associated-data item (``label NUL field NUL``; then user, key id, token) and the
+        # padded sizes (``pad_field``: the smallest that holds the value).
+        self._fields = {
+            field: (
+                module.Mac(key, f"{field}\0{version}\0".encode()),
+                _AD_LABEL + b"\0" + field.encode() + b"\0",
+                _PAD_SIZES.get(field, list(DEVICE_ID_SIZES)),
+            )
+            for field, key in masker.join_keys.items()
+        }
+        self._check(masker)
+
+    def seal(
+        self,
+        keys: list[bytes],
+        index: list[int],
+        key_ids: list[bytes],
+        users: list[str],
+        ips: list[str],
+        devices: list[str],
+    ) -> list[tuple[str, bytes, str, bytes] | None]:
+        """``(ip token, ip sealed, device token, device sealed)`` of each login, ``None`` where
+        the core declined it. Login i is user ``users[i]``'s, sealed under ``keys[index[i]]``,
+        whose id is ``key_ids[i]``."""
+        siv = self._siv(keys)  # the batch's data keys, each key schedule set once
+        bound = [_user_and_key(user, key_id) for user, key_id in zip(users, key_ids, strict=True)]
+        heads = [_FORMAT_BYTE + key_id for key_id in key_ids]  # what a stored sealed value starts with
+        ip_tokens, ip_sealed = self._seal_field(siv, "ip", index, bound, heads, ips)
+        device_tokens, device_sealed = self._seal_field(siv, "device_id", index, bound, heads, devices)
+        return [
+            None
+            if ip_token is None or ip_value is None or device_token is None or device_value is None
+            else (ip_token, ip_value, device_token, device_value)
+            for ip_token, ip_value, device_token, device_value in zip(
+                ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True
+            )
+        ]
+
+    def _seal_field(
+        self,
+        siv: Any,
+        field: str,
+        index: list[int],
+        bound: list[bytes | None],
+        heads: list[bytes],
+        canonicals: list[str],
+    ) -> tuple[list[str | None], list[bytes | None]]:
+        """Tokens and stored sealed values of one field; the core pads (``pad_field``'s sizes)."""
+        mac, ad_head, sizes = self._fields[field]
+        tokens = mac.tokens(self._token_head, canonicals)
+        try:
+            ads: list[bytes | None] = [ad_head + b + t.encode() for b, t in zip(bound, tokens, strict=True)]  # type: ignore[operator]
+        except (TypeError, AttributeError):  # a user id or token missing: that value is declined
+            ads = [
+                None if b is None or t is None else ad_head + b + t.encode() for b, t in zip(bound, tokens, strict=True)
+            ]
+        return tokens, siv.seal(index, canonicals, sizes, [], ads, None, heads)
+
+    def _check(self, masker: UserMasker) -> None:
+        key_id, key = b"probe-id", bytes(range(64))
+        reference = UserMasker(masker.join_keys, masker.version, _ProbeLifetime(key_id, key), cache_size=0)
+        ips, devices = list(_SEAL_PROBES), list(reversed(_SEAL_PROBES))
+        users = [_PROBE_USERS[i % len(_PROBE_USERS)] for i in range(len(_SEAL_PROBES))]
+        got = self.seal([key], [0] * len(ips), [key_id] * len(ips), users, ips, devices)
+        for user, ip, device, sealed in zip(users, ips, devices, got, strict=True):
+            if sealed != reference.mask_login(user, ip, device):
+                raise CoreMismatch("per-user sealing: the compiled core's bytes differ from the reference's")
 
 
 # The raw envelope layout the core's parser reads (schemas/raw_envelope.v1.avsc); another
@@ -120,6 +253,15 @@ def load(masker: Masker, require: bool | None = None, raw: AvroCodec | None = No
 
     ``require`` (default: ``STREAMS_REQUIRE_CORE``) turns the fallback into a ``ConfigError``.
     """
+    return _load(CoreMasker, masker, require, raw)
+
+
+def load_sealing(masker: UserMasker, require: bool | None = None, raw: AvroCodec | None = None) -> SealingCore | None:
+    """``load`` for per-user key mode: the compiled core sealing as ``masker`` does, or ``None``."""
+    return _load(SealingCore, masker, require, raw)
+
+
+def _load(kind, masker, require: bool | None, raw: AvroCodec | None):
     if require is None:
         require = core_required()
     try:
@@ -128,7 +270,7 @@ def load(masker: Masker, require: bool | None = None, raw: AvroCodec | None = No
         _fallback("the extension streams_core is not built (make install builds it)", require)
         return None
     try:
-        core = CoreMasker(masker, streams_core, raw_headers(raw) if raw is not None else None)
+        core = kind(masker, streams_core, raw_headers(raw) if raw is not None else None)
     except CoreMismatch as exc:
         _fallback(str(exc), require)
         return None

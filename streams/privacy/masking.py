@@ -306,6 +306,7 @@ class UserMasker:
         if len(set(join_keys.values())) < len(join_keys):
             raise ValueError("each field needs its own join key")
         self.version = version
+        self.join_keys = dict(join_keys)  # memory only: the compiled core keys its own MACs (privacy/core.py)
         self.lifetime = lifetime  # user_keys.Lifetime: data_key(user_id) -> (key id, AESSIV)
         self._hmac = {f: _HmacSha256(k, f"{f}\0{version}\0".encode()) for f, k in join_keys.items()}
         self.token = lru_cache(maxsize=cache_size)(self._token) if cache_size else self._token

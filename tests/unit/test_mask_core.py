@@ -26,6 +26,7 @@ from streams.pipeline.bridge import envelope
 from streams.pipeline.mask import MaskTransform, Output
 from streams.privacy import core as mask_core
 from streams.privacy.keys import generate_document, parse_keyring
+from streams.privacy.ledger import ERASED, ErasedUsers
 from streams.privacy.masking import Masker, canonical_ip
 from tests.integration.test_hostile import CATALOGUE
 
@@ -54,8 +55,8 @@ def _core_transform(keyring=KEYRING) -> MaskTransform:
 
 def _comparable(out: Output) -> tuple:
     """An output without the dead letter's clock (``failed_at``)."""
-    if out.reason is None:
-        return out.key, out.value, None
+    if out.reason is None or out.reason == ERASED:  # no dead letter: compared as it is
+        return out.key, out.value, out.reason
     dead = CODECS.dead_letter.decode(out.value)
     dead.pop("failed_at")
     return out.key, json.dumps(dead, sort_keys=True, default=repr), out.reason
@@ -204,14 +205,14 @@ def _json_str(value: str, rng: random.Random, plain: bool) -> str:
     return encoded
 
 
-def _body(rng: random.Random, drawn: str) -> str:
+def _body(rng: random.Random, drawn: str, users: list[str] | None = None) -> str:
     # Half the records plain (ASCII, no escapes: the shape the core parses itself), with
     # edges of that shape: padding, blank and over-long values, near-IPs, odd versions.
     plain = rng.random() < 0.5
     if plain:
         drawn = "".join(c for c in drawn if " " <= c <= "~" and c not in '"\\') or rng.choice(["a", " ", "1.2"])
     fields = {
-        "user_id": f"u-{rng.getrandbits(40):x}",
+        "user_id": rng.choice(users) if users else f"u-{rng.getrandbits(40):x}",
         "app_version": rng.choice(
             ["2.3.0", "0.96", "5.0.1", "1.2.3.4", "beta", "99999.1", "2147.483.647", "2147.483.648", "1.1000", "007.08"]
             + ["1.", ".1", "", " 1.2", "1.2.3 ", "99999999999999999999999", "1.2.3." + "9" * 30, drawn]
@@ -241,9 +242,11 @@ def _body(rng: random.Random, drawn: str) -> str:
     return body
 
 
-def _record(rng: random.Random, drawn: str, i: int) -> tuple[bytes | None, bytes | None, str]:
+def _record(
+    rng: random.Random, drawn: str, i: int, users: list[str] | None = None
+) -> tuple[bytes | None, bytes | None, str]:
     kind = rng.random()
-    body = rng.choice(CATALOGUE)[1] if kind < 0.03 else _body(rng, drawn)
+    body = rng.choice(CATALOGUE)[1] if kind < 0.03 else _body(rng, drawn, users)
     message_id = f"m-{i}" if rng.random() < 0.94 else rng.choice(["", "x" * 129, f"{drawn}-{i}"])
     raw = {"MessageId": message_id, "Body": body, "Attributes": {"SentTimestamp": str(1_764_000_000_000 + i)}}
     try:
@@ -456,3 +459,207 @@ def test_primitives_seal_the_per_user_scheme_byte_for_byte():
     padded = [pad_field("ip", v.encode()) for v in values]
     sealed = streams_core.Siv(user_keys).seal(users, padded, 0, [], ads)
     assert sealed == [seal(user_keys[u], p, a) for u, p, a in zip(users, padded, ads, strict=True)]
+    # The core pads to pad_field's sizes itself and puts each value's prefix (format byte, key id) first.
+    prefixes = [bytes((3,)) + rng.randbytes(8) for _ in values]
+    for field in ("ip", "device_id"):
+        sizes = mask_core._PAD_SIZES[field]
+        texts = [*values, "x" * 46, "x" * 47, "d" * 94, "d" * 95, "d" * 206, "d" * 207, "设" * 200]
+        each = [*prefixes, *prefixes[: len(texts) - len(values)]]
+        index = [*users, *users[: len(texts) - len(values)]]
+        ad = [*ads, *ads[: len(texts) - len(values)]]
+        got = streams_core.Siv(user_keys).seal(index, texts, sizes, [], ad, None, each)
+        assert got == [
+            p + seal(user_keys[u], pad_field(field, t.encode()), a)
+            for u, t, a, p in zip(index, texts, ad, each, strict=True)
+        ]
+    # Over the largest size (the reference refuses it): declined, never raised.
+    assert streams_core.Siv(user_keys).seal(0, ["d" * 815], mask_core._PAD_SIZES["ip"], [], [b"a"]) == [None]
+
+
+# --- per-user key mode: SealingMaskTransform.batch against its reference ------------------
+
+SEAL_JOIN = {"ip": bytes(range(32)), "device_id": bytes(range(100, 132))}
+
+
+class _SeededKms:
+    """Stands in for the KMS a Lifetime asks for its key: the same lifetime keys for the same seed."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def arn(self) -> str:
+        return "arn:aws:kms:us-east-1:123456789012:key/test"
+
+    def _call(self, operation: str, **kwargs):
+        assert operation == "generate_data_key"
+        return {"Plaintext": self._rng.randbytes(kwargs["NumberOfBytes"]), "CiphertextBlob": self._rng.randbytes(24)}
+
+
+def _user_masker(seed: int, max_users: int):
+    """A UserMasker whose lifetime keys, key ids and data keys depend only on ``seed``."""
+    from streams.privacy.masking import UserMasker
+    from streams.privacy.user_keys import Lifetime
+
+    lifetime = Lifetime(_SeededKms(seed), "dep", max_users, random_bytes=random.Random(seed + 1).randbytes)
+    return UserMasker(SEAL_JOIN, "g1", lifetime)
+
+
+def _sealing_pair(seed: int = 7, max_users: int = 1_000, erased=None, codecs: Codecs = CODECS):
+    """(core, reference): two sealing transforms with the same keys, the first on the compiled core."""
+    from streams.pipeline.mask import SealingMaskTransform
+
+    core = SealingMaskTransform(_user_masker(seed, max_users), codecs, erased)
+    if core.core is None:  # reached only without STREAMS_REQUIRE_CORE=1: load_sealing() raises then
+        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
+    reference = SealingMaskTransform(_user_masker(seed, max_users), codecs, erased, use_core=False)
+    assert reference.core is None
+    return core, reference
+
+
+def _assert_same_sealed(core, reference, messages: list) -> list[Output]:
+    """Same outputs, and the same data keys made and queued for the key store, in the same order."""
+    got = core.batch(messages)
+    expected = [reference(key, value, where) for key, value, where in messages]
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert _comparable(a) == _comparable(b), f"record {i} of the batch differs"
+    assert core.masker.lifetime.take() == reference.masker.lifetime.take()
+    return got
+
+
+def test_sealing_core_matches_the_reference_on_the_golden_corpus():
+    core, reference = _sealing_pair()
+    cases = [json.loads(line) for line in (GOLDEN / "corpus.jsonl").read_text().splitlines()]
+    messages = [
+        (bytes.fromhex(c["key"]) if c["key"] is not None else None, bytes.fromhex(c["value"]), f"golden/0/{i}")
+        for i, c in enumerate(cases)
+    ]
+    outputs = _assert_same_sealed(core, reference, messages)
+    assert [o.reason for o in outputs] == [c["reason"] for c in cases]
+    masked = [CODECS.masked.decode(o.value) for o in outputs if o.reason is None]
+    assert masked and all(m["ip_sealed"][0] == 3 and m["ip_ciphertext"] == "" for m in masked)
+    assert core.core_masked > 250 and core.core_masked + core.core_declined == len(cases)
+
+
+# A pool of users (so users recur within a batch), some with text only the reference parses.
+_SEAL_USERS = [f"u-{n}" for n in range(400)] + ["ü-1", "x" * 128, " u ", "u\u2028", "日本", "u\\\\", 'u"q']
+_SEAL_ERASED_AT = 1_764_000_000_500  # records 0..500 of an erased user are dropped, later ones are a new life
+_SEAL_PAIR: list = []
+_SEAL_SEEN: list[int] = []
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(seed=st.integers(0, 2**64 - 1), drawn=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=8))
+def _sealing_core_equals_reference(seed: int, drawn: list[str]) -> None:
+    rng = random.Random(seed)
+    users = rng.sample(_SEAL_USERS, rng.choice([1, 30, 300]))
+    messages = [_record(rng, rng.choice(drawn), i, users) for i in range(BATCH)]
+    _assert_same_sealed(_SEAL_PAIR[0], _SEAL_PAIR[1], messages)
+    _SEAL_SEEN.append(len(messages))
+
+
+def test_sealing_core_equals_reference_on_100k_hostile_records():
+    """Batches of 1,000 hostile records from a pool of users, a few of them erased, under a
+    lifetime that ends every 97 users (so a lifetime ends inside batches): the same bytes
+    and the same key rows, in the same order, as the reference one record at a time."""
+    erased = ErasedUsers()
+    erased.add([(1, user, _SEAL_ERASED_AT) for user in _SEAL_USERS[::9]])
+    _SEAL_PAIR[:] = _sealing_pair(seed=11, max_users=97, erased=erased)
+    _SEAL_SEEN.clear()
+    _sealing_core_equals_reference()
+    assert sum(_SEAL_SEEN) >= 100_000
+    core, reference = _SEAL_PAIR
+    assert core.core_masked > 15_000  # the core parsed and sealed a good share itself
+    assert core.masker.lifetime.key_id == reference.masker.lifetime.key_id  # the same lifetimes came and went
+
+
+def test_sealing_core_declines_go_to_the_reference_and_are_counted(monkeypatch):
+    core, reference = _sealing_pair()
+    sealer = core.core
+    assert sealer is not None
+    real = sealer.seal
+
+    def declining(*args):
+        return [None if i % 3 == 0 else s for i, s in enumerate(real(*args))]
+
+    monkeypatch.setattr(sealer, "seal", declining)
+    rng = random.Random(13)
+    messages = [_record(rng, "q", i, _SEAL_USERS[:50]) for i in range(300)]
+    before = metrics.MASK_CORE_DECLINED._value.get()
+    _assert_same_sealed(core, reference, messages)
+    assert core.core_declined > 50
+    assert metrics.MASK_CORE_DECLINED._value.get() - before == core.core_declined
+
+
+def test_sealing_core_drops_an_erased_user_before_making_a_data_key():
+    erased = ErasedUsers()
+    erased.add([(1, "u-gone", 1_764_000_000_000 + 10)])
+    core, reference = _sealing_pair(erased=erased)
+    logins = [
+        {
+            "MessageId": f"m-{i}",
+            "Body": json.dumps({**json.loads(_plain_login(random.Random(i), i)["Body"]), "user_id": user}),
+        }
+        for i, user in enumerate(["u-gone", "u-kept", "u-gone", "u-kept"])
+    ]
+    messages = [
+        (
+            None,
+            CODECS.raw.encode(envelope({**login, "Attributes": {"SentTimestamp": str(1_764_000_000_000 + i)}})),
+            f"t/0/{i}",
+        )
+        for i, login in enumerate(logins)
+    ]
+    got = core.batch(messages)
+    assert [o.reason for o in got] == [ERASED, None, ERASED, None]
+    assert got == [reference(*m) for m in messages]
+    assert [row.user_id for row in core.masker.lifetime.take()[1]] == ["u-kept"]  # no key for the erased user
+    assert core.core_declined == 0  # parsed by the core, dropped before sealing
+
+
+def test_sealing_without_the_extension_is_the_reference_or_an_error(monkeypatch):
+    from streams.pipeline.mask import SealingMaskTransform
+
+    monkeypatch.setitem(sys.modules, "streams_core", None)
+    monkeypatch.delenv("STREAMS_REQUIRE_CORE", raising=False)
+    assert mask_core.load_sealing(_user_masker(1, 10), require=False) is None
+    assert SealingMaskTransform(_user_masker(1, 10), CODECS).core is None
+    monkeypatch.setenv("STREAMS_REQUIRE_CORE", "1")
+    with pytest.raises(ConfigError, match="STREAMS_REQUIRE_CORE=1"):
+        SealingMaskTransform(_user_masker(1, 10), CODECS)
+
+
+def test_a_sealing_core_that_disagrees_with_the_reference_is_not_used(monkeypatch):
+    streams_core = _core_module()
+
+    class WrongSiv:  # seals under the shared associated data only: not the reference's binding
+        def __init__(self, keys):
+            self._siv = streams_core.Siv(keys)
+
+        def seal(self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None):
+            return self._siv.seal(index, plaintexts, pad_block, [b"other"], ad_each, head, prefix_each)
+
+    wrong = type(sys)("streams_core")
+    wrong.Mac, wrong.Siv, wrong.parse_logins = streams_core.Mac, WrongSiv, streams_core.parse_logins
+    monkeypatch.setitem(sys.modules, "streams_core", wrong)
+    assert mask_core.load_sealing(_user_masker(1, 10), require=False) is None
+    with pytest.raises(ConfigError, match="differ from the reference"):
+        mask_core.load_sealing(_user_masker(1, 10), require=True)
+
+
+def test_the_sealing_core_reads_both_wire_formats_with_a_registry():
+    from tests.unit.test_registry_codec import codecs_with, registered
+
+    codecs = codecs_with(registered())
+    core, reference = _sealing_pair(codecs=codecs)
+    rng = random.Random(23)
+    plain = [CODECS.raw.encode(envelope(_plain_login(rng, i))) for i in range(400)]
+    confluent = [codecs.raw.header + v[10:] for v in plain[:200]]
+    messages = [(None, v, f"r/0/{i}") for i, v in enumerate(confluent + plain[200:])]
+    got = _assert_same_sealed(core, reference, messages)
+    assert got[0].value[:1] == b"\x00" and core.core_masked == 400 and core.core_declined == 0
