@@ -341,6 +341,13 @@ class MaskWriter(StageWriter):
         if self.dedup is not None:
             self.dedup.commit()
 
+    async def store_new_keys(self) -> None:
+        """Per-user key mode: the data keys of new users are stored before anything uses them."""
+        if self.keystore is not None:
+            await retry_forever(
+                self.keystore.flush, "store new data keys", log, self.settings.retry_max_backoff, label="key store"
+            )
+
     async def _handle(self, batch: Batch) -> None:
         messages = self.source.live(batch) if batch.messages else []
         began = time.monotonic()
@@ -349,15 +356,12 @@ class MaskWriter(StageWriter):
         # The transform runs while the previous transaction commits on its thread.
         ledger = self.ledger_version()
         outputs = self.transform.batch([(m.key(), m.value(), where(m)) for m in messages]) if messages else []
-        if self.keystore is not None:  # the data keys of new users are stored before anything uses them
-            keystore = self.keystore
-            await retry_forever(
-                keystore.flush, "store new data keys", log, self.settings.retry_max_backoff, label="key store"
-            )
+        await self.store_new_keys()
         async with self.lock:
             await self.settle()
             if messages and self.ledger_version() != ledger:  # an erasure arrived meanwhile: apply it
                 outputs = self.transform.batch([(m.key(), m.value(), where(m)) for m in messages])
+                await self.store_new_keys()  # a key the erasure made the transform draw again
             if messages:
                 now = self.live_now(batch, messages)
                 if len(now) != len(messages):
