@@ -481,6 +481,9 @@ class SealingMaskTransform(MaskTransform):
         self.masker = masker  # type: ignore[assignment]
         self.codecs = codecs
         self._hold_ledger(erased)  # an erasure's key forgetting is wired by the app (KeyStore.forget)
+        cache_clear = getattr(masker.token, "cache_clear", None)
+        if cache_clear is not None:  # an erasure drops the token cache (keyed by the user's plaintext values)
+            self.erased.on_change.append(lambda _users: cache_clear())
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._seal = masker.mask_login

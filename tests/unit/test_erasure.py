@@ -149,3 +149,16 @@ def test_the_sealing_transform_drops_an_erased_user_before_making_a_data_key():
     assert transform(b"m-1", raw(json.dumps(LOGIN)), "t/0/0").reason == ERASED
     assert transform(b"m-4", raw(json.dumps({**LOGIN, "user_id": "u-kept"}), "m-4"), "t/0/3").reason is None
     assert [row.user_id for row in sealing.lifetime.take()[1]] == ["u-kept"]  # no key for the erased user
+
+
+def test_an_erasure_drops_the_sealing_transforms_token_cache():
+    from streams.pipeline.mask import SealingMaskTransform
+    from tests.unit.test_user_keys import masker
+
+    sealing = masker()
+    erased = ErasedUsers()
+    transform = SealingMaskTransform(sealing, codecs, erased)
+    assert transform(b"m-1", raw(json.dumps(LOGIN)), "t/0/0").reason is None
+    assert sealing.token.cache_info().currsize > 0  # type: ignore[attr-defined]
+    erased.add([(8, "u-gone", ERASED_AT)])
+    assert sealing.token.cache_info().currsize == 0  # type: ignore[attr-defined]
