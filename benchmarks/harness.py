@@ -29,7 +29,7 @@ from confluent_kafka import TopicPartition
 
 from streams.io.codec import Codecs
 from streams.io.kafka import admin_client, metadata_consumer, send_records
-from streams.io.postgres import connect, migrate
+from streams.io.postgres import connect, migrate, require_migrated
 from streams.ops.schemas import register as register_schemas
 from streams.ops.topics import ensure_topics
 from streams.pipeline.bridge import envelope
@@ -79,6 +79,8 @@ class Sandbox:
         ensure_topics(self.settings)  # 6 partitions each (not the broker's auto-created single one)
         register_schemas(self.settings)  # the deploy step (with a schema registry)
         self.registered = {self.settings.raw_topic, self.settings.masked_topic, self.settings.dlq_topic}
+        # The deploy step's migration too: every stage reads the erasure ledger at start.
+        require_migrated(self.settings.pg_dsn.get_secret_value())
 
     def env(self, **over: str) -> dict[str, str]:
         env = {**self.base_env, **over}
