@@ -15,7 +15,7 @@ from streams.settings import load_settings
 
 
 class CopyTransform:
-    def __init__(self, _masker: object, codecs: object) -> None:
+    def __init__(self, _masker: object, codecs: object, _erased: object = None) -> None:
         self.codecs = codecs  # the stage's writer builds dead letters with them
 
     def batch(self, messages: Sequence[tuple[bytes | None, bytes | None, str]]) -> list[Output]:
