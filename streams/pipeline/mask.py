@@ -382,30 +382,10 @@ class MaskTransform:
         one that does not parse cleanly even so (a dead letter) and any value the core's
         crypto declines go through ``__call__``, the reference, which decides it.
         """
-        outputs: list[Output | None] = []
-        ready: list[tuple[int, _Fields]] = []
-        ips: list[str] = []
-        devices: list[str] = []
-        parsed = core.parse([value for _, value, _ in messages])
-        declined = 0
-        for (key, value, where), fields in zip(messages, parsed, strict=True):
-            if fields is None:
-                declined += 1
-                try:
-                    fields = self._parse(value)
-                except Exception:  # what it is (a dead letter, a bug) is the reference's to say
-                    outputs.append(self(key, value, where))
-                    continue
-            if self._erased_at and self.erased.erased(fields[2], fields[1]):
-                outputs.append(self(key, value, where))  # the reference drops an erased user's record
-                continue
-            ready.append((len(outputs), fields))
-            outputs.append(None)
-            ips.append(fields[4])
-            devices.append(fields[6])
+        outputs, ready, declined = self._core_parsed(messages, core)
         if ready:
-            ip_tokens, ip_ciphertexts = core.mask("ip", ips)
-            device_tokens, device_ciphertexts = core.mask("device_id", devices)
+            ip_tokens, ip_ciphertexts = core.mask("ip", [fields[4] for _, fields in ready])
+            device_tokens, device_ciphertexts = core.mask("device_id", [fields[6] for _, fields in ready])
             encode = self._encode
             for (position, fields), ip_token, ip_ct, device_token, device_ct in zip(
                 ready, ip_tokens, ip_ciphertexts, device_tokens, device_ciphertexts, strict=True
@@ -419,11 +399,42 @@ class MaskTransform:
                     declined += 1
                     key, value, where = messages[position]
                     outputs[position] = self(key, value, where)
-        self.core_masked += len(messages) - declined
+        self._count_core(len(messages), declined)
+        return outputs  # type: ignore[return-value]  # every position is filled above
+
+    def _core_parsed(
+        self, messages: Sequence[tuple[bytes | None, bytes | None, str]], core
+    ) -> tuple[list[Output | None], list[tuple[int, _Fields]], int]:
+        """The core's parse of a batch: ``(outputs, ready, declined)``.
+
+        ``ready`` holds ``(position, fields)`` of the records to mask, in record order; every
+        other position of ``outputs`` is already the reference's output (a record that does
+        not parse: a dead letter; an erased user's record: dropped, before any masking). A
+        record the core's parser declines is parsed by the reference's functions and counted.
+        """
+        outputs: list[Output | None] = []
+        ready: list[tuple[int, _Fields]] = []
+        declined = 0
+        for (key, value, where), fields in zip(messages, core.parse([value for _, value, _ in messages]), strict=True):
+            if fields is None:
+                declined += 1
+                try:
+                    fields = self._parse(value)
+                except Exception:  # what it is (a dead letter, a bug) is the reference's to say
+                    outputs.append(self(key, value, where))
+                    continue
+            if self._erased_at and self.erased.erased(fields[2], fields[1]):
+                outputs.append(self(key, value, where))  # the reference drops an erased user's record
+                continue
+            ready.append((len(outputs), fields))
+            outputs.append(None)
+        return outputs, ready, declined
+
+    def _count_core(self, records: int, declined: int) -> None:
+        self.core_masked += records - declined
         if declined:
             self.core_declined += declined
             metrics.MASK_CORE_DECLINED.inc(declined)
-        return outputs  # type: ignore[return-value]  # every position is filled above
 
     def _parse(self, value: bytes | None) -> _Fields:
         """The reference's reading of a record that yields a masked record, else it raises."""
@@ -510,30 +521,19 @@ class SealingMaskTransform(MaskTransform):
         core = self.core
         if core is None:
             return [self(key, value, where) for key, value, where in messages]
-        outputs: list[Output | None] = []
+        outputs, parsed, declined = self._core_parsed(messages, core)
         ready: list[tuple[int, _Fields]] = []
         keys: list[bytes] = []  # the batch's distinct data keys; index[i] is login i's
         key_index: dict[bytes, int] = {}
         index: list[int] = []
         key_ids: list[bytes] = []
         raw_key = self._raw_key
-        parsed = core.parse([value for _, value, _ in messages])
-        declined = 0
-        for (key, value, where), fields in zip(messages, parsed, strict=True):
-            if fields is None:
-                declined += 1
-                try:
-                    fields = self._parse(value)
-                except Exception:  # what it is (a dead letter, a bug) is the reference's to say
-                    outputs.append(self(key, value, where))
-                    continue
-            if self._erased_at and self.erased.erased(fields[2], fields[1]):
-                outputs.append(self(key, value, where))  # dropped before a data key is made
-                continue
+        for position, fields in parsed:  # in record order, after the erasure check, as the reference
             try:
                 key_id, data_key = raw_key(fields[2])
             except Exception:  # a new lifetime's KMS call failed: the reference decides, as for any record
-                outputs.append(self(key, value, where))
+                key, value, where = messages[position]
+                outputs[position] = self(key, value, where)
                 continue
             at = key_index.get(data_key)
             if at is None:
@@ -541,8 +541,7 @@ class SealingMaskTransform(MaskTransform):
                 keys.append(data_key)
             index.append(at)
             key_ids.append(key_id)
-            ready.append((len(outputs), fields))
-            outputs.append(None)
+            ready.append((position, fields))
         if ready:
             sealed = core.seal(
                 keys, index, key_ids, [f[2] for _, f in ready], [f[4] for _, f in ready], [f[6] for _, f in ready]
@@ -557,8 +556,5 @@ class SealingMaskTransform(MaskTransform):
                     declined += 1
                     key, value, where = messages[position]
                     outputs[position] = self(key, value, where)
-        self.core_masked += len(messages) - declined
-        if declined:
-            self.core_declined += declined
-            metrics.MASK_CORE_DECLINED.inc(declined)
+        self._count_core(len(messages), declined)
         return outputs  # type: ignore[return-value]  # every position is filled above
