@@ -38,9 +38,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from streams import metrics
+from streams.errors import TransientError
 from streams.io.kafka import metadata_consumer
 from streams.ops.topology import changelog_topic
 from streams.settings import Settings
@@ -199,31 +200,43 @@ class DedupWindow:
             self.newest.pop(p, None)
 
     def load(self, partitions: set[int]) -> dict[int, list[tuple[bytes, Entry]]]:
-        """Read the changelog of newly assigned partitions (read_committed); blocking, for a thread."""
-        loaded: dict[int, list[tuple[bytes, Entry]]] = {}
+        """Read the changelog of newly assigned partitions (read_committed) up to their ends;
+        blocking, for a thread.
+
+        All or nothing: a partial window would let bridge copies through, so anything short
+        of every partition read to its end raises ``TransientError`` (the caller retries).
+        """
+        loaded: dict[int, list[tuple[bytes, Entry]]] = {p: [] for p in partitions}
+        if not partitions:
+            return loaded
         consumer = metadata_consumer(
             self.settings, None, **{"enable.partition.eof": True, "isolation.level": "read_committed"}
         )
         try:
-            meta = consumer.list_topics(self.topic, timeout=self.settings.kafka_timeout).topics.get(self.topic)
-            if meta is None or meta.error is not None:
-                return loaded
-            wanted = [p for p in sorted(partitions) if p in meta.partitions]
-            remaining = set()
-            for p in wanted:
-                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
-                if high > low:
-                    remaining.add(p)
-            loaded.update({p: [] for p in wanted})
+            try:
+                meta = consumer.list_topics(self.topic, timeout=self.settings.kafka_timeout).topics.get(self.topic)
+                if meta is None or meta.error is not None:
+                    raise TransientError(f"dedup changelog {self.topic}: no metadata ({meta and meta.error})")
+                missing = set(partitions) - set(meta.partitions)
+                if missing:
+                    raise TransientError(f"dedup changelog {self.topic}: {len(missing)} partitions not in its metadata")
+                remaining = set()
+                for p in sorted(partitions):
+                    low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
+                    if high > low:
+                        remaining.add(p)
+            except KafkaException as exc:
+                raise TransientError(f"dedup changelog {self.topic}: {exc.args[0].name()}") from None
             if remaining:
                 consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(remaining)])
             while remaining:
                 msg = consumer.poll(30)
                 if msg is None:
-                    log.warning("dedup changelog %s: no record within 30 s; continuing with what was read", self.topic)
-                    break
+                    raise TransientError(f"dedup changelog {self.topic}: no record nor end within 30 s")
                 err = msg.error()
                 if err is not None:
+                    if err.fatal():
+                        raise TransientError(f"dedup changelog {self.topic}: {err.name()}")
                     if err.code() == KafkaError._PARTITION_EOF:
                         remaining.discard(msg.partition())
                     continue

@@ -209,6 +209,10 @@ class KafkaSource:
         try:  # an assignment waits for its state (the dedup window) to be read, however long
             future.result(None if what == "on_assign" else self.settings.revoke_timeout + 5)
         except Exception as exc:
+            if what == "on_assign":  # going on without the partitions' state would let copies through
+                from streams.pipeline.delivery import die
+
+                die(self.stage, exc)
             log.warning("%s of %d partitions did not finish (%s)", what, len(partitions), type(exc).__name__)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

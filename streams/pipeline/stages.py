@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
 
 from streams import metrics
+from streams.errors import TransientError
 from streams.faults import fault_hang, fault_point
 from streams.io.kafka import admin_client
 from streams.pipeline.dead_letters import refused_by_kafka
@@ -302,9 +303,18 @@ class MaskWriter(StageWriter):
         self.dead_out = metrics.RECORDS_OUT.labels("mask", "dead_letter")
 
     async def on_assign(self, partitions: set[int]) -> None:
+        """The window of newly assigned partitions, read in full before their first record:
+        a broker restart or a slow changelog is waited out (backoff), never skipped."""
         if self.dedup is not None:
-            loaded = await asyncio.to_thread(self.dedup.load, partitions)
-            self.dedup.install(loaded)
+            dedup = self.dedup
+            loaded = await retry_forever(
+                lambda: asyncio.to_thread(dedup.load, partitions),
+                "restoring the dedup window",
+                log,
+                retry_on=(TransientError,),
+                label="dedup restore",
+            )
+            dedup.install(loaded)
 
     async def on_revoke(self, partitions: set[int]) -> None:
         await super().on_revoke(partitions)

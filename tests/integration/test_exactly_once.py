@@ -21,7 +21,8 @@ from benchmarks.throughput import produce_raw
 from streams.io.codec import Codecs
 from streams.io.kafka import metadata_consumer, send_records
 from streams.ops.topics import ensure_topics
-from streams.pipeline.dedup import decode
+from streams.errors import TransientError
+from streams.pipeline.dedup import DedupWindow, decode
 from streams_dev.sandbox import _free_ports
 
 pytestmark = pytest.mark.integration
@@ -206,3 +207,17 @@ def test_a_bridge_copy_is_dropped_and_a_replay_still_emits_the_original(pipeline
     pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 120, "the replay")
     committed = outputs(pipeline)
     assert set(committed) == set(ids) and set(committed.values()) == {2}
+
+
+def test_the_dedup_window_is_restored_whole_or_not_at_all(pipeline):
+    """A partial window lets bridge copies through: restoring it raises (the stage retries)
+    unless every assigned partition was read to its end (a broker restart used to leave a
+    newly assigned partition with no window at all, and copies went out)."""
+    s = pipeline.settings
+    window = DedupWindow(s)
+    with pytest.raises(TransientError):  # no changelog topic (yet): not an empty window
+        window.load({0})
+    ensure_topics(s)
+    assert window.load({0, 1}) == {0: [], 1: []}
+    with pytest.raises(TransientError):  # a partition the changelog does not have
+        window.load({0, s.topic_partitions})
