@@ -18,10 +18,10 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 from benchmarks.throughput import produce_raw
+from streams.errors import TransientError
 from streams.io.codec import Codecs
 from streams.io.kafka import metadata_consumer, send_records
 from streams.ops.topics import ensure_topics
-from streams.errors import TransientError
 from streams.pipeline.dedup import DedupWindow, decode
 from streams_dev.sandbox import _free_ports
 
