@@ -35,7 +35,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
@@ -111,36 +111,79 @@ class DedupWindow:
 
         ``force``: a deliberate re-send (a redrive) at a later offset is written, and remembered.
         """
-        if not key or len(key) > MAX_ID_BYTES:
-            return True
-        ids = self.state.get(partition)
-        if ids is None:
-            ids = self.state[partition] = OrderedDict()
-        newest = self.newest.get(partition, -1)
-        if timestamp > newest:
-            newest = self.newest[partition] = timestamp
-        seen = ids.get(key)
-        if seen is not None and seen[1] >= newest - self.window_ms:  # older: forgotten, even if not yet removed
-            if seen[0] < offset and not force:
-                return False  # a later copy of an id already written
-            if seen[0] == offset:
-                return True  # the same record again (a replay, a rewind): reprocess it
-        self.undo.append((partition, key, seen))
-        ids[key] = (offset, timestamp)
-        if seen is None:
-            self.size += 1
-        else:
-            ids.move_to_end(key)  # expiry goes front to back: the newest at the back
-        pending = self.pending.get(partition)
-        if pending is None:
-            pending = self.pending[partition] = []
-        pending.append((key, offset, timestamp))
-        self.admitted += 1
-        # Over a bound: at once. Past the window: every 256 ids (until then such an id only
-        # takes memory; the check above already treats it as forgotten).
-        if self.size > self.max_ids or self.size * ENTRY_BYTES > self.max_bytes or not self.admitted & 255:
-            self._expire(partition, ids)
-        return True
+        return self.admit_batch([partition], [offset], [key], [timestamp], lambda _: force)[0]
+
+    def admit_batch(
+        self,
+        partitions: Sequence[int],
+        offsets: Sequence[int],
+        keys: Sequence[bytes | None],
+        timestamps: Sequence[int],
+        redrive: Callable[[int], bool],
+    ) -> list[bool]:
+        """``admit`` for each record of a batch, in order: whether to write each one's output.
+
+        ``redrive(i)``: record ``i`` is a deliberate re-send (``streams dlq redrive``): at a
+        later offset it is still written, and remembered. One call per batch, not per record:
+        the per-record Python work is a few dictionary operations (benchmarks.profile_mask).
+        """
+        out: list[bool] = []
+        write = out.append
+        window_ms = self.window_ms
+        limit = min(self.max_ids, self.max_bytes // ENTRY_BYTES)  # over it: evict (size * ENTRY_BYTES > max_bytes)
+        undo = self.undo.append
+        state, newest_of, pending_of = self.state, self.newest, self.pending
+        current = -1
+        ids: OrderedDict[bytes, Entry] = OrderedDict()
+        pending: list[tuple[bytes, int, int]] = []
+        newest = -1
+        size, admitted = self.size, self.admitted
+        for i, key in enumerate(keys):
+            if not key or len(key) > MAX_ID_BYTES:
+                write(True)
+                continue
+            partition, offset, timestamp = partitions[i], offsets[i], timestamps[i]
+            if partition != current:
+                if current >= 0:
+                    newest_of[current] = newest
+                current = partition
+                ids = state.get(partition)  # type: ignore[assignment]
+                if ids is None:
+                    ids = state[partition] = OrderedDict()
+                newest = newest_of.get(partition, -1)
+                pending = pending_of.get(partition)  # type: ignore[assignment]
+                if pending is None:
+                    pending = pending_of[partition] = []
+            if timestamp > newest:
+                newest = timestamp
+            seen = ids.get(key)
+            if seen is not None and seen[1] >= newest - window_ms:  # older: forgotten, even if not yet removed
+                if seen[0] < offset:
+                    if not redrive(i):
+                        write(False)  # a later copy of an id already written
+                        continue
+                elif seen[0] == offset:
+                    write(True)  # the same record again (a replay, a rewind): reprocess it
+                    continue
+            undo((partition, key, seen))
+            ids[key] = (offset, timestamp)
+            if seen is None:
+                size += 1
+            else:
+                ids.move_to_end(key)  # expiry goes front to back: the newest at the back
+            pending.append((key, offset, timestamp))
+            admitted += 1
+            # Over a bound: at once. Past the window: every 256 ids (until then such an id only
+            # takes memory; the check above already treats it as forgotten).
+            if size > limit or not admitted & 255:
+                self.size, newest_of[partition] = size, newest
+                self._expire(partition, ids)
+                size = self.size
+            write(True)
+        if current >= 0:
+            newest_of[current] = newest
+        self.size, self.admitted = size, admitted
+        return out
 
     def _expire(self, partition: int, ids: OrderedDict[bytes, Entry]) -> None:
         oldest_kept = self.newest.get(partition, 0) - self.window_ms

@@ -53,6 +53,11 @@ def where(message: Message) -> str:
     return f"{message.topic()}/{message.partition()}/{message.offset()}"
 
 
+def transform_input(messages: list[Message]) -> list[tuple[bytes | None, bytes | None, str]]:
+    """``(key, value, where)`` of consumed raw records, for ``MaskTransform.batch``."""
+    return [(m.key(), m.value(), f"{m.topic()}/{m.partition()}/{m.offset()}") for m in messages]
+
+
 def sink_input(messages: list[Message]) -> list[Any]:
     """``(key, value, where)`` of consumed masked records (a null value is a tombstone)."""
     return [(m.key(), m.value(), where(m)) for m in messages]
@@ -361,34 +366,34 @@ class MaskWriter(StageWriter):
     async def _handle(self, batch: Batch) -> None:
         messages = self.source.live(batch) if batch.messages else []
         began = time.monotonic()
+        inputs = transform_input(messages)
         if messages:  # schema ids not seen before: fetched once (a registry that is down is waited out)
-            await self.codecs.raw.resolve([m.value() for m in messages], self.settings.retry_max_backoff)
+            await self.codecs.raw.resolve([value for _, value, _ in inputs], self.settings.retry_max_backoff)
         # The transform runs while the previous transaction commits on its thread.
         ledger = self.ledger_version()
-        outputs = self.transform.batch([(m.key(), m.value(), where(m)) for m in messages]) if messages else []
+        outputs = self.transform.batch(inputs) if messages else []
         await self.store_new_keys()
         async with self.lock:
             await self.settle()
             if messages and self.ledger_version() != ledger:  # an erasure arrived meanwhile: apply it
-                outputs = self.transform.batch([(m.key(), m.value(), where(m)) for m in messages])
+                outputs = self.transform.batch(inputs)
                 await self.store_new_keys()  # a key the erasure made the transform draw again
             if messages:
                 now = self.live_now(batch, messages)
                 if len(now) != len(messages):
                     keep = {id(m) for m in now}
-                    pairs = [(m, o) for m, o in zip(messages, outputs, strict=True) if id(m) in keep]
-                else:
-                    pairs = list(zip(messages, outputs, strict=True))
-                if pairs:
+                    outputs = [o for m, o in zip(messages, outputs, strict=True) if id(m) in keep]
+                    messages = now
+                if messages:
                     try:
-                        self._produce(pairs)
+                        self._produce(messages, outputs)
                     except Abort as abort:
                         await self.aborted(abort)
                         return
                     metrics.LIVENESS.started()
                     self.batches += 1
-                    self.in_.inc(len(pairs))
-                    self.size_.observe(len(pairs))
+                    self.in_.inc(len(messages))
+                    self.size_.observe(len(messages))
                     self.seconds_.observe(time.monotonic() - began)
                     fault_point("mask_after_produce")
                     await fault_hang("mask_after_produce")  # a transaction left open (tests kill it)
@@ -414,45 +419,79 @@ class MaskWriter(StageWriter):
             metrics.LIVENESS.finished()
         self.batches = 0
 
-    def _produce(self, pairs: list[tuple[Message, Any]]) -> None:
+    def _produce(self, messages: list[Message], outputs: list[Any]) -> None:
+        """Queue a batch's outputs in the open transaction; per record only what each needs.
+
+        A masked record that fits goes straight to the producer; dead letters, erased users'
+        records, records over the topic's limit and inputs the broker refused before take
+        the slow path (``_special``).
+        """
         s = self.settings
         producer = self.producer
         producer.begin()
-        dedup = self.dedup
-        masked_topic, dlq_topic = s.masked_topic, s.dlq_topic
-        produce, fit, refused, limits = producer.produce, self.fit, self.refused, self.limits
-        masked_limit = limits.get(masked_topic, 1 << 62)
-        counts, dead = self.counts, self.dead
-        offsets = self.offsets
         topic = s.raw_topic
-        for message, out in pairs:
-            partition, offset = cast(int, message.partition()), cast(int, message.offset())
-            source = (partition, offset)
-            offsets[(topic, partition)] = offset + 1
-            if dedup is not None and not dedup.admit(partition, offset, out.key, message.timestamp()[1]):
-                if not any(header[0] == REDRIVE_HEADER for header in message.headers() or ()):
-                    counts["duplicate"] += 1
-                    continue
-                dedup.admit(partition, offset, out.key, message.timestamp()[1], force=True)
-            reason = out.reason
-            if reason == ERASED:  # an erased user's record: dropped, never dead-lettered
-                counts["erased"] += 1
+        offsets = self.offsets
+        last = {m.partition(): m.offset() for m in messages}  # in partition order: the last one wins
+        for partition, offset in last.items():
+            offsets[(topic, cast(int, partition))] = cast(int, offset) + 1
+        keep = self._admitted(messages, outputs) if self.dedup is not None else None
+        produce, masked_topic = producer.produce, s.masked_topic
+        masked_limit = self.limits.get(masked_topic, 1 << 62)
+        refused = self.refused
+        masked = 0
+        for i, out in enumerate(outputs):
+            if keep is not None and not keep[i]:
                 continue
-            record: tuple = (dlq_topic, out.key, out.value) if reason else (masked_topic, out.key, out.value)
-            if refused or reason or len(out.key) + len(out.value) > masked_limit:
-                fixed = fit(record, source, self.codecs)
-                if fixed is not record:
-                    record, reason = fixed, reason or "too_large"
-            if reason:
-                counts["dead_letter"] += 1
-                dead.append((reason, record[1]))
-                log.info("dead-lettered a record: %s", reason, extra={"stage": "mask", "reason": reason})
-                kind, timestamp = message.timestamp()  # the DLQ's retention counts from the raw record's
-                produce(record[0], record[1], record[2], source, timestamp if kind != TIMESTAMP_NOT_AVAILABLE else 0)
-            else:
-                counts["masked"] += 1
-                produce(record[0], record[1], record[2], source)
+            key, value, reason = out
+            if reason or refused or len(key) + len(value) > masked_limit:
+                self._special(messages[i], out)
+                continue
+            message = messages[i]
+            produce(masked_topic, key, value, (message.partition(), message.offset()))
+            masked += 1
+        self.counts["masked"] += masked
         producer.poll()
+
+    def _admitted(self, messages: list[Message], outputs: list[Any]) -> list[bool]:
+        """The dedup window's verdict on each record of the batch (a copy is counted, not written)."""
+        assert self.dedup is not None
+
+        def redrive(i: int) -> bool:
+            return any(header[0] == REDRIVE_HEADER for header in messages[i].headers() or ())
+
+        keep = self.dedup.admit_batch(
+            [m.partition() for m in messages],  # type: ignore[misc]
+            [m.offset() for m in messages],  # type: ignore[misc]
+            [out.key for out in outputs],
+            [m.timestamp()[1] for m in messages],
+            redrive,
+        )
+        self.counts["duplicate"] += len(keep) - sum(keep)
+        return keep
+
+    def _special(self, message: Message, out: Any) -> None:
+        """One record off the fast path: an erased user's (dropped), a dead letter, or one that
+        does not fit the masked topic or the broker refused before (dead-lettered ``too_large``)."""
+        reason = out.reason
+        if reason == ERASED:  # an erased user's record: dropped, never dead-lettered
+            self.counts["erased"] += 1
+            return
+        s = self.settings
+        source = (cast(int, message.partition()), cast(int, message.offset()))
+        record: tuple = (s.dlq_topic, out.key, out.value) if reason else (s.masked_topic, out.key, out.value)
+        fixed = self.fit(record, source, self.codecs)
+        if fixed is not record:
+            record, reason = fixed, reason or "too_large"
+        if reason:
+            self.counts["dead_letter"] += 1
+            self.dead.append((reason, record[1]))
+            log.info("dead-lettered a record: %s", reason, extra={"stage": "mask", "reason": reason})
+            kind, timestamp = message.timestamp()  # the DLQ's retention counts from the raw record's
+            ts = timestamp if kind != TIMESTAMP_NOT_AVAILABLE else 0
+            self.producer.produce(record[0], record[1], record[2], source, ts)
+        else:
+            self.counts["masked"] += 1
+            self.producer.produce(record[0], record[1], record[2], source)
 
 
 class SinkWriter(StageWriter):

@@ -76,11 +76,19 @@ class TransactionalProducer:
             "acks": "all",
             "log_level": 3,
         }
+        # Delivery reports of refused records only, to one callback: a report (and a Python
+        # call) per delivered record cost the stage ~2 µs per record (benchmarks.profile_mask).
+        self.config["delivery.report.only.error"] = True
+        self.config["on_delivery"] = self._delivered
         self.producer = Producer(self.config)
         self.open = False
         self.abandoned = False  # replaced after a call that never returned: its late errors mean nothing
         self.refused: dict[tuple[int, int], KafkaError] = {}  # deliveries refused in this transaction
-        self._other_failure: KafkaError | None = None
+        # ``(topic, key, value, source)`` of each record in the open transaction: a refused
+        # record's report names its topic, key and value, and this names its input.
+        self.sent: list[tuple[str, bytes | None, bytes | None, tuple[int, int]]] = []
+        self._index: dict[tuple, list[tuple[int, int]]] = {}
+        self._indexed = 0  # records of ``sent`` in ``_index``
         self.records = 0
         self.began = 0.0
 
@@ -124,25 +132,19 @@ class TransactionalProducer:
             self.records = 0
             self.began = time.monotonic()
             self.refused = {}
-            self._other_failure = None
+            self.sent = []
+            self._index, self._indexed = {}, 0
 
     def produce(
         self, topic: str, key: bytes | None, value: bytes | None, source: tuple[int, int], timestamp: int = 0
     ) -> None:
         """Queue one output of input ``source`` (``partition, offset``) in the open transaction;
         ``timestamp`` (ms, 0 = now) is the input's for a dead letter, so the DLQ's retention counts from it."""
-        refused = self.refused
-
-        def delivered(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                if err.code() in PERMANENT_ERRORS:
-                    refused[source] = err
-                else:
-                    self._other_failure = err
-
+        self.sent.append((topic, key, value, source))
+        produce = self.producer.produce
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, timestamp=timestamp, on_delivery=delivered)
+                produce(topic, value, key, timestamp=timestamp)
                 break
             except BufferError:  # librdkafka's queue is full: let it drain
                 self.producer.poll(0.05)
@@ -150,9 +152,20 @@ class TransactionalProducer:
                 err = exc.args[0]
                 self._fatal_check(err)
                 if err.code() in PERMANENT_ERRORS:
-                    refused[source] = err
-                raise Abort(f"produce: {err.name()}", dict(refused)) from None
+                    self.refused[source] = err
+                raise Abort(f"produce: {err.name()}", dict(self.refused)) from None
         self.records += 1
+
+    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+        """A refused record (the only reports asked for): its input, found by topic, key and value."""
+        if err is None or err.code() not in PERMANENT_ERRORS:
+            return  # another failure: the commit fails with it (abortable), nothing to remember
+        index = self._index  # built at a refusal (rare), not per record
+        for sent_topic, sent_key, sent_value, source in self.sent[self._indexed :]:
+            index.setdefault((sent_topic, sent_key, sent_value), []).append(source)
+        self._indexed = len(self.sent)
+        for source in index.get((msg.topic(), msg.key(), msg.value()), ()):
+            self.refused[source] = err  # the same bytes twice: both would be refused alike
 
     def poll(self) -> None:
         self.producer.poll(0)
@@ -166,6 +179,7 @@ class TransactionalProducer:
             self._guard("send offsets", lambda: self.producer.send_offsets_to_transaction(tps, group_metadata, 30))
         self._guard("commit transaction", lambda: self.producer.commit_transaction(60))
         self.open = False
+        self.sent, self._index, self._indexed = [], {}, 0
 
     def abort(self) -> None:
         if self.open:
