@@ -31,14 +31,17 @@ def _bridge(settings: Settings, args) -> None:
 
 
 def _worker(settings: Settings, args) -> None:
-    from streams.pipeline.app import run_worker
+    from streams.pipeline.startup import start_checks
     from streams.privacy.hardening import no_core_dumps
 
     no_core_dumps()  # keys and plaintext values in memory
     faults.configure(settings.fault)
     if args.log_level:
         settings = settings.model_copy(update={"log_level": args.log_level})
-    run_worker(settings)
+    checks = start_checks(settings)  # on threads, while Faust is imported
+    from streams.pipeline.app import run_worker
+
+    run_worker(settings, checks)
 
 
 def _ping(settings: Settings, args) -> None:

@@ -10,8 +10,6 @@ transport is not started (``NoKafka``): nothing here reads or writes Kafka per e
 from __future__ import annotations
 
 import asyncio
-import faulthandler
-import functools
 import logging
 from typing import Any, cast
 
@@ -23,7 +21,7 @@ from mode.utils.queues import FlowControlEvent, ThrowableQueue
 from streams import metrics
 from streams.io.codec import Codecs
 from streams.logs import logging_config
-from streams.loop import fewer_malloc_arenas, use_uvloop
+from streams.loop import use_uvloop
 from streams.ops.topology import stage_group
 from streams.pipeline.dedup import DedupWindow
 from streams.pipeline.delivery import die
@@ -31,12 +29,12 @@ from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
 from streams.pipeline.source import Batch, KafkaSource
 from streams.pipeline.stages import MaskWriter, SinkWriter, StageWriter
+from streams.pipeline.startup import Check, start_checks
 from streams.pipeline.transactions import TransactionalProducer
 from streams.privacy import key_use
 from streams.privacy.keys import KeyRing
 from streams.privacy.ledger import ErasedUsers, LedgerWatch, erased_users, load_ledger
 from streams.privacy.masking import Masker, UserMasker
-from streams.retry import wait_at_start
 from streams.settings import Settings
 
 log = logging.getLogger("streams.worker")
@@ -81,17 +79,22 @@ class StageService(Service):
         self.writer = writer
         self.channel = channel
         self.agent_ready = asyncio.Event()  # set by the agent once it iterates the channel
+        self.writer_ready = asyncio.Event()  # set once the writer's producer and record limits are ready
         self.ledger: LedgerWatch | None = None  # the stage's erasure ledger refresh and confirmations
 
     async def deliver(self, batch: Batch) -> None:
         await self.agent_ready.wait()  # a batch put before the agent subscribed would be dropped
+        await self.writer_ready.wait()
         await self.channel.put(batch)
 
     async def on_start(self) -> None:
+        # The consumer joins its group while the producer registers its transactional id:
+        # both are round trips to Kafka. No batch reaches the writer before it is ready.
+        self.source.start(asyncio.get_running_loop(), self.deliver, self.writer)
         await self.writer.start()
+        self.writer_ready.set()
         if self.ledger is not None:
             self.ledger.start()
-        self.source.start(asyncio.get_running_loop(), self.deliver, self.writer)
 
     async def on_stop(self) -> None:
         await asyncio.to_thread(self.source.stop)  # revokes: the writer commits what is in flight
@@ -204,42 +207,28 @@ def create_app(
     return app, services
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings, checks: dict[str, Check] | None = None) -> None:
     """Start the worker: keys, topics and database checked first (fail closed), then Faust until SIGTERM.
 
     The worker never changes the schema (its role needs only DML): the database must be
     at the latest migration (`streams migrate`, a separate step) or it refuses to start.
+    ``checks``: the start-up checks, already running (``streams.pipeline.startup``).
     """
-    from streams.io.postgres import require_schema
-    from streams.ops.replay import adopt_legacy_offsets
-    from streams.ops.topics import require_topics
-    from streams.privacy.keys import settings_keyring
-    from streams.privacy.user_keys import split_mode, worker_masker
-
-    faulthandler.enable()  # a crash in a native library (librdkafka) leaves the Python stacks in the log
-    masks = "mask" in settings.stage_list
-    # Per-user key mode: join keys and a lifetime key from KMS, no keyring (nothing to decrypt with).
-    sealing = worker_masker(settings)[0] if masks and split_mode(settings) else None
-    keyring = settings_keyring(settings) if masks and sealing is None else None
+    if checks is None:
+        checks = start_checks(settings)
+    # Every result in the order the checks were listed: the first failure is the one reported.
+    sealing, keyring = checks["keys"].result()
     metrics.LIVENESS.stuck_after = settings.stuck_after
     if keyring is not None:
         metrics.KEY_IN_USE.labels(keyring.join_version, keyring.encryption_key_id).set(1)
-    wait_at_start(lambda: require_topics(settings), "Kafka", log, settings.startup_timeout)
-    if "sink" in settings.stage_list or sealing is not None:  # a sealing mask stage stores data keys
-        wait_at_start(
-            lambda: require_schema(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout
-        )
-    for name in settings.stage_list:  # once, on the first start after the upgrade (docs/operations.md)
-        adopt = functools.partial(adopt_legacy_offsets, settings, name)
-        wait_at_start(adopt, "Kafka", log, settings.startup_timeout)
-    # Every stage holds the erasure ledger before it reads a record (fail closed: no ledger, no start).
-    ledger = wait_at_start(
-        lambda: load_ledger(settings.pg_dsn.get_secret_value()), "PostgreSQL", log, settings.startup_timeout
-    )
-    codecs = Codecs.from_settings(settings)  # with a registry: its schema ids, or one line to register them
+    checks["topics"].result()
+    if "schema" in checks:
+        checks["schema"].result()
+    checks["adopt"].result()
+    ledger = checks["ledger"].result()
+    codecs = checks["codecs"].result()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     use_uvloop()
-    fewer_malloc_arenas()
     asyncio.set_event_loop(asyncio.new_event_loop())
     app, _ = create_app(settings, keyring, codecs, ledger, sealing)
     faust.Worker(

@@ -104,9 +104,10 @@ class StageWriter(RevokeHandler):
         self.seconds_ = metrics.BATCH_SECONDS.labels(self.stage)
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.producer.init)
-        self.limits = await asyncio.to_thread(
-            record_limits, self.settings, [self.settings.masked_topic, self.settings.dlq_topic]
+        """Register the transactional id and read the topics' record limits, side by side."""
+        _, self.limits = await asyncio.gather(
+            asyncio.to_thread(self.producer.init),
+            asyncio.to_thread(record_limits, self.settings, [self.settings.masked_topic, self.settings.dlq_topic]),
         )
 
     def close(self) -> None:
