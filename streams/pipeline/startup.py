@@ -12,6 +12,7 @@ check ends the process without waiting for a slower one to time out.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import functools
 import logging
 import threading
@@ -58,6 +59,7 @@ def start_checks(settings: Settings) -> dict[str, Check]:
     from streams.privacy.user_keys import split_mode, worker_masker
     from streams.retry import wait_at_start
 
+    gc.disable()  # until the start-up heap is built and frozen (app.fewer_collections)
     faulthandler.enable()  # a crash in a native library (librdkafka) leaves the Python stacks in the log
     fewer_malloc_arenas()  # before the first thread (streams.loop)
     dsn = settings.pg_dsn.get_secret_value()
