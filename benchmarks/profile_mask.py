@@ -60,6 +60,7 @@ def summarize(path: Path, top: int = 25, us_per_sample: float | None = None) -> 
         own[frames[-1]] += n
         for f in set(frames):
             total[f] += n
+
     def us(n: int) -> str:
         return f"{n * us_per_sample:6.2f} µs" if us_per_sample else ""
 

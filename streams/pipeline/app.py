@@ -34,7 +34,7 @@ from streams.pipeline.startup import Check, start_checks
 from streams.pipeline.transactions import TransactionalProducer
 from streams.privacy import key_use
 from streams.privacy.keys import KeyRing
-from streams.privacy.ledger import ErasedUsers, LedgerWatch, erased_users, load_ledger
+from streams.privacy.ledger import ErasedUsers, LedgerWatch, erased_users
 from streams.privacy.masking import Masker, UserMasker
 from streams.settings import Settings
 

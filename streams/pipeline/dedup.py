@@ -63,11 +63,31 @@ Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int]], None]
 
 def encode(items: list[tuple[bytes, int, int]]) -> bytes:
     """One changelog value: ``(id, offset, raw timestamp)`` of ids one transaction admitted."""
-    parts = [HEADER.pack(MAGIC, len(items))]
-    for key, offset, timestamp in items:
-        parts.append(ITEM.pack(offset, timestamp, len(key)))
-        parts.append(key)
-    return b"".join(parts)
+    return HEADER.pack(MAGIC, len(items)) + b"".join(_items(items))
+
+
+def _items(items: list[tuple[bytes, int, int]]) -> list[bytes]:
+    """Each item's bytes in a changelog value: ``offset, raw timestamp, id length, id``."""
+    pack = ITEM.pack
+    return [pack(offset, timestamp, len(key)) + key for key, offset, timestamp in items]
+
+
+def _chunks(parts: list[bytes]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each changelog record's items: each at most ``CHUNK_BYTES`` (or one item)."""
+    if not parts:
+        return []  # a partition whose records of the transaction were all copies or replays
+    if HEADER.size + sum(map(len, parts)) <= CHUNK_BYTES:
+        return [(0, len(parts))]  # a transaction's ids on one partition, usually
+    chunks = []
+    start = 0
+    while start < len(parts):
+        end, size = start, HEADER.size
+        while end < len(parts) and (end == start or size + len(parts[end]) <= CHUNK_BYTES):
+            size += len(parts[end])
+            end += 1
+        chunks.append((start, end))
+        start = end
+    return chunks
 
 
 def decode(key: bytes | None, value: bytes | None) -> list[tuple[bytes, Entry]]:
@@ -135,7 +155,7 @@ class DedupWindow:
         state, newest_of, pending_of = self.state, self.newest, self.pending
         current = -1
         ids: OrderedDict[bytes, Entry] = OrderedDict()
-        pending: list[tuple[bytes, int, int]] = []
+        pending: list[tuple[bytes, int, int]] | None = None
         newest = -1
         size, admitted = self.size, self.admitted
         for i, key in enumerate(keys):
@@ -151,9 +171,7 @@ class DedupWindow:
                 if ids is None:
                     ids = state[partition] = OrderedDict()
                 newest = newest_of.get(partition, -1)
-                pending = pending_of.get(partition)  # type: ignore[assignment]
-                if pending is None:
-                    pending = pending_of[partition] = []
+                pending = pending_of.get(partition)  # made at its first id: the changelog's order
             if timestamp > newest:
                 newest = timestamp
             seen = ids.get(key)
@@ -171,6 +189,8 @@ class DedupWindow:
                 size += 1
             else:
                 ids.move_to_end(key)  # expiry goes front to back: the newest at the back
+            if pending is None:
+                pending = pending_of[partition] = []
             pending.append((key, offset, timestamp))
             admitted += 1
             # Over a bound: at once. Past the window: every 256 ids (until then such an id only
@@ -202,17 +222,12 @@ class DedupWindow:
         (more only past ``CHUNK_BYTES``), in that transaction, just before its commit. Records written."""
         written = 0
         for partition, items in self.pending.items():
-            start = 0
-            while start < len(items):
-                end, size = start, HEADER.size
-                while end < len(items) and (end == start or size + ITEM.size + len(items[end][0]) <= CHUNK_BYTES):
-                    size += ITEM.size + len(items[end][0])
-                    end += 1
-                chunk = items[start:end]
-                key = BATCH_KEY.pack(b"\xff", chunk[0][1], time.time_ns())
-                produce(self.topic, key, encode(chunk), (partition, -1))  # the output of no input record
+            parts = _items(items)
+            for start, end in _chunks(parts):
+                key = BATCH_KEY.pack(b"\xff", items[start][1], time.time_ns())
+                value = HEADER.pack(MAGIC, end - start) + b"".join(parts[start:end])
+                produce(self.topic, key, value, (partition, -1))  # the output of no input record
                 written += 1
-                start = end
         self.pending = {}
         return written
 

@@ -436,21 +436,26 @@ class MaskWriter(StageWriter):
         for partition, offset in last.items():
             offsets[(topic, cast(int, partition))] = cast(int, offset) + 1
         keep = self._admitted(messages, outputs) if self.dedup is not None else None
-        produce, masked_topic = producer.produce, s.masked_topic
+        masked_topic = s.masked_topic
         masked_limit = self.limits.get(masked_topic, 1 << 62)
         refused = self.refused
-        masked = 0
+        masked: list[tuple[bytes, bytes, tuple[int, int]]] = []  # produced in the inputs' order
         for i, out in enumerate(outputs):
             if keep is not None and not keep[i]:
                 continue
             key, value, reason = out
             if reason or refused or len(key) + len(value) > masked_limit:
+                if masked:  # the order outputs go out in is the inputs' order
+                    producer.produce_many(masked_topic, masked)
+                    self.counts["masked"] += len(masked)
+                    masked = []
                 self._special(messages[i], out)
                 continue
             message = messages[i]
-            produce(masked_topic, key, value, (message.partition(), message.offset()))
-            masked += 1
-        self.counts["masked"] += masked
+            masked.append((key, value, (message.partition(), message.offset())))  # type: ignore[arg-type]
+        if masked:
+            producer.produce_many(masked_topic, masked)
+            self.counts["masked"] += len(masked)
         producer.poll()
 
     def _admitted(self, messages: list[Message], outputs: list[Any]) -> list[bool]:

@@ -12,8 +12,8 @@ check ends the process without waiting for a slower one to time out.
 from __future__ import annotations
 
 import faulthandler
-import gc
 import functools
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -77,7 +77,9 @@ def start_checks(settings: Settings) -> dict[str, Check]:
         "topics": Check("topics", lambda: wait_at_start(lambda: require_topics(settings), "Kafka", log, timeout)),
     }
     if "sink" in settings.stage_list or sealing:  # a sealing mask stage stores data keys
-        checks["schema"] = Check("schema", lambda: wait_at_start(lambda: require_schema(dsn), "PostgreSQL", log, timeout))
+        checks["schema"] = Check(
+            "schema", lambda: wait_at_start(lambda: require_schema(dsn), "PostgreSQL", log, timeout)
+        )
 
     def adopt() -> None:
         checks["topics"].result()  # the upgrade step only once the topics are as declared

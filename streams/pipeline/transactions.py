@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
@@ -84,11 +84,11 @@ class TransactionalProducer:
         self.open = False
         self.abandoned = False  # replaced after a call that never returned: its late errors mean nothing
         self.refused: dict[tuple[int, int], KafkaError] = {}  # deliveries refused in this transaction
-        # ``(topic, key, value, source)`` of each record in the open transaction: a refused
-        # record's report names its topic, key and value, and this names its input.
-        self.sent: list[tuple[str, bytes | None, bytes | None, tuple[int, int]]] = []
+        # ``(topic, [(key, value, source), ...])`` of each produce call in the open transaction:
+        # a refused record's report names its topic, key and value, and this names its input.
+        self.sent: list[tuple[str, Sequence[tuple[bytes | None, bytes | None, tuple[int, int]]]]] = []
         self._index: dict[tuple, list[tuple[int, int]]] = {}
-        self._indexed = 0  # records of ``sent`` in ``_index``
+        self._indexed = 0  # entries of ``sent`` in ``_index``
         self.records = 0
         self.began = 0.0
 
@@ -140,29 +140,38 @@ class TransactionalProducer:
     ) -> None:
         """Queue one output of input ``source`` (``partition, offset``) in the open transaction;
         ``timestamp`` (ms, 0 = now) is the input's for a dead letter, so the DLQ's retention counts from it."""
-        self.sent.append((topic, key, value, source))
-        produce = self.producer.produce
-        while True:
-            try:
-                produce(topic, value, key, timestamp=timestamp)
-                break
-            except BufferError:  # librdkafka's queue is full: let it drain
-                self.producer.poll(0.05)
-            except KafkaException as exc:
-                err = exc.args[0]
-                self._fatal_check(err)
-                if err.code() in PERMANENT_ERRORS:
-                    self.refused[source] = err
-                raise Abort(f"produce: {err.name()}", dict(self.refused)) from None
-        self.records += 1
+        self.produce_many(topic, [(key, value, source)], timestamp)
+
+    def produce_many(
+        self, topic: str, records: Sequence[tuple[bytes | None, bytes | None, tuple[int, int]]], timestamp: int = 0
+    ) -> None:
+        """``produce`` for each ``(key, value, source)`` of ``records``, in order: one call per batch."""
+        self.sent.append((topic, records))
+        producer = self.producer
+        produce = producer.produce
+        for key, value, source in records:
+            while True:
+                try:
+                    produce(topic, value, key, timestamp=timestamp)
+                    break
+                except BufferError:  # librdkafka's queue is full: let it drain
+                    producer.poll(0.05)
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    self._fatal_check(err)
+                    if err.code() in PERMANENT_ERRORS:
+                        self.refused[source] = err
+                    raise Abort(f"produce: {err.name()}", dict(self.refused)) from None
+        self.records += len(records)
 
     def _delivered(self, err: KafkaError | None, msg: Any) -> None:
         """A refused record (the only reports asked for): its input, found by topic, key and value."""
         if err is None or err.code() not in PERMANENT_ERRORS:
             return  # another failure: the commit fails with it (abortable), nothing to remember
         index = self._index  # built at a refusal (rare), not per record
-        for sent_topic, sent_key, sent_value, source in self.sent[self._indexed :]:
-            index.setdefault((sent_topic, sent_key, sent_value), []).append(source)
+        for sent_topic, records in self.sent[self._indexed :]:
+            for sent_key, sent_value, source in records:
+                index.setdefault((sent_topic, sent_key, sent_value), []).append(source)
         self._indexed = len(self.sent)
         for source in index.get((msg.topic(), msg.key(), msg.value()), ()):
             self.refused[source] = err  # the same bytes twice: both would be refused alike

@@ -155,3 +155,77 @@ def test_memory_per_id_is_within_what_the_byte_bound_counts():
     per_id = used / len(keys) + (33 + 36)  # the ids were made before: add a bytes object of 36
     print(f"dedup window: {per_id:.0f} bytes per id")
     assert per_id <= ENTRY_BYTES
+
+
+def reference_admit(
+    w: DedupWindow, partition: int, offset: int, key: bytes | None, timestamp: int, force: bool
+) -> bool:
+    """The window's rule one record at a time, as it was written before batches (the oracle)."""
+    from collections import OrderedDict
+
+    from streams.pipeline.dedup import ENTRY_BYTES
+
+    if not key or len(key) > MAX_ID_BYTES:
+        return True
+    ids = w.state.setdefault(partition, OrderedDict())
+    newest = w.newest.get(partition, -1)
+    if timestamp > newest:
+        newest = w.newest[partition] = timestamp
+    seen = ids.get(key)
+    if seen is not None and seen[1] >= newest - w.window_ms:
+        if seen[0] < offset and not force:
+            return False
+        if seen[0] == offset:
+            return True
+    w.undo.append((partition, key, seen))
+    ids[key] = (offset, timestamp)
+    if seen is None:
+        w.size += 1
+    else:
+        ids.move_to_end(key)
+    w.pending.setdefault(partition, []).append((key, offset, timestamp))
+    w.admitted += 1
+    if w.size > w.max_ids or w.size * ENTRY_BYTES > w.max_bytes or not w.admitted & 255:
+        w._expire(partition, ids)
+    return True
+
+
+def test_a_batch_admits_as_one_record_at_a_time_would():
+    """``admit_batch`` (the mask stage's call, one per batch) agrees with the rule applied one
+    record at a time on every verdict, the state, the changelog and what an abort undoes:
+    copies, replays, redrives, expiry, the bound on ids."""
+    import random
+
+    rng = random.Random(7)
+    records = []
+    for i in range(6000):
+        partition = rng.randrange(3)
+        key = None if i % 97 == 0 else f"m{rng.randrange(1500)}".encode()  # many copies
+        offset = i if rng.random() > 0.1 else max(i - rng.randrange(1, 50), 0)  # some replays
+        records.append((partition, offset, key, 1_000 + i * 50, rng.random() < 0.05))
+    one, one_written = window(dedup_window=60, dedup_max_ids=800)
+    many, many_written = window(dedup_window=60, dedup_max_ids=800)
+    verdicts_one, verdicts_many = [], []
+    for start in range(0, len(records), 250):
+        batch = records[start : start + 250]
+        for p, o, k, t, redrive in batch:
+            ok = reference_admit(one, p, o, k, t, False)
+            if not ok and redrive:
+                ok = reference_admit(one, p, o, k, t, True)
+            verdicts_one.append(ok)
+        verdicts_many += many.admit_batch(
+            [r[0] for r in batch],
+            [r[1] for r in batch],
+            [r[2] for r in batch],
+            [r[3] for r in batch],
+            lambda i, batch=batch: batch[i][4],
+        )
+        if start % 1000 == 500:  # an aborted transaction now and then
+            one.rollback()
+            many.rollback()
+        else:
+            commit(one)
+            commit(many)
+        assert (one.state, one.newest, one.size) == (many.state, many.newest, many.size)
+    assert verdicts_one == verdicts_many
+    assert False in verdicts_many and entries(one_written) == entries(many_written)
