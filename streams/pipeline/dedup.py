@@ -58,7 +58,7 @@ BATCH_KEY = struct.Struct(">cqq")  # 0xff, first offset, time (ns): unique, so c
 CHUNK_BYTES = 64 * 1024  # a changelog record holds at most this much (far under any topic's limit)
 MAX_ID_BYTES = 1024  # longer ids (only a dead letter's fallback id can be) are not remembered
 Entry = tuple[int, int]
-Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int]], None]
+Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int], int, int], None]
 
 
 def encode(items: list[tuple[bytes, int, int]]) -> bytes:
@@ -167,7 +167,9 @@ class DedupWindow:
                     end += 1
                 chunk = items[start:end]
                 key = BATCH_KEY.pack(b"\xff", chunk[0][1], time.time_ns())
-                produce(self.topic, key, encode(chunk), (partition, -1))  # the output of no input record
+                # The raw partition's changelog partition (restore reads it for that partition);
+                # the source (partition, -1) is the output of no input record.
+                produce(self.topic, key, encode(chunk), (partition, -1), 0, partition)
                 written += 1
                 start = end
         self.pending = {}

@@ -44,9 +44,14 @@ class Abort(Exception):
     """The open transaction must be aborted; ``refused`` maps an input record
     (``partition, offset``) to the error the broker refused its output with for good."""
 
-    def __init__(self, why: str, refused: dict[tuple[int, int], KafkaError] | None = None) -> None:
+    def __init__(
+        self, why: str, refused: dict[tuple[int, int], KafkaError] | None = None, in_doubt: bool = False
+    ) -> None:
         super().__init__(why)
         self.refused = refused or {}
+        # A commit that never returned: the broker may have committed it after all, so
+        # in-memory state cannot be undone; it is read back from what Kafka committed.
+        self.in_doubt = in_doubt
 
 
 def make_transactional_id(settings: Settings, stage: str) -> str:
@@ -127,10 +132,17 @@ class TransactionalProducer:
             self._other_failure = None
 
     def produce(
-        self, topic: str, key: bytes | None, value: bytes | None, source: tuple[int, int], timestamp: int = 0
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        source: tuple[int, int],
+        timestamp: int = 0,
+        partition: int = -1,
     ) -> None:
         """Queue one output of input ``source`` (``partition, offset``) in the open transaction;
-        ``timestamp`` (ms, 0 = now) is the input's for a dead letter, so the DLQ's retention counts from it."""
+        ``timestamp`` (ms, 0 = now) is the input's for a dead letter, so the DLQ's retention counts from it;
+        ``partition``: a fixed one (the dedup changelog's is its raw partition), else by key."""
         refused = self.refused
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:
@@ -142,7 +154,9 @@ class TransactionalProducer:
 
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, timestamp=timestamp, on_delivery=delivered)
+                self.producer.produce(
+                    topic, value=value, key=key, timestamp=timestamp, partition=partition, on_delivery=delivered
+                )
                 break
             except BufferError:  # librdkafka's queue is full: let it drain
                 self.producer.poll(0.05)
