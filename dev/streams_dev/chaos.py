@@ -374,6 +374,9 @@ class Stages:
         # The worker is child 0 of the run, and its restarts take its slot (a stable
         # transactional id, so the new one fences the killed one's transaction).
         env = {**self.env, "STREAMS_WORKER_SLOT": "0"} if command == "worker" else self.env
+        # The run restarts Kafka and PostgreSQL while stages start; a stage that gave up
+        # waiting at start would exit (its supervisor restarts it), which the run counts as a bug.
+        env = {"STREAMS_STARTUP_TIMEOUT": "180", **env}
         self.procs[command] = children.start_stage(command, self.workdir / f"{command}-{self.count}.log", env)
 
     def wait_busy(self, command: str, timeout: float = 60.0) -> bool:
