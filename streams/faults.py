@@ -4,11 +4,13 @@ The runtime keeps only this hook: a no-op unless ``configure`` was given a spec 
 ``STREAMS_FAULT`` setting). ``STREAMS_FAULT=<point>[@<n>][:raise]`` SIGKILLs this process the n-th time (default:
 first) it reaches ``fault_point(<point>)``, or with ``:raise`` raises ``InjectedFault``
 there (an agent bug), or with ``:hang`` never returns from ``fault_hang(<point>)`` (a call
-that hangs: the liveness probe must catch it). Unset in production, where the check is one
+that hangs: the liveness probe must catch it), or with ``:stall`` blocks in
+``fault_stall(<point>)`` past a bound (a commit that answered too late). Unset in production, where the check is one
 falsy test per batch. Points: bridge_after_produce (Kafka acked, SQS not deleted),
 mask_after_produce (masked records acked, raw offsets not acked), sink_before_commit
 (batch decoded, database not written), sink_after_commit (database committed, masked
-offsets not acked); ``streams erase``: erase_after_append, erase_after_confirm,
+offsets not acked), mask_after_commit (:stall: the commit done, its answer late);
+``streams erase``: erase_after_append, erase_after_confirm,
 erase_after_delete (rows gone, no tombstones yet).
 """
 
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 
 _FAULT_NAME = ""
 _FAULT_AT = ""
@@ -47,10 +50,21 @@ async def fault_hang(name: str) -> None:
             await asyncio.Event().wait()
 
 
+def fault_stall(name: str, seconds: float) -> None:
+    """Block this thread ``seconds`` the n-th time, when the spec is ``<name>[@<n>]:stall``
+    (a blocking call that did its work but answered too late)."""
+    global _fault_hits
+    if _FAULT_NAME and name == _FAULT_NAME and _FAULT_MODE == "stall":
+        _fault_hits += 1
+        if _fault_hits == int(_FAULT_AT or 1):
+            logging.getLogger("streams.fault").warning("fault injected at %s (stall)", name)
+            time.sleep(seconds)
+
+
 def fault_point(name: str) -> None:
     """Die here, like a power cut, when ``STREAMS_FAULT`` names this point."""
     global _fault_hits
-    if _FAULT_NAME and name == _FAULT_NAME and _FAULT_MODE != "hang":
+    if _FAULT_NAME and name == _FAULT_NAME and _FAULT_MODE not in ("hang", "stall"):
         _fault_hits += 1
         if _fault_hits >= int(_FAULT_AT or 1):
             logging.getLogger("streams.fault").warning("fault injected at %s (%s)", name, _FAULT_MODE or "kill")

@@ -374,6 +374,9 @@ class Stages:
         # The worker is child 0 of the run, and its restarts take its slot (a stable
         # transactional id, so the new one fences the killed one's transaction).
         env = {**self.env, "STREAMS_WORKER_SLOT": "0"} if command == "worker" else self.env
+        # The run restarts Kafka and PostgreSQL while stages start; a stage that gave up
+        # waiting at start would exit (its supervisor restarts it), which the run counts as a bug.
+        env = {"STREAMS_STARTUP_TIMEOUT": "180", **env}
         self.procs[command] = children.start_stage(command, self.workdir / f"{command}-{self.count}.log", env)
 
     def wait_busy(self, command: str, timeout: float = 60.0) -> bool:
@@ -567,6 +570,40 @@ def _audit(s: Settings, report: Report, valid: dict[str, str], malformed: dict[s
     report.topic_extra_copies = report.topic_records - len(committed)
     uncommitted = topic_copies(s, "read_uncommitted")
     report.uncommitted_extra_copies = sum(uncommitted.values()) - len(uncommitted)
+    doubled = {key for key, n in committed.items() if n > 1}
+    if doubled:  # where each copy sits, for whoever reads the run's workdir (message ids only)
+        (workdir / "doubled.txt").write_text(_positions(s, doubled))
+
+
+def _positions(s: Settings, keys: set[str]) -> str:
+    """Topic, partition, offset and timestamp of every record keyed by one of ``keys``, raw
+    topic included, and the dedup changelog entries naming them (read_committed)."""
+    from streams.ops.topology import changelog_topic
+    from streams.pipeline.dedup import decode
+
+    consumer = metadata_consumer(s, **{"enable.partition.eof": True, "isolation.level": "read_committed"})
+    lines = []
+    try:
+        for topic in (s.raw_topic, s.masked_topic, s.dlq_topic, changelog_topic(s)):
+            partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+            remaining = set(partitions)
+            while remaining:
+                msg = consumer.poll(30)
+                if msg is None:
+                    break
+                if msg.error() is not None:
+                    remaining.discard(msg.partition())
+                    continue
+                names = [k.decode("utf-8", "replace") for k, _ in decode(msg.key(), msg.value())]
+                if topic != changelog_topic(s):
+                    names = [(msg.key() or b"").decode("utf-8", "replace")]
+                for name in names:
+                    if name in keys:
+                        lines.append(f"{name} {topic} p{msg.partition()} o{msg.offset()} t{msg.timestamp()[1]}")
+    finally:
+        consumer.close()
+    return "\n".join(sorted(lines)) + "\n"
 
 
 def _content_mismatches(s: Settings, rows: list, valid: dict[str, str]) -> int:

@@ -210,25 +210,33 @@ def adopt_legacy_offsets(settings: Settings, stage: str) -> dict[int, int]:
         raise TransientError(f"Kafka did not answer while checking the upgrade of group offsets ({exc})") from None
 
 
-# One admin client for the upgrade check, kept for the life of the process: destroying one
-# while a request of it is still pending (Kafka down at start) crashed librdkafka.
-_ADMINS: dict[str, AdminClient] = {}
+def _committed(settings: Settings, group: str, topic: str) -> tuple[list[int], dict[int, int]]:
+    """The topic's partitions and ``group``'s committed offsets on them, through a consumer
+    that never joins the group (admin futures that time out while a broker restarts can
+    crash librdkafka: librdkafka#4605; a consumer's offset fetch has no such path)."""
+    consumer = metadata_consumer(settings, group)
+    try:
+        metadata = consumer.list_topics(topic, timeout=settings.kafka_timeout).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return [], {}
+        partitions = sorted(metadata.partitions)
+        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=settings.kafka_timeout)
+        return partitions, {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+    finally:
+        consumer.close()
 
 
 def _adopt(settings: Settings, stage: str) -> dict[int, int]:
     topic = stage_topic(settings, stage)
-    admin = _ADMINS.get(settings.kafka_bootstrap)
-    if admin is None:
-        admin = _ADMINS[settings.kafka_bootstrap] = admin_client(settings)
-    old = OffsetAdmin(settings, group=legacy_group(settings), admin=admin)
-    new = OffsetAdmin(settings, group=stage_group(settings, stage), admin=admin)
-    metadata = admin.list_topics(topic, timeout=settings.kafka_timeout).topics.get(topic)
-    partitions = sorted(metadata.partitions) if metadata is not None and metadata.error is None else []
-    if not partitions or any(o is not None for o in new.committed(topic, partitions).values()):
+    partitions, committed = _committed(settings, stage_group(settings, stage), topic)
+    if not partitions or committed:
         return {}
-    carried = {p: o for p, o in old.committed(topic, partitions).items() if o is not None}
+    _, carried = _committed(settings, legacy_group(settings), topic)
     if not carried:
         return {}
+    # The upgrade itself, once per deployment: only now the admin API.
+    old = OffsetAdmin(settings, group=legacy_group(settings))
+    new = OffsetAdmin(settings, group=stage_group(settings, stage), admin=old.admin)
     members = old.live_members()
     if members:
         raise Refused(

@@ -58,7 +58,7 @@ BATCH_KEY = struct.Struct(">cqq")  # 0xff, first offset, time (ns): unique, so c
 CHUNK_BYTES = 64 * 1024  # a changelog record holds at most this much (far under any topic's limit)
 MAX_ID_BYTES = 1024  # longer ids (only a dead letter's fallback id can be) are not remembered
 Entry = tuple[int, int]
-Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int]], None]
+Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int], int, int], None]
 
 
 def encode(items: list[tuple[bytes, int, int]]) -> bytes:
@@ -226,7 +226,9 @@ class DedupWindow:
             for start, end in _chunks(parts):
                 key = BATCH_KEY.pack(b"\xff", items[start][1], time.time_ns())
                 value = HEADER.pack(MAGIC, end - start) + b"".join(parts[start:end])
-                produce(self.topic, key, value, (partition, -1))  # the output of no input record
+                # The raw partition's changelog partition (restore reads it for that partition);
+                # the source (partition, -1) is the output of no input record.
+                produce(self.topic, key, value, (partition, -1), 0, partition)
                 written += 1
         self.pending = {}
         return written

@@ -150,6 +150,11 @@ class KafkaSource:
         with self._lock:
             return self._incarnation.get(partition) == incarnation and partition not in self._rewinding
 
+    def assigned_now(self) -> set[int]:
+        """The partitions assigned at this moment (from any thread)."""
+        with self._lock:
+            return set(self._incarnation)
+
     def finished(self, batch: Batch) -> None:
         """The stage is done with ``batch`` (written or dropped): its bytes leave the budget."""
         with self._lock:

@@ -25,7 +25,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
 
 from streams import metrics
 from streams.errors import TransientError
-from streams.faults import fault_hang, fault_point
+from streams.faults import fault_hang, fault_point, fault_stall
 from streams.io.kafka import admin_client
 from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.dedup import REDRIVE_HEADER
@@ -184,8 +184,8 @@ class StageWriter(RevokeHandler):
             old = self.producer
             old.abandoned = True
             self.producer = TransactionalProducer(self.settings, self.stage, transactional_id=old.transactional_id)
-            await asyncio.to_thread(self.producer.init)
-            raise Abort(f"{what} timed out") from None
+            await asyncio.to_thread(self.producer.init)  # the old transaction is now committed or aborted
+            raise Abort(f"{what} timed out", in_doubt=True) from None
 
     async def settle(self) -> None:
         """Wait for the running commit or write; an abortable failure aborts and rewinds."""
@@ -211,14 +211,15 @@ class StageWriter(RevokeHandler):
         producer.poll()  # the delivery reports of the aborted transaction: which records the broker refused
         self.refused.update(producer.refused)
         self.offsets.clear()
-        self.rolled_back()
+        await self.rolled_back(abort.in_doubt)
         self.source.rewind()
         for _ in range(self.batches):
             metrics.LIVENESS.finished()
         self.batches = 0
 
-    def rolled_back(self) -> None:
-        """Undo in-memory state of the aborted transaction (the mask stage's dedup window)."""
+    async def rolled_back(self, in_doubt: bool) -> None:
+        """Undo in-memory state of the aborted transaction (the mask stage's dedup window);
+        ``in_doubt``: it may have committed, so that state is read back from Kafka instead."""
 
     def committed(self, offsets: dict[tuple[str, int], int]) -> None:
         """The open transaction committed: its effects are final."""
@@ -233,6 +234,7 @@ class StageWriter(RevokeHandler):
 
     def commit_sync(self, offsets: dict[tuple[str, int], int]) -> None:
         self.producer.commit(offsets, self.source.group_metadata())
+        fault_stall(f"{self.stage}_after_commit", self.settings.commit_timeout + 2)
 
     async def on_assign(self, partitions: set[int]) -> None:
         return None
@@ -332,12 +334,14 @@ class MaskWriter(StageWriter):
         if self.dedup is not None:
             self.dedup.forget(partitions)
 
-    def rolled_back(self) -> None:
+    async def rolled_back(self, in_doubt: bool) -> None:
         self.boundaries += 1
         self.counts = dict.fromkeys(self.counts, 0)
         self.dead = []
         if self.dedup is not None:
             self.dedup.rollback()
+            if in_doubt:  # the ids of a transaction that committed after all must stay
+                await self.on_assign(self.source.assigned_now())
 
     def before_commit(self) -> None:
         if self.dedup is not None:

@@ -44,9 +44,14 @@ class Abort(Exception):
     """The open transaction must be aborted; ``refused`` maps an input record
     (``partition, offset``) to the error the broker refused its output with for good."""
 
-    def __init__(self, why: str, refused: dict[tuple[int, int], KafkaError] | None = None) -> None:
+    def __init__(
+        self, why: str, refused: dict[tuple[int, int], KafkaError] | None = None, in_doubt: bool = False
+    ) -> None:
         super().__init__(why)
         self.refused = refused or {}
+        # A commit that never returned: the broker may have committed it after all, so
+        # in-memory state cannot be undone; it is read back from what Kafka committed.
+        self.in_doubt = in_doubt
 
 
 def make_transactional_id(settings: Settings, stage: str) -> str:
@@ -136,14 +141,25 @@ class TransactionalProducer:
             self._index, self._indexed = {}, 0
 
     def produce(
-        self, topic: str, key: bytes | None, value: bytes | None, source: tuple[int, int], timestamp: int = 0
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        source: tuple[int, int],
+        timestamp: int = 0,
+        partition: int = -1,
     ) -> None:
         """Queue one output of input ``source`` (``partition, offset``) in the open transaction;
-        ``timestamp`` (ms, 0 = now) is the input's for a dead letter, so the DLQ's retention counts from it."""
-        self.produce_many(topic, [(key, value, source)], timestamp)
+        ``timestamp`` (ms, 0 = now) is the input's for a dead letter, so the DLQ's retention counts from it;
+        ``partition``: a fixed one (the dedup changelog's is its raw partition), else by key."""
+        self.produce_many(topic, [(key, value, source)], timestamp, partition)
 
     def produce_many(
-        self, topic: str, records: Sequence[tuple[bytes | None, bytes | None, tuple[int, int]]], timestamp: int = 0
+        self,
+        topic: str,
+        records: Sequence[tuple[bytes | None, bytes | None, tuple[int, int]]],
+        timestamp: int = 0,
+        partition: int = -1,
     ) -> None:
         """``produce`` for each ``(key, value, source)`` of ``records``, in order: one call per batch."""
         self.sent.append((topic, records))
@@ -152,7 +168,7 @@ class TransactionalProducer:
         for key, value, source in records:
             while True:
                 try:
-                    produce(topic, value, key, timestamp=timestamp)
+                    produce(topic, value, key, partition, timestamp=timestamp)
                     break
                 except BufferError:  # librdkafka's queue is full: let it drain
                     producer.poll(0.05)

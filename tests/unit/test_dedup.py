@@ -11,12 +11,14 @@ from streams.settings import Settings
 
 
 def window(**settings) -> tuple[DedupWindow, list]:
-    """A window and the changelog records it wrote: ``(topic, key, value, source)``."""
+    """A window and the changelog records it wrote: ``(topic, key, value, partition)``: the
+    partition it is written to, which restore reads back as the raw partition's window."""
     written: list = []
     w = DedupWindow(Settings(raw_topic="r", **settings))
 
-    def produce(topic, key, value, source):
-        written.append((topic, key, value, source))
+    def produce(topic, key, value, source, timestamp, partition):
+        assert source == (partition, -1) and timestamp == 0
+        written.append((topic, key, value, partition))
 
     w.produce = produce  # type: ignore[attr-defined]
     return w, written
@@ -34,7 +36,7 @@ def commit(w: DedupWindow) -> int:
 
 
 def entries(written: list) -> list:
-    return [(source[0], item) for _, key, value, source in written for item in decode(key, value)]
+    return [(partition, item) for _, key, value, partition in written for item in decode(key, value)]
 
 
 def test_a_later_copy_is_dropped_the_same_record_again_is_not():
