@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -26,6 +27,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
 from streams import metrics
 from streams.errors import TransientError
 from streams.faults import fault_hang, fault_point, fault_stall
+from streams.io.codec import CONFLUENT_HEADER_LEN
 from streams.io.kafka import admin_client
 from streams.pipeline.dead_letters import refused_by_kafka
 from streams.pipeline.dedup import REDRIVE_HEADER
@@ -56,6 +58,16 @@ def where(message: Message) -> str:
 def transform_input(messages: list[Message]) -> list[tuple[bytes | None, bytes | None, str]]:
     """``(key, value, where)`` of consumed raw records, for ``MaskTransform.batch``."""
     return [(m.key(), m.value(), f"{m.topic()}/{m.partition()}/{m.offset()}") for m in messages]
+
+
+_VALUE = operator.itemgetter(1)
+_HEAD = operator.itemgetter(slice(0, CONFLUENT_HEADER_LEN))
+
+
+def schema_heads(inputs: list[tuple[bytes | None, bytes | None, str]]) -> set[bytes]:
+    """The distinct schema headers of a batch's values (a batch shares one or two), in C loops:
+    what ``AvroCodec.resolve`` looks up, without a Python step per record."""
+    return set(map(_HEAD, filter(None, map(_VALUE, inputs))))
 
 
 def sink_input(messages: list[Message]) -> list[Any]:
@@ -373,7 +385,7 @@ class MaskWriter(StageWriter):
         began = time.monotonic()
         inputs = transform_input(messages)
         if messages:  # schema ids not seen before: fetched once (a registry that is down is waited out)
-            await self.codecs.raw.resolve([value for _, value, _ in inputs], self.settings.retry_max_backoff)
+            await self.codecs.raw.resolve(schema_heads(inputs), self.settings.retry_max_backoff)
         # The transform runs while the previous transaction commits on its thread.
         ledger = self.ledger_version()
         outputs = self.transform.batch(inputs) if messages else []
