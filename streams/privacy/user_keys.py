@@ -279,48 +279,123 @@ class Opener:
             raise KeyErased("no data key for that user and key id: the user was erased (or the key never stored)")
         if row["sealed_key"] is not None:
             return row["sealed_key"]
+        sealed = self.sealed_form(user_id, key_id, row["wrapped_key"], row["kek_blob"])
+        if sealed is None:
+            raise Refused("a user_data_keys row does not open under its lifetime key (moved or altered)")
+        await conn.execute(_STORE_SEALED, [user_id], [key_id.hex()], [sealed])
+        return sealed
+
+    def forget_lifetime_keys(self) -> None:
+        self._keks.clear()
+
+    def sealed_form(self, user_id: str, key_id: bytes, wrapped: bytes, kek_blob: bytes) -> bytes | None:
+        """The KMS-sealed form of one lifetime-wrapped key (None: it does not open under its lifetime key).
+
+        The lifetime key is opened once per process (kms:Decrypt, purpose user-kek); each
+        seal is one kms:Encrypt whose context names the user.
+        """
         kek = self._keks.get(key_id)
         if kek is None:
             opened = self.kms._call(
                 "decrypt",
-                CiphertextBlob=row["kek_blob"],
+                CiphertextBlob=kek_blob,
                 KeyId=self.kms.arn(),
                 EncryptionContext=kek_context(self.deployment, key_id),
             )
             kek = self._keks[key_id] = AESSIV(opened["Plaintext"])
         try:
-            key = kek.decrypt(row["wrapped_key"], [wrap_ad(self.deployment, key_id, user_id)])
+            key = kek.decrypt(wrapped, [wrap_ad(self.deployment, key_id, user_id)])
         except InvalidTag:
-            raise Refused("a user_data_keys row does not open under its lifetime key (moved or altered)") from None
-        sealed = self.kms._call(
+            return None
+        return self.kms._call(
             "encrypt",
             KeyId=self.kms.arn(),
             Plaintext=key,
             EncryptionContext=user_context(self.deployment, user_id, key_id),
         )["CiphertextBlob"]
-        await conn.execute(
-            "UPDATE user_data_keys SET sealed_key = $3, wrapped_key = NULL"
-            " WHERE user_id = $1 AND key_id = $2 AND sealed_key IS NULL",
-            user_id,
-            key_id.hex(),
-            sealed,
-        )
-        return sealed
 
 
-async def seal_user_keys(conn: asyncpg.Connection, opener: Opener, batch_size: int = 500) -> int:
-    """Seal every lifetime-wrapped row (``streams keys seal``); returns how many it sealed."""
-    done = 0
-    while True:
-        rows = await conn.fetch(
-            "SELECT user_id, key_id FROM user_data_keys WHERE sealed_key IS NULL ORDER BY user_id, key_id LIMIT $1",
-            batch_size,
-        )
-        if not rows:
-            return done
-        for r in rows:
-            await opener.seal(conn, r["user_id"], bytes.fromhex(r["key_id"]))
-        done += len(rows)
+# --- sealing on a schedule (`streams keys seal`) --------------------------------------------
+
+SEAL_LOCK = 0x5345414C  # session advisory lock ("SEAL"): one `keys seal` run at a time per database
+
+_UNSEALED = (
+    "SELECT u.user_id, u.key_id, u.wrapped_key, l.kek_blob FROM user_data_keys u"
+    " LEFT JOIN key_lifetimes l USING (key_id)"
+    " WHERE u.sealed_key IS NULL AND (u.user_id, u.key_id) > ($1, $2)"
+    " ORDER BY u.user_id, u.key_id LIMIT $3"
+)
+# Only a row still lifetime-wrapped takes the sealed form: a row sealed meanwhile (by a
+# reveal's first open) keeps its own, and a row erased meanwhile stays gone.
+_STORE_SEALED = (
+    "UPDATE user_data_keys u SET sealed_key = n.sealed, wrapped_key = NULL"
+    " FROM unnest($1::text[], $2::text[], $3::bytea[]) AS n(user_id, key_id, sealed)"
+    " WHERE u.user_id = n.user_id AND u.key_id = n.key_id AND u.sealed_key IS NULL"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SealRun:
+    """What one ``streams keys seal`` run did."""
+
+    sealed: int = 0  # rows this run moved from lifetime-wrapped to sealed
+    unopenable: int = 0  # rows that do not open under their lifetime key, or whose lifetime row is gone
+    left: int = 0  # rows still lifetime-wrapped when the run ended (``max_batches`` reached, or unopenable)
+    locked: bool = False  # another run held the lock: this one did nothing
+
+
+async def seal_user_keys(
+    conn: asyncpg.Connection,
+    opener: Opener,
+    operator: str,
+    batch_size: int = 500,
+    max_batches: int | None = None,
+) -> SealRun:
+    """Seal lifetime-wrapped rows (``streams keys seal``), safe to run on a schedule.
+
+    - **One run at a time**: a session advisory lock (``SEAL_LOCK``, released when the
+      connection ends, also on a crash); a run that finds it held does nothing.
+    - **Idempotent**: only rows still lifetime-wrapped are read and updated; a killed run
+      loses at most its open batch's work, and the next run redoes it.
+    - **Bounded**: ``batch_size`` rows per transaction, at most ``max_batches`` batches.
+    - A row that does not open is counted and left as it is (keyset order: it never blocks
+      the rows after it). Audited once per run that opens anything (action ``seal``).
+    """
+    from streams.privacy import audit
+
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEAL_LOCK):
+        return SealRun(locked=True)
+    try:
+        sealed = unopenable = batches = 0
+        after = ("", "")
+        while max_batches is None or batches < max_batches:
+            rows = await conn.fetch(_UNSEALED, *after, batch_size)
+            if not rows:
+                break
+            if batches == 0:  # opens lifetime keys: audited before the first
+                await audit.record(conn, operator, "bulk_open", reason="re-wrap user data keys by KMS", action="seal")
+            batches += 1
+            after = (rows[-1]["user_id"], rows[-1]["key_id"])
+            done: tuple[list[str], list[str], list[bytes]] = ([], [], [])
+            for r in rows:
+                form = None
+                if r["kek_blob"] is not None:
+                    form = opener.sealed_form(r["user_id"], bytes.fromhex(r["key_id"]), r["wrapped_key"], r["kek_blob"])
+                if form is None:
+                    unopenable += 1
+                    continue
+                done[0].append(r["user_id"])
+                done[1].append(r["key_id"])
+                done[2].append(form)
+            if done[0]:
+                status = await conn.execute(_STORE_SEALED, *done)
+                sealed += int(status.split()[-1])
+        left = await conn.fetchval("SELECT count(*) FROM user_data_keys WHERE sealed_key IS NULL")
+        return SealRun(sealed, unopenable, left)
+    finally:
+        opener.forget_lifetime_keys()  # a scheduled custodian holds no lifetime key between runs
+        if not conn.is_closed():  # a lost connection has released it already
+            await conn.execute("SELECT pg_advisory_unlock($1)", SEAL_LOCK)
 
 
 class KeyStore:
