@@ -10,9 +10,10 @@ Per-user key mode is on when ``STREAMS_KMS_MAC_KEY_ID`` names an HMAC_256 KMS ke
   stored (``key_lifetimes``). A lifetime also ends after ``MAX_USERS`` users, so the
   cache of per-user keys stays bounded.
 - **Per-user data keys**: the first time a lifetime meets user U it draws a random
-  AES-SIV key, wraps it under the KEK (AES-SIV, bound to deployment, key id and U) and
-  queues the row; the mask stage writes the queued rows to ``user_data_keys`` before the
-  Kafka transaction that uses them. No KMS call and no database read per record.
+  AES-SIV key and queues it; when the mask stage takes the queue (``take``, once per
+  batch) every new key is wrapped under the KEK (AES-SIV, bound to deployment, key id and
+  U; the compiled core wraps them all in one call) and written to ``user_data_keys``
+  before the Kafka transaction that uses them. No KMS call and no database read per record.
 - **Opening** (reveal, export --reveal, redrive; ``open_data_key``): only through a row of
   ``user_data_keys`` that is *sealed*: the data key wrapped by KMS itself under the
   context ``{deployment, purpose: user-key, user_id: U, key_id}``, so each ``kms:Decrypt``
@@ -25,9 +26,11 @@ Per-user key mode is on when ``STREAMS_KMS_MAC_KEY_ID`` names an HMAC_256 KMS ke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import asyncpg
 from cryptography.exceptions import InvalidTag
@@ -90,6 +93,12 @@ def wrap_ad(deployment_name: str, key_id: bytes, user_id: str) -> bytes:
     return b"\0".join((WRAP_LABEL, deployment_name.encode(), key_id, user_id.encode()))
 
 
+class KeyWrapper(Protocol):
+    """Wraps data keys under one lifetime key, one call for many (``core.KeyWrapping``)."""
+
+    def wrap(self, keys: list[bytes], ads: list[bytes]) -> list[bytes | None]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRow:
     """One new per-user data key, wrapped under its lifetime key: what ``user_data_keys`` stores."""
@@ -99,25 +108,50 @@ class KeyRow:
     wrapped_key: bytes
 
 
-class _UserKey:
-    """One user's data key in a lifetime (memory only): its id, its bytes (the compiled
-    core's) and, once the reference has sealed with it, its AES-SIV object."""
+@dataclass(slots=True)
+class KeyRows:
+    """New per-user data keys, wrapped: the columns of ``user_data_keys`` rows, in the order
+    the users were met. Columns, not a ``KeyRow`` per key: an object per new user is
+    measurable on the mask stage's hot path when every login is a new user."""
 
-    __slots__ = ("key", "key_id", "siv")
+    user_ids: list[str] = dataclasses.field(default_factory=list)
+    key_ids: list[bytes] = dataclasses.field(default_factory=list)
+    wrapped_keys: list[bytes] = dataclasses.field(default_factory=list)
 
-    def __init__(self, key_id: bytes, key: bytes) -> None:
-        self.key_id = key_id
-        self.key = key
-        self.siv: AESSIV | None = None
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def rows(self) -> list[KeyRow]:
+        return [KeyRow(*r) for r in zip(self.user_ids, self.key_ids, self.wrapped_keys, strict=True)]
+
+    def extend(self, other: KeyRows) -> None:
+        self.user_ids.extend(other.user_ids)
+        self.key_ids.extend(other.key_ids)
+        self.wrapped_keys.extend(other.wrapped_keys)
+
+    def without(self, user_id: str) -> KeyRows:
+        """These rows but ``user_id``'s (erasure)."""
+        if user_id not in self.user_ids:
+            return self
+        kept = [i for i, u in enumerate(self.user_ids) if u != user_id]
+        return KeyRows(
+            [self.user_ids[i] for i in kept], [self.key_ids[i] for i in kept], [self.wrapped_keys[i] for i in kept]
+        )
 
 
 class Lifetime:
     """This worker lifetime's key-encryption key and the per-user data keys it made.
 
-    Holds the plaintext KEK and data keys in memory only (each data key both as an AES-SIV
-    object for the reference and as its bytes for the compiled core); the KMS-wrapped KEK
-    and the wrapped data keys are what gets stored. ``random_bytes`` (the OS's by default)
-    draws key ids and data keys; a test gives a seeded one to get the same keys twice.
+    Holds the plaintext KEK and data keys in memory only (each data key as its bytes for
+    the compiled core and, once the reference has sealed with it, as an AES-SIV object);
+    the KMS-wrapped KEK and the wrapped data keys are what gets stored. ``random_bytes``
+    (the OS's by default) draws key ids and data keys; a test gives a seeded one to get
+    the same keys twice.
+
+    New data keys are wrapped under the KEK when they are taken for the key store
+    (``take``, once per batch), all at once: with ``wrapping`` (``core.load_key_wrapping()``:
+    the compiled core, the KEK's key schedule set once per lifetime) in one call, else one
+    AES-SIV call each (the reference). AES-SIV is deterministic: both give the same bytes.
     """
 
     def __init__(
@@ -126,16 +160,23 @@ class Lifetime:
         deployment_name: str,
         max_users: int = MAX_USERS,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        wrapping: Callable[[bytes], KeyWrapper] | None = None,
     ) -> None:
         self._kms = kms
         self.deployment = deployment_name
         self.max_users = max_users
         self._random_bytes = random_bytes
-        self.pending: list[KeyRow] = []
+        self._wrapping = wrapping
+        self.pending = KeyRows()  # wrapped, not taken yet
+        # This lifetime's new keys, not wrapped yet: users, data keys, wrap associated data.
+        self._new_users: list[str] = []
+        self._new_keys: list[bytes] = []
+        self._new_ads: list[bytes] = []
         self.new_lifetimes: list[tuple[bytes, bytes]] = []  # (key id, KMS-wrapped KEK) not yet stored
         self._start()
 
     def _start(self) -> None:
+        self._wrap_new()  # the ending lifetime's new keys, under its own KEK
         self.key_id = self._random_bytes(KEY_ID_BYTES)
         made = self._kms._call(
             "generate_data_key",
@@ -144,20 +185,20 @@ class Lifetime:
             EncryptionContext=kek_context(self.deployment, self.key_id),
         )
         self._kek = AESSIV(made["Plaintext"])
+        self._kek_core = self._wrapping(made["Plaintext"]) if self._wrapping is not None else None
         self._wrap_prefix = wrap_ad(self.deployment, self.key_id, "")  # + the user id: ``wrap_ad``
         self.new_lifetimes.append((self.key_id, made["CiphertextBlob"]))
-        self._keys: dict[str, _UserKey] = {}
+        self._keys: dict[str, tuple[bytes, bytes]] = {}  # user -> (key id, data key)
+        self._sivs: dict[str, AESSIV] = {}  # user -> AES-SIV object of its data key, made when the reference seals
         self._random, self._random_at = b"", 0
 
     def data_key(self, user_id: str) -> tuple[bytes, AESSIV]:
         """``(key id, AES-SIV)`` of ``user_id`` in this lifetime: made and queued on first use."""
-        found = self._keys.get(user_id)
-        if found is None:
-            found = self._new_key(user_id)
-        siv = found.siv
+        key_id, key = self.raw_key(user_id)
+        siv = self._sivs.get(user_id)
         if siv is None:  # the AES-SIV object (3 µs to make) only when the reference seals
-            siv = found.siv = AESSIV(found.key)
-        return found.key_id, siv
+            siv = self._sivs[user_id] = AESSIV(key)
+        return key_id, siv
 
     def raw_key(self, user_id: str) -> tuple[bytes, bytes]:
         """``(key id, data key bytes)`` of ``user_id``, for the compiled core (which sets its own
@@ -165,32 +206,57 @@ class Lifetime:
         found = self._keys.get(user_id)
         if found is None:
             found = self._new_key(user_id)
-        return found.key_id, found.key
+        return found
 
-    def _new_key(self, user_id: str) -> _UserKey:
+    def _new_key(self, user_id: str) -> tuple[bytes, bytes]:
         if len(self._keys) >= self.max_users:
             self._start()
+        ad = self._wrap_prefix + user_id.encode()  # a user id with no UTF-8 form is refused here, before any queueing
         if self._random_at >= len(self._random):  # one getrandom call per RANDOM_KEYS keys
             self._random, self._random_at = self._random_bytes(DATA_KEY_BYTES * RANDOM_KEYS), 0
         at = self._random_at
         key = self._random[at : at + DATA_KEY_BYTES]
         self._random_at = at + DATA_KEY_BYTES
-        wrapped = self._kek.encrypt(key, [self._wrap_prefix + user_id.encode()])
-        self.pending.append(KeyRow(user_id, self.key_id, wrapped))
-        found = self._keys[user_id] = _UserKey(self.key_id, key)
+        self._new_users.append(user_id)  # wrapped at take()
+        self._new_keys.append(key)
+        self._new_ads.append(ad)
+        found = self._keys[user_id] = (self.key_id, key)
         return found
 
-    def take(self) -> tuple[list[tuple[bytes, bytes]], list[KeyRow]]:
+    def _wrap_new(self) -> None:
+        """Wrap this lifetime's new data keys under its KEK, in the order made, into ``pending``."""
+        users, keys, ads = self._new_users, self._new_keys, self._new_ads
+        if not users:
+            return
+        self._new_users, self._new_keys, self._new_ads = [], [], []
+        kek = self._kek
+        if self._kek_core is None:
+            wrapped = [kek.encrypt(key, [ad]) for key, ad in zip(keys, ads, strict=True)]
+        else:
+            wrapped = [  # a key the core declines (none it was built for) is wrapped by the reference
+                w if w is not None else kek.encrypt(key, [ad])
+                for w, key, ad in zip(self._kek_core.wrap(keys, ads), keys, ads, strict=True)
+            ]
+        self.pending.extend(KeyRows(users, [self.key_id] * len(users), wrapped))
+
+    def take(self) -> tuple[list[tuple[bytes, bytes]], KeyRows]:
         """The lifetimes and key rows to store now (each handed out once)."""
+        self._wrap_new()
         lifetimes, rows = self.new_lifetimes, self.pending
-        self.new_lifetimes, self.pending = [], []
+        self.new_lifetimes, self.pending = [], KeyRows()
         return lifetimes, rows
 
     def forget(self, user_id: str) -> None:
         """Drop a user's data key from memory and from the rows not stored yet (erasure):
         the next record of the user makes a new one."""
         self._keys.pop(user_id, None)
-        self.pending = [r for r in self.pending if r.user_id != user_id]
+        self._sivs.pop(user_id, None)
+        if user_id in self._new_users:
+            kept = [i for i, u in enumerate(self._new_users) if u != user_id]
+            self._new_users = [self._new_users[i] for i in kept]
+            self._new_keys = [self._new_keys[i] for i in kept]
+            self._new_ads = [self._new_ads[i] for i in kept]
+        self.pending = self.pending.without(user_id)
 
 
 # --- the key store ------------------------------------------------------------------
@@ -205,15 +271,14 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
 """
 
 
-async def save_keys(conn: asyncpg.Connection, lifetimes: list[tuple[bytes, bytes]], rows: list[KeyRow]) -> None:
+async def save_keys(conn: asyncpg.Connection, lifetimes: list[tuple[bytes, bytes]], rows: KeyRows) -> None:
     """Store new lifetimes and key rows in one transaction (before the Kafka transaction that uses them)."""
     async with conn.transaction():
         if lifetimes:
             await conn.execute(SAVE_LIFETIMES, [k.hex() for k, _ in lifetimes], [b for _, b in lifetimes])
         if rows:
-            await conn.execute(
-                SAVE_KEYS, [r.user_id for r in rows], [r.key_id.hex() for r in rows], [r.wrapped_key for r in rows]
-            )
+            hexes = {k: k.hex() for k in set(rows.key_ids)}  # a handful of lifetimes for many rows
+            await conn.execute(SAVE_KEYS, rows.user_ids, [hexes[k] for k in rows.key_ids], rows.wrapped_keys)
 
 
 async def erase_user_keys(conn: asyncpg.Connection, user_id: str) -> int:
@@ -408,7 +473,7 @@ class KeyStore:
         self.lifetime = lifetime
         self.command_timeout = command_timeout
         self._conn: asyncpg.Connection | None = None
-        self._unsaved: tuple[list[tuple[bytes, bytes]], list[KeyRow]] = ([], [])
+        self._unsaved: tuple[list[tuple[bytes, bytes]], KeyRows] = ([], KeyRows())
 
     async def flush(self) -> None:
         """Store what the lifetime made since the last flush (kept until it is stored)."""
@@ -428,7 +493,7 @@ class KeyStore:
         except Exception:
             await self.close()
             raise
-        self._unsaved = ([], [])
+        self._unsaved = ([], KeyRows())
 
     def forget_users(self, user_ids: list[str]) -> None:
         """An erasure ledger change (``ErasedUsers.on_change``): forget each newly erased user."""
@@ -438,7 +503,7 @@ class KeyStore:
     def forget(self, user_id: str) -> None:
         """Erasure: the user's key leaves memory and is never stored from here (call between batches)."""
         self.lifetime.forget(user_id)
-        self._unsaved = (self._unsaved[0], [r for r in self._unsaved[1] if r.user_id != user_id])
+        self._unsaved = (self._unsaved[0], self._unsaved[1].without(user_id))
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -451,11 +516,12 @@ class KeyStore:
 
 def worker_masker(settings: Settings):
     """``(UserMasker, Lifetime)`` for a mask worker: join keys and a lifetime key from KMS at start."""
+    from streams.privacy.core import load_key_wrapping
     from streams.privacy.masking import UserMasker
 
     symmetric, mac = kms_pair(settings)
     name = deployment(settings)
-    lifetime = Lifetime(symmetric, name)
+    lifetime = Lifetime(symmetric, name, wrapping=load_key_wrapping())
     masker = UserMasker(
         join_keys(mac, name, settings.join_version), settings.join_version, lifetime, settings.mask_cache_size
     )
