@@ -265,20 +265,32 @@ SAVE_LIFETIMES = """
 INSERT INTO key_lifetimes (key_id, kek_blob)
 SELECT * FROM unnest($1::text[], $2::bytea[])
 """
-SAVE_KEYS = """
-INSERT INTO user_data_keys (user_id, key_id, wrapped_key)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
-"""
+KEY_COLUMNS = ["user_id", "key_id", "wrapped_key"]
 
 
 async def save_keys(conn: asyncpg.Connection, lifetimes: list[tuple[bytes, bytes]], rows: KeyRows) -> None:
-    """Store new lifetimes and key rows in one transaction (before the Kafka transaction that uses them)."""
-    async with conn.transaction():
-        if lifetimes:
+    """Store new lifetimes and key rows atomically (before the Kafka transaction that uses them).
+
+    The rows go by binary COPY (one statement, atomic alone): about half the client CPU per
+    row of an INSERT from unnest() of three arrays, on the mask stage's hot path when every
+    login is a new user. A new lifetime (rare) joins them in one transaction.
+    """
+    if lifetimes:
+        async with conn.transaction():
             await conn.execute(SAVE_LIFETIMES, [k.hex() for k, _ in lifetimes], [b for _, b in lifetimes])
-        if rows:
-            hexes = {k: k.hex() for k in set(rows.key_ids)}  # a handful of lifetimes for many rows
-            await conn.execute(SAVE_KEYS, rows.user_ids, [hexes[k] for k in rows.key_ids], rows.wrapped_keys)
+            await _copy_rows(conn, rows)
+    else:
+        await _copy_rows(conn, rows)
+
+
+async def _copy_rows(conn: asyncpg.Connection, rows: KeyRows) -> None:
+    if rows:
+        hexes = {k: k.hex() for k in set(rows.key_ids)}  # a handful of lifetimes for many rows
+        await conn.copy_records_to_table(
+            "user_data_keys",
+            records=zip(rows.user_ids, [hexes[k] for k in rows.key_ids], rows.wrapped_keys, strict=True),
+            columns=KEY_COLUMNS,
+        )
 
 
 async def erase_user_keys(conn: asyncpg.Connection, user_id: str) -> int:
