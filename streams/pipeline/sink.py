@@ -154,9 +154,9 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 """
 
 
-# The tables in streams.privacy.rotation.LOCK_ORDER: ``write`` runs PROBE first in every
-# transaction, whose DELETE takes user_logins before anything writes pii_vault (the COPY
-# or MERGE_STAGED after it); the fallback takes them explicitly.
+# The tables in streams.privacy.rotation.LOCK_ORDER: every transaction of ``write`` takes
+# user_logins before anything writes pii_vault (a blind COPY writes user_logins first; a
+# looked-up one runs PROBE first, whose DELETE takes it); the fallback takes them explicitly.
 LOCK_WRITES = "LOCK TABLE user_logins, pii_vault, sealed_values IN ROW EXCLUSIVE MODE"
 
 
