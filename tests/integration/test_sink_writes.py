@@ -220,3 +220,37 @@ def test_new_keys_are_copied_without_a_lookup_and_a_written_id_after_them_is_mer
             await conn.close()
 
     asyncio.run(go())
+
+
+def test_sealed_values_are_copied_blind_and_never_rewritten_by_a_replay(pipeline):
+    """Per-user key mode: sealed values instead of vault rows, COPYed blind; the first one of an id stays."""
+
+    def sealed(message_id: str, seal: bytes) -> dict:
+        return row(
+            message_id,
+            masked_device_id=f"h1.d-{message_id}",
+            ip_ciphertext="",
+            device_id_ciphertext="",
+            ip_sealed=seal,
+            device_id_sealed=seal,
+        )
+
+    async def go() -> None:
+        dsn, conn = await _db(pipeline)
+        sink = PostgresSink(dsn)
+        try:
+            assert await sink.write_batch([sealed("s-1", b"one")]) == []
+            assert sink.mode.blind
+            assert await sink.write_batch([sealed("s-2", b"two")]) == []  # blind
+            assert sink.mode.blind
+            assert await sink.write_batch([sealed("s-2", b"other"), sealed("s-3", b"three")]) == []  # a replay
+            assert not sink.mode.blind
+            got = {r["message_id"]: r["ip_sealed"] for r in await conn.fetch("SELECT * FROM sealed_values")}
+            assert got == {"s-1": b"one", "s-2": b"two", "s-3": b"three"}
+            assert set(await _logins(conn)) == {"s-1", "s-2", "s-3"}
+            assert await _vault(conn) == {}
+        finally:
+            await sink.close()
+            await conn.close()
+
+    asyncio.run(go())
