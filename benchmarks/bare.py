@@ -161,7 +161,14 @@ def _masked_rows(settings) -> list[dict]:
 
 async def pg_loop(dsn: str, how: str) -> None:
     from streams.io.postgres import connect, migrate
-    from streams.pipeline.sink import _COLUMNS, _SEALED_COLUMNS, _VAULT_COLUMNS, PostgresSink, sealed_records, staged_rows
+    from streams.pipeline.sink import (
+        _COLUMNS,
+        _SEALED_COLUMNS,
+        _VAULT_COLUMNS,
+        PostgresSink,
+        sealed_records,
+        staged_rows,
+    )
 
     rows = _masked_rows(load_settings())
     conn = await connect(dsn)
