@@ -161,7 +161,14 @@ def _masked_rows(settings) -> list[dict]:
 
 async def pg_loop(dsn: str, how: str) -> None:
     from streams.io.postgres import connect, migrate
-    from streams.pipeline.sink import _COLUMNS, PostgresSink, staged_rows
+    from streams.pipeline.sink import (
+        _COLUMNS,
+        _SEALED_COLUMNS,
+        _VAULT_COLUMNS,
+        PostgresSink,
+        sealed_records,
+        staged_rows,
+    )
 
     rows = _masked_rows(load_settings())
     conn = await connect(dsn)
@@ -175,11 +182,12 @@ async def pg_loop(dsn: str, how: str) -> None:
             await sink.write_batch(batch, [])
             continue
         vault, logins = staged_rows(batch)
+        sealed = sealed_records(batch)
         async with conn.transaction():
-            await conn.copy_records_to_table(
-                "pii_vault", records=vault, columns=["field", "token", "key_id", "ciphertext"]
-            )
-            await conn.copy_records_to_table("user_logins", records=logins, columns=list(_COLUMNS))
+            await conn.copy_records_to_table("pii_vault", records=vault, columns=_VAULT_COLUMNS)
+            await conn.copy_records_to_table("user_logins", records=logins, columns=_COLUMNS)
+            if sealed:  # per-user key mode: the sealed values instead of vault rows
+                await conn.copy_records_to_table("sealed_values", records=sealed, columns=_SEALED_COLUMNS)
     await sink.close()
     await conn.close()
     while not stopping:  # noqa: ASYNC110 - set by a signal handler

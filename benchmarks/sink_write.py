@@ -8,7 +8,10 @@ distinct) are written 500 at a time into a fresh migrated database per run, by
 - ``copy``: plain asyncpg COPY of the same rows into ``pii_vault`` and ``user_logins``
   (the same indexed tables), one transaction per batch: the comparator;
 - ``sink``: ``SinkStage.plan`` (decode the Avro values) + ``PostgresSink.write_batch``,
-  the sink agent's whole per-batch work minus Kafka;
+  the sink agent's whole per-batch work minus Kafka (after the first batch's lookup, every
+  batch is COPYed blind: ``CopyMode``);
+- ``lookup``: the same with every batch looked up first (``PROBE``, then COPY of what is
+  new): the sink's write while batches meet written keys, and its only one before blind COPY;
 - ``merge``: the same, every batch through the staging tables and ``MERGE_STAGED`` (the
   sink's write before new rows were COPYed straight into the tables; now its path for
   batches with a written message id).
@@ -29,6 +32,7 @@ import pstats
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import asyncpg
 
@@ -77,9 +81,11 @@ async def run_copy(dsn: str, rows: list[dict], batch: int) -> float:
         await conn.close()
 
 
-async def run_sink(dsn: str, messages: Messages, batch: int) -> float:
+async def run_sink(dsn: str, messages: Messages, batch: int, blind: bool = True) -> float:
     stage = SinkStage(Codecs())
     sink = PostgresSink(dsn)
+    if not blind:
+        sink.mode.needed = 1 << 62  # never enough clean lookups: every batch looked up
     try:
         conn = await sink._connection()
         before = _server_cpu(conn)
@@ -141,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             assert not out.reason
             messages.append((out.key, out.value, f"masked/0/{i}"))
         decoded = SinkStage(Codecs()).plan(messages).rows  # COPY gets its rows decoded already, as in make bench
-        variants = {"copy": (run_copy, decoded), "sink": (run_sink, messages), "merge": (run_merge, messages)}
+        variants = {
+            "copy": (run_copy, decoded),
+            "sink": (run_sink, messages),
+            "lookup": (partial(run_sink, blind=False), messages),
+            "merge": (run_merge, messages),
+        }
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
         for r in range(args.rounds):
             for name, (fn, data) in variants.items():
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"| {name} | {args.rows / wall:,.0f} | {cpu / args.rows * 1e6:.1f} | {server / args.rows * 1e6:.1f} |"
             )
-        for name in ("sink", "merge"):
+        for name in ("sink", "lookup", "merge"):
             ratios = [c[0] / w[0] for c, w in zip(results["copy"], results[name], strict=True)]
             print(
                 f"{name} / copy per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}"

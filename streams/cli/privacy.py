@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 
-from streams.errors import Refused
+from streams.errors import ConfigError, Refused, TransientError
 from streams.privacy import keys as keymod
 from streams.settings import Settings
 
@@ -343,21 +343,82 @@ def _reveal_sealed(settings: Settings, args):
         raise Refused(f"PostgreSQL refused the reveal ({type(exc).__name__}, SQLSTATE {exc.sqlstate})") from None
 
 
+SEAL_TEMPORARY = 75  # EX_TEMPFAIL: PostgreSQL did not answer; the next scheduled run retries
+
+
 def _keys_seal(settings: Settings, args) -> None:
-    """Re-wrap lifetime-wrapped user keys by KMS under each user's context (the key custodian's job)."""
-    from streams.privacy.user_keys import seal_user_keys, split_mode
+    """Re-wrap lifetime-wrapped user keys by KMS under each user's context (the key custodian's job).
+
+    Made to run on a schedule (a CronJob in deploy/k8s, the ``key-seal`` service in compose):
+    one run at a time, bounded, idempotent, one summary line. Exit 0: done (or another run
+    holds the lock); 1: rows that do not open were left; 2: settings, KMS or schema;
+    75: PostgreSQL unreachable, retry later. ``--every`` repeats it until stopped.
+    """
+    from streams.privacy.user_keys import split_mode
 
     if not split_mode(settings):
-        raise Refused("`streams keys seal` is for per-user key mode: set STREAMS_KMS_KEY_ID and STREAMS_KMS_MAC_KEY_ID")
+        raise ConfigError(
+            "`streams keys seal` is for per-user key mode: set STREAMS_KMS_KEY_ID and STREAMS_KMS_MAC_KEY_ID"
+        )
     opener = _opener(settings)
+    if args.every is None:
+        code = _seal_once(settings, opener, args)
+        if code:
+            sys.exit(code)
+        return
+    import signal
+    import threading
 
-    async def job(conn):
-        if await conn.fetchval("SELECT count(*) FROM user_data_keys WHERE sealed_key IS NULL"):
-            await _audit_bulk(conn, "seal", "re-wrap user data keys by KMS")  # opens lifetime keys: audited first
-        return await seal_user_keys(conn, opener, args.batch_size)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # PID 1 in a container: SIGTERM ends the loop
+    while not stop.is_set():
+        _seal_once(settings, opener, args)
+        sys.stdout.flush()
+        stop.wait(args.every)
 
-    sealed = _with_db(settings, job)
-    print(f"sealed {sealed} user data keys under their users' KMS context")
+
+def _seal_once(settings: Settings, opener, args) -> int:
+    """One bounded run; prints its summary line and returns its exit code."""
+    import asyncpg
+
+    from streams.io import postgres
+    from streams.privacy.audit import os_user
+    from streams.privacy.user_keys import seal_user_keys
+
+    dsn = settings.pg_dsn.get_secret_value()
+
+    async def go():
+        try:
+            conn = await postgres.connect(dsn)
+        except Exception as exc:
+            raise postgres.connection_failure(exc) from None
+        try:
+            return await seal_user_keys(conn, opener, os_user(), args.batch_size, args.max_batches)
+        finally:
+            await conn.close()
+
+    try:
+        postgres.require_schema(dsn)
+        run = asyncio.run(go())
+    except TransientError as exc:
+        print(f"streams keys seal: {exc}", file=sys.stderr)
+        return SEAL_TEMPORARY
+    except asyncpg.InsufficientPrivilegeError:
+        raise ConfigError(
+            "PostgreSQL refused the key custodian: grant STREAMS_PG_DSN's role streams_key_custodian (migration 0008)"
+        ) from None
+    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:  # lost mid-run
+        print(f"streams keys seal: lost PostgreSQL ({type(exc).__name__}); the next run continues", file=sys.stderr)
+        return SEAL_TEMPORARY
+    if run.locked:
+        print("sealed 0 user data keys: another `streams keys seal` run holds the lock (it seals them)")
+        return 0
+    line = f"sealed {run.sealed} user data keys under their users' KMS context; {run.left} still lifetime-wrapped"
+    if run.unopenable:
+        print(f"{line} ({run.unopenable} do not open under their lifetime key: altered or moved, see docs/privacy.md)")
+        return 1
+    print(f"{line}{'; the next run continues' if run.left else ''}")
+    return 0
 
 
 def register(sub) -> None:
@@ -383,7 +444,9 @@ def register(sub) -> None:
     k.add_argument("key_id")
     k.set_defaults(func=_keys_retire)
     k = ksub.add_parser("seal", help="per-user key mode: wrap new user data keys by KMS under each user's context")
-    k.add_argument("--batch-size", type=_positive, default=500)
+    k.add_argument("--batch-size", type=_positive, default=500, help="rows per transaction")
+    k.add_argument("--max-batches", type=_positive, help="stop after this many batches (the next run continues)")
+    k.add_argument("--every", type=_positive, metavar="SECONDS", help="run again every SECONDS until stopped")
     k.set_defaults(func=_keys_seal)
     k = ksub.add_parser("rejoin", help="move every table to the new join version, then switch writes to it")
     k.add_argument("--batch-size", type=_positive, default=500)

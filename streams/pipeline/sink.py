@@ -4,15 +4,18 @@
 cannot be decoded. ``PostgresSink`` is the writer: one transaction per batch, and the
 row-error rules (which refusals are the row's fault, not the database's).
 
-A batch is written in one transaction. One statement deletes the tombstoned rows and
-looks the batch's keys up (``PROBE``). The usual batch, whose message ids are all new, is
-then COPYed (binary) straight into ``user_logins``, with the vault rows not yet there into
-``pii_vault``: the same work as a bare COPY plus one index lookup per key. A batch with a
-message id already written (a replay, a redelivery) is COPYed into two session-private
-staging tables and merged by one ``INSERT ... ON CONFLICT`` statement; so is any batch
-whose COPY met a key another worker committed meanwhile (unique violation: the
-transaction is retried once by the merge). A row that is already identical is not
-touched at all, so a replay leaves the table byte-for-byte as it was.
+A batch is written in one transaction. The usual batch, whose keys are all new, is
+COPYed (binary) straight into ``user_logins`` and ``pii_vault`` (or ``sealed_values``),
+blind: the same statements as a bare COPY. A key already there fails that COPY (unique
+violation); it is rolled back and the batch looked up instead, and the sink goes on
+looking batches up until they stop meeting written keys (``CopyMode``: at start, during a
+replay, while vault tokens repeat). A looked-up batch: one statement deletes the
+tombstoned rows and finds the batch's keys already written (``PROBE``); if no message id
+is among them, the rows and the vault rows not found are COPYed; else the batch is COPYed
+into two session-private staging tables and merged by one ``INSERT ... ON CONFLICT``
+statement, so is any batch whose COPY met a key another worker committed meanwhile. A row
+that is already identical is not touched at all, so a replay leaves the table
+byte-for-byte as it was.
 """
 
 from __future__ import annotations
@@ -151,9 +154,9 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 """
 
 
-# The tables in streams.privacy.rotation.LOCK_ORDER: ``write`` runs PROBE first in every
-# transaction, whose DELETE takes user_logins before anything writes pii_vault (the COPY
-# or MERGE_STAGED after it); the fallback takes them explicitly.
+# The tables in streams.privacy.rotation.LOCK_ORDER: every transaction of ``write`` takes
+# user_logins before anything writes pii_vault (a blind COPY writes user_logins first; a
+# looked-up one runs PROBE first, whose DELETE takes it); the fallback takes them explicitly.
 LOCK_WRITES = "LOCK TABLE user_logins, pii_vault, sealed_values IN ROW EXCLUSIVE MODE"
 
 
@@ -179,9 +182,11 @@ def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
     utc = UTC
     for r in latest.values():
         if r["ip_ciphertext"]:  # per-user key mode writes sealed values instead (``sealed_rows``)
-            vault[(r["user_id"], "ip", r["masked_ip"])] = r["ip_ciphertext"]
-            vault[(r["user_id"], "device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
+            user = r["user_id"]
+            vault[(user, "ip", r["masked_ip"])] = r["ip_ciphertext"]
+            vault[(user, "device_id", r["masked_device_id"])] = r["device_id_ciphertext"]
         sent = r["sent_at"]
+        day = sent.date() if sent.tzinfo is utc else sent.astimezone(utc).date()  # decoded: UTC already
         rows.append(
             (
                 r["message_id"],
@@ -191,7 +196,7 @@ def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
                 r["masked_device_id"],
                 r["locale"],
                 r["app_version"],
-                sent.astimezone(utc).date(),
+                day,
                 r["app_version_raw"],
                 sent,
                 r["ip_is_valid"],
@@ -200,14 +205,27 @@ def staged_rows(records: list[dict]) -> tuple[list[tuple], list[tuple]]:
     return [(u, f, t, c.partition(".")[0], c) for (u, f, t), c in vault.items()], rows
 
 
-def sealed_rows(records: list[dict]) -> list[list]:
-    """Column arrays for ``ADD_SEALED``: the per-user sealed values of a batch (masked schema v3)."""
+_SEALED_COLUMNS = ("message_id", "user_id", "masked_ip", "masked_device_id", "ip_sealed", "device_id_sealed")
+
+
+def sealed_records(records: list[dict]) -> list[tuple]:
+    """The per-user sealed values of a batch (masked schema v3) as tuples in ``_SEALED_COLUMNS`` order, each id once."""
     latest = {r["message_id"]: r for r in records if r.get("ip_sealed") is not None}
-    rows = [
+    return [
         (m, r["user_id"], r["masked_ip"], r["masked_device_id"], r["ip_sealed"], r["device_id_sealed"])
         for m, r in latest.items()
     ]
-    return [list(c) for c in zip(*rows, strict=True)] if rows else []
+
+
+def _arrays(rows: list[tuple]) -> list[list]:
+    """Column arrays of non-empty rows (the arguments of an ``unnest`` statement)."""
+    return [list(c) for c in zip(*rows, strict=True)]
+
+
+def sealed_rows(records: list[dict]) -> list[list]:
+    """Column arrays for ``ADD_SEALED``: the per-user sealed values of a batch (masked schema v3)."""
+    rows = sealed_records(records)
+    return _arrays(rows) if rows else []
 
 
 # Sealed values are added, never rewritten: the worker role may INSERT, not UPDATE, so the
@@ -269,14 +287,52 @@ WHERE ({", ".join(f"user_logins.{c}" for c in _COLUMNS[1:])})
 SESSION = {"enable_seqscan": "off"}
 
 
+class CopyMode:
+    """Whether the sink COPYs a batch blind, without looking its keys up first.
+
+    The lookup (``PROBE``) costs an index lookup per key and a round trip; a batch of new
+    keys, the usual one, does not need it. The sink looks keys up while batches meet keys
+    already written (at start, since a restart replays its last batch; during a replay;
+    while tokens repeat) and COPYs blind once ``needed`` lookups in a row found nothing.
+    A blind COPY that meets a written key is rolled back and the batch looked up: each
+    such miss doubles the clean lookups needed before the next blind one (up to
+    ``MAX_NEEDED``), and a blind COPY that succeeds resets it.
+    """
+
+    MAX_NEEDED = 64
+
+    def __init__(self) -> None:
+        self.needed = 1
+        self.clean = 0  # lookups in a row that found nothing
+
+    @property
+    def blind(self) -> bool:
+        return self.clean >= self.needed
+
+    def looked_up(self, found: bool) -> None:
+        self.clean = 0 if found else self.clean + 1
+
+    def copied(self) -> None:
+        self.needed = 1
+
+    def missed(self) -> None:
+        self.clean = 0
+        self.needed = min(self.needed * 2, self.MAX_NEEDED)
+
+
+DELETE = "DELETE FROM user_logins WHERE message_id = ANY($1::text[])"
+_VAULT_ORDER = itemgetter(1, 2, 0)  # (field, token, user_id): pii_vault's primary key
+
+
 class PostgresSink:
-    """A single connection is enough: one statement per batch, batches in sequence."""
+    """A single connection is enough: a few statements per batch, batches in sequence."""
 
     def __init__(self, dsn: str, command_timeout: float = 30.0) -> None:
         self.dsn = dsn
         self.command_timeout = command_timeout  # a half-open connection fails, it does not hang
         self._conn: asyncpg.Connection | None = None
         self._staged: asyncpg.Connection | None = None  # the connection whose staging tables exist
+        self.mode = CopyMode()
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -286,9 +342,9 @@ class PostgresSink:
     async def write(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
         """Upsert ``records`` and delete the rows of ``deletes`` in one transaction.
 
-        New rows are COPYed (binary) into the tables themselves; a batch with a row
-        already written goes through the staging tables and ``MERGE_STAGED``. The
-        transaction commits before this returns.
+        New rows are COPYed (binary) into the tables themselves, blind or after a lookup
+        (``CopyMode``); a batch with a row already written goes through the staging
+        tables and ``MERGE_STAGED``. The transaction commits before this returns.
         """
         conn = await self._connection()
         try:
@@ -296,23 +352,53 @@ class PostgresSink:
                 await conn.execute(CREATE_STAGES)
                 self._staged = conn
             vault, rows = staged_rows(records)
-            sealed = sealed_rows(records)
+            # In key order, so two workers adding the same new tokens do not deadlock each other.
+            vault.sort(key=_VAULT_ORDER)
+            sealed = sealed_records(records)
+            if self.mode.blind:
+                try:
+                    async with conn.transaction():
+                        await self._copy_blind(conn, vault, rows, sealed, deletes)
+                    self.mode.copied()
+                    return
+                except asyncpg.UniqueViolationError:  # a key is written already: look the batch up
+                    self.mode.missed()
             try:
                 async with conn.transaction():
-                    if not await self._copy_new(conn, vault, rows, deletes):
+                    found = await self._copy_new(conn, vault, rows, deletes)
+                    if found is None:
                         await self._merge(conn, vault, rows)
                     if sealed:
-                        await conn.execute(ADD_SEALED, *sealed)
+                        await conn.execute(ADD_SEALED, *_arrays(sealed))
+                self.mode.looked_up(bool(found is None or found))
             except asyncpg.UniqueViolationError:
                 # Another worker committed one of these keys after the lookup: merge instead.
+                self.mode.looked_up(True)
                 async with conn.transaction():
                     await conn.execute(PROBE, list(deletes), [], [], [])
                     await self._merge(conn, vault, rows)
                     if sealed:
-                        await conn.execute(ADD_SEALED, *sealed)
+                        await conn.execute(ADD_SEALED, *_arrays(sealed))
         except CONNECTION_ERRORS:
             await self.close()
             raise
+
+    @staticmethod
+    async def _copy_blind(
+        conn: asyncpg.Connection, vault: list[tuple], rows: list[tuple], sealed: list[tuple], deletes: Sequence[str]
+    ) -> None:
+        """Delete the tombstoned rows, COPY everything: a key already there fails it (unique violation).
+
+        user_logins first, then pii_vault: ``streams.privacy.rotation.LOCK_ORDER``.
+        """
+        if deletes:
+            await conn.execute(DELETE, list(deletes))
+        if rows:
+            await conn.copy_records_to_table("user_logins", records=rows, columns=_COLUMNS)
+        if vault:
+            await conn.copy_records_to_table("pii_vault", records=vault, columns=_VAULT_COLUMNS)
+        if sealed:
+            await conn.copy_records_to_table("sealed_values", records=sealed, columns=_SEALED_COLUMNS)
 
     @staticmethod
     async def _merge(conn: asyncpg.Connection, vault: list[tuple], rows: list[tuple]) -> None:
@@ -324,25 +410,24 @@ class PostgresSink:
     @staticmethod
     async def _copy_new(
         conn: asyncpg.Connection, vault: list[tuple], rows: list[tuple], deletes: Sequence[str]
-    ) -> bool:
+    ) -> set[tuple[str, str, str]] | None:
         """Delete the tombstoned rows; COPY the batch if none of its message ids is written yet.
 
-        False: a message id is there already, and the batch is left for ``_merge``.
+        Returns the vault keys found (empty: nothing was there), or None: a message id is
+        there already, and the batch is left for ``_merge``.
         """
         ip_tokens = [v[2] for v in vault if v[1] == "ip"]
         device_tokens = [v[2] for v in vault if v[1] == "device_id"]
         found = await conn.fetch(PROBE, list(deletes), [r[0] for r in rows], ip_tokens, device_tokens)
         known = {(u, f, t) for u, f, t in found}
         if any(f == "" for _, f, _ in known):
-            return False
+            return None
         new_vault = [v for v in vault if (v[0], v[1], v[2]) not in known] if known else vault
-        # In key order, so two workers adding the same new tokens do not deadlock each other.
-        new_vault.sort(key=itemgetter(1, 2, 0))
         if new_vault:
             await conn.copy_records_to_table("pii_vault", records=new_vault, columns=_VAULT_COLUMNS)
         if rows:
             await conn.copy_records_to_table("user_logins", records=rows, columns=_COLUMNS)
-        return True
+        return known
 
     async def write_one(self, records: list[dict], deletes: Sequence[str] = ()) -> None:
         """``write`` by one ``UPSERT`` statement of column arrays (the row-by-row fallback).

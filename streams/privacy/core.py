@@ -12,7 +12,9 @@ core that does not give the reference's bytes is not used.
 Per-user key mode (``SealingCore``, issue 19) uses the same primitives: tokens under the
 KMS-made join keys, each value sealed under its user's data key (one ``Siv`` per batch
 holding the batch's data keys, a key index per record), composed as
-``UserMasker.mask_login`` composes them and checked against it when loaded.
+``UserMasker.mask_login`` composes them and checked against it when loaded; and the new
+data keys of a batch wrapped under the lifetime key in one call (``KeyWrapping``,
+checked against ``Lifetime``'s reference when loaded).
 
 Without the extension (or with one that disagrees), the mask stage runs the Python
 reference, says so once at start (a log line, the ``streams_mask_core`` gauge at 0) and
@@ -23,8 +25,10 @@ itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, cast
 
@@ -217,6 +221,48 @@ class SealingCore(_CoreParser):
         for user, ip, device, sealed in zip(users, ips, devices, got, strict=True):
             if sealed != reference.mask_login(user, ip, device):
                 raise CoreMismatch("per-user sealing: the compiled core's bytes differ from the reference's")
+
+
+class KeyWrapping:
+    """A lifetime's new per-user data keys wrapped under its KEK in one core call, the KEK's
+    key schedule set once: ``AES-SIV(KEK, data key, [ad])`` each, the bytes of
+    ``Lifetime``'s reference (``AESSIV(kek).encrypt(key, [ad])``; AES-SIV is deterministic)."""
+
+    def __init__(self, module: ModuleType, kek: bytes) -> None:
+        self._siv = module.Siv([kek])
+
+    def wrap(self, keys: list[bytes], ads: list[bytes]) -> list[bytes | None]:
+        """The wrapped form of each key (``None`` where the core declines one: the reference wraps it)."""
+        return self._siv.seal(0, keys, 0, [], ads)
+
+
+def _check_wrapping(module: ModuleType) -> None:
+    kek = bytes(range(64))
+    keys = [bytes([i]) * 64 for i in range(3)]
+    ads = [b"streams user key\0dep\0" + bytes(8) + b"\0" + u.encode() for u in _PROBE_USERS]
+    reference = AESSIV(kek)
+    if KeyWrapping(module, kek).wrap(keys, ads) != [
+        reference.encrypt(k, [ad]) for k, ad in zip(keys, ads, strict=True)
+    ]:
+        raise CoreMismatch("key wrapping: the compiled core's bytes differ from the reference's")
+
+
+def load_key_wrapping(require: bool | None = None) -> Callable[[bytes], KeyWrapping] | None:
+    """What ``Lifetime`` wraps new data keys with: ``kek -> KeyWrapping`` on the compiled core
+    (checked against the reference here), or ``None`` for the reference."""
+    if require is None:
+        require = core_required()
+    try:
+        import streams_core
+    except ImportError:
+        _fallback("the extension streams_core is not built (make install builds it)", require)
+        return None
+    try:
+        _check_wrapping(streams_core)
+    except (CoreMismatch, ValueError) as exc:
+        _fallback(str(exc), require)
+        return None
+    return functools.partial(KeyWrapping, streams_core)
 
 
 # The raw envelope layout the core's parser reads (schemas/raw_envelope.v1.avsc); another

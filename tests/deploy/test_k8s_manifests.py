@@ -33,7 +33,11 @@ K8S_VERSIONS = ("1.30.0", "1.37.0")
 # KEDA's CRDs, checked with our own schema, and kustomize's config, which is not a resource.
 NOT_CORE = ("keda.sh/", "kustomize.config.k8s.io/")
 
-POD_KINDS = {"Deployment": ("spec", "template", "spec"), "Job": ("spec", "template", "spec")}
+POD_KINDS = {
+    "Deployment": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -131,6 +135,7 @@ def test_kustomizations_render_only_known_files(overlay, tmp_path):
     assert ("Job", "streams-migrate") not in names, "the migration Job must run before, not with, the workers"
     assert not any(k == "Secret" for k, _ in names), "re-applying must not overwrite real Secrets with placeholders"
     assert ("ConfigMap", "streams-config") in names
+    assert ("CronJob", "streams-key-seal") in names and ("ServiceAccount", "streams-key-custodian") in names
     workers = {n for k, n in names if k == "Deployment"} - {"streams-bridge"}
     assert workers == ({"streams-worker"} if overlay == "." else {"streams-mask", "streams-sink"})
     core = tmp_path / "core.yaml"
@@ -355,3 +360,98 @@ def test_nothing_names_a_namespace():
     for path, docs in DOCS.items():
         for doc in docs:
             assert "namespace" not in doc.get("metadata", {}) and "namespace" not in doc, _rel(path)
+
+
+# --- the key custodian's schedule (`streams keys seal`) ----------------------------------
+
+
+def _cron_period(schedule: str) -> int | None:
+    """Seconds between runs of an every-N-minutes schedule (``*/N * * * *``); None otherwise."""
+    minute, *rest = schedule.split()
+    if rest != ["*", "*", "*", "*"]:
+        return None
+    if minute == "*":
+        return 60
+    if minute.startswith("*/") and minute[2:].isdigit() and 60 % int(minute[2:]) == 0:
+        return int(minute[2:]) * 60
+    return None
+
+
+def _seal_cronjob_problems(cron: dict) -> list[str]:
+    """What keeps a CronJob from running `streams keys seal` safely on a schedule."""
+    from streams.cli import build_parser
+
+    problems = []
+    spec = cron["spec"]
+    period = _cron_period(spec["schedule"])
+    if period is None:
+        return ["schedule is not every N minutes"]
+    if spec.get("concurrencyPolicy") != "Forbid":
+        problems.append("concurrencyPolicy must be Forbid (one run at a time)")
+    job = spec["jobTemplate"]["spec"]
+    # A run ends (or is ended) before the next is due, and a missed start is not made up later.
+    if not job.get("activeDeadlineSeconds", period) < period:
+        problems.append("activeDeadlineSeconds must end a run before the next is due")
+    if not spec.get("startingDeadlineSeconds", period) < period:
+        problems.append("startingDeadlineSeconds must be under the period")
+    pod = _pod_spec(cron)
+    if pod.get("restartPolicy") != "Never":
+        problems.append("restartPolicy must be Never (the Job's backoff retries)")
+    (container,) = pod["containers"]
+    if container["command"][:3] != ["streams", "keys", "seal"]:
+        return [*problems, "the command is not `streams keys seal`"]
+    args = build_parser().parse_args(container["command"][1:])
+    if not args.max_batches or args.every is not None:
+        problems.append("each run must be bounded (--max-batches) and one run per Job (no --every)")
+    # Exit 1 (rows that do not open) and 2 (settings, KMS, schema) fail the Job at once; 75
+    # (PostgreSQL unreachable) is retried.
+    rules = job.get("podFailurePolicy", {}).get("rules", [])
+    fail_now = {
+        v
+        for r in rules
+        if r["action"] == "FailJob" and r["onExitCodes"]["operator"] == "In"
+        for v in r["onExitCodes"]["values"]
+    }
+    if fail_now != {1, 2} or job.get("backoffLimit", 6) < 1:
+        problems.append("exits 1 and 2 must fail the Job at once, 75 be retried (backoffLimit >= 1)")
+    return problems
+
+
+def test_the_seal_cronjob_runs_keys_seal_bounded_one_at_a_time_and_fails_only_what_needs_a_person():
+    assert _seal_cronjob_problems(_of_kind("CronJob")["streams-key-seal"]) == []
+
+
+def test_the_cronjob_checks_reject_a_broken_cronjob():
+    (broken,) = _docs(FIXTURES / "broken-cronjob.yaml")
+    assert _seal_cronjob_problems(broken) == [
+        "concurrencyPolicy must be Forbid (one run at a time)",
+        "activeDeadlineSeconds must end a run before the next is due",
+        "startingDeadlineSeconds must be under the period",
+        "each run must be bounded (--max-batches) and one run per Job (no --every)",
+        "exits 1 and 2 must fail the Job at once, 75 be retried (backoffLimit >= 1)",
+    ]
+    assert _seal_cronjob_problems({**broken, "spec": {**broken["spec"], "schedule": "7 * * * *"}}) == [
+        "schedule is not every N minutes"
+    ]
+    result = _kubernetes_validate("--strict", "-k", K8S_VERSIONS[0], str(FIXTURES / "broken-cronjob.yaml"))
+    assert result.returncode != 0 and "concurencyPolicy" in result.stdout + result.stderr
+
+
+def test_the_key_custodian_has_identities_of_its_own():
+    cron = _of_kind("CronJob")["streams-key-seal"]
+    pod = _pod_spec(cron)
+    account = _of_kind("ServiceAccount")[pod["serviceAccountName"]]
+    assert account["automountServiceAccountToken"] is False
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith(":role/streams-key-custodian")
+    others = [d for d in _workloads() if d is not cron]
+    assert all(_pod_spec(d).get("serviceAccountName") != account["metadata"]["name"] for d in others)
+    # Its database login is its own Secret key, used by no other workload.
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    dsn_key = env["STREAMS_PG_DSN"]["valueFrom"]["secretKeyRef"]["key"]
+    assert dsn_key == "STREAMS_KEY_CUSTODIAN_PG_DSN"
+    for doc in others:
+        for c in _pod_spec(doc)["containers"]:
+            refs = {e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") for e in c.get("env", [])}
+            assert dsn_key not in refs, doc["metadata"]["name"]
+    assert not {"STREAMS_AWS_ACCESS_KEY_ID", "STREAMS_AWS_SECRET_ACCESS_KEY"} & set(env), "KMS rights: its pod identity"

@@ -1,8 +1,9 @@
 """PostgresSink on a real database: new rows by COPY, written rows by the merge, races, refusals.
 
-The sink COPYs a batch of new message ids straight into the tables, and merges a batch
-with a written id through its staging tables; both must give the same rows, and a key
-another session commits between the lookup and the COPY must not fail the batch.
+The sink COPYs a batch of new message ids straight into the tables (blind, or after a
+lookup), and merges a batch with a written id through its staging tables; all must give
+the same rows, and a key another session commits between the lookup and the COPY must not
+fail the batch.
 """
 
 from __future__ import annotations
@@ -173,6 +174,81 @@ def test_the_keys_are_looked_up_by_index_after_the_table_grew(pipeline):
                 assert await sink.write_batch([row(f"late-{i}"), row(f"early-{i}")], [f"bulk-{i}"]) == []
             assert await seq_scans(conn, sink) == before
             assert await conn.fetchval("SELECT count(*) FROM user_logins WHERE message_id LIKE 'late-%'") == 4
+        finally:
+            await sink.close()
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def test_new_keys_are_copied_without_a_lookup_and_a_written_id_after_them_is_merged(pipeline):
+    """Once a lookup found nothing, new keys are COPYed blind (no index scan); a replayed id still merges."""
+
+    def fresh(message_id: str, **over: object) -> dict:
+        return row(message_id, masked_device_id=f"h1.d-{message_id}", **over)
+
+    async def index_scans(conn, sink: PostgresSink) -> int:
+        assert sink._conn is not None
+        await sink._conn.execute("SELECT pg_stat_force_next_flush()")  # the sink's counts, now
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        return await conn.fetchval(
+            "SELECT sum(idx_scan) FROM pg_stat_user_tables WHERE relname IN ('user_logins', 'pii_vault')"
+        )
+
+    async def go() -> None:
+        dsn, conn = await _db(pipeline)
+        sink = PostgresSink(dsn)
+        try:
+            assert await sink.write_batch([fresh("n-1")]) == []  # looked up: found nothing
+            before = await index_scans(conn, sink)
+            for i in range(2, 5):
+                assert await sink.write_batch([fresh(f"n-{i}"), fresh(f"n-{i}b")]) == []
+            assert await index_scans(conn, sink) == before  # no key looked up
+            assert await sink.write_batch([fresh("n-6")], ["n-4b"]) == []  # blind too: a tombstone deletes
+            written = await _logins(conn)
+            assert set(written) == {"n-1", "n-2", "n-2b", "n-3", "n-3b", "n-4", "n-6"}
+            # A replayed id beside a new one: the blind COPY fails, the batch is looked up and merged.
+            assert await sink.write_batch([fresh("n-2"), fresh("n-5", user_id="u5")]) == []
+            after = await _logins(conn)
+            assert after["n-2"] == written["n-2"]  # untouched: the same row version
+            assert after["n-5"][0] == "u5"
+            assert await index_scans(conn, sink) > before
+            vault = await _vault(conn)
+            assert vault[("device_id", "h1.d-n-5")] == "k1.d" and len(vault) == 2 * 9  # a tombstone leaves the vault
+        finally:
+            await sink.close()
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def test_sealed_values_are_copied_blind_and_never_rewritten_by_a_replay(pipeline):
+    """Per-user key mode: sealed values instead of vault rows, COPYed blind; the first one of an id stays."""
+
+    def sealed(message_id: str, seal: bytes) -> dict:
+        return row(
+            message_id,
+            masked_device_id=f"h1.d-{message_id}",
+            ip_ciphertext="",
+            device_id_ciphertext="",
+            ip_sealed=seal,
+            device_id_sealed=seal,
+        )
+
+    async def go() -> None:
+        dsn, conn = await _db(pipeline)
+        sink = PostgresSink(dsn)
+        try:
+            assert await sink.write_batch([sealed("s-1", b"one")]) == []
+            assert sink.mode.blind
+            assert await sink.write_batch([sealed("s-2", b"two")]) == []  # blind
+            assert sink.mode.blind
+            assert await sink.write_batch([sealed("s-2", b"other"), sealed("s-3", b"three")]) == []  # a replay
+            assert not sink.mode.blind
+            got = {r["message_id"]: r["ip_sealed"] for r in await conn.fetch("SELECT * FROM sealed_values")}
+            assert got == {"s-1": b"one", "s-2": b"two", "s-3": b"three"}
+            assert set(await _logins(conn)) == {"s-1", "s-2", "s-3"}
+            assert await _vault(conn) == {}
         finally:
             await sink.close()
             await conn.close()

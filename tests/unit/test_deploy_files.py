@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
-APP_SERVICES = ("migrate", "seed", "bridge", "worker")
+APP_SERVICES = ("migrate", "seed", "bridge", "worker", "key-seal")
 
 
 def test_compose_has_the_stack_and_the_stages():
@@ -77,6 +77,16 @@ def test_commands_are_real_streams_commands():
     parser = build_parser()
     for name in ("migrate", "seed", "bridge", "worker"):
         parser.parse_args(SERVICES[name]["command"])  # exits on an unknown command
+
+
+def test_key_seal_runs_bounded_on_a_schedule_after_the_keys_and_the_migration():
+    service = SERVICES["key-seal"]
+    args = build_parser().parse_args(service["command"])
+    assert args.func.__name__ == "_keys_seal" and args.every and args.max_batches
+    assert service["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert service["depends_on"]["kms-keys"] == {"condition": "service_completed_successfully"}
+    assert service["restart"] == "unless-stopped"
+    assert service["healthcheck"] == {"disable": True}  # no HTTP port: the image's /healthz check does not apply
 
 
 def test_environment_names_are_settings():

@@ -148,7 +148,7 @@ def test_the_sealing_transform_drops_an_erased_user_before_making_a_data_key():
     transform = SealingMaskTransform(sealing, codecs, ledger())
     assert transform(b"m-1", raw(json.dumps(LOGIN)), "t/0/0").reason == ERASED
     assert transform(b"m-4", raw(json.dumps({**LOGIN, "user_id": "u-kept"}), "m-4"), "t/0/3").reason is None
-    assert [row.user_id for row in sealing.lifetime.take()[1]] == ["u-kept"]  # no key for the erased user
+    assert sealing.lifetime.take()[1].user_ids == ["u-kept"]  # no key for the erased user
 
 
 def test_an_erasure_drops_the_sealing_transforms_token_cache():

@@ -495,12 +495,16 @@ class _SeededKms:
         return {"Plaintext": self._rng.randbytes(kwargs["NumberOfBytes"]), "CiphertextBlob": self._rng.randbytes(24)}
 
 
-def _user_masker(seed: int, max_users: int):
-    """A UserMasker whose lifetime keys, key ids and data keys depend only on ``seed``."""
+def _user_masker(seed: int, max_users: int, core_wrapping: bool = False):
+    """A UserMasker whose lifetime keys, key ids and data keys depend only on ``seed``; its
+    lifetime wraps new data keys on the compiled core with ``core_wrapping``."""
     from streams.privacy.masking import UserMasker
     from streams.privacy.user_keys import Lifetime
 
-    lifetime = Lifetime(_SeededKms(seed), "dep", max_users, random_bytes=random.Random(seed + 1).randbytes)
+    wrapping = mask_core.load_key_wrapping() if core_wrapping else None
+    lifetime = Lifetime(
+        _SeededKms(seed), "dep", max_users, random_bytes=random.Random(seed + 1).randbytes, wrapping=wrapping
+    )
     return UserMasker(SEAL_JOIN, "g1", lifetime)
 
 
@@ -508,8 +512,10 @@ def _sealing_pair(seed: int = 7, max_users: int = 1_000, erased=None, codecs: Co
     """(core, reference): two sealing transforms with the same keys, the first on the compiled core."""
     from streams.pipeline.mask import SealingMaskTransform
 
-    core = SealingMaskTransform(_user_masker(seed, max_users), codecs, erased)
-    if core.core is None:  # reached only without STREAMS_REQUIRE_CORE=1: load_sealing() raises then
+    core = SealingMaskTransform(_user_masker(seed, max_users, core_wrapping=True), codecs, erased)
+    if (
+        core.core is None or core.masker.lifetime._kek_core is None
+    ):  # reached only without STREAMS_REQUIRE_CORE=1: load_sealing() raises then
         pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
     reference = SealingMaskTransform(_user_masker(seed, max_users), codecs, erased, use_core=False)
     assert reference.core is None
@@ -539,6 +545,69 @@ def test_sealing_core_matches_the_reference_on_the_golden_corpus():
     masked = [CODECS.masked.decode(o.value) for o in outputs if o.reason is None]
     assert masked and all(m["ip_sealed"][0] == 3 and m["ip_ciphertext"] == "" for m in masked)
     assert core.core_masked > 250 and core.core_masked + core.core_declined == len(cases)
+
+
+def _lifetime_rows(seed: int, wrapping, users: list[str], forget: set[str], max_users: int, takes: int):
+    """Every (lifetimes, rows) a Lifetime hands out for ``users`` met in order, taken ``takes`` times."""
+    from streams.privacy.user_keys import Lifetime
+
+    lifetime = Lifetime(
+        _SeededKms(seed), "dep", max_users, random_bytes=random.Random(seed + 1).randbytes, wrapping=wrapping
+    )
+    out = []
+    step = max(1, len(users) // takes)
+    for i in range(0, len(users), step):
+        for user in users[i : i + step]:
+            lifetime.raw_key(user)
+        for user in forget:
+            lifetime.forget(user)
+        out.append(lifetime.take())
+    return out
+
+
+def test_core_key_wrapping_gives_the_reference_rows_byte_for_byte():
+    """New data keys wrapped under the lifetime key in one core call per take: the same key
+    rows, in the same order, as the reference's one AES-SIV call per key; across lifetimes
+    that end mid-batch (max_users), with erased users dropped, and each row opens under its KEK."""
+    from streams.privacy.user_keys import wrap_ad
+
+    wrapping = mask_core.load_key_wrapping()
+    if wrapping is None:  # reached only without STREAMS_REQUIRE_CORE=1
+        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
+    users = [f"u-{n}" for n in range(700)] + ["ü-✓", "x" * 128, "日本", "u-3"]  # "u-3" again: no new key
+    for seed, max_users, takes in ((1, 1_000, 1), (2, 97, 7), (3, 5, 40)):
+        got = _lifetime_rows(seed, wrapping, users, {"u-10", "u-11"}, max_users, takes)
+        expected = _lifetime_rows(seed, None, users, {"u-10", "u-11"}, max_users, takes)
+        assert got == expected
+        rows = [r for _, batch in got for r in batch.rows()]
+        assert {r.user_id for r in rows} == set(users) - {"u-10", "u-11"}  # a user may recur in a later lifetime
+        assert {len(r.wrapped_key) for r in rows} == {16 + 64}
+    # And it is the scheme: a row opens under its lifetime's KEK with its user's AD.
+    from streams.privacy.user_keys import Lifetime
+
+    lifetime = Lifetime(_SeededKms(4), "dep", 10, wrapping=wrapping)
+    key_id, key = lifetime.raw_key("u-1")
+    (row,) = lifetime.take()[1].rows()
+    assert lifetime._kek.decrypt(row.wrapped_key, [wrap_ad("dep", key_id, "u-1")]) == key
+
+
+def test_a_key_the_core_declines_to_wrap_is_wrapped_by_the_reference():
+    class Declines:
+        def __init__(self, kek: bytes) -> None:
+            self.inner = mask_core.KeyWrapping(_core_module(), kek)
+
+        def wrap(self, keys, ads):
+            return [None if i % 2 else w for i, w in enumerate(self.inner.wrap(keys, ads))]
+
+    users = [f"u-{n}" for n in range(50)]
+    assert _lifetime_rows(5, Declines, users, set(), 1_000, 3) == _lifetime_rows(5, None, users, set(), 1_000, 3)
+
+
+def test_a_core_that_wraps_otherwise_is_not_used(monkeypatch):
+    monkeypatch.setattr(mask_core.KeyWrapping, "wrap", lambda self, keys, ads: [b"x" * 80 for _ in keys])
+    assert mask_core.load_key_wrapping(require=False) is None
+    with pytest.raises(ConfigError):
+        mask_core.load_key_wrapping(require=True)
 
 
 # A pool of users (so users recur within a batch), some with text only the reference parses.
@@ -618,7 +687,7 @@ def test_sealing_core_drops_an_erased_user_before_making_a_data_key():
     got = core.batch(messages)
     assert [o.reason for o in got] == [ERASED, None, ERASED, None]
     assert got == [reference(*m) for m in messages]
-    assert [row.user_id for row in core.masker.lifetime.take()[1]] == ["u-kept"]  # no key for the erased user
+    assert core.masker.lifetime.take()[1].user_ids == ["u-kept"]  # no key for the erased user
     assert core.core_declined == 0  # parsed by the core, dropped before sealing
 
 

@@ -28,7 +28,7 @@ from streams.privacy.masking import (
     sealed_value,
     split_sealed,
 )
-from streams.privacy.user_keys import Lifetime, wrap_ad
+from streams.privacy.user_keys import KeyRows, Lifetime, wrap_ad
 
 JOIN = {"ip": b"i" * 32, "device_id": b"d" * 32}
 
@@ -123,10 +123,10 @@ def test_one_kms_call_per_lifetime_and_one_key_row_per_user_never_per_record():
     context = kms.calls[0][1]["EncryptionContext"]
     assert context == {"deployment": "dep", "purpose": "user-kek", "key_id": m.lifetime.key_id.hex()}
     lifetimes, rows = m.lifetime.take()
-    assert [r.user_id for r in rows] == ["u0", "u1", "u2"] and len(lifetimes) == 1
-    assert m.lifetime.take() == ([], [])
+    assert rows.user_ids == ["u0", "u1", "u2"] and len(lifetimes) == 1
+    assert m.lifetime.take() == ([], KeyRows())
     m.mask("u3", "ip", "10.0.0.1")  # a 4th user: past max_users a new lifetime starts
-    assert len(kms.calls) == 2 and m.lifetime.take()[1][0].key_id == m.lifetime.key_id
+    assert len(kms.calls) == 2 and m.lifetime.take()[1].key_ids == [m.lifetime.key_id]
 
 
 def test_the_worker_keeps_only_wrapped_user_keys():
@@ -134,7 +134,7 @@ def test_the_worker_keeps_only_wrapped_user_keys():
     m = masker(kms)
     m.mask("u1", "ip", "10.0.0.1")
     _, rows = m.lifetime.take()
-    row = rows[0]
+    row = rows.rows()[0]
     _, siv = m.lifetime.data_key("u1")
     kek = m.lifetime._kek  # the plaintext lifetime key lives in worker memory only
     key = kek.decrypt(row.wrapped_key, [wrap_ad("dep", row.key_id, "u1")])
@@ -237,6 +237,6 @@ def test_forgetting_a_user_drops_its_key_and_its_unstored_row():
     m.mask("u2", "ip", "192.0.2.1")
     m.lifetime.forget("u1")
     _, rows = m.lifetime.take()
-    assert [r.user_id for r in rows] == ["u2"]
+    assert rows.user_ids == ["u2"]
     _, again = m.mask("u1", "ip", "192.0.2.1")
     assert again != first  # a new data key: nothing made before the erasure opens with it
