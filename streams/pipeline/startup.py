@@ -1,12 +1,12 @@
 """The worker's start-up checks, on threads, while the rest of the worker (Faust) is imported.
 
-Each check waits on a dependency (Kafka, PostgreSQL, the schema registry, KMS): one after
-the other they added their round trips to every start. Here each runs on a thread of its
-own as soon as the command starts, beside each other and beside the import of Faust
-(CPU-bound). Nothing is skipped or relaxed: ``run_worker`` takes every result before it
-builds the app, in the order the checks always had, so a worker that cannot start
-names the same first failure as before, in one line. The threads are daemons: a failed
-check ends the process without waiting for a slower one to time out.
+Each check waits on a dependency (Kafka, PostgreSQL, the schema registry): one after the
+other they added their round trips to every start. Once the keys are loaded (first and
+alone, as before), each runs on a thread of its own, beside each other and beside the
+import of Faust (CPU-bound). Nothing is skipped or relaxed: ``run_worker`` takes every
+result before it builds the app, in the order the checks always had, so a worker that
+cannot start names the same first failure as before, in one line. The threads are
+daemons: a failed check ends the process without waiting for a slower one to time out.
 """
 
 from __future__ import annotations
@@ -72,8 +72,11 @@ def start_checks(settings: Settings) -> dict[str, Check]:
         masker = worker_masker(settings)[0] if sealing else None
         return masker, settings_keyring(settings) if masks and masker is None else None
 
+    # The keys first and alone, as always: a key that cannot be used stops the worker in one
+    # line before it touches Kafka (where the topics check would create missing topics).
+    loaded = keys()
     checks = {
-        "keys": Check("keys", keys),
+        "keys": Check("keys", lambda: loaded),
         "topics": Check("topics", lambda: wait_at_start(lambda: require_topics(settings), "Kafka", log, timeout)),
     }
     if "sink" in settings.stage_list or sealing:  # a sealing mask stage stores data keys
