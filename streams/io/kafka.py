@@ -53,18 +53,23 @@ def message_max_bytes(settings: Settings) -> int:
 def consumer_memory_config(settings: Settings) -> dict[str, Any]:
     """librdkafka's prefetch of one stage consumer, within half of ``STREAMS_STREAM_BUFFER_BYTES``.
 
-    librdkafka's defaults let one consumer queue 64 MiB of keys and values *and* up to
-    100,000 records (~0.5 KiB of its own structures each on top) plus a 50 MiB fetch
-    response: under a backlog, with two stages, most of a worker's memory (issue 20). The
-    share is split: half for keys and values, half for the records' overhead (a count), and
-    one fetch response at most the share (never under ``message.max.bytes``, which
-    librdkafka refuses). STREAMS_KAFKA_EXTRA still overrides each.
+    librdkafka's defaults let one consumer queue 100,000 records (~0.5 KiB of its own
+    structures each on top of key and value) or 64 MiB of keys and values, and each fetch
+    response lands on top of that: 1 MiB per partition, compressed (lz4 JSON grows ~4x when
+    decompressed, and the decompressed buffer lives until its last record is consumed).
+    Under a backlog, with two stages, that was most of a worker's memory (issue 20:
+    measured, 400 MiB at a 200,000 backlog). The share is split: half for keys and values,
+    half for the records' overhead (a count); a fetch brings at most an eighth of it (a
+    32nd per partition), so decompressed it stays within about half (never under
+    ``message.max.bytes``, which librdkafka refuses; a larger record still comes, alone).
+    STREAMS_KAFKA_EXTRA overrides each.
     """
     share = settings.stream_buffer_bytes // 2
     return {
         "queued.max.messages.kbytes": max(share // 2 // 1024, 256),
         "queued.min.messages": max(share // 2 // PREFETCH_RECORD_OVERHEAD, settings.batch_size),
-        "fetch.max.bytes": max(share, message_max_bytes(settings)),
+        "max.partition.fetch.bytes": max(share // 32, 64 * 1024),
+        "fetch.max.bytes": max(share // 8, message_max_bytes(settings)),
     }
 
 
