@@ -43,6 +43,7 @@ def client_config(settings: Settings, **config: Any) -> dict[str, Any]:
 # structs, the record's share of the fetch buffer); ``queued.max.messages.kbytes`` counts
 # only keys and values, so small records need a bound by count too.
 PREFETCH_RECORD_OVERHEAD = 512
+FETCH_QUEUE_BACKOFF_MS = 20
 
 
 def message_max_bytes(settings: Settings) -> int:
@@ -70,6 +71,9 @@ def consumer_memory_config(settings: Settings) -> dict[str, Any]:
         "queued.min.messages": max(share // 2 // PREFETCH_RECORD_OVERHEAD, settings.batch_size),
         "max.partition.fetch.bytes": max(share // 32, 64 * 1024),
         "fetch.max.bytes": max(share // 8, message_max_bytes(settings)),
+        # Once a bound is reached, librdkafka waits this long before it fetches again (1 s by
+        # default): a queue this small drains sooner (measured: half the rate at 1 s).
+        "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
     }
 
 

@@ -37,6 +37,8 @@ def test_a_stage_consumer_prefetches_within_its_share_of_the_budget():
     # one fetch response on top, compressed (~4x decompressed): within about half the share again
     assert int(config["fetch.max.bytes"]) <= share // 8
     assert int(config["max.partition.fetch.bytes"]) <= int(config["fetch.max.bytes"])
+    # a small queue drains in well under librdkafka's 1 s wait before it fetches again
+    assert int(config["fetch.queue.backoff.ms"]) <= 100
 
 
 def test_the_bounds_follow_the_budget():
