@@ -125,9 +125,16 @@ class Settings(BaseSettings):
     batch_size: int = Field(500, ge=1)
     batch_within: float = Field(0.5, gt=0)
     stream_buffer_bytes: int = Field(
-        64 * 2**20,
+        16 * 2**20,
         ge=2**20,
-        description="bytes a worker may hold delivered but not yet acked (value + ~1 KiB per event)",
+        description="bytes each stage may hold read and not yet committed: half delivered to the stage (value + "
+        "256 per record), half librdkafka's prefetch (keys and values, and ~0.5 KiB per record)",
+    )
+    producer_buffer_bytes: int = Field(
+        32 * 2**20,
+        ge=2**20,
+        description="bytes a producer may queue unacknowledged (librdkafka's queue.buffering.max.kbytes; its default "
+        "is 1 GiB); when full, producing waits",
     )
     stream_buffer_maxsize: int = Field(
         16384, ge=2, description="events Faust may buffer per stream; the worker delivers at most half of it unacked"
@@ -160,8 +167,10 @@ class Settings(BaseSettings):
         description="seconds of raw-record time the mask stage remembers written message ids (bridge copies "
         "within it are dropped); longer than the SQS visibility timeout plus the bridge's retries; 0 = off",
     )
-    dedup_max_ids: int = Field(200_000, ge=1, description="message ids the dedup window holds at most")
-    dedup_max_bytes: int = Field(64 * 2**20, ge=2**20, description="bytes the dedup window may use (about 300 per id)")
+    dedup_max_ids: int = Field(
+        100_000, ge=1, description="message ids the dedup window holds at most (~27 MiB; the worker's 200 MiB)"
+    )
+    dedup_max_bytes: int = Field(32 * 2**20, ge=2**20, description="bytes the dedup window may use (about 300 per id)")
     mask_cache_size: int = Field(
         16384,
         ge=0,

@@ -39,6 +39,52 @@ def client_config(settings: Settings, **config: Any) -> dict[str, Any]:
     }
 
 
+# Bytes librdkafka keeps per prefetched record beyond its key and value (its op and message
+# structs, the record's share of the fetch buffer); ``queued.max.messages.kbytes`` counts
+# only keys and values, so small records need a bound by count too.
+PREFETCH_RECORD_OVERHEAD = 512
+FETCH_QUEUE_BACKOFF_MS = 20
+
+
+def message_max_bytes(settings: Settings) -> int:
+    """The clients' ``message.max.bytes`` (librdkafka's default unless STREAMS_KAFKA_EXTRA sets it)."""
+    return int(settings.kafka_extra.get("message.max.bytes", 1_000_000))
+
+
+def consumer_memory_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka's prefetch of one stage consumer, within half of ``STREAMS_STREAM_BUFFER_BYTES``.
+
+    librdkafka's defaults let one consumer queue 100,000 records (~0.5 KiB of its own
+    structures each on top of key and value) or 64 MiB of keys and values, and each fetch
+    response lands on top of that: 1 MiB per partition, compressed (lz4 JSON grows ~4x when
+    decompressed, and the decompressed buffer lives until its last record is consumed).
+    Under a backlog, with two stages, that was most of a worker's memory (issue 20:
+    measured, 400 MiB at a 200,000 backlog). The share is split: half for keys and values,
+    half for the records' overhead (a count); a fetch brings at most an eighth of it (a
+    32nd per partition), so decompressed it stays within about half (never under
+    ``message.max.bytes``, which librdkafka refuses; a larger record still comes, alone).
+    STREAMS_KAFKA_EXTRA overrides each.
+    """
+    share = settings.stream_buffer_bytes // 2
+    return {
+        "queued.max.messages.kbytes": max(share // 2 // 1024, 256),
+        "queued.min.messages": max(share // 2 // PREFETCH_RECORD_OVERHEAD, settings.batch_size),
+        "max.partition.fetch.bytes": max(share // 32, 64 * 1024),
+        "fetch.max.bytes": max(share // 8, message_max_bytes(settings)),
+        # Once a bound is reached, librdkafka waits this long before it fetches again (1 s by
+        # default): a queue this small drains sooner (measured: half the rate at 1 s).
+        "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
+    }
+
+
+def producer_memory_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka's send queue of one producer, bounded by ``STREAMS_PRODUCER_BUFFER_BYTES``
+    (librdkafka's default is 1 GiB); when full, ``produce`` raises ``BufferError`` and every
+    caller waits for deliveries. Never under two records of ``message.max.bytes``: one
+    record over the bound could never be queued."""
+    return {"queue.buffering.max.kbytes": max(settings.producer_buffer_bytes, 2 * message_max_bytes(settings)) // 1024}
+
+
 def admin_client(settings: Settings, **config: Any) -> AdminClient:
     """An admin client; librdkafka's own connection logs are off (callers report one line)."""
     return AdminClient(client_config(settings, log_level=0, **config))
@@ -118,7 +164,12 @@ class AsyncProducer:
     """
 
     def __init__(self, settings: Settings, **config: object) -> None:
-        defaults = {"linger.ms": 5, "compression.type": "lz4", "message.timeout.ms": 120_000}
+        defaults = {
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "message.timeout.ms": 120_000,
+            **producer_memory_config(settings),
+        }
         self._producer = Producer(
             {
                 **defaults,

@@ -33,7 +33,7 @@ from typing import Any, Protocol, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from streams.io.kafka import client_config
+from streams.io.kafka import client_config, consumer_memory_config
 from streams.settings import Settings
 
 log = logging.getLogger("streams.worker")
@@ -92,10 +92,11 @@ class KafkaSource:
                 # A SIGKILLed member holds its partitions until its session expires.
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 2_000,
-                "queued.max.messages.kbytes": max(budget // 2 // 1024, 1024),
                 "log_level": 3,
             },
         )
+        # librdkafka's prefetch within its half of the budget; STREAMS_KAFKA_EXTRA may override it.
+        self.config = {**consumer_memory_config(settings), **self.config}
         self.consumer = Consumer(self.config)
         self._lock = threading.Lock()  # guards the incarnation state, read from the event loop
         self._incarnation: dict[int, int] = {}

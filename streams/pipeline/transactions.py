@@ -26,7 +26,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from streams.io.kafka import PERMANENT_ERRORS, client_config
+from streams.io.kafka import PERMANENT_ERRORS, client_config, producer_memory_config
 from streams.pipeline.delivery import fatal
 from streams.retry import Backoff
 from streams.settings import Settings
@@ -71,7 +71,7 @@ class TransactionalProducer:
         self.settings = settings
         self.stage = stage
         self.transactional_id = transactional_id or make_transactional_id(settings, stage)
-        defaults = {"linger.ms": 5, "compression.type": "lz4"}
+        defaults = {"linger.ms": 5, "compression.type": "lz4", **producer_memory_config(settings)}
         self.config = {
             **defaults,
             **client_config(settings, **config),
