@@ -386,21 +386,29 @@ class MaskTransform:
         if ready:
             ip_tokens, ip_ciphertexts = core.mask("ip", [fields[4] for _, fields in ready])
             device_tokens, device_ciphertexts = core.mask("device_id", [fields[6] for _, fields in ready])
-            encode = self._encode
-            for (position, fields), ip_token, ip_ct, device_token, device_ct in zip(
-                ready, ip_tokens, ip_ciphertexts, device_tokens, device_ciphertexts, strict=True
-            ):
-                try:
-                    if ip_ct is None or device_ct is None or ip_token is None or device_token is None:
-                        raise ValueError("declined by the core")
-                    datum = _masked_datum(fields, ip_token, device_token, ip_ct, device_ct)
-                    outputs[position] = Output(fields[0].encode("utf-8"), encode(datum))
-                except Exception:
-                    declined += 1
-                    key, value, where = messages[position]
-                    outputs[position] = self(key, value, where)
+            masked = zip(ip_tokens, device_tokens, ip_ciphertexts, device_ciphertexts, strict=True)
+            declined += self._fill(
+                messages, outputs, ready, masked, lambda fields, m: _masked_datum(fields, *m), lambda m: None in m
+            )
         self._count_core(len(messages), declined)
         return outputs  # type: ignore[return-value]  # every position is filled above
+
+    def _fill(self, messages, outputs, ready, results, datum, refused) -> int:
+        """Encode the core's ``results`` of ``ready`` into ``outputs``; a result the core
+        declined (``refused``) or that does not encode goes through ``__call__``, the
+        reference, which decides it. Returns the records declined."""
+        encode = self._encode
+        declined = 0
+        for (position, fields), result in zip(ready, results, strict=True):
+            try:
+                if refused(result):
+                    raise ValueError("declined by the core")
+                outputs[position] = Output(fields[0].encode("utf-8"), encode(datum(fields, result)))
+            except Exception:
+                declined += 1
+                key, value, where = messages[position]
+                outputs[position] = self(key, value, where)
+        return declined
 
     def _core_parsed(
         self, messages: Sequence[tuple[bytes | None, bytes | None, str]], core
@@ -546,15 +554,6 @@ class SealingMaskTransform(MaskTransform):
             sealed = core.seal(
                 keys, index, key_ids, [f[2] for _, f in ready], [f[4] for _, f in ready], [f[6] for _, f in ready]
             )
-            encode = self._encode
-            for (position, fields), masked in zip(ready, sealed, strict=True):
-                try:
-                    if masked is None:
-                        raise ValueError("declined by the core")
-                    outputs[position] = Output(fields[0].encode("utf-8"), encode(_sealed_datum(fields, masked)))
-                except Exception:
-                    declined += 1
-                    key, value, where = messages[position]
-                    outputs[position] = self(key, value, where)
+            declined += self._fill(messages, outputs, ready, sealed, _sealed_datum, lambda m: m is None)
         self._count_core(len(messages), declined)
         return outputs  # type: ignore[return-value]  # every position is filled above

@@ -252,10 +252,8 @@ def load_key_wrapping(require: bool | None = None) -> Callable[[bytes], KeyWrapp
     (checked against the reference here), or ``None`` for the reference."""
     if require is None:
         require = core_required()
-    try:
-        import streams_core
-    except ImportError:
-        _fallback("the extension streams_core is not built (make install builds it)", require)
+    streams_core = _import_core(require)
+    if streams_core is None:
         return None
     try:
         _check_wrapping(streams_core)
@@ -307,13 +305,21 @@ def load_sealing(masker: UserMasker, require: bool | None = None, raw: AvroCodec
     return _load(SealingCore, masker, require, raw)
 
 
-def _load(kind, masker, require: bool | None, raw: AvroCodec | None):
-    if require is None:
-        require = core_required()
+def _import_core(require: bool):
+    """The extension module, or ``None`` (logged once; an error when ``require``)."""
     try:
         import streams_core
     except ImportError:
         _fallback("the extension streams_core is not built (make install builds it)", require)
+        return None
+    return streams_core
+
+
+def _load(kind, masker, require: bool | None, raw: AvroCodec | None):
+    if require is None:
+        require = core_required()
+    streams_core = _import_core(require)
+    if streams_core is None:
         return None
     try:
         core = kind(masker, streams_core, raw_headers(raw) if raw is not None else None)
