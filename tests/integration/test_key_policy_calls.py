@@ -185,7 +185,12 @@ def test_keyring_mode_calls_are_allowed_by_the_keyring_key_policy(pipeline, kms_
     key, arn = new_key(admin)
     pipeline.env.update(STREAMS_KMS_KEY_ID=key)
 
-    # keys init (the key admin), a worker (masks with the keyring it opens), reveal, a rotation.
+    # keys migrate of a plaintext key file, keys init (the key admin), a worker (masks with
+    # the keyring it opens), reveal, a rotation.
+    plain = str(pipeline.workdir / "plain-keys.json")
+    ok(pipeline.run("keys", "init", STREAMS_KMS_KEY_ID="", STREAMS_KEYS_FILE=plain))
+    migrated = ok(pipeline.run("keys", "migrate", STREAMS_KEYS_FILE=plain, **creds("streams-key-admin"))).stdout
+    assert "is now wrapped by KMS key" in migrated
     out = ok(pipeline.run("keys", "init", **creds("streams-key-admin"))).stdout
     assert "wrapped by KMS key" in out
     pipeline.start("bridge", **creds("streams-bridge"))
