@@ -199,8 +199,8 @@ async def open_entry(
         entry = await latest_entry(conn, user_id)
         if entry is None or (entry.done and new_request):
             appended = await append(conn, user_id, reason, ticket)
-            bounded = entry is None and bool(positions)
-            partitions = {str(p): o for p, o in sorted(positions.items())} if bounded and positions else None
+            first = entry is None  # a user erased before: the sink dropped re-produced records without a row
+            partitions = {str(p): o for p, o in sorted(positions.items())} if first and positions else None
             await _step(conn, appended.seq, "sink_offsets", {"partitions": partitions})
             return appended, "append"
         return entry, "found"
