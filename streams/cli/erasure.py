@@ -24,7 +24,15 @@ def _erase(settings: Settings, args) -> None:
         return
     if args.wait <= 0:
         raise Refused("--wait must be a positive number of seconds")
-    erasure.erase(settings, args.user_id, args.reason, args.ticket, wait=args.wait, new_request=args.new_request)
+    erasure.erase(
+        settings,
+        args.user_id,
+        args.reason,
+        args.ticket,
+        wait=args.wait,
+        new_request=args.new_request,
+        full_scan=args.full_scan,
+    )
 
 
 def _export(settings: Settings, args) -> None:
@@ -62,6 +70,11 @@ def register(sub) -> None:
         "--new-request",
         action="store_true",
         help="the user was erased before: erase again what arrived since (a new ledger entry)",
+    )
+    p.add_argument(
+        "--full-scan",
+        action="store_true",
+        help="tombstones: read the whole masked topic, not only from the sink's offsets (docs/privacy.md)",
     )
     p.set_defaults(func=_erase)
 

@@ -374,12 +374,17 @@ def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple
 
 
 def read_topic(
-    settings: Settings, topic: str, timeout: float = 30.0, committed_only: bool = False
+    settings: Settings,
+    topic: str,
+    timeout: float = 30.0,
+    committed_only: bool = False,
+    start: dict[int, int] | None = None,
 ) -> list[tuple[bytes | None, bytes | None]]:
     """``(key, value)`` of every record now in ``topic``, partition by partition.
 
     Joins no group and commits nothing, so it disturbs no worker. ``committed_only``:
-    read_committed (what the stages and downstream readers see).
+    read_committed (what the stages and downstream readers see). ``start``: partition ->
+    first offset to read (a partition it does not name is read from its beginning).
     """
     isolation = {"isolation.level": "read_committed"} if committed_only else {}
     consumer = metadata_consumer(settings, None, **{"enable.partition.eof": True}, **isolation)
@@ -387,16 +392,17 @@ def read_topic(
         metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if metadata is None or metadata.error is not None:
             return []
-        ends = {}
+        remaining, assign = {}, []
         for p in metadata.partitions:
             low, high = _watermarks(consumer, TopicPartition(topic, p), timeout)
-            if high > low:
-                ends[p] = high
-        if not ends:
+            first = (start or {}).get(p, low)
+            if high > max(first, low):
+                remaining[p] = high
+                assign.append(TopicPartition(topic, p, first if first > low else OFFSET_BEGINNING))
+        if not remaining:
             return []
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        consumer.assign(assign)
         records = []
-        remaining = dict(ends)
         while remaining:
             msg = consumer.poll(timeout)
             if msg is None:

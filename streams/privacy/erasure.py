@@ -5,7 +5,9 @@ anywhere) resumes the open ledger entry and reaches the same end state:
 
 1. ``append``: the user goes into ``erasure_ledger`` (reason code, optional ticket; the
    database stamps the time and its session user). From here every stage drops the
-   user's records sent at or before that time (``streams.privacy.ledger``).
+   user's records sent at or before that time (``streams.privacy.ledger``). The same
+   transaction records the sink group's committed offsets on the masked topic, read just
+   before (step ``sink_offsets``): where step 5 starts reading.
 2. ``confirm``: wait (bounded) until every live stage shows that ledger version in
    ``erasure_stage_versions``: it applied it at a transaction boundary and dropped its
    caches. A stage that does not confirm stops the erasure here, named in one line.
@@ -13,8 +15,35 @@ anywhere) resumes the open ledger entry and reaches the same end state:
    exists): what makes copies taken earlier (topic snapshots, dumps) unreadable.
 4. ``delete``: the user's rows in ``user_logins`` and vault entries in ``pii_vault`` (one
    transaction). A value the user shares with another user stays in the other's entry.
-5. ``tombstones``: a tombstone on ``logins.masked`` for every message id whose latest
-   record there is the user's (read read_committed), so compaction removes them.
+   The deleted rows' message ids go to ``erasure_ids`` in that transaction, so a rerun
+   after kill -9 tombstones the same ids.
+5. ``tombstones``: a tombstone on ``logins.masked`` for every message id of the user there
+   (read read_committed), so compaction removes them; then ``done`` forgets the ids.
+
+Step 5 does not read the whole masked topic. Its ids are (a) the deleted rows' ids, (b) the
+ids of the user's sink-stage dead letters (masked records PostgreSQL refused: no row) and
+(c) the user's records on the masked topic from the offsets recorded at step 1 to the end.
+Why that covers every record of the user: a record before those offsets was written by the
+sink before the ledger held this entry, so it made a row (deleted and captured in step 4)
+or a sink dead letter. Later ones (the sink drops them, or has not read them yet) are
+read. Edge cases:
+
+- the sink replayed backwards: it reads old records again and drops the user's; they lie
+  before the recorded offsets and had made rows: nothing more to find (had it moved back
+  before step 1, the offsets are lower: more is read, which is fine);
+- no committed offset on a partition (a new sink group, a new partition): that partition
+  is read from its beginning;
+- a record already tombstoned (a rerun, an earlier erasure): its latest record in the read
+  range is a tombstone, so no second one; an id whose latest record there is another
+  user's is left alone, as before;
+- what the bounded read cannot see, read the whole topic instead (``full_scan``,
+  ``streams erase --full-scan``): the sink moved *forward* past records it never applied
+  (``replay sink --to latest``), a sink dead letter older than the DLQ's retention, rows
+  deleted by hand. A user already in the ledger (a new request after an earlier erasure)
+  always gets the whole read: the sink dropped that user's re-produced records without
+  a row. So does an entry begun before ``sink_offsets`` existed.
+
+Each step's counts (and how many masked records step 5 read) go to ``erasure_steps``.
 
 Nothing here prints or logs a value, a token or a key.
 """
@@ -151,19 +180,37 @@ async def append(conn: asyncpg.Connection, user_id: str, reason: str, ticket: st
 
 
 async def open_entry(
-    conn: asyncpg.Connection, user_id: str, reason: str, ticket: str | None, new_request: bool
+    conn: asyncpg.Connection,
+    user_id: str,
+    reason: str,
+    ticket: str | None,
+    new_request: bool,
+    positions: dict[int, int] | None = None,
 ) -> tuple[Entry, str]:
     """The entry to work on, found or appended in one transaction under a per-user lock.
 
     Two concurrent runs for one user share one entry, and a retry after a connection lost
-    mid-append finds the entry that did commit instead of appending a second one.
+    mid-append finds the entry that did commit instead of appending a second one. An
+    appended entry records ``positions`` (the sink's committed offsets, read before it) as
+    step ``sink_offsets``; none for a user erased before (the tombstone step reads all).
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('streams erase'), hashtext($1))", user_id)
         entry = await latest_entry(conn, user_id)
         if entry is None or (entry.done and new_request):
-            return await append(conn, user_id, reason, ticket), "append"
+            appended = await append(conn, user_id, reason, ticket)
+            first = entry is None  # a user erased before: the sink dropped re-produced records without a row
+            partitions = {str(p): o for p, o in sorted(positions.items())} if first and positions else None
+            await _step(conn, appended.seq, "sink_offsets", {"partitions": partitions})
+            return appended, "append"
         return entry, "found"
+
+
+async def scan_start(conn: asyncpg.Connection, seq: int) -> dict[int, int] | None:
+    """Where the tombstone step reads from: the offsets recorded at append (None: the beginning)."""
+    detail = await conn.fetchval("SELECT detail FROM erasure_steps WHERE seq = $1 AND step = 'sink_offsets'", seq)
+    partitions = json.loads(detail).get("partitions") if detail else None
+    return None if partitions is None else {int(p): int(o) for p, o in partitions.items()}
 
 
 def _os_user() -> str | None:
@@ -199,26 +246,88 @@ async def held_in_database(conn: asyncpg.Connection, user_id: str, until: dateti
     return held
 
 
-def masked_ids(settings: Settings, codecs: Codecs, user_id: str, until_ms: int | None) -> list[str]:
-    """Message ids whose latest record on the masked topic (read_committed) is this user's."""
-    latest: dict[bytes, dict | None] = {}
-    for key, value in read_topic(settings, settings.masked_topic, committed_only=True):
+def _latest(codecs: Codecs, records: list[tuple[bytes | None, bytes | None]]) -> dict[str, dict | None]:
+    """Message id -> its latest masked record among ``records`` (None: a tombstone, or not a masked record)."""
+    latest: dict[str, dict | None] = {}
+    for key, value in records:
         if key is None:
             continue
+        name = key.decode("utf-8", "replace")
         if value is None:
-            latest[key] = None
+            latest[name] = None
             continue
         try:
-            latest[key] = codecs.masked.decode(value)
+            latest[name] = codecs.masked.decode(value)
         except CodecError:
-            latest[key] = None  # not a masked record: not the user's as far as anyone can tell
-    found = []
-    for key, record in latest.items():
-        if record is None or record["user_id"] != user_id:
-            continue
-        if until_ms is None or millis(record["sent_at"]) <= until_ms:
-            found.append(key.decode("utf-8", "replace"))
-    return sorted(found)
+            latest[name] = None  # not a masked record: not the user's as far as anyone can tell
+    return latest
+
+
+def _is_users(record: dict | None, user_id: str, until_ms: int | None) -> bool:
+    return (
+        record is not None
+        and record["user_id"] == user_id
+        and (until_ms is None or millis(record["sent_at"]) <= until_ms)
+    )
+
+
+def masked_ids(settings: Settings, codecs: Codecs, user_id: str, until_ms: int | None) -> list[str]:
+    """Message ids whose latest record on the masked topic (read_committed) is this user's: the whole topic."""
+    latest = _latest(codecs, read_topic(settings, settings.masked_topic, committed_only=True))
+    return sorted(name for name, record in latest.items() if _is_users(record, user_id, until_ms))
+
+
+def sink_positions(settings: Settings) -> dict[int, int]:
+    """The sink group's committed offsets on the masked topic (a partition without one: its first offset)."""
+    from streams.io.kafka import group_lag
+    from streams.ops.topology import stage_group
+
+    lag = group_lag(settings, [settings.masked_topic], stage_group(settings, "sink"))
+    return {partition: committed for (_, partition), (committed, _) in lag.items()}
+
+
+def _sink_positions_or_none(settings: Settings) -> dict[int, int] | None:
+    """``sink_positions``, or None when Kafka does not answer now (the tombstone step then reads all)."""
+    from confluent_kafka import KafkaException
+
+    try:
+        return sink_positions(settings)
+    except KafkaException:
+        return None
+
+
+def tombstone_ids(
+    settings: Settings,
+    codecs: Codecs,
+    user_id: str,
+    until_ms: int,
+    known: set[str],
+    start: dict[int, int] | None,
+) -> tuple[list[str], int]:
+    """``(ids to tombstone, masked records read)``: ``known`` ids (deleted rows, sink dead
+    letters) and the user's records from ``start`` (None: the whole topic), less ids whose
+    latest record read is a tombstone already or another user's."""
+    records = read_topic(settings, settings.masked_topic, committed_only=True, start=start or {})
+    found = set(known)
+    for name, record in _latest(codecs, records).items():
+        if _is_users(record, user_id, until_ms):
+            found.add(name)
+        else:
+            found.discard(name)
+    return sorted(found), len(records)
+
+
+def sink_dead_letter_ids(settings: Settings, codecs: Codecs, user_id: str, until_ms: int) -> set[str]:
+    """Message ids of the user's sink-stage dead letters: masked records PostgreSQL refused (no row)."""
+    from streams.ops.state import dead_letters
+
+    return {
+        d["message_id"]
+        for d in dead_letters(settings)
+        if d.get("stage") == "sink"
+        and dead_letter_user(codecs, d) == user_id
+        and dead_letter_sent_ms(codecs, d) <= until_ms
+    }
 
 
 def dead_letter_user(codecs: Codecs, letter: dict) -> str | None:
@@ -299,10 +408,20 @@ async def shred_key_material(conn: asyncpg.Connection, user_id: str) -> int | No
     return await erase_user_keys(conn, user_id)
 
 
-async def delete_rows(conn: asyncpg.Connection, user_id: str, erased_at: datetime) -> tuple[int, int]:
-    """The user's rows sent at or before the erasure, then every vault entry of theirs no remaining row uses."""
+async def delete_rows(conn: asyncpg.Connection, seq: int, user_id: str, erased_at: datetime) -> tuple[int, int]:
+    """The user's rows sent at or before the erasure (their ids kept in ``erasure_ids`` for the
+    tombstone step), then every vault entry of theirs no remaining row uses."""
     async with conn.transaction():
-        rows = await conn.execute("DELETE FROM user_logins WHERE user_id = $1 AND sent_at <= $2", user_id, erased_at)
+        deleted = await conn.fetch(
+            "DELETE FROM user_logins WHERE user_id = $1 AND sent_at <= $2 RETURNING message_id", user_id, erased_at
+        )
+        ids = [r["message_id"] for r in deleted]
+        if ids:
+            await conn.execute(
+                "INSERT INTO erasure_ids (seq, message_id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+                seq,
+                ids,
+            )
         vault = await conn.execute(
             "DELETE FROM pii_vault v WHERE v.user_id = $1 AND NOT EXISTS (SELECT 1 FROM user_logins l"
             " WHERE l.user_id = $1 AND ((v.field = 'ip' AND l.masked_ip = v.token)"
@@ -315,7 +434,18 @@ async def delete_rows(conn: asyncpg.Connection, user_id: str, erased_at: datetim
                 " (SELECT 1 FROM user_logins l WHERE l.message_id = s.message_id)",
                 user_id,
             )
-    return int(rows.split()[-1]), int(vault.split()[-1])
+    return len(ids), int(vault.split()[-1])
+
+
+async def erased_ids(conn: asyncpg.Connection, seq: int) -> set[str]:
+    return {r["message_id"] for r in await conn.fetch("SELECT message_id FROM erasure_ids WHERE seq = $1", seq)}
+
+
+async def finish(conn: asyncpg.Connection, seq: int) -> None:
+    """``done``, and the deleted ids are forgotten: no table keeps which message ids were the user's."""
+    async with conn.transaction():
+        await _step(conn, seq, "done", {})
+        await conn.execute("DELETE FROM erasure_ids WHERE seq = $1", seq)
 
 
 def erase(
@@ -326,11 +456,18 @@ def erase(
     *,
     wait: float = 60.0,
     new_request: bool = False,
+    full_scan: bool = False,
     say: Callable[[str], None] = print,
 ) -> int:
-    """Erase ``user_id`` (the order in the module docstring); returns the ledger entry's seq."""
+    """Erase ``user_id`` (the order in the module docstring); returns the ledger entry's seq.
+
+    ``full_scan``: the tombstone step reads the whole masked topic (see the module docstring).
+    """
     check_arguments(user_id, reason, ticket)
-    entry, how = _db(settings, lambda c: open_entry(c, user_id, reason, ticket, new_request), "the erasure ledger")
+    positions = _sink_positions_or_none(settings)  # before the entry exists: every record before them made a row
+    entry, how = _db(
+        settings, lambda c: open_entry(c, user_id, reason, ticket, new_request, positions), "the erasure ledger"
+    )
     if how == "append":
         say(f"append: ledger entry {entry.seq} at {entry.erased_at.isoformat()}")
     elif entry.done:
@@ -353,17 +490,23 @@ def erase(
         say(f"shred_key_material: deleted {keys} data key(s)")
     _db(settings, lambda c: _step(c, seq, "keys", {"deleted": keys}), "recording a step")
 
-    rows, vault = _db(settings, lambda c: delete_rows(c, user_id, erased_at), "deleting rows")
+    rows, vault = _db(settings, lambda c: delete_rows(c, seq, user_id, erased_at), "deleting rows")
     say(f"delete: {rows} row(s) of user_logins, {vault} pii_vault entr{'y' if vault == 1 else 'ies'}")
     _db(settings, lambda c: _step(c, seq, "rows", {"rows": rows, "vault": vault}), "recording a step")
     fault_point("erase_after_delete")
 
-    ids = masked_ids(settings, Codecs.from_settings(settings), user_id, millis(erased_at))
+    codecs, until = Codecs.from_settings(settings), millis(erased_at)
+    start = None if full_scan else _db(settings, lambda c: scan_start(c, seq), "reading the recorded offsets")
+    deleted = _db(settings, lambda c: erased_ids(c, seq), "reading the deleted ids")
+    letters = sink_dead_letter_ids(settings, codecs, user_id, until)
+    ids, scanned = tombstone_ids(settings, codecs, user_id, until, deleted | letters, start)
     if ids:
         send_records(settings, [(settings.masked_topic, i.encode("utf-8"), None) for i in ids])
-    say(f"tombstones: {len(ids)} on {settings.masked_topic}")
-    _db(settings, lambda c: _step(c, seq, "tombstones", {"count": len(ids)}), "recording a step")
-    _db(settings, lambda c: _step(c, seq, "done", {}), "recording a step")
+    where = "the whole topic" if start is None else "from the sink's offsets at append"
+    say(f"tombstones: {len(ids)} on {settings.masked_topic} ({scanned} masked record(s) read, {where})")
+    detail = {"count": len(ids), "scanned": scanned, "full_scan": start is None, "rows": len(deleted)}
+    _db(settings, lambda c: _step(c, seq, "tombstones", detail), "recording a step")
+    _db(settings, lambda c: finish(c, seq), "recording a step")
     say(f"erased: ledger entry {seq} done")
     return seq
 

@@ -183,6 +183,8 @@ def test_erase_waits_for_stages_and_resumes_after_kill_9(pipeline):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [r["message_id"] for r in pipeline.query("SELECT message_id FROM user_logins")] == [v1]
     assert latest(pipeline)[u1] is not None  # no tombstone yet
+    # The deleted row's id was kept in the delete's own transaction: the rerun tombstones it.
+    assert [r["message_id"] for r in pipeline.query("SELECT message_id FROM erasure_ids")] == [u1]
 
     resumed = ok(pipeline.run(*ERASE, timeout=120)).stdout
     assert "resuming ledger entry" in resumed and "tombstones: 1" in resumed
@@ -190,7 +192,8 @@ def test_erase_waits_for_stages_and_resumes_after_kill_9(pipeline):
     assert "already erased" in again and "tombstones: 0" in again
     assert len(pipeline.query("SELECT 1 FROM erasure_ledger")) == 1
     steps = {r["step"] for r in pipeline.query("SELECT step FROM erasure_steps")}
-    assert steps == {"confirmed", "keys", "rows", "tombstones", "done"}
+    assert steps == {"sink_offsets", "confirmed", "keys", "rows", "tombstones", "done"}
+    assert not pipeline.query("SELECT 1 FROM erasure_ids")  # forgotten once done
     assert latest(pipeline)[u1] is None and latest(pipeline)[v1] is not None
     assert not pipeline.query("SELECT 1 FROM pii_vault WHERE user_id = $1", U)
     # The ledger is append-only, for the owner too.
@@ -212,6 +215,46 @@ def test_erase_waits_for_stages_and_resumes_after_kill_9(pipeline):
     assert [r.wait(timeout=120) for r in runs] == [0, 0]
     assert len(pipeline.query("SELECT 1 FROM erasure_ledger WHERE user_id = $1", V)) == 1
     assert pipeline.row_count() == 0 and latest(pipeline)[v1] is None
+
+
+def test_tombstones_read_the_masked_topic_only_from_the_sinks_offsets(pipeline):
+    """After the sink drained, the tombstone step reads only what the sink had not applied, and
+    still tombstones every id of the user: deleted rows by id, the unapplied record by reading."""
+    s = pipeline.settings
+    bridge, worker = start(pipeline)
+    others = [{**V1, "device_id": f"V-DEV-{i}"} for i in range(6)]
+    u1, u2, *v_ids = pipeline.send([U1, U2, *others])
+    pipeline.wait_for(lambda: pipeline.row_count() == 8, 120, "eight rows")
+    pipeline.wait_for(lambda: pipeline.lag([s.masked_topic]) == 0, 60, "the sink to commit")
+    # The sink stops; a mask-only worker masks one more login of U, which no row holds.
+    assert pipeline.stop(worker) == 0
+    pipeline.start("worker", STREAMS_STAGES="mask")
+    (u3,) = pipeline.send([{**U1, "device_id": "U-DEV-3"}])
+    pipeline.wait_for(lambda: u3 in latest(pipeline), 120, "U's unapplied masked record")
+    held = len(read_topic(s, s.masked_topic, committed_only=True))
+    assert held == 9
+
+    out = ok(pipeline.run(*ERASE, timeout=120)).stdout
+    assert "tombstones: 3" in out, out
+    detail = pipeline.query("SELECT detail FROM erasure_steps WHERE step = 'tombstones'")[0]["detail"]
+    detail = json.loads(detail) if isinstance(detail, str) else detail
+    assert detail["full_scan"] is False and detail["rows"] == 2
+    assert 1 <= detail["scanned"] < held  # U3's record only: the rest the sink had applied
+    now = latest(pipeline)
+    assert now[u1] is None and now[u2] is None and now[u3] is None
+    assert all(now[v] is not None for v in v_ids)
+
+    # A user erased before is read for in the whole topic (the sink dropped their re-produced
+    # records without a row); the tombstones above are found and not written twice.
+    again = ok(pipeline.run(*ERASE, "--new-request", timeout=120)).stdout
+    assert "tombstones: 0" in again and f"({held + 3} masked record(s) read, the whole topic)" in again, again
+    # --full-scan reads the whole topic for a first erasure too.
+    erase_v = ("erase", "--user-id", V, "--reason", "gdpr_art17", "--full-scan")
+    full = ok(pipeline.run(*erase_v, timeout=120)).stdout
+    assert "tombstones: 6" in full and f"({held + 3} masked record(s) read, the whole topic)" in full, full
+    after = latest(pipeline)
+    assert all(after[v] is None for v in v_ids)
+    assert pipeline.stop(bridge) == 0
 
 
 def test_the_vault_is_rekeyed_by_user_keeping_existing_entries(pipeline, tmp_path):
