@@ -23,16 +23,22 @@ batch and the delete retention ages them out; its value is ``0xff 0x01``, a coun
 earlier format (key = the id, value = offset and timestamp, 16 bytes) is still read on
 restore, so a deployment moves over without a step.
 
-**Memory.** The window keeps a 16-byte BLAKE2b digest of each id, not the id (the
-changelog keeps the ids, so a restore reads existing changelogs unchanged): per partition
-a ``dict`` of digest to one packed ``int`` (raw timestamp and offset) and a ``deque`` of
-the digests in admission order, which expiry pops from the front (an id admitted again is
-appended again; its earlier place is skipped). About 130 bytes per id where an
-``OrderedDict`` of the id to a tuple took 276. Two ids share a digest with probability
-2^-128 per pair: with 200,000 ids held in one partition, a new id is taken for a copy
-(and dropped) with probability under 6e-34, about 1e-21 a year at 50,000 ev/s; an
-8-byte digest would be 1e-14 per id, 0.02 records a year at that rate, not negligible
-for a record lost.
+**Memory.** The window keeps a 90-bit fingerprint of each id, not the id (the changelog
+keeps the ids, so a restore reads existing changelogs unchanged): per partition a ``dict``
+of fingerprint to one ``int`` (raw timestamp << 64 | offset) and a ``deque`` of the
+fingerprints in admission order, which expiry pops from the front (an id admitted again is
+appended again; its earlier place is skipped). Every object in it is an int or holds only
+ints, so the garbage collector does not track them. 163 bytes per id held at the default
+bound on 6 partitions, at most ~208 (a dict just regrown under churn: 6 slots per id);
+the ``OrderedDict`` of the id to a tuple it replaces took ~330 (benchmarks.dedup_window).
+
+The fingerprint is Python's 64-bit ``hash`` of the id (SipHash, keyed at random per
+process: the state is rebuilt from the changelog's ids in each process) and 26 bits of
+its CRC-32. Two ids share it with probability 2^-90: with 200,000 ids held in one
+partition, a new id is taken for a copy of one (and dropped) with probability 1.6e-22;
+at 50,000 ev/s that is 2.6e-10 records a year. The hash alone (64 bits) would be 1.1e-14
+per id, 0.017 records a year at that rate: not negligible for a record lost. A BLAKE2b
+digest costs three times the fingerprint's ~0.15 µs.
 
 It is bounded by ``STREAMS_DEDUP_MAX_IDS`` and ``STREAMS_DEDUP_MAX_BYTES``; an id
 forgotten early under those bounds is counted (``streams_dedup_evictions_total``): a copy
@@ -47,7 +53,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import cast
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
@@ -362,7 +368,7 @@ class DedupWindow:
             self.newest.pop(p, None)
         self._drop_undo(partitions)
 
-    def _drop_undo(self, partitions: set[int] | dict[int, object]) -> None:
+    def _drop_undo(self, partitions: Container[int]) -> None:
         if any(entry[1] in partitions for entry in self.undo):
             self.undo = [entry for entry in self.undo if entry[1] not in partitions]
 

@@ -102,6 +102,22 @@ def test_the_changelog_restores_the_window_and_reads_the_earlier_format():
     assert admit(restored, 0, 902, b"aborted", 3000)  # never committed: not a copy
 
 
+def test_a_restore_keeps_an_id_admitted_twice_at_its_later_place():
+    w, _ = window(dedup_max_ids=2)
+    w.install({0: [(b"a", (1, 100)), (b"b", (2, 200)), (b"a", (3, 300))]})  # a redriven at offset 3
+    assert w.size == 2 and [(o, t) for _, o, t in w.entries(0)] == [(2, 200), (3, 300)]
+    assert admit(w, 0, 4, b"c", 400)  # over the bound: b goes first, a (its later place) stays
+    assert not admit(w, 0, 5, b"a", 500) and admit(w, 0, 6, b"b", 600)
+
+
+def test_an_abort_after_a_revoke_undoes_only_the_partitions_still_held():
+    w, _ = window()
+    assert admit(w, 0, 1, b"a", 1) and admit(w, 1, 1, b"b", 1)
+    w.forget({0})
+    w.rollback()
+    assert w.size == 0 and w.entries(1) == [] and 0 not in w.state
+
+
 def test_an_abort_rolls_the_window_back():
     w, written = window()
     assert admit(w, 0, 1, b"a", 1)
