@@ -19,7 +19,7 @@ the commit), holding every id that transaction admitted on that partition, not o
 per id: the changelog then costs the stage a handful of records per commit instead of one
 per input. Its key is unique (``0xff``, first offset, time), so compaction keeps every
 batch and the delete retention ages them out; its value is ``0xff 0x01``, a count, and
-``offset, raw timestamp, id length, id`` per id (``encode``/``decode``). A record of the
+``offset, raw timestamp, id length, id`` per id (``ITEM``, ``decode``). A record of the
 earlier format (key = the id, value = offset and timestamp, 16 bytes) is still read on
 restore, so a deployment moves over without a step.
 
@@ -81,17 +81,6 @@ CHUNK_BYTES = 64 * 1024  # a changelog record holds at most this much (far under
 MAX_ID_BYTES = 1024  # longer ids (only a dead letter's fallback id can be) are not remembered
 Entry = tuple[int, int]
 Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int], int, int], None]
-
-
-def encode(items: list[tuple[bytes, int, int]]) -> bytes:
-    """One changelog value: ``(id, offset, raw timestamp)`` of ids one transaction admitted."""
-    return HEADER.pack(MAGIC, len(items)) + b"".join(_items(items))
-
-
-def _items(items: list[tuple[bytes, int, int]]) -> list[bytes]:
-    """Each item's bytes in a changelog value: ``offset, raw timestamp, id length, id``."""
-    pack = ITEM.pack
-    return [pack(offset, timestamp, len(key)) + key for key, offset, timestamp in items]
 
 
 def _chunks(parts: list[bytes]) -> list[tuple[int, int]]:
@@ -192,8 +181,9 @@ class DedupWindow:
         # Ints only: the garbage collector stops tracking such tuples (one holding ``Held`` made a
         # transaction's undo log survive every young collection: +0.5 µs per event).
         self.undo: list[tuple[int, int, int, int | None]] = []
-        # Ids admitted in the open transaction, not yet on the changelog: (id, offset, timestamp).
-        self.pending: dict[int, list[tuple[bytes, int, int]]] = {}
+        # Ids admitted in the open transaction, not yet on the changelog: each one's changelog
+        # item (``ITEM`` and the id), made at once (no tuple to keep until the flush).
+        self.pending: dict[int, list[bytes]] = {}
         self.admitted = 0  # ids admitted so far (a periodic expiry)
 
     def admit(self, partition: int, offset: int, key: bytes | None, timestamp: int, force: bool = False) -> bool:
@@ -228,9 +218,10 @@ class DedupWindow:
         current = -1
         held = Held(-1)
         ids, append = held.ids, held.order.append
-        pending: list[tuple[bytes, int, int]] | None = None
+        pending: list[bytes] | None = None
+        item = ITEM.pack
         newest = -1
-        size, admitted = self.size, self.admitted
+        size, admitted, evicted = self.size, self.admitted, 0
         for i, key in enumerate(keys):
             if not key or len(key) > MAX_ID_BYTES:
                 write(True)
@@ -268,22 +259,26 @@ class DedupWindow:
                 held.moved[d] = held.moved.get(d, 0) + 1  # its earlier place is skipped
             if pending is None:
                 pending = pending_of[partition] = []
-            pending.append((key, offset, timestamp))
+            pending.append(item(offset, timestamp, len(key)) + key)
             admitted += 1
             # Over a bound: at once. Past the window: every 256 ids (until then such an id only
             # takes memory; the check above already treats it as forgotten).
             if size > limit or not admitted & 255:
                 self.size, newest_of[partition] = size, newest
-                self._expire(held)
+                evicted += self._expire(held)
                 size = self.size
             write(True)
         if current >= 0:
             newest_of[current] = newest
         self.size, self.admitted = size, admitted
+        if evicted:
+            metrics.DEDUP_EVICTIONS.inc(evicted)  # once a batch: the counter takes a lock
         return out
 
-    def _expire(self, held: Held) -> None:
-        """Forget ids from the front: past the window (uncounted), or over the bound (counted)."""
+    def _expire(self, held: Held) -> int:
+        """Forget ids from the front: past the window, or over the bound. The ids forgotten
+        inside the window (over the bound): ``streams_dedup_evictions_total`` counts them."""
+        evicted = 0
         oldest_kept = self.newest.get(held.partition, 0) - self.window_ms
         partition, ids, order, moved, undo = held.partition, held.ids, held.order, held.moved, self.undo.append
         size, limit = self.size, self.limit
@@ -301,21 +296,22 @@ class DedupWindow:
             if entry >> OFFSET_BITS >= oldest_kept:
                 if size <= limit:
                     break
-                metrics.DEDUP_EVICTIONS.inc()  # forgotten inside the window: a copy is no longer caught
+                evicted += 1  # forgotten inside the window: a copy is no longer caught
             order.popleft()
             del ids[d]
             size -= 1
             undo((EXPIRED, partition, d, entry))
         self.size = size
+        return evicted
 
     def flush(self, produce: Produce) -> int:
         """Write what the open transaction admitted: one changelog record per partition
         (more only past ``CHUNK_BYTES``), in that transaction, just before its commit. Records written."""
         written = 0
-        for partition, items in self.pending.items():
-            parts = _items(items)
+        for partition, parts in self.pending.items():
             for start, end in _chunks(parts):
-                key = BATCH_KEY.pack(b"\xff", items[start][1], time.time_ns())
+                first_offset = ITEM.unpack_from(parts[start])[0]
+                key = BATCH_KEY.pack(b"\xff", first_offset, time.time_ns())
                 value = HEADER.pack(MAGIC, end - start) + b"".join(parts[start:end])
                 # The raw partition's changelog partition (restore reads it for that partition);
                 # the source (partition, -1) is the output of no input record.
@@ -438,5 +434,5 @@ class DedupWindow:
             self.size += len(ids) - (len(before.ids) if before is not None else 0)
             held = self.state[p] = Held(p, ids)
             self.newest[p] = newest
-            self._expire(held)
+            metrics.DEDUP_EVICTIONS.inc(self._expire(held))
             log.info("dedup window of partition %d restored: %d ids", p, len(ids), extra={"stage": "mask"})
