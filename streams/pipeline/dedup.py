@@ -27,8 +27,8 @@ restore, so a deployment moves over without a step.
 keeps the ids, so a restore reads existing changelogs unchanged): per partition a ``dict``
 of fingerprint to one ``int`` (raw timestamp << 64 | offset) and a ``deque`` of the
 fingerprints in admission order, which expiry pops from the front (an id admitted again is
-appended again; its earlier place is skipped). Every object in it is an int or holds only
-ints, so the garbage collector does not track them. 163 bytes per id held at the default
+appended again; its earlier place is skipped). The dicts, and the undo log's tuples, hold
+only ints, so the garbage collector does not track them. 163 bytes per id held at the default
 bound on 6 partitions, at most ~208 (a dict just regrown under churn: 6 slots per id);
 the ``OrderedDict`` of the id to a tuple it replaces took ~330 (benchmarks.dedup_window).
 
@@ -68,9 +68,7 @@ log = logging.getLogger("streams.worker")
 
 REDRIVE_HEADER = "streams-redrive"  # a record `streams dlq redrive` put back: reprocessed, never a copy
 ENTRY = struct.Struct(">qq")  # the earlier format's value: offset, raw timestamp (ms)
-ENTRY_BYTES = (
-    210  # per id held, at most: 84 for its objects, up to 120 for a dict under churn (tests/unit/test_dedup.py)
-)
+ENTRY_BYTES = 210  # per id held, at most: 84 in objects, up to 120 in a dict under churn (test_dedup.py)
 OFFSET_BITS = 64  # a held entry is one int: raw timestamp << 64 | offset (an offset is 0 .. 2**63 - 1)
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
 MAGIC = b"\xff\x01"  # a batch value; an earlier entry starts with an offset's high byte (0x00)
