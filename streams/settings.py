@@ -173,7 +173,7 @@ class Settings(BaseSettings):
         description="message ids the dedup window holds at most (31-40 MiB at 200,000; the worker's 200 MiB)",
     )
     dedup_max_bytes: int = Field(
-        42 * 2**20, ge=2**20, description="bytes the dedup window may use (counted as 210 per id, its worst)"
+        42 * 2**20, ge=2**20, description="bytes the dedup window may use (counted as 216 per id, its worst and slack)"
     )
     mask_cache_size: int = Field(
         16384,

@@ -68,7 +68,7 @@ log = logging.getLogger("streams.worker")
 
 REDRIVE_HEADER = "streams-redrive"  # a record `streams dlq redrive` put back: reprocessed, never a copy
 ENTRY = struct.Struct(">qq")  # the earlier format's value: offset, raw timestamp (ms)
-ENTRY_BYTES = 210  # per id held, at most: 84 in objects, up to 120 in a dict under churn (test_dedup.py)
+ENTRY_BYTES = 216  # per id held: at most 84 in objects + 120 in a dict under churn, and slack (test_dedup.py)
 OFFSET_BITS = 64  # a held entry is one int: raw timestamp << 64 | offset (an offset is 0 .. 2**63 - 1)
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
 MAGIC = b"\xff\x01"  # a batch value; an earlier entry starts with an offset's high byte (0x00)
