@@ -189,7 +189,7 @@ def test_the_default_bound_holds_200000_ids():
     when an id took over 300 bytes), within the bytes the default allows at ENTRY_BYTES an id."""
     s = Settings()
     assert s.dedup_max_ids >= 200_000 and s.dedup_max_bytes // ENTRY_BYTES >= s.dedup_max_ids
-    assert s.dedup_max_bytes <= 42 * 2**20  # 100,000 ids of 36 characters took ~33 MB before
+    assert s.dedup_max_bytes <= 42 * 2**20  # its share of the worker's 200 MiB (docs/operations.md, Memory)
 
 
 class Reference:
