@@ -168,9 +168,13 @@ class Settings(BaseSettings):
         "within it are dropped); longer than the SQS visibility timeout plus the bridge's retries; 0 = off",
     )
     dedup_max_ids: int = Field(
-        100_000, ge=1, description="message ids the dedup window holds at most (~27 MiB; the worker's 200 MiB)"
+        200_000,
+        ge=1,
+        description="message ids the dedup window holds at most (31-40 MiB at 200,000; the worker's 200 MiB)",
     )
-    dedup_max_bytes: int = Field(32 * 2**20, ge=2**20, description="bytes the dedup window may use (about 300 per id)")
+    dedup_max_bytes: int = Field(
+        42 * 2**20, ge=2**20, description="bytes the dedup window may use (counted as 216 per id, its worst and slack)"
+    )
     mask_cache_size: int = Field(
         16384,
         ge=0,

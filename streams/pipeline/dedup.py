@@ -19,11 +19,28 @@ the commit), holding every id that transaction admitted on that partition, not o
 per id: the changelog then costs the stage a handful of records per commit instead of one
 per input. Its key is unique (``0xff``, first offset, time), so compaction keeps every
 batch and the delete retention ages them out; its value is ``0xff 0x01``, a count, and
-``offset, raw timestamp, id length, id`` per id (``encode``/``decode``). A record of the
+``offset, raw timestamp, id length, id`` per id (``ITEM``, ``decode``). A record of the
 earlier format (key = the id, value = offset and timestamp, 16 bytes) is still read on
 restore, so a deployment moves over without a step.
 
-Memory is bounded by ``STREAMS_DEDUP_MAX_IDS`` and ``STREAMS_DEDUP_MAX_BYTES``; an id
+**Memory.** The window keeps a 90-bit fingerprint of each id, not the id (the changelog
+keeps the ids, so a restore reads existing changelogs unchanged): per partition a ``dict``
+of fingerprint to one ``int`` (raw timestamp << 64 | offset) and a ``deque`` of the
+fingerprints in admission order, which expiry pops from the front (an id admitted again is
+appended again; its earlier place is skipped). The dicts, and the undo log's tuples, hold
+only ints, so the garbage collector does not track them. 163 bytes per id held at the default
+bound on 6 partitions, at most ~208 (a dict just regrown under churn: 6 slots per id);
+the ``OrderedDict`` of the id to a tuple it replaces took ~330 (benchmarks.dedup_window).
+
+The fingerprint is Python's 64-bit ``hash`` of the id (SipHash, keyed at random per
+process: the state is rebuilt from the changelog's ids in each process) and 26 bits of
+its CRC-32. Two ids share it with probability 2^-90: with 200,000 ids held in one
+partition, a new id is taken for a copy of one (and dropped) with probability 1.6e-22;
+at 50,000 ev/s that is 2.6e-10 records a year. The hash alone (64 bits) would be 1.1e-14
+per id, 0.017 records a year at that rate: not negligible for a record lost. A BLAKE2b
+digest costs three times the fingerprint's ~0.15 µs.
+
+It is bounded by ``STREAMS_DEDUP_MAX_IDS`` and ``STREAMS_DEDUP_MAX_BYTES``; an id
 forgotten early under those bounds is counted (``streams_dedup_evictions_total``): a copy
 of it is no longer caught. That, and a replay older than the window, are the limits of
 the guarantee (docs/delivery.md).
@@ -34,8 +51,9 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+import zlib
+from collections import deque
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import cast
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
@@ -50,7 +68,9 @@ log = logging.getLogger("streams.worker")
 
 REDRIVE_HEADER = "streams-redrive"  # a record `streams dlq redrive` put back: reprocessed, never a copy
 ENTRY = struct.Struct(">qq")  # the earlier format's value: offset, raw timestamp (ms)
-ENTRY_BYTES = 300  # per id held: 276 measured for a 36-character id (tests/unit/test_dedup.py)
+ENTRY_BYTES = 216  # per id held: at most 84 in objects + 120 in a dict under churn, and slack (test_dedup.py)
+OFFSET_BITS = 64  # a held entry is one int: raw timestamp << 64 | offset (an offset is 0 .. 2**63 - 1)
+OFFSET_MASK = (1 << OFFSET_BITS) - 1
 MAGIC = b"\xff\x01"  # a batch value; an earlier entry starts with an offset's high byte (0x00)
 HEADER = struct.Struct(">2sI")  # magic, count
 ITEM = struct.Struct(">qqH")  # offset, raw timestamp (ms), id length; the id follows
@@ -59,17 +79,6 @@ CHUNK_BYTES = 64 * 1024  # a changelog record holds at most this much (far under
 MAX_ID_BYTES = 1024  # longer ids (only a dead letter's fallback id can be) are not remembered
 Entry = tuple[int, int]
 Produce = Callable[[str, bytes | None, bytes | None, tuple[int, int], int, int], None]
-
-
-def encode(items: list[tuple[bytes, int, int]]) -> bytes:
-    """One changelog value: ``(id, offset, raw timestamp)`` of ids one transaction admitted."""
-    return HEADER.pack(MAGIC, len(items)) + b"".join(_items(items))
-
-
-def _items(items: list[tuple[bytes, int, int]]) -> list[bytes]:
-    """Each item's bytes in a changelog value: ``offset, raw timestamp, id length, id``."""
-    pack = ITEM.pack
-    return [pack(offset, timestamp, len(key)) + key for key, offset, timestamp in items]
 
 
 def _chunks(parts: list[bytes]) -> list[tuple[int, int]]:
@@ -110,6 +119,50 @@ def decode(key: bytes | None, value: bytes | None) -> list[tuple[bytes, Entry]]:
     return out
 
 
+def fingerprint(key: bytes) -> int:
+    """What the window holds of an id: 90 bits, Python's keyed 64-bit hash and 26 of its CRC-32.
+
+    An int of 36 bytes (a UUID's bytes object takes 69); ~0.15 µs, a third of BLAKE2b's.
+    ``hash`` is SipHash with a key random per process (state is rebuilt from the changelog's
+    ids in each process): the module docstring has the collision odds.
+    """
+    return hash(key) + (zlib.crc32(key) >> 6 << 64)
+
+
+class Held:
+    """One partition's ids: fingerprint -> ``timestamp << 64 | offset``, and the fingerprints oldest first.
+
+    An id admitted again is appended again (``OrderedDict.move_to_end`` without its linked
+    list); ``moved`` counts its earlier places still in ``order``, which expiry skips.
+    """
+
+    __slots__ = ("partition", "ids", "order", "moved")
+
+    def __init__(self, partition: int, ids: dict[int, int] | None = None) -> None:
+        self.partition = partition
+        self.ids: dict[int, int] = ids if ids is not None else {}
+        self.order: deque[int] = deque(self.ids)
+        self.moved: dict[int, int] = {}
+
+    def entries(self) -> Iterator[tuple[int, int, int]]:
+        """``(fingerprint, offset, raw timestamp)`` of each id held, oldest first (the expiry order)."""
+        skip = dict(self.moved)
+        for d in self.order:
+            if skip.get(d):
+                skip[d] -= 1
+                continue
+            packed = self.ids[d]
+            yield d, packed & OFFSET_MASK, packed >> OFFSET_BITS
+
+    def compact(self) -> None:
+        """Drop the skipped places (between transactions: ``rollback`` replays ``order``'s changes)."""
+        self.order = deque(d for d, _, _ in self.entries())
+        self.moved = {}
+
+
+ADMITTED, EXPIRED = 0, 1  # what an undo entry undoes
+
+
 class DedupWindow:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -117,13 +170,18 @@ class DedupWindow:
         self.window_ms = int(settings.dedup_window * 1000)
         self.max_ids = settings.dedup_max_ids
         self.max_bytes = settings.dedup_max_bytes
-        self.state: dict[int, OrderedDict[bytes, Entry]] = {}
+        self.limit = min(self.max_ids, self.max_bytes // ENTRY_BYTES)  # over it: evict
+        self.state: dict[int, Held] = {}
         self.newest: dict[int, int] = {}  # newest raw timestamp seen per partition
         self.size = 0  # ids held over all partitions
-        # Changes since the last commit, to undo on abort: (partition, id, entry before or None).
-        self.undo: list[tuple[int, bytes, Entry | None]] = []
-        # Ids admitted in the open transaction, not yet on the changelog: (id, offset, timestamp).
-        self.pending: dict[int, list[tuple[bytes, int, int]]] = {}
+        # Changes since the last commit, to undo on abort, in order: (ADMITTED, partition, fingerprint,
+        # entry before or None) or (EXPIRED, partition, fingerprint, entry or None for a skipped place).
+        # Ints only: the garbage collector stops tracking such tuples (one holding ``Held`` made a
+        # transaction's undo log survive every young collection: +0.5 µs per event).
+        self.undo: list[tuple[int, int, int, int | None]] = []
+        # Ids admitted in the open transaction, not yet on the changelog: each one's changelog
+        # item (``ITEM`` and the id), made at once (no tuple to keep until the flush).
+        self.pending: dict[int, list[bytes]] = {}
         self.admitted = 0  # ids admitted so far (a periodic expiry)
 
     def admit(self, partition: int, offset: int, key: bytes | None, timestamp: int, force: bool = False) -> bool:
@@ -145,19 +203,23 @@ class DedupWindow:
 
         ``redrive(i)``: record ``i`` is a deliberate re-send (``streams dlq redrive``): at a
         later offset it is still written, and remembered. One call per batch, not per record:
-        the per-record Python work is a few dictionary operations (benchmarks.profile_mask).
+        the per-record Python work is a fingerprint and a few dictionary operations
+        (benchmarks.dedup_window).
         """
         out: list[bool] = []
         write = out.append
-        window_ms = self.window_ms
-        limit = min(self.max_ids, self.max_bytes // ENTRY_BYTES)  # over it: evict (size * ENTRY_BYTES > max_bytes)
+        window_ms, limit = self.window_ms, self.limit
+        crc32 = zlib.crc32
+        bits, mask = OFFSET_BITS, OFFSET_MASK
         undo = self.undo.append
         state, newest_of, pending_of = self.state, self.newest, self.pending
         current = -1
-        ids: OrderedDict[bytes, Entry] = OrderedDict()
-        pending: list[tuple[bytes, int, int]] | None = None
+        held = Held(-1)
+        ids, append = held.ids, held.order.append
+        pending: list[bytes] | None = None
+        item = ITEM.pack
         newest = -1
-        size, admitted = self.size, self.admitted
+        size, admitted, evicted = self.size, self.admitted, 0
         for i, key in enumerate(keys):
             if not key or len(key) > MAX_ID_BYTES:
                 write(True)
@@ -167,64 +229,87 @@ class DedupWindow:
                 if current >= 0:
                     newest_of[current] = newest
                 current = partition
-                ids = state.get(partition)  # type: ignore[assignment]
-                if ids is None:
-                    ids = state[partition] = OrderedDict()
+                held = state.get(partition)  # type: ignore[assignment]
+                if held is None:
+                    held = state[partition] = Held(partition)
+                ids, append = held.ids, held.order.append
                 newest = newest_of.get(partition, -1)
                 pending = pending_of.get(partition)  # made at its first id: the changelog's order
             if timestamp > newest:
                 newest = timestamp
-            seen = ids.get(key)
-            if seen is not None and seen[1] >= newest - window_ms:  # older: forgotten, even if not yet removed
-                if seen[0] < offset:
+            d = hash(key) + (crc32(key) >> 6 << 64)  # fingerprint(key)
+            seen = ids.get(d)
+            if seen is not None and seen >> bits >= newest - window_ms:  # older: forgotten, even if not yet removed
+                seen_offset = seen & mask
+                if seen_offset < offset:
                     if not redrive(i):
                         write(False)  # a later copy of an id already written
                         continue
-                elif seen[0] == offset:
+                elif seen_offset == offset:
                     write(True)  # the same record again (a replay, a rewind): reprocess it
                     continue
-            undo((partition, key, seen))
-            ids[key] = (offset, timestamp)
+            undo((ADMITTED, partition, d, seen))
+            ids[d] = timestamp << bits | offset
+            append(d)  # expiry goes front to back: the newest at the back
             if seen is None:
                 size += 1
             else:
-                ids.move_to_end(key)  # expiry goes front to back: the newest at the back
+                held.moved[d] = held.moved.get(d, 0) + 1  # its earlier place is skipped
             if pending is None:
                 pending = pending_of[partition] = []
-            pending.append((key, offset, timestamp))
+            pending.append(item(offset, timestamp, len(key)) + key)
             admitted += 1
             # Over a bound: at once. Past the window: every 256 ids (until then such an id only
             # takes memory; the check above already treats it as forgotten).
             if size > limit or not admitted & 255:
                 self.size, newest_of[partition] = size, newest
-                self._expire(partition, ids)
+                evicted += self._expire(held)
                 size = self.size
             write(True)
         if current >= 0:
             newest_of[current] = newest
         self.size, self.admitted = size, admitted
+        if evicted:
+            metrics.DEDUP_EVICTIONS.inc(evicted)  # once a batch: the counter takes a lock
         return out
 
-    def _expire(self, partition: int, ids: OrderedDict[bytes, Entry]) -> None:
-        oldest_kept = self.newest.get(partition, 0) - self.window_ms
-        while ids:
-            key, entry = next(iter(ids.items()))
-            if entry[1] >= oldest_kept and self.size <= self.max_ids and self.size * ENTRY_BYTES <= self.max_bytes:
-                return
-            if entry[1] >= oldest_kept:
-                metrics.DEDUP_EVICTIONS.inc()  # forgotten inside the window: a copy is no longer caught
-            del ids[key]
-            self.size -= 1
-            self.undo.append((partition, key, entry))
+    def _expire(self, held: Held) -> int:
+        """Forget ids from the front: past the window, or over the bound. The ids forgotten
+        inside the window (over the bound): ``streams_dedup_evictions_total`` counts them."""
+        evicted = 0
+        oldest_kept = self.newest.get(held.partition, 0) - self.window_ms
+        partition, ids, order, moved, undo = held.partition, held.ids, held.order, held.moved, self.undo.append
+        size, limit = self.size, self.limit
+        while order:
+            d = order[0]
+            if moved and d in moved:  # an earlier place of an id admitted again since
+                order.popleft()
+                if moved[d] == 1:
+                    del moved[d]
+                else:
+                    moved[d] -= 1
+                undo((EXPIRED, partition, d, None))
+                continue
+            entry = ids[d]
+            if entry >> OFFSET_BITS >= oldest_kept:
+                if size <= limit:
+                    break
+                evicted += 1  # forgotten inside the window: a copy is no longer caught
+            order.popleft()
+            del ids[d]
+            size -= 1
+            undo((EXPIRED, partition, d, entry))
+        self.size = size
+        return evicted
 
     def flush(self, produce: Produce) -> int:
         """Write what the open transaction admitted: one changelog record per partition
         (more only past ``CHUNK_BYTES``), in that transaction, just before its commit. Records written."""
         written = 0
-        for partition, items in self.pending.items():
-            parts = _items(items)
+        for partition, parts in self.pending.items():
             for start, end in _chunks(parts):
-                key = BATCH_KEY.pack(b"\xff", items[start][1], time.time_ns())
+                first_offset = ITEM.unpack_from(parts[start])[0]
+                key = BATCH_KEY.pack(b"\xff", first_offset, time.time_ns())
                 value = HEADER.pack(MAGIC, end - start) + b"".join(parts[start:end])
                 # The raw partition's changelog partition (restore reads it for that partition);
                 # the source (partition, -1) is the output of no input record.
@@ -236,28 +321,55 @@ class DedupWindow:
     def commit(self) -> None:
         self.undo.clear()
         self.pending = {}
+        for held in self.state.values():
+            if len(held.order) > 2 * len(held.ids) + 1024:  # many ids admitted again (redrives, replays)
+                held.compact()
 
     def rollback(self) -> None:
-        """Undo every change since the last commit (the transaction was aborted)."""
-        for partition, key, before in reversed(self.undo):
-            ids = self.state.get(partition)
-            if ids is None:  # revoked meanwhile
-                continue
-            if before is None:
-                if ids.pop(key, None) is not None:
+        """Undo every change since the last commit (the transaction was aborted), newest first:
+        each partition's ``order`` is back as it was, place for place."""
+        state = self.state
+        for kind, partition, d, before in reversed(self.undo):
+            held = state[partition]  # a partition revoked or restored since took its entries along
+            if kind == ADMITTED:
+                held.order.pop()
+                if before is None:
+                    del held.ids[d]
                     self.size -= 1
+                else:
+                    held.ids[d] = before
+                    skipped = held.moved[d]
+                    if skipped == 1:
+                        del held.moved[d]
+                    else:
+                        held.moved[d] = skipped - 1
             else:
-                if key not in ids:
+                held.order.appendleft(d)
+                if before is None:
+                    held.moved[d] = held.moved.get(d, 0) + 1
+                else:
+                    held.ids[d] = before
                     self.size += 1
-                ids[key] = before
         self.undo.clear()
         self.pending = {}
 
     def forget(self, partitions: set[int]) -> None:
-        """Partitions that left this worker: their state goes with them."""
+        """Partitions that left this worker: their state goes with them (and their undo entries)."""
         for p in partitions:
-            self.size -= len(self.state.pop(p, ()))
+            held = self.state.pop(p, None)
+            if held is not None:
+                self.size -= len(held.ids)
             self.newest.pop(p, None)
+        self._drop_undo(partitions)
+
+    def _drop_undo(self, partitions: Container[int]) -> None:
+        if any(entry[1] in partitions for entry in self.undo):
+            self.undo = [entry for entry in self.undo if entry[1] not in partitions]
+
+    def entries(self, partition: int) -> list[tuple[int, int, int]]:
+        """``(fingerprint, offset, raw timestamp)`` of each id held for ``partition``, oldest first."""
+        held = self.state.get(partition)
+        return list(held.entries()) if held is not None else []
 
     def load(self, partitions: set[int]) -> dict[int, list[tuple[bytes, Entry]]]:
         """Read the changelog of newly assigned partitions (read_committed) up to their ends;
@@ -307,14 +419,18 @@ class DedupWindow:
 
     def install(self, loaded: dict[int, list[tuple[bytes, Entry]]]) -> None:
         """Make what ``load`` read the state of its partitions (on the event loop)."""
+        self._drop_undo(loaded)  # the state they undo is replaced
         for p, entries in loaded.items():
             newest = max((e[1] for _, e in entries), default=0)
-            ids: OrderedDict[bytes, Entry] = OrderedDict()
-            for key, entry in sorted(entries, key=lambda item: item[1][1]):
-                if entry[1] >= newest - self.window_ms:
-                    ids[key] = entry
-            self.size += len(ids) - len(self.state.get(p, ()))
-            self.state[p] = ids
+            ids: dict[int, int] = {}
+            for key, (offset, timestamp) in sorted(entries, key=lambda item: item[1][1]):
+                if timestamp >= newest - self.window_ms:
+                    d = fingerprint(key)
+                    ids.pop(d, None)  # admitted again: its place is the later one
+                    ids[d] = timestamp << OFFSET_BITS | offset
+            before = self.state.get(p)
+            self.size += len(ids) - (len(before.ids) if before is not None else 0)
+            held = self.state[p] = Held(p, ids)
             self.newest[p] = newest
-            self._expire(p, ids)
+            metrics.DEDUP_EVICTIONS.inc(self._expire(held))
             log.info("dedup window of partition %d restored: %d ids", p, len(ids), extra={"stage": "mask"})

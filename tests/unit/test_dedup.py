@@ -3,10 +3,12 @@ and its changelog: one record per partition per transaction, read back to the sa
 
 from __future__ import annotations
 
+import copy
 import tracemalloc
+from collections import OrderedDict
 
 from streams import metrics
-from streams.pipeline.dedup import CHUNK_BYTES, ENTRY, MAX_ID_BYTES, DedupWindow, decode
+from streams.pipeline.dedup import CHUNK_BYTES, ENTRY, ENTRY_BYTES, MAX_ID_BYTES, DedupWindow, decode, fingerprint
 from streams.settings import Settings
 
 
@@ -100,6 +102,22 @@ def test_the_changelog_restores_the_window_and_reads_the_earlier_format():
     assert admit(restored, 0, 902, b"aborted", 3000)  # never committed: not a copy
 
 
+def test_a_restore_keeps_an_id_admitted_twice_at_its_later_place():
+    w, _ = window(dedup_max_ids=2)
+    w.install({0: [(b"a", (1, 100)), (b"b", (2, 200)), (b"a", (3, 300))]})  # a redriven at offset 3
+    assert w.size == 2 and [(o, t) for _, o, t in w.entries(0)] == [(2, 200), (3, 300)]
+    assert admit(w, 0, 4, b"c", 400)  # over the bound: b goes first, a (its later place) stays
+    assert not admit(w, 0, 5, b"a", 500) and admit(w, 0, 6, b"b", 600)
+
+
+def test_an_abort_after_a_revoke_undoes_only_the_partitions_still_held():
+    w, _ = window()
+    assert admit(w, 0, 1, b"a", 1) and admit(w, 1, 1, b"b", 1)
+    w.forget({0})
+    w.rollback()
+    assert w.size == 0 and w.entries(1) == [] and 0 not in w.state
+
+
 def test_an_abort_rolls_the_window_back():
     w, written = window()
     assert admit(w, 0, 1, b"a", 1)
@@ -141,61 +159,98 @@ def test_an_id_too_long_to_remember_passes_and_writes_nothing():
 
 def test_memory_per_id_is_within_what_the_byte_bound_counts():
     """ENTRY_BYTES (what STREAMS_DEDUP_MAX_BYTES counts per id) covers the window's real cost
-    for SQS-sized ids (36 characters), committed (nothing pending)."""
-    from streams.pipeline.dedup import ENTRY_BYTES
-
-    w, _ = window(dedup_max_ids=1_000_000, dedup_max_bytes=2**30)
-    keys = [f"{i:08x}-0000-4000-8000-{i:012x}".encode() for i in range(50_000)]
+    for SQS-sized ids (36 characters), committed (nothing pending), at its worst: a full window
+    whose dict has just regrown under churn to 6 slots per id (3 x 43,691 is just over 2**17).
+    The ids are made inside the measurement: one the window keeps is counted."""
+    held = 43_691
+    warm, _ = window(dedup_max_ids=1000)  # Python's free lists (tuples of the undo log) filled first
+    for i in range(3000):
+        admit(warm, 0, i, f"w{i}".encode(), i)
+    commit(warm)
+    w, _ = window(dedup_max_ids=held, dedup_max_bytes=2**30)
+    most = 0.0
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    for i, key in enumerate(keys):
-        admit(w, i % 6, 1_000_000 + i, key, 1_764_000_000_000 + i)
-    w.flush(lambda *_: None)
-    w.commit()
-    used = tracemalloc.get_traced_memory()[0] - base
+    for start in range(0, held + 50_000, 1000):
+        batch = range(start, start + 1000)
+        keys = [f"{i:08x}-0000-4000-8000-{i:012x}".encode() for i in batch]
+        w.admit_batch([0] * 1000, list(batch), keys, [1_764_000_000_000 + i for i in batch], lambda _: False)
+        w.flush(lambda *_: None)
+        w.commit()
+        if w.size == held:  # full
+            most = max(most, (tracemalloc.get_traced_memory()[0] - base) / w.size)
     tracemalloc.stop()
-    per_id = used / len(keys) + (33 + 36)  # the ids were made before: add a bytes object of 36
-    print(f"dedup window: {per_id:.0f} bytes per id")
-    assert per_id <= ENTRY_BYTES
+    print(f"dedup window: at most {most:.0f} bytes per id")
+    assert w.size == held and most <= ENTRY_BYTES
 
 
-def reference_admit(
-    w: DedupWindow, partition: int, offset: int, key: bytes | None, timestamp: int, force: bool
-) -> bool:
-    """The window's rule one record at a time, as it was written before batches (the oracle)."""
-    from collections import OrderedDict
+def test_the_default_bound_holds_200000_ids():
+    """The default bound holds the whole 600 s window up to 333 ev/s (100,000 ids, 165 ev/s,
+    when an id took over 300 bytes), within the bytes the default allows at ENTRY_BYTES an id."""
+    s = Settings()
+    assert s.dedup_max_ids >= 200_000 and s.dedup_max_bytes // ENTRY_BYTES >= s.dedup_max_ids
+    assert s.dedup_max_bytes <= 42 * 2**20  # its share of the worker's 200 MiB (docs/operations.md, Memory)
 
-    from streams.pipeline.dedup import ENTRY_BYTES
 
-    if not key or len(key) > MAX_ID_BYTES:
-        return True
-    ids = w.state.setdefault(partition, OrderedDict())
-    newest = w.newest.get(partition, -1)
-    if timestamp > newest:
-        newest = w.newest[partition] = timestamp
-    seen = ids.get(key)
-    if seen is not None and seen[1] >= newest - w.window_ms:
-        if seen[0] < offset and not force:
-            return False
-        if seen[0] == offset:
+class Reference:
+    """The window's rule one record at a time over the ids themselves (an ``OrderedDict``, as
+    the window was first written): the oracle. An abort restores the state at the last commit."""
+
+    def __init__(self, window_ms: int, limit: int) -> None:
+        self.window_ms, self.limit = window_ms, limit
+        self.state: dict[int, OrderedDict[bytes, tuple[int, int]]] = {}
+        self.newest: dict[int, int] = {}
+        self.size = self.admitted = self.evicted = 0
+        self.pending: list[tuple[int, tuple[bytes, tuple[int, int]]]] = []
+        self.changelog: list[tuple[int, tuple[bytes, tuple[int, int]]]] = []
+        self.saved = copy.deepcopy((self.state, self.size))
+
+    def admit(self, partition: int, offset: int, key: bytes | None, timestamp: int, force: bool) -> bool:
+        if not key or len(key) > MAX_ID_BYTES:
             return True
-    w.undo.append((partition, key, seen))
-    ids[key] = (offset, timestamp)
-    if seen is None:
-        w.size += 1
-    else:
+        ids = self.state.setdefault(partition, OrderedDict())
+        newest = self.newest[partition] = max(self.newest.get(partition, -1), timestamp)
+        seen = ids.get(key)
+        if seen is not None and seen[1] >= newest - self.window_ms:
+            if seen[0] < offset and not force:
+                return False
+            if seen[0] == offset:
+                return True
+        ids[key] = (offset, timestamp)
         ids.move_to_end(key)
-    w.pending.setdefault(partition, []).append((key, offset, timestamp))
-    w.admitted += 1
-    if w.size > w.max_ids or w.size * ENTRY_BYTES > w.max_bytes or not w.admitted & 255:
-        w._expire(partition, ids)
-    return True
+        self.size += seen is None
+        self.pending.append((partition, (key, (offset, timestamp))))
+        self.admitted += 1
+        if self.size > self.limit or not self.admitted & 255:
+            while ids:
+                entry = next(iter(ids.values()))
+                kept = entry[1] >= newest - self.window_ms
+                if kept and self.size <= self.limit:
+                    break
+                self.evicted += kept
+                ids.popitem(last=False)
+                self.size -= 1
+        return True
+
+    def commit(self) -> None:
+        order = list(dict.fromkeys(p for p, _ in self.pending))  # flush: partition by partition, first come
+        self.changelog += sorted(self.pending, key=lambda item: order.index(item[0]))
+        self.pending = []
+        self.saved = copy.deepcopy((self.state, self.size))
+
+    def rollback(self) -> None:
+        self.pending = []
+        self.state, self.size = copy.deepcopy(self.saved)
+
+    def held(self) -> dict[int, list[tuple[int, int, int]]]:
+        return {p: [(fingerprint(k), o, t) for k, (o, t) in ids.items()] for p, ids in self.state.items()}
 
 
 def test_a_batch_admits_as_one_record_at_a_time_would():
     """``admit_batch`` (the mask stage's call, one per batch) agrees with the rule applied one
-    record at a time on every verdict, the state, the changelog and what an abort undoes:
-    copies, replays, redrives, expiry, the bound on ids."""
+    record at a time to the ids themselves on every verdict, the state (what is held, in
+    expiry order), the evictions counted, the changelog and what an abort undoes: copies,
+    replays, redrives, expiry, the bound on ids."""
     import random
 
     rng = random.Random(7)
@@ -205,15 +260,16 @@ def test_a_batch_admits_as_one_record_at_a_time_would():
         key = None if i % 97 == 0 else f"m{rng.randrange(1500)}".encode()  # many copies
         offset = i if rng.random() > 0.1 else max(i - rng.randrange(1, 50), 0)  # some replays
         records.append((partition, offset, key, 1_000 + i * 50, rng.random() < 0.05))
-    one, one_written = window(dedup_window=60, dedup_max_ids=800)
+    one = Reference(60_000, 800)
     many, many_written = window(dedup_window=60, dedup_max_ids=800)
     verdicts_one, verdicts_many = [], []
+    evicted = metrics.DEDUP_EVICTIONS._value.get()
     for start in range(0, len(records), 250):
         batch = records[start : start + 250]
         for p, o, k, t, redrive in batch:
-            ok = reference_admit(one, p, o, k, t, False)
+            ok = one.admit(p, o, k, t, False)
             if not ok and redrive:
-                ok = reference_admit(one, p, o, k, t, True)
+                ok = one.admit(p, o, k, t, True)
             verdicts_one.append(ok)
         verdicts_many += many.admit_batch(
             [r[0] for r in batch],
@@ -226,8 +282,31 @@ def test_a_batch_admits_as_one_record_at_a_time_would():
             one.rollback()
             many.rollback()
         else:
-            commit(one)
+            one.commit()
             commit(many)
-        assert (one.state, one.newest, one.size) == (many.state, many.newest, many.size)
+        assert one.held() == {p: many.entries(p) for p in many.state}
+        assert (one.newest, one.size) == (many.newest, many.size)
     assert verdicts_one == verdicts_many
-    assert False in verdicts_many and entries(one_written) == entries(many_written)
+    assert metrics.DEDUP_EVICTIONS._value.get() - evicted == one.evicted > 0
+    assert False in verdicts_many and one.changelog == entries(many_written)
+
+
+def test_ids_admitted_again_are_skipped_at_their_earlier_place_and_compacted():
+    """An id admitted again (a redrive) keeps its later place in the expiry order; the earlier
+    places are skipped, undone by an abort, and dropped between transactions once they pile up."""
+    w, _ = window(dedup_max_ids=10)
+    for i in range(3):
+        assert admit(w, 0, i, f"m{i}".encode(), i)
+    commit(w)
+    for n in range(3, 3 + 2000):
+        assert w.admit(0, n, b"m0", n, force=True)  # redriven again and again: one id, many places
+    assert w.size == 3 and [o for _, o, _ in w.entries(0)] == [1, 2, 2002]
+    w.rollback()
+    assert [o for _, o, _ in w.entries(0)] == [0, 1, 2] and len(w.state[0].order) == 3
+    for n in range(3, 3 + 2000):
+        w.admit(0, n, b"m0", n, force=True)
+    commit(w)
+    assert len(w.state[0].order) == 3 and [o for _, o, _ in w.entries(0)] == [1, 2, 2002]
+    for i in range(3, 11):  # 11 ids: the bound evicts the oldest, m1 (m0's place is the newest of the three)
+        admit(w, 0, 3000 + i, f"m{i}".encode(), 3000 + i)
+    assert not admit(w, 0, 4000, b"m0", 4000) and admit(w, 0, 4001, b"m1", 4001)
