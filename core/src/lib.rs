@@ -13,6 +13,8 @@
 //!   it has the plain common shape (flat ASCII JSON without escapes, a dotted-quad or
 //!   hex IPv6 address, ...), checked by the rules of streams/pipeline/mask.py; anything
 //!   else is declined and read by the Python reference. No crypto, no scheme.
+//! - `copy_binary(columns)`: rows as PostgreSQL's binary COPY stream (the key store's
+//!   writes: one buffer for a batch's new key rows instead of a Python tuple per row).
 //!
 //! A value the core cannot take exactly as the reference does (a `str` that is not valid
 //! UTF-8, such as a lone surrogate; a value too long for the 2-byte pad length; an
@@ -210,8 +212,9 @@ impl Siv {
     /// length, zeros to the smallest size that holds it; a value over the largest is
     /// declined). `ad_each` (or None) holds one `str`/`bytes` item per value. With `head`
     /// the result is `head + base64url(sealed)` (`str`), else the sealed `bytes`, after
-    /// `prefix_each[i]` when given. `None` stands for a value it declines.
-    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None))]
+    /// `prefix_each[i]` when given. With `ad_head`, each value's own item is `ad_head +
+    /// ad_each[i]` (one item, not two). `None` stands for a value it declines.
+    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None, ad_head=None))]
     #[allow(clippy::too_many_arguments)]
     fn seal<'py>(
         &mut self,
@@ -223,6 +226,7 @@ impl Siv {
         ad_each: Option<&Bound<'py, PyList>>,
         head: Option<&str>,
         prefix_each: Option<&Bound<'py, PyList>>,
+        ad_head: Option<Vec<u8>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let n = plaintexts.len();
         let pad = Pad::from_py(pad_block)?;
@@ -240,6 +244,7 @@ impl Siv {
         let mut padded = Vec::with_capacity(256);
         let mut joined: Vec<u8> = Vec::with_capacity(1024);
         let mut text = String::new();
+        let mut item_ad: Vec<u8> = Vec::with_capacity(256);
         let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(n);
         for (i, item) in plaintexts.iter().enumerate() {
             let index = per_value.as_ref().map_or(single, |v| v[i]);
@@ -251,7 +256,16 @@ impl Siv {
                 let mut headers: Vec<&[u8]> = Vec::with_capacity(ad_shared.len() + 1);
                 headers.extend(ad_shared.iter().map(Vec::as_slice));
                 if let Some(each) = each.as_ref() {
-                    headers.push(item_bytes(each)?);
+                    let each = item_bytes(each)?;
+                    match ad_head.as_deref() {
+                        Some(ad_head) => {
+                            item_ad.clear();
+                            item_ad.extend_from_slice(ad_head);
+                            item_ad.extend_from_slice(each);
+                            headers.push(&item_ad);
+                        }
+                        None => headers.push(each),
+                    }
                 }
                 if let Pad::None = pad {
                     return key.encrypt(&headers, plaintext);
@@ -294,6 +308,46 @@ impl Siv {
     }
 }
 
+
+// --- copy_binary: rows for PostgreSQL's binary COPY ------------------------------------------
+
+const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+/// PostgreSQL's binary COPY stream (`COPY ... FROM STDIN (FORMAT binary)`) of the rows
+/// whose columns are `columns`: lists of one length, each item `str` (sent as UTF-8: a
+/// `text` column) or `bytes` (a `bytea` column). `None` when it declines (lists of
+/// different lengths, an item of another type, a `str` with no UTF-8 form, a value over
+/// a field's 4-byte length): the caller writes those rows its own way.
+#[pyfunction]
+fn copy_binary<'py>(py: Python<'py>, columns: Vec<Bound<'py, PyList>>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let rows = columns.first().map_or(0, |c| c.len());
+    let Ok(fields) = i16::try_from(columns.len()) else {
+        return Ok(None);
+    };
+    if columns.iter().any(|c| c.len() != rows) {
+        return Ok(None);
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(COPY_SIGNATURE.len() + 10 + rows * (2 + columns.len() * 48));
+    out.extend_from_slice(COPY_SIGNATURE);
+    out.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
+    out.extend_from_slice(&0i32.to_be_bytes()); // no header extension
+    for row in 0..rows {
+        out.extend_from_slice(&fields.to_be_bytes());
+        for column in &columns {
+            let item = column.get_item(row)?;
+            let Some(data) = item_bytes(&item) else {
+                return Ok(None);
+            };
+            let Ok(size) = i32::try_from(data.len()) else {
+                return Ok(None);
+            };
+            out.extend_from_slice(&size.to_be_bytes());
+            out.extend_from_slice(data);
+        }
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
+    Ok(Some(PyBytes::new(py, &out)))
+}
 
 // --- parse: raw envelope + login body, the common shape only --------------------------------
 
@@ -636,5 +690,6 @@ fn streams_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Mac>()?;
     m.add_class::<Siv>()?;
     m.add_function(wrap_pyfunction!(parse_logins, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_binary, m)?)?;
     Ok(())
 }

@@ -506,7 +506,7 @@ class SealingMaskTransform(MaskTransform):
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._seal = masker.mask_login
-        self._raw_key = masker.lifetime.raw_key
+        self._lifetime = masker.lifetime
         self.core = mask_core.load_sealing(masker, raw=codecs.raw) if use_core else None
         self.core_masked = self.core_declined = 0
 
@@ -535,14 +535,19 @@ class SealingMaskTransform(MaskTransform):
         key_index: dict[bytes, int] = {}
         index: list[int] = []
         key_ids: list[bytes] = []
-        raw_key = self._raw_key
+        lifetime = self._lifetime
+        known, new_key, key_id = lifetime.known, lifetime.new_key, lifetime.key_id
         for position, fields in parsed:  # in record order, after the erasure check, as the reference
-            try:
-                key_id, data_key = raw_key(fields[2])
-            except Exception:  # a new lifetime's KMS call failed: the reference decides, as for any record
-                key, value, where = messages[position]
-                outputs[position] = self(key, value, where)
-                continue
+            data_key = known(fields[2])
+            if data_key is None:
+                try:
+                    data_key = new_key(fields[2])
+                except Exception:  # a new lifetime's KMS call failed: the reference decides, as for any record
+                    key, value, where = messages[position]
+                    outputs[position] = self(key, value, where)
+                    key_id = lifetime.key_id
+                    continue
+                key_id = lifetime.key_id  # a full lifetime gives way to a new one
             at = key_index.get(data_key)
             if at is None:
                 at = key_index[data_key] = len(keys)

@@ -225,24 +225,25 @@ class SealingCore(_CoreParser):
 
 class KeyWrapping:
     """A lifetime's new per-user data keys wrapped under its KEK in one core call, the KEK's
-    key schedule set once: ``AES-SIV(KEK, data key, [ad])`` each, the bytes of
-    ``Lifetime``'s reference (``AESSIV(kek).encrypt(key, [ad])``; AES-SIV is deterministic)."""
+    key schedule set once: ``AES-SIV(KEK, data key, [prefix + user])`` each (the associated
+    data made in the core), the bytes of ``Lifetime``'s reference
+    (``AESSIV(kek).encrypt(key, [prefix + user.encode()])``; AES-SIV is deterministic)."""
 
     def __init__(self, module: ModuleType, kek: bytes) -> None:
         self._siv = module.Siv([kek])
 
-    def wrap(self, keys: list[bytes], ads: list[bytes]) -> list[bytes | None]:
+    def wrap(self, keys: list[bytes], prefix: bytes, users: list[str]) -> list[bytes | None]:
         """The wrapped form of each key (``None`` where the core declines one: the reference wraps it)."""
-        return self._siv.seal(0, keys, 0, [], ads)
+        return self._siv.seal(0, keys, 0, [], users, ad_head=prefix)
 
 
 def _check_wrapping(module: ModuleType) -> None:
     kek = bytes(range(64))
     keys = [bytes([i]) * 64 for i in range(3)]
-    ads = [b"streams user key\0dep\0" + bytes(8) + b"\0" + u.encode() for u in _PROBE_USERS]
+    prefix = b"streams user key\0dep\0" + bytes(8) + b"\0"
     reference = AESSIV(kek)
-    if KeyWrapping(module, kek).wrap(keys, ads) != [
-        reference.encrypt(k, [ad]) for k, ad in zip(keys, ads, strict=True)
+    if KeyWrapping(module, kek).wrap(keys, prefix, list(_PROBE_USERS)) != [
+        reference.encrypt(k, [prefix + u.encode()]) for k, u in zip(keys, _PROBE_USERS, strict=True)
     ]:
         raise CoreMismatch("key wrapping: the compiled core's bytes differ from the reference's")
 
@@ -261,6 +262,24 @@ def load_key_wrapping(require: bool | None = None) -> Callable[[bytes], KeyWrapp
         _fallback(str(exc), require)
         return None
     return functools.partial(KeyWrapping, streams_core)
+
+
+def load_copy_binary(require: bool | None = None) -> Callable[[list[list]], bytes | None] | None:
+    """The key store's encoder of rows into PostgreSQL's binary COPY stream: the compiled
+    core's ``copy_binary`` (checked against ``user_keys.copy_binary`` here), or ``None``
+    (the driver encodes the rows)."""
+    from streams.privacy.user_keys import copy_binary
+
+    if require is None:
+        require = core_required()
+    streams_core = _import_core(require)
+    if streams_core is None:
+        return None
+    probe = [list(_PROBE_USERS), ["00ff", "", "k"], [b"", bytes(range(256)), b"\0" * 3]]
+    if streams_core.copy_binary(probe) != copy_binary(probe):
+        _fallback("binary COPY: the compiled core's bytes differ from the reference's", require)
+        return None
+    return streams_core.copy_binary
 
 
 # The raw envelope layout the core's parser reads (schemas/raw_envelope.v1.avsc); another

@@ -596,18 +596,62 @@ def test_a_key_the_core_declines_to_wrap_is_wrapped_by_the_reference():
         def __init__(self, kek: bytes) -> None:
             self.inner = mask_core.KeyWrapping(_core_module(), kek)
 
-        def wrap(self, keys, ads):
-            return [None if i % 2 else w for i, w in enumerate(self.inner.wrap(keys, ads))]
+        def wrap(self, keys, prefix, users):
+            return [None if i % 2 else w for i, w in enumerate(self.inner.wrap(keys, prefix, users))]
 
     users = [f"u-{n}" for n in range(50)]
     assert _lifetime_rows(5, Declines, users, set(), 1_000, 3) == _lifetime_rows(5, None, users, set(), 1_000, 3)
 
 
 def test_a_core_that_wraps_otherwise_is_not_used(monkeypatch):
-    monkeypatch.setattr(mask_core.KeyWrapping, "wrap", lambda self, keys, ads: [b"x" * 80 for _ in keys])
+    monkeypatch.setattr(mask_core.KeyWrapping, "wrap", lambda self, keys, prefix, users: [b"x" * 80 for _ in keys])
     assert mask_core.load_key_wrapping(require=False) is None
     with pytest.raises(ConfigError):
         mask_core.load_key_wrapping(require=True)
+
+
+# --- the key store's binary COPY stream: core against the reference ----------------------
+
+_COPY_ITEMS = st.one_of(st.text(max_size=40), st.binary(max_size=90))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    columns=st.integers(1, 4).flatmap(
+        lambda width: st.integers(0, 12).flatmap(
+            lambda rows: st.lists(st.lists(_COPY_ITEMS, min_size=rows, max_size=rows), min_size=width, max_size=width)
+        )
+    )
+)
+def test_core_copy_binary_is_the_reference_byte_for_byte(columns):
+    """Text (any Unicode, UTF-8) and bytes columns, empty values and no rows alike."""
+    from streams.privacy.user_keys import copy_binary
+
+    assert _core_module().copy_binary(columns) == copy_binary(columns)
+
+
+def test_core_copy_binary_declines_what_the_reference_declines():
+    from streams.privacy.user_keys import copy_binary
+
+    streams_core = _core_module()
+    for columns in (
+        [["a", "b"], [b"x"]],  # lists of different lengths
+        [["a", "\ud800"]],  # a lone surrogate: no UTF-8 form
+        [["a", None]],  # neither str nor bytes
+        [[1]],
+    ):
+        assert copy_binary(columns) is None
+        assert streams_core.copy_binary(columns) is None
+    stream = streams_core.copy_binary([["ü"], [b"\0\1"]])
+    assert stream == b"PGCOPY\n\xff\r\n\0" + bytes(8) + b"\0\x02" + b"\0\0\0\x02\xc3\xbc" + b"\0\0\0\x02\0\1" + b"\xff\xff"
+
+
+def test_a_core_copy_encoder_that_differs_is_not_used(monkeypatch):
+    streams_core = _core_module()
+    monkeypatch.setattr(streams_core, "copy_binary", lambda columns: b"PGCOPY")
+    assert mask_core.load_copy_binary(require=False) is None
+    with pytest.raises(ConfigError):
+        mask_core.load_copy_binary(require=True)
 
 
 # A pool of users (so users recur within a batch), some with text only the reference parses.
