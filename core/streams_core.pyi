@@ -22,7 +22,7 @@ class Siv:
         ad_each: list[str | None] | list[bytes | None] | None = None,
         head: None = None,
         prefix_each: list[bytes] | None = None,
-        ad_head: bytes | None = None,
+        ad_parts: list[bytes | list[str | None] | list[bytes | None]] | None = None,
     ) -> list[bytes | None]: ...
     @overload
     def seal(
@@ -34,7 +34,7 @@ class Siv:
         ad_each: list[str | None] | list[bytes | None] | None,
         head: str,
         prefix_each: None = None,
-        ad_head: bytes | None = None,
+        ad_parts: list[bytes | list[str | None] | list[bytes | None]] | None = None,
     ) -> list[str | None]: ...
 
 def parse_logins(

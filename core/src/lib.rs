@@ -351,6 +351,29 @@ impl Pad {
     }
 }
 
+/// One part of a composed associated-data item (`Siv.seal`'s `ad_parts`).
+enum AdPart<'py> {
+    Same(Vec<u8>),             // the same bytes for every value
+    Each(Bound<'py, PyList>), // value i's own item
+}
+
+impl<'py> AdPart<'py> {
+    fn all(parts: &Bound<'py, PyList>, n: usize) -> PyResult<Vec<Self>> {
+        parts
+            .iter()
+            .map(|part| {
+                if let Ok(bytes) = part.cast::<PyBytes>() {
+                    return Ok(AdPart::Same(bytes.as_bytes().to_vec()));
+                }
+                match part.cast_into::<PyList>() {
+                    Ok(items) if items.len() == n => Ok(AdPart::Each(items)),
+                    _ => Err(PyValueError::new_err("an ad_parts part is bytes or a list of one item per plaintext")),
+                }
+            })
+            .collect()
+    }
+}
+
 /// AES-SIV keys by index (32 bytes: AES-128-SIV, 64 bytes: AES-256-SIV), schedules set once.
 #[pyclass(module = "streams_core")]
 struct Siv {
@@ -384,9 +407,11 @@ impl Siv {
     /// length, zeros to the smallest size that holds it; a value over the largest is
     /// declined). `ad_each` (or None) holds one `str`/`bytes` item per value. With `head`
     /// the result is `head + base64url(sealed)` (`str`), else the sealed `bytes`, after
-    /// `prefix_each[i]` when given. With `ad_head`, each value's own item is `ad_head +
-    /// ad_each[i]` (one item, not two). `None` stands for a value it declines.
-    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None, ad_head=None))]
+    /// `prefix_each[i]` when given. `ad_parts` (instead of `ad_each`) composes each value's
+    /// own item: the concatenation of the parts, a `bytes` part the same for every value, a
+    /// list part giving value i its i-th item (`str` as UTF-8, or `bytes`). `None` stands
+    /// for a value it declines (also where an item of `ad_each` or a list part is `None`).
+    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None, ad_parts=None))]
     #[allow(clippy::too_many_arguments)]
     fn seal<'py>(
         &mut self,
@@ -398,7 +423,7 @@ impl Siv {
         ad_each: Option<&Bound<'py, PyList>>,
         head: Option<&str>,
         prefix_each: Option<&Bound<'py, PyList>>,
-        ad_head: Option<Vec<u8>>,
+        ad_parts: Option<&Bound<'py, PyList>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let n = plaintexts.len();
         let pad = Pad::from_py(pad_block)?;
@@ -407,11 +432,18 @@ impl Siv {
             Err(_) => Some(key_index.extract::<Vec<usize>>()?),
         };
         let single = if per_value.is_none() { key_index.extract::<usize>()? } else { 0 };
+        let parts = match ad_parts {
+            Some(parts) => Some(AdPart::all(parts, n)?),
+            None => None,
+        };
         if per_value.as_ref().is_some_and(|v| v.len() != n)
             || ad_each.is_some_and(|a| a.len() != n)
             || prefix_each.is_some_and(|p| p.len() != n)
+            || (ad_each.is_some() && parts.is_some())
         {
-            return Err(PyValueError::new_err("key_index, ad_each and prefix_each need one item per plaintext"));
+            return Err(PyValueError::new_err(
+                "key_index, ad_each and prefix_each need one item per plaintext; ad_each or ad_parts, not both",
+            ));
         }
         let mut padded = Vec::with_capacity(256);
         let mut joined: Vec<u8> = Vec::with_capacity(1024);
@@ -428,16 +460,17 @@ impl Siv {
                 let mut headers: Vec<&[u8]> = Vec::with_capacity(ad_shared.len() + 1);
                 headers.extend(ad_shared.iter().map(Vec::as_slice));
                 if let Some(each) = each.as_ref() {
-                    let each = item_bytes(each)?;
-                    match ad_head.as_deref() {
-                        Some(ad_head) => {
-                            item_ad.clear();
-                            item_ad.extend_from_slice(ad_head);
-                            item_ad.extend_from_slice(each);
-                            headers.push(&item_ad);
+                    headers.push(item_bytes(each)?);
+                }
+                if let Some(parts) = parts.as_ref() {
+                    item_ad.clear();
+                    for part in parts {
+                        match part {
+                            AdPart::Same(bytes) => item_ad.extend_from_slice(bytes),
+                            AdPart::Each(items) => item_ad.extend_from_slice(item_bytes(&items.get_item(i).ok()?)?),
                         }
-                        None => headers.push(each),
                     }
+                    headers.push(&item_ad);
                 }
                 if let Pad::None = pad {
                     return key.encrypt(&headers, plaintext);

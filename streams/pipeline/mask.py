@@ -530,6 +530,51 @@ class SealingMaskTransform(MaskTransform):
         if core is None:
             return [self(key, value, where) for key, value, where in messages]
         outputs, parsed, declined = self._core_parsed(messages, core)
+        keyed = self._keys_in_bulk(parsed)
+        ready, keys, index, key_ids = keyed if keyed is not None else self._keys_one_by_one(messages, outputs, parsed)
+        if ready:
+            sealed = core.seal(
+                keys, index, key_ids, [f[2] for _, f in ready], [f[4] for _, f in ready], [f[6] for _, f in ready]
+            )
+            declined += self._fill(messages, outputs, ready, sealed, _sealed_datum, lambda m: m is None)
+        self._count_core(len(messages), declined)
+        return outputs  # type: ignore[return-value]  # every position is filled above
+
+    def _keys_in_bulk(self, parsed: list[tuple[int, _Fields]]):
+        """``(ready, keys, index, key ids)`` of the parsed records: the batch's distinct data
+        keys and each record's index into them, the keys of users met for the first time made
+        in one ``Lifetime.new_keys`` call (in record order, as the reference makes them).
+        ``None`` when they do not all fit the current lifetime (or a user id has no UTF-8
+        form): ``_keys_one_by_one`` then."""
+        lifetime = self._lifetime
+        known = lifetime.known
+        keys: list[bytes | None] = []
+        slot_of: dict[str, int] = {}  # user -> its index in keys
+        index: list[int] = []
+        new_users: list[str] = []
+        new_slots: list[int] = []
+        for _, fields in parsed:
+            user = fields[2]
+            at = slot_of.get(user)
+            if at is None:
+                at = slot_of[user] = len(keys)
+                data_key = known(user)
+                if data_key is None:
+                    new_users.append(user)
+                    new_slots.append(at)
+                keys.append(data_key)
+            index.append(at)
+        if new_users:
+            made = lifetime.new_keys(new_users)
+            if made is None:
+                return None
+            for at, data_key in zip(new_slots, made, strict=True):
+                keys[at] = data_key
+        return parsed, keys, index, [lifetime.key_id] * len(parsed)
+
+    def _keys_one_by_one(self, messages, outputs: list[Output | None], parsed: list[tuple[int, _Fields]]):
+        """``_keys_in_bulk``, one record at a time: a lifetime may end (a new KMS call) or a
+        record go to the reference (its user id refused, the KMS call failed) mid-batch."""
         ready: list[tuple[int, _Fields]] = []
         keys: list[bytes] = []  # the batch's distinct data keys; index[i] is login i's
         key_index: dict[bytes, int] = {}
@@ -555,10 +600,4 @@ class SealingMaskTransform(MaskTransform):
             index.append(at)
             key_ids.append(key_id)
             ready.append((position, fields))
-        if ready:
-            sealed = core.seal(
-                keys, index, key_ids, [f[2] for _, f in ready], [f[4] for _, f in ready], [f[6] for _, f in ready]
-            )
-            declined += self._fill(messages, outputs, ready, sealed, _sealed_datum, lambda m: m is None)
-        self._count_core(len(messages), declined)
-        return outputs  # type: ignore[return-value]  # every position is filled above
+        return ready, keys, index, key_ids

@@ -115,15 +115,6 @@ class CoreMasker(_CoreParser):
                     raise CoreMismatch(f"field {field}: the compiled core's bytes differ from the reference's")
 
 
-def _user_and_key(user_id: str, key_id: bytes) -> bytes | None:
-    """``user NUL key id NUL``: the middle of a value's associated data; ``None`` if the user
-    id has no UTF-8 form (the reference refuses it)."""
-    try:
-        return user_id.encode("utf-8") + b"\0" + key_id + b"\0"
-    except UnicodeEncodeError:
-        return None
-
-
 class _ProbeLifetime:
     """One fixed data key for every user: what the load-time check seals under."""
 
@@ -154,8 +145,9 @@ class SealingCore(_CoreParser):
         self._siv = module.Siv
         self._token_head = f"{version}."
         # Per field: the MAC (key and ``field NUL version NUL`` absorbed once), the start of the
-        # one associated-data item (``label NUL field NUL``; then user, key id, token) and the
-        # padded sizes (``pad_field``: the smallest that holds the value).
+        # one associated-data item (``label NUL field NUL``; then user, ``NUL key id NUL``,
+        # token: composed in the core, ``ad_parts``) and the padded sizes (``pad_field``: the
+        # smallest that holds the value).
         self._fields = {
             field: (
                 module.Mac(key, f"{field}\0{version}\0".encode()),
@@ -179,17 +171,19 @@ class SealingCore(_CoreParser):
         the core declined it. Login i is user ``users[i]``'s, sealed under ``keys[index[i]]``,
         whose id is ``key_ids[i]``."""
         siv = self._siv(keys)  # the batch's data keys, each key schedule set once
-        bound = [_user_and_key(user, key_id) for user, key_id in zip(users, key_ids, strict=True)]
-        heads = [_FORMAT_BYTE + key_id for key_id in key_ids]  # what a stored sealed value starts with
-        ip_tokens, ip_sealed = self._seal_field(siv, "ip", index, bound, heads, ips)
-        device_tokens, device_sealed = self._seal_field(siv, "device_id", index, bound, heads, devices)
+        distinct = set(key_ids)
+        if len(distinct) == 1:  # one lifetime for the whole batch (all but its last batch)
+            (key_id,) = distinct
+            middle: bytes | list[bytes] = b"\0" + key_id + b"\0"
+            heads = [_FORMAT_BYTE + key_id] * len(key_ids)  # what a stored sealed value starts with
+        else:
+            middle = [b"\0" + key_id + b"\0" for key_id in key_ids]
+            heads = [_FORMAT_BYTE + key_id for key_id in key_ids]
+        ip_tokens, ip_sealed = self._seal_field(siv, "ip", index, users, middle, heads, ips)
+        device_tokens, device_sealed = self._seal_field(siv, "device_id", index, users, middle, heads, devices)
         return [
-            None
-            if ip_token is None or ip_value is None or device_token is None or device_value is None
-            else (ip_token, ip_value, device_token, device_value)
-            for ip_token, ip_value, device_token, device_value in zip(
-                ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True
-            )
+            sealed if None not in sealed else None
+            for sealed in zip(ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True)
         ]
 
     def _seal_field(
@@ -197,20 +191,17 @@ class SealingCore(_CoreParser):
         siv: Any,
         field: str,
         index: list[int],
-        bound: list[bytes | None],
+        users: list[str],
+        middle: bytes | list[bytes],
         heads: list[bytes],
         canonicals: list[str],
     ) -> tuple[list[str | None], list[bytes | None]]:
-        """Tokens and stored sealed values of one field; the core pads (``pad_field``'s sizes)."""
+        """Tokens and stored sealed values of one field; the core pads (``pad_field``'s sizes) and
+        composes each associated-data item (a user id with no UTF-8 form, or a token the core
+        declined, declines the value)."""
         mac, ad_head, sizes = self._fields[field]
         tokens = mac.tokens(self._token_head, canonicals)
-        try:
-            ads: list[bytes | None] = [ad_head + b + t.encode() for b, t in zip(bound, tokens, strict=True)]  # type: ignore[operator]
-        except (TypeError, AttributeError):  # a user id or token missing: that value is declined
-            ads = [
-                None if b is None or t is None else ad_head + b + t.encode() for b, t in zip(bound, tokens, strict=True)
-            ]
-        return tokens, siv.seal(index, canonicals, sizes, [], ads, None, heads)
+        return tokens, siv.seal(index, canonicals, sizes, [], None, None, heads, [ad_head, users, middle, tokens])
 
     def _check(self, masker: UserMasker) -> None:
         key_id, key = b"probe-id", bytes(range(64))
@@ -234,7 +225,7 @@ class KeyWrapping:
 
     def wrap(self, keys: list[bytes], prefix: bytes, users: list[str]) -> list[bytes | None]:
         """The wrapped form of each key (``None`` where the core declines one: the reference wraps it)."""
-        return self._siv.seal(0, keys, 0, [], users, ad_head=prefix)
+        return self._siv.seal(0, keys, 0, [], ad_parts=[prefix, users])
 
 
 def _check_wrapping(module: ModuleType) -> None:

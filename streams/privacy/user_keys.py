@@ -233,6 +233,37 @@ class Lifetime:
         self._keys[user_id] = key
         return key
 
+    def new_keys(self, users: list[str]) -> list[bytes] | None:
+        """``new_key`` of each of ``users`` (distinct, none ``known``), in order, in bulk: the
+        same keys from the same random stream, without a call per user. ``None`` (nothing
+        made) when they do not all fit this lifetime or one has no UTF-8 form: then
+        ``new_key``, one at a time, decides."""
+        if len(self._keys) + len(users) > self.max_users:
+            return None
+        if not "".join(users).isascii():
+            try:
+                for user_id in users:
+                    user_id.encode()
+            except UnicodeEncodeError:
+                return None
+        keys: list[bytes] = []
+        buffer, at, size = self._random, self._random_at, DATA_KEY_BYTES
+        need = len(users)
+        while need:
+            fits = (len(buffer) - at) // size
+            if at >= len(buffer) or not fits:  # one getrandom call per RANDOM_KEYS keys, as new_key draws
+                buffer, at = self._random_bytes(size * RANDOM_KEYS), 0
+                fits = len(buffer) // size
+            take = min(need, fits)
+            keys += [buffer[i : i + size] for i in range(at, at + take * size, size)]
+            at += take * size
+            need -= take
+        self._random, self._random_at = buffer, at
+        self._keys.update(zip(users, keys))
+        self._new_users += users
+        self._new_keys += keys
+        return keys
+
     def _wrap_new(self) -> None:
         """Wrap this lifetime's new data keys under its KEK, in the order made, into ``pending``."""
         users, keys = self._new_users, self._new_keys

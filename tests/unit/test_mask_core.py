@@ -392,6 +392,28 @@ def test_core_aes_siv_is_cryptographys_for_any_sizes(key, plaintexts, shared, ea
     assert got == [AESSIV(key).encrypt(p, [*shared, each]) for p in plaintexts]
 
 
+def test_core_composes_an_associated_data_item_from_parts():
+    """``ad_parts``: constant bytes parts and per-value list parts (str as UTF-8, bytes)
+    concatenated into one item, the same bytes as that item given whole; a ``None`` or a lone
+    surrogate in a list part declines that value only; a part of another length is an error."""
+    streams_core = _core_module()
+    key = bytes(range(64))
+    users = ["u-1", "ü-✓", "\ud800", "x" * 128, "u-5"]
+    tokens = ["g1.a", "g1.b", "g1.c", None, "g1.e"]
+    values = [b"1", b"22", b"333", b"4444", b""]
+    got = streams_core.Siv([key]).seal(0, values, 0, [b"s"], ad_parts=[b"head\0", users, b"\0mid\0", tokens])
+    expected = [
+        AESSIV(key).encrypt(v, [b"s", b"head\0" + u.encode() + b"\0mid\0" + t.encode()])
+        for v, u, t in zip(values[:2], users[:2], tokens[:2], strict=True)
+    ]
+    expected += [None, None, AESSIV(key).encrypt(b"", [b"s", b"head\0u-5\0mid\0g1.e"])]
+    assert got == expected
+    with pytest.raises(ValueError):
+        streams_core.Siv([key]).seal(0, values, 0, [], ad_parts=[users[:2]])
+    with pytest.raises(ValueError):
+        streams_core.Siv([key]).seal(0, values, 0, [], [b"a"] * 5, ad_parts=[b"x"])
+
+
 def test_core_aes_siv_takes_126_associated_data_items_and_declines_more():
     streams_core = _core_module()
     key = bytes(range(64))
@@ -778,8 +800,8 @@ def test_a_sealing_core_that_disagrees_with_the_reference_is_not_used(monkeypatc
         def __init__(self, keys):
             self._siv = streams_core.Siv(keys)
 
-        def seal(self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None):
-            return self._siv.seal(index, plaintexts, pad_block, [b"other"], ad_each, head, prefix_each)
+        def seal(self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None, ad_parts=None):
+            return self._siv.seal(index, plaintexts, pad_block, [b"other"], ad_each, head, prefix_each, ad_parts)
 
     wrong = type(sys)("streams_core")
     wrong.Mac, wrong.Siv, wrong.parse_logins = streams_core.Mac, WrongSiv, streams_core.parse_logins
