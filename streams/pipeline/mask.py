@@ -487,7 +487,7 @@ class SealingMaskTransform(MaskTransform):
     key (Avro ``bytes``, masked schema v3); the worker holds no key that opens older values.
 
     New data keys queue on ``masker.lifetime``; the mask stage stores them before the Kafka
-    transaction that carries the records sealed under them (``user_keys.KeyStore``).
+    transaction that carries the records sealed under them commits (``user_keys.KeyStore``).
     ``batch`` seals with the compiled core when there is one (``mask_core.SealingCore``);
     ``__call__`` is the reference, and the path of every record the core declines.
     """

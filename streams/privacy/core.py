@@ -181,10 +181,8 @@ class SealingCore(_CoreParser):
             heads = [_FORMAT_BYTE + key_id for key_id in key_ids]
         ip_tokens, ip_sealed = self._seal_field(siv, "ip", index, users, middle, heads, ips)
         device_tokens, device_sealed = self._seal_field(siv, "device_id", index, users, middle, heads, devices)
-        return [
-            sealed if None not in sealed else None
-            for sealed in zip(ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True)
-        ]
+        logins = zip(ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True)
+        return cast(list[tuple[str, bytes, str, bytes] | None], [m if None not in m else None for m in logins])
 
     def _seal_field(
         self,
@@ -266,7 +264,7 @@ def load_copy_binary(require: bool | None = None) -> Callable[[list[list]], byte
     streams_core = _import_core(require)
     if streams_core is None:
         return None
-    probe = [list(_PROBE_USERS), ["00ff", "", "k"], [b"", bytes(range(256)), b"\0" * 3]]
+    probe: list[list] = [list(_PROBE_USERS), ["00ff", "", "k"], [b"", bytes(range(256)), b"\0" * 3]]
     if streams_core.copy_binary(probe) != copy_binary(probe):
         _fallback("binary COPY: the compiled core's bytes differ from the reference's", require)
         return None

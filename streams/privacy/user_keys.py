@@ -13,7 +13,8 @@ Per-user key mode is on when ``STREAMS_KMS_MAC_KEY_ID`` names an HMAC_256 KMS ke
   AES-SIV key and queues it; when the mask stage takes the queue (``take``, once per
   batch) every new key is wrapped under the KEK (AES-SIV, bound to deployment, key id and
   U; the compiled core wraps them all in one call) and written to ``user_data_keys``
-  before the Kafka transaction that uses them. No KMS call and no database read per record.
+  before the Kafka transaction that uses them commits (one binary COPY per transaction, at
+  the start of its commit). No KMS call and no database read per record.
 - **Opening** (reveal, export --reveal, redrive; ``open_data_key``): only through a row of
   ``user_data_keys`` that is *sealed*: the data key wrapped by KMS itself under the
   context ``{deployment, purpose: user-key, user_id: U, key_id}``, so each ``kms:Decrypt``
@@ -259,7 +260,7 @@ class Lifetime:
             at += take * size
             need -= take
         self._random, self._random_at = buffer, at
-        self._keys.update(zip(users, keys))
+        self._keys.update(zip(users, keys, strict=True))
         self._new_users += users
         self._new_keys += keys
         return keys
@@ -323,7 +324,7 @@ def copy_binary(columns: list[list]) -> bytes | None:
         return None
     parts = [_COPY_HEADER]
     count = struct.pack(">h", len(columns))
-    for row in zip(*columns):
+    for row in zip(*columns, strict=True):
         parts.append(count)
         for item in row:
             if isinstance(item, str):
@@ -345,7 +346,7 @@ async def save_keys(
     rows: KeyRows,
     encode: CopyBinary | None = None,
 ) -> None:
-    """Store new lifetimes and key rows atomically (before the Kafka transaction that uses them).
+    """Store new lifetimes and key rows atomically (before the Kafka transaction that uses them commits).
 
     The rows go by binary COPY (one statement, atomic alone): about half the client CPU per
     row of an INSERT from unnest() of three arrays, on the mask stage's hot path when every
@@ -558,9 +559,10 @@ async def seal_user_keys(
 
 
 class KeyStore:
-    """The mask stage's writer of new lifetimes and key rows: one short transaction per batch
-    that met new users, before that batch's Kafka transaction. PostgreSQL down is transient
-    (retried with backoff, the batch waits); nothing is read back."""
+    """The mask stage's writer of new lifetimes and key rows: one short write at the start of
+    each Kafka transaction's commit (``MaskWriter.store_new_keys``), of every key made since the
+    last. PostgreSQL down is transient (retried with backoff, the commit waits); nothing is
+    read back."""
 
     def __init__(
         self, dsn: str, lifetime: Lifetime, command_timeout: float = 30.0, encode: CopyBinary | None = None

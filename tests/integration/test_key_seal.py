@@ -86,7 +86,7 @@ def test_key_rows_written_as_one_binary_copy_stream_are_the_rows_the_driver_writ
     stores exactly what asyncpg's own row encoding stores: text user ids (non-ASCII too),
     hex key ids, wrapped keys of any bytes."""
     pipeline.migrate()
-    users = ["u-1", "usér-✓", "x" * 128, "日本", "u\\q\"", "u 2"]
+    users = ["u-1", "usér-✓", "x" * 128, "日本", 'u\\q"', "u 2"]
     rows = KeyRows(users, [bytes([i]) * 8 for i in range(len(users))], [bytes(range(i, i + 80)) for i in range(6)])
     encoders = {"driver": None, "reference": copy_binary}
     core = load_copy_binary()  # None without the extension (STREAMS_REQUIRE_CORE=1 makes that an error)
@@ -103,7 +103,9 @@ def test_key_rows_written_as_one_binary_copy_stream_are_the_rows_the_driver_writ
         finally:
             await conn.close()
 
-    expected = sorted((u, k.hex(), w, None) for u, k, w in zip(rows.user_ids, rows.key_ids, rows.wrapped_keys))
+    expected = sorted(
+        (u, k.hex(), w, None) for u, k, w in zip(rows.user_ids, rows.key_ids, rows.wrapped_keys, strict=True)
+    )
     for name, encode in encoders.items():
         assert asyncio.run(stored(encode)) == expected, name
 

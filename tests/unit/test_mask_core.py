@@ -689,7 +689,9 @@ def test_core_copy_binary_declines_what_the_reference_declines():
         assert copy_binary(columns) is None
         assert streams_core.copy_binary(columns) is None
     stream = streams_core.copy_binary([["ü"], [b"\0\1"]])
-    assert stream == b"PGCOPY\n\xff\r\n\0" + bytes(8) + b"\0\x02" + b"\0\0\0\x02\xc3\xbc" + b"\0\0\0\x02\0\1" + b"\xff\xff"
+    assert (
+        stream == b"PGCOPY\n\xff\r\n\0" + bytes(8) + b"\0\x02" + b"\0\0\0\x02\xc3\xbc" + b"\0\0\0\x02\0\1" + b"\xff\xff"
+    )
 
 
 def test_a_core_copy_encoder_that_differs_is_not_used(monkeypatch):
@@ -800,7 +802,9 @@ def test_a_sealing_core_that_disagrees_with_the_reference_is_not_used(monkeypatc
         def __init__(self, keys):
             self._siv = streams_core.Siv(keys)
 
-        def seal(self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None, ad_parts=None):
+        def seal(
+            self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None, ad_parts=None
+        ):
             return self._siv.seal(index, plaintexts, pad_block, [b"other"], ad_each, head, prefix_each, ad_parts)
 
     wrong = type(sys)("streams_core")
