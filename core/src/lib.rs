@@ -145,10 +145,10 @@ fn xor(dst: &mut [u8], src: &[u8]) {
     }
 }
 
-/// Doubling in GF(2^128) (RFC 5297 `dbl`), without a branch on the (secret) top bit.
+/// Doubling in GF(2^128) (RFC 5297 `dbl`).
 fn dbl(block: &Block) -> Block {
     let n = u128::from_be_bytes(block.0);
-    Block::from(((n << 1) ^ ((n >> 127).wrapping_neg() & 0x87)).to_be_bytes())
+    Block::from(((n << 1) ^ if n >> 127 == 1 { 0x87 } else { 0 }).to_be_bytes())
 }
 
 /// CMAC (RFC 4493) fed in pieces, on one cipher backend.
