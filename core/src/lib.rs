@@ -23,9 +23,8 @@
 
 use std::borrow::Cow;
 
-use aes::cipher::consts::U16;
-use aes::cipher::{BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit};
-use aes::{Aes128Enc, Aes256Enc};
+use aes_siv::aead::KeyInit;
+use aes_siv::siv::{Aes128Siv, Aes256Siv};
 use hmac::{Hmac, Mac as _};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -127,183 +126,16 @@ impl Mac {
     }
 }
 
-// --- AES-SIV (RFC 5297) ---------------------------------------------------------------------
-//
-// The construction of the aes-siv crate (S2V over CMAC with the first half of the key, then
-// AES-CTR with the second half; output V || C), byte for byte, with what is fixed per key
-// computed once: the CMAC subkeys, S2V's first value (CMAC of the zero block) and the CTR
-// key schedule (aes-siv 0.8 expands the CTR key on every call). One backend session per
-// S2V (its block calls are sequential) and one for the CTR keystream.
-
-type Block = aes::Block;
-
-const MAX_HEADERS: usize = 126; // RFC 5297: S2V takes at most 126 associated-data items (aes-siv's limit)
-
-fn xor(dst: &mut [u8], src: &[u8]) {
-    for (a, b) in dst.iter_mut().zip(src) {
-        *a ^= *b;
-    }
-}
-
-/// Doubling in GF(2^128) (RFC 5297 `dbl`).
-fn dbl(block: &Block) -> Block {
-    let n = u128::from_be_bytes(block.0);
-    Block::from(((n << 1) ^ if n >> 127 == 1 { 0x87 } else { 0 }).to_be_bytes())
-}
-
-/// CMAC (RFC 4493) fed in pieces, on one cipher backend.
-struct Cmac<'a, B> {
-    backend: &'a B,
-    subkeys: &'a (Block, Block),
-    chain: Block,
-    held: Block, // the last block seen: chained only once more data follows
-    len: usize,
-}
-
-impl<'a, B: BlockCipherEncBackend<BlockSize = U16>> Cmac<'a, B> {
-    fn new(backend: &'a B, subkeys: &'a (Block, Block)) -> Self {
-        Cmac { backend, subkeys, chain: Block::default(), held: Block::default(), len: 0 }
-    }
-
-    fn update(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.len == 16 {
-                xor(&mut self.chain, &self.held);
-                self.backend.encrypt_block((&mut self.chain).into());
-                self.len = 0;
-            }
-            let take = (16 - self.len).min(data.len());
-            self.held[self.len..self.len + take].copy_from_slice(&data[..take]);
-            self.len += take;
-            data = &data[take..];
-        }
-    }
-
-    fn finalize(mut self) -> Block {
-        if self.len == 16 {
-            xor(&mut self.held, &self.subkeys.0);
-        } else {
-            self.held[self.len] = 0x80;
-            self.held[self.len + 1..].fill(0);
-            xor(&mut self.held, &self.subkeys.1);
-        }
-        xor(&mut self.chain, &self.held);
-        self.backend.encrypt_block((&mut self.chain).into());
-        self.chain
-    }
-}
-
-/// S2V of the headers and the plaintext, run inside one backend session of the MAC cipher.
-struct S2v<'a> {
-    subkeys: &'a (Block, Block),
-    first: &'a Block, // CMAC(zero block)
-    headers: &'a [&'a [u8]],
-    plaintext: &'a [u8],
-    out: &'a mut Block,
-}
-
-impl BlockSizeUser for S2v<'_> {
-    type BlockSize = U16;
-}
-
-impl BlockCipherEncClosure for S2v<'_> {
-    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
-        let mut state = *self.first;
-        for header in self.headers {
-            state = dbl(&state);
-            let mut mac = Cmac::new(backend, self.subkeys);
-            mac.update(header);
-            xor(&mut state, &mac.finalize());
-        }
-        let mut mac = Cmac::new(backend, self.subkeys);
-        let p = self.plaintext;
-        if p.len() >= 16 {
-            let n = p.len() - 16;
-            mac.update(&p[..n]);
-            xor(&mut state, &p[n..]); // the last 16 bytes, xor the state ("xorend")
-        } else {
-            state = dbl(&state);
-            xor(&mut state, p);
-            state[p.len()] ^= 0x80;
-        }
-        mac.update(&state);
-        *self.out = mac.finalize();
-    }
-}
-
-/// What is fixed per MAC key: the CMAC subkeys and S2V's first value, in one backend session.
-#[derive(Default)]
-struct Fixed {
-    subkeys: (Block, Block),
-    first: Block,
-}
-
-impl BlockSizeUser for &mut Fixed {
-    type BlockSize = U16;
-}
-
-impl BlockCipherEncClosure for &mut Fixed {
-    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
-        let mut l = Block::default();
-        backend.encrypt_block((&mut l).into());
-        let k1 = dbl(&l);
-        self.subkeys = (k1, dbl(&k1));
-        self.first = k1; // CMAC of the zero block: one complete block, xor K1
-        backend.encrypt_block((&mut self.first).into());
-    }
-}
-
-/// One AES-SIV key: MAC cipher, CTR cipher, CMAC subkeys and S2V's first value.
-struct SivCore<C> {
-    mac: C,
-    ctr: C,
-    subkeys: (Block, Block),
-    first: Block,
-}
-
-impl<C: BlockCipherEncrypt<BlockSize = U16> + KeyInit> SivCore<C> {
-    fn new(mac_key: &[u8], ctr_key: &[u8]) -> Self {
-        let mac = C::new_from_slice(mac_key).expect("half of a 32- or 64-byte key");
-        let ctr = C::new_from_slice(ctr_key).expect("half of a 32- or 64-byte key");
-        let mut fixed = Fixed::default();
-        mac.encrypt_with_backend(&mut fixed);
-        SivCore { mac, ctr, subkeys: fixed.subkeys, first: fixed.first }
-    }
-
-    /// `V || C`, as aes-siv's `encrypt` (None past MAX_HEADERS, as it refuses them).
-    fn encrypt(&self, headers: &[&[u8]], plaintext: &[u8]) -> Option<Vec<u8>> {
-        if headers.len() > MAX_HEADERS {
-            return None;
-        }
-        let mut v = Block::default();
-        self.mac.encrypt_with_backend(S2v { subkeys: &self.subkeys, first: &self.first, headers, plaintext, out: &mut v });
-        let mut q = v;
-        q[8] &= 0x7f; // "zero-out the top bit in each of the last two 32-bit words"
-        q[12] &= 0x7f;
-        let counter = u128::from_be_bytes(q.0);
-        let mut stream: Vec<Block> =
-            (0..plaintext.len().div_ceil(16)).map(|i| Block::from(counter.wrapping_add(i as u128).to_be_bytes())).collect();
-        self.ctr.encrypt_blocks(&mut stream);
-        let mut out = Vec::with_capacity(16 + plaintext.len());
-        out.extend_from_slice(&v);
-        out.extend_from_slice(plaintext);
-        for (chunk, key) in out[16..].chunks_mut(16).zip(&stream) {
-            xor(chunk, key);
-        }
-        Some(out)
-    }
-}
-
 enum SivKey {
-    Aes128(Box<SivCore<Aes128Enc>>), // a 32-byte key
-    Aes256(Box<SivCore<Aes256Enc>>), // a 64-byte key
+    Aes128(Box<Aes128Siv>), // a 32-byte key
+    Aes256(Box<Aes256Siv>), // a 64-byte key
 }
 
 impl SivKey {
     fn encrypt(&mut self, headers: &[&[u8]], plaintext: &[u8]) -> Option<Vec<u8>> {
         match self {
-            SivKey::Aes128(siv) => siv.encrypt(headers, plaintext),
-            SivKey::Aes256(siv) => siv.encrypt(headers, plaintext),
+            SivKey::Aes128(siv) => siv.encrypt(headers, plaintext).ok(),
+            SivKey::Aes256(siv) => siv.encrypt(headers, plaintext).ok(),
         }
     }
 }
@@ -383,20 +215,16 @@ struct Siv {
 #[pymethods]
 impl Siv {
     #[new]
-    fn new(keys: &Bound<'_, PyList>) -> PyResult<Self> {
-        let mut out = Vec::with_capacity(keys.len());
-        for item in keys.iter() {
-            let Ok(key) = item.cast::<PyBytes>() else {
-                return Err(PyValueError::new_err("AES-SIV keys are bytes"));
-            };
-            let key = key.as_bytes();
-            out.push(match key.len() {
-                32 => SivKey::Aes128(Box::new(SivCore::new(&key[..16], &key[16..]))),
-                64 => SivKey::Aes256(Box::new(SivCore::new(&key[..32], &key[32..]))),
-                _ => return Err(PyValueError::new_err("AES-SIV keys are 32 or 64 bytes")),
-            });
-        }
-        Ok(Siv { keys: out })
+    fn new(keys: Vec<Vec<u8>>) -> PyResult<Self> {
+        let keys = keys
+            .iter()
+            .map(|key| match key.len() {
+                32 => Ok(SivKey::Aes128(Box::new(Aes128Siv::new_from_slice(key).expect("32 bytes")))),
+                64 => Ok(SivKey::Aes256(Box::new(Aes256Siv::new_from_slice(key).expect("64 bytes")))),
+                _ => Err(PyValueError::new_err("AES-SIV keys are 32 or 64 bytes")),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Siv { keys })
     }
 
     /// Seal each plaintext: `AES-SIV(key, ad_shared + [ad_each[i]], pad(plaintext))`.

@@ -384,8 +384,8 @@ def test_primitives_match_hmac_and_cryptography_aes_siv():
     each=st.binary(max_size=70),
 )
 def test_core_aes_siv_is_cryptographys_for_any_sizes(key, plaintexts, shared, each):
-    """The core's AES-SIV (composed on the aes crate, subkeys and CTR schedule set once per
-    key) against cryptography's (OpenSSL): every plaintext length around the 16-byte block
+    """The core's AES-SIV (RustCrypto's aes-siv crate, one cipher object per key) against
+    cryptography's (OpenSSL): every plaintext length around the 16-byte block
     (the S2V xorend and pad cases), 0 to 6 associated-data items, both key sizes; one key
     object sealing several values in turn."""
     got = _core_module().Siv([key]).seal(0, plaintexts, 0, shared, [each] * len(plaintexts))
