@@ -4,12 +4,15 @@
 
 Fills a sandbox's raw topic once (every record a new user unless ``--users``), then runs
 ``streams worker`` (STREAMS_STAGES=mask, on the compiled core) over it in both key modes,
-alternating, each run with its own consumer group and masked topic. Per-user key mode uses
+alternating (the order of the two swapped every round), each run with its own consumer
+group and masked topic. Per-user key mode uses
 the stack's KMS keys (dev/streams_dev/local.env) and stores its key rows in the sandbox's
 database, as ``make run`` does. The figure is the worker process's CPU time (user + system,
 from /proc) between 5% and 100% of the backlog committed, per 100,000 events: start-up is
-left out. ``--tree`` runs the worker from other checkouts too (PYTHONPATH), e.g. main, to
-compare code versions on the same input and stack.
+left out. ``--tree`` runs the worker from other checkouts too (PYTHONPATH, and the checkout's
+own ``.venv`` when it has one: its own compiled core), e.g. main, to compare code versions on
+the same input and stack. The budget (issue 19 item 7) is a ratio: each round's per-user
+figure over the same round's keyring figure, and their median, are printed per tree.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ def run_once(sb: Sandbox, n: int, mode: str, tree: Path, tag: str) -> float:
     )
     ensure_topics(settings_from_env(env))
     progress = CommittedProgress(sb.settings, stage_group(settings_from_env(env), "mask"), sb.settings.raw_topic, 6)
+    own = tree / ".venv" / "bin" / "python"
     child = subprocess.Popen(
-        python("-m", "streams", "worker"),
+        [str(own), "-m", "streams", "worker"] if own.exists() else python("-m", "streams", "worker"),
         env={**os.environ, **env, "PYTHONPATH": str(tree)},
         cwd=tree,
         stdout=subprocess.DEVNULL,
@@ -87,14 +91,21 @@ def main() -> None:
         results: dict[tuple[str, str], list[float]] = {}
         for r in range(args.rounds):
             for t, tree in enumerate(trees):
-                for mode in ("keyring", "per-user"):
+                for mode in ("keyring", "per-user") if r % 2 == 0 else ("per-user", "keyring"):
                     cpu = run_once(sb, args.messages, mode, tree, f"r{r}t{t}{mode[0]}")
                     results.setdefault((str(tree), mode), []).append(cpu)
                     print(f"round {r}: {tree} {mode}: {cpu:.2f} s CPU per 100,000 events", flush=True)
         print(f"\n| tree | mode | CPU s per 100k events, {args.rounds} rounds (best, median) |\n|---|---|---|")
         for (tree, mode), cpus in results.items():
-            cpus.sort()
+            cpus = sorted(cpus)
             print(f"| {tree} | {mode} | {cpus[0]:.2f}, {cpus[len(cpus) // 2]:.2f} |")
+        print("\n| tree | per-user / keyring, each round | median |\n|---|---|---|")
+        for tree in trees:
+            ratios = [
+                p / k for k, p in zip(results[(str(tree), "keyring")], results[(str(tree), "per-user")], strict=True)
+            ]
+            each = ", ".join(f"{r - 1:+.1%}" for r in ratios)
+            print(f"| {tree} | {each} | {sorted(ratios)[len(ratios) // 2] - 1:+.1%} |")
     finally:
         sb.close()
 

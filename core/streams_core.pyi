@@ -22,6 +22,7 @@ class Siv:
         ad_each: list[str | None] | list[bytes | None] | None = None,
         head: None = None,
         prefix_each: list[bytes] | None = None,
+        ad_parts: list[bytes | list[str | None] | list[bytes | None]] | None = None,
     ) -> list[bytes | None]: ...
     @overload
     def seal(
@@ -33,8 +34,11 @@ class Siv:
         ad_each: list[str | None] | list[bytes | None] | None,
         head: str,
         prefix_each: None = None,
+        ad_parts: list[bytes | list[str | None] | list[bytes | None]] | None = None,
     ) -> list[str | None]: ...
 
 def parse_logins(
     values: list[bytes | None], headers: list[bytes]
 ) -> list[tuple[str, int, str, str, str, bool, str, str, int | None, str | None] | None]: ...
+
+def copy_binary(columns: list[list[str]] | list[list[bytes]] | list[list[str] | list[bytes]]) -> bytes | None: ...

@@ -13,6 +13,8 @@
 //!   it has the plain common shape (flat ASCII JSON without escapes, a dotted-quad or
 //!   hex IPv6 address, ...), checked by the rules of streams/pipeline/mask.py; anything
 //!   else is declined and read by the Python reference. No crypto, no scheme.
+//! - `copy_binary(columns)`: rows as PostgreSQL's binary COPY stream (the key store's
+//!   writes: one buffer for a batch's new key rows instead of a Python tuple per row).
 //!
 //! A value the core cannot take exactly as the reference does (a `str` that is not valid
 //! UTF-8, such as a lone surrogate; a value too long for the 2-byte pad length; an
@@ -181,6 +183,29 @@ impl Pad {
     }
 }
 
+/// One part of a composed associated-data item (`Siv.seal`'s `ad_parts`).
+enum AdPart<'py> {
+    Same(Vec<u8>),             // the same bytes for every value
+    Each(Bound<'py, PyList>), // value i's own item
+}
+
+impl<'py> AdPart<'py> {
+    fn all(parts: &Bound<'py, PyList>, n: usize) -> PyResult<Vec<Self>> {
+        parts
+            .iter()
+            .map(|part| {
+                if let Ok(bytes) = part.cast::<PyBytes>() {
+                    return Ok(AdPart::Same(bytes.as_bytes().to_vec()));
+                }
+                match part.cast_into::<PyList>() {
+                    Ok(items) if items.len() == n => Ok(AdPart::Each(items)),
+                    _ => Err(PyValueError::new_err("an ad_parts part is bytes or a list of one item per plaintext")),
+                }
+            })
+            .collect()
+    }
+}
+
 /// AES-SIV keys by index (32 bytes: AES-128-SIV, 64 bytes: AES-256-SIV), schedules set once.
 #[pyclass(module = "streams_core")]
 struct Siv {
@@ -210,8 +235,11 @@ impl Siv {
     /// length, zeros to the smallest size that holds it; a value over the largest is
     /// declined). `ad_each` (or None) holds one `str`/`bytes` item per value. With `head`
     /// the result is `head + base64url(sealed)` (`str`), else the sealed `bytes`, after
-    /// `prefix_each[i]` when given. `None` stands for a value it declines.
-    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None))]
+    /// `prefix_each[i]` when given. `ad_parts` (instead of `ad_each`) composes each value's
+    /// own item: the concatenation of the parts, a `bytes` part the same for every value, a
+    /// list part giving value i its i-th item (`str` as UTF-8, or `bytes`). `None` stands
+    /// for a value it declines (also where an item of `ad_each` or a list part is `None`).
+    #[pyo3(signature = (key_index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None, ad_parts=None))]
     #[allow(clippy::too_many_arguments)]
     fn seal<'py>(
         &mut self,
@@ -223,6 +251,7 @@ impl Siv {
         ad_each: Option<&Bound<'py, PyList>>,
         head: Option<&str>,
         prefix_each: Option<&Bound<'py, PyList>>,
+        ad_parts: Option<&Bound<'py, PyList>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let n = plaintexts.len();
         let pad = Pad::from_py(pad_block)?;
@@ -231,15 +260,23 @@ impl Siv {
             Err(_) => Some(key_index.extract::<Vec<usize>>()?),
         };
         let single = if per_value.is_none() { key_index.extract::<usize>()? } else { 0 };
+        let parts = match ad_parts {
+            Some(parts) => Some(AdPart::all(parts, n)?),
+            None => None,
+        };
         if per_value.as_ref().is_some_and(|v| v.len() != n)
             || ad_each.is_some_and(|a| a.len() != n)
             || prefix_each.is_some_and(|p| p.len() != n)
+            || (ad_each.is_some() && parts.is_some())
         {
-            return Err(PyValueError::new_err("key_index, ad_each and prefix_each need one item per plaintext"));
+            return Err(PyValueError::new_err(
+                "key_index, ad_each and prefix_each need one item per plaintext; ad_each or ad_parts, not both",
+            ));
         }
         let mut padded = Vec::with_capacity(256);
         let mut joined: Vec<u8> = Vec::with_capacity(1024);
         let mut text = String::new();
+        let mut item_ad: Vec<u8> = Vec::with_capacity(256);
         let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(n);
         for (i, item) in plaintexts.iter().enumerate() {
             let index = per_value.as_ref().map_or(single, |v| v[i]);
@@ -252,6 +289,16 @@ impl Siv {
                 headers.extend(ad_shared.iter().map(Vec::as_slice));
                 if let Some(each) = each.as_ref() {
                     headers.push(item_bytes(each)?);
+                }
+                if let Some(parts) = parts.as_ref() {
+                    item_ad.clear();
+                    for part in parts {
+                        match part {
+                            AdPart::Same(bytes) => item_ad.extend_from_slice(bytes),
+                            AdPart::Each(items) => item_ad.extend_from_slice(item_bytes(&items.get_item(i).ok()?)?),
+                        }
+                    }
+                    headers.push(&item_ad);
                 }
                 if let Pad::None = pad {
                     return key.encrypt(&headers, plaintext);
@@ -294,6 +341,46 @@ impl Siv {
     }
 }
 
+
+// --- copy_binary: rows for PostgreSQL's binary COPY ------------------------------------------
+
+const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+/// PostgreSQL's binary COPY stream (`COPY ... FROM STDIN (FORMAT binary)`) of the rows
+/// whose columns are `columns`: lists of one length, each item `str` (sent as UTF-8: a
+/// `text` column) or `bytes` (a `bytea` column). `None` when it declines (lists of
+/// different lengths, an item of another type, a `str` with no UTF-8 form, a value over
+/// a field's 4-byte length): the caller writes those rows its own way.
+#[pyfunction]
+fn copy_binary<'py>(py: Python<'py>, columns: Vec<Bound<'py, PyList>>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let rows = columns.first().map_or(0, |c| c.len());
+    let Ok(fields) = i16::try_from(columns.len()) else {
+        return Ok(None);
+    };
+    if columns.iter().any(|c| c.len() != rows) {
+        return Ok(None);
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(COPY_SIGNATURE.len() + 10 + rows * (2 + columns.len() * 48));
+    out.extend_from_slice(COPY_SIGNATURE);
+    out.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
+    out.extend_from_slice(&0i32.to_be_bytes()); // no header extension
+    for row in 0..rows {
+        out.extend_from_slice(&fields.to_be_bytes());
+        for column in &columns {
+            let item = column.get_item(row)?;
+            let Some(data) = item_bytes(&item) else {
+                return Ok(None);
+            };
+            let Ok(size) = i32::try_from(data.len()) else {
+                return Ok(None);
+            };
+            out.extend_from_slice(&size.to_be_bytes());
+            out.extend_from_slice(data);
+        }
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
+    Ok(Some(PyBytes::new(py, &out)))
+}
 
 // --- parse: raw envelope + login body, the common shape only --------------------------------
 
@@ -636,5 +723,6 @@ fn streams_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Mac>()?;
     m.add_class::<Siv>()?;
     m.add_function(wrap_pyfunction!(parse_logins, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_binary, m)?)?;
     Ok(())
 }

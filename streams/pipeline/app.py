@@ -153,10 +153,13 @@ def create_app(
         keystore = None
         if sealing is not None:  # per-user key mode: no keyring, nothing here decrypts
             from streams.pipeline.mask import SealingMaskTransform
+            from streams.privacy.core import load_copy_binary
             from streams.privacy.user_keys import KeyStore
 
             transform: MaskTransform = SealingMaskTransform(sealing, codecs, mask_erased)
-            keystore = KeyStore(settings.pg_dsn.get_secret_value(), sealing.lifetime, settings.pg_command_timeout)
+            keystore = KeyStore(
+                settings.pg_dsn.get_secret_value(), sealing.lifetime, settings.pg_command_timeout, load_copy_binary()
+            )
             mask_erased.on_change.append(keystore.forget_users)
         else:
             assert keyring is not None, "the mask stage needs keys"

@@ -487,7 +487,7 @@ class SealingMaskTransform(MaskTransform):
     key (Avro ``bytes``, masked schema v3); the worker holds no key that opens older values.
 
     New data keys queue on ``masker.lifetime``; the mask stage stores them before the Kafka
-    transaction that carries the records sealed under them (``user_keys.KeyStore``).
+    transaction that carries the records sealed under them commits (``user_keys.KeyStore``).
     ``batch`` seals with the compiled core when there is one (``mask_core.SealingCore``);
     ``__call__`` is the reference, and the path of every record the core declines.
     """
@@ -506,7 +506,7 @@ class SealingMaskTransform(MaskTransform):
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._seal = masker.mask_login
-        self._raw_key = masker.lifetime.raw_key
+        self._lifetime = masker.lifetime
         self.core = mask_core.load_sealing(masker, raw=codecs.raw) if use_core else None
         self.core_masked = self.core_declined = 0
 
@@ -530,26 +530,8 @@ class SealingMaskTransform(MaskTransform):
         if core is None:
             return [self(key, value, where) for key, value, where in messages]
         outputs, parsed, declined = self._core_parsed(messages, core)
-        ready: list[tuple[int, _Fields]] = []
-        keys: list[bytes] = []  # the batch's distinct data keys; index[i] is login i's
-        key_index: dict[bytes, int] = {}
-        index: list[int] = []
-        key_ids: list[bytes] = []
-        raw_key = self._raw_key
-        for position, fields in parsed:  # in record order, after the erasure check, as the reference
-            try:
-                key_id, data_key = raw_key(fields[2])
-            except Exception:  # a new lifetime's KMS call failed: the reference decides, as for any record
-                key, value, where = messages[position]
-                outputs[position] = self(key, value, where)
-                continue
-            at = key_index.get(data_key)
-            if at is None:
-                at = key_index[data_key] = len(keys)
-                keys.append(data_key)
-            index.append(at)
-            key_ids.append(key_id)
-            ready.append((position, fields))
+        keyed = self._keys_in_bulk(parsed)
+        ready, keys, index, key_ids = keyed if keyed is not None else self._keys_one_by_one(messages, outputs, parsed)
         if ready:
             sealed = core.seal(
                 keys, index, key_ids, [f[2] for _, f in ready], [f[4] for _, f in ready], [f[6] for _, f in ready]
@@ -557,3 +539,65 @@ class SealingMaskTransform(MaskTransform):
             declined += self._fill(messages, outputs, ready, sealed, _sealed_datum, lambda m: m is None)
         self._count_core(len(messages), declined)
         return outputs  # type: ignore[return-value]  # every position is filled above
+
+    def _keys_in_bulk(self, parsed: list[tuple[int, _Fields]]):
+        """``(ready, keys, index, key ids)`` of the parsed records: the batch's distinct data
+        keys and each record's index into them, the keys of users met for the first time made
+        in one ``Lifetime.new_keys`` call (in record order, as the reference makes them).
+        ``None`` when they do not all fit the current lifetime (or a user id has no UTF-8
+        form): ``_keys_one_by_one`` then."""
+        lifetime = self._lifetime
+        known = lifetime.known
+        keys: list[bytes | None] = []
+        slot_of: dict[str, int] = {}  # user -> its index in keys
+        index: list[int] = []
+        new_users: list[str] = []
+        new_slots: list[int] = []
+        for _, fields in parsed:
+            user = fields[2]
+            at = slot_of.get(user)
+            if at is None:
+                at = slot_of[user] = len(keys)
+                data_key = known(user)
+                if data_key is None:
+                    new_users.append(user)
+                    new_slots.append(at)
+                keys.append(data_key)
+            index.append(at)
+        if new_users:
+            made = lifetime.new_keys(new_users)
+            if made is None:
+                return None
+            for at, data_key in zip(new_slots, made, strict=True):
+                keys[at] = data_key
+        return parsed, keys, index, [lifetime.key_id] * len(parsed)
+
+    def _keys_one_by_one(self, messages, outputs: list[Output | None], parsed: list[tuple[int, _Fields]]):
+        """``_keys_in_bulk``, one record at a time: a lifetime may end (a new KMS call) or a
+        record go to the reference (its user id refused, the KMS call failed) mid-batch."""
+        ready: list[tuple[int, _Fields]] = []
+        keys: list[bytes] = []  # the batch's distinct data keys; index[i] is login i's
+        key_index: dict[bytes, int] = {}
+        index: list[int] = []
+        key_ids: list[bytes] = []
+        lifetime = self._lifetime
+        known, new_key, key_id = lifetime.known, lifetime.new_key, lifetime.key_id
+        for position, fields in parsed:  # in record order, after the erasure check, as the reference
+            data_key = known(fields[2])
+            if data_key is None:
+                try:
+                    data_key = new_key(fields[2])
+                except Exception:  # a new lifetime's KMS call failed: the reference decides, as for any record
+                    key, value, where = messages[position]
+                    outputs[position] = self(key, value, where)
+                    key_id = lifetime.key_id
+                    continue
+                key_id = lifetime.key_id  # a full lifetime gives way to a new one
+            at = key_index.get(data_key)
+            if at is None:
+                at = key_index[data_key] = len(keys)
+                keys.append(data_key)
+            index.append(at)
+            key_ids.append(key_id)
+            ready.append((position, fields))
+        return ready, keys, index, key_ids

@@ -314,7 +314,7 @@ class MaskWriter(StageWriter):
     ) -> None:
         super().__init__(settings, source, producer)
         self.transform = transform
-        self.keystore = keystore  # per-user key mode: new data keys stored before their transaction
+        self.keystore = keystore  # per-user key mode: new data keys stored before their transaction commits
         self.codecs = transform.codecs
         self.dedup = dedup
         self.counts = {"masked": 0, "dead_letter": 0, "duplicate": 0, "erased": 0}
@@ -374,7 +374,14 @@ class MaskWriter(StageWriter):
             self.dedup.commit()
 
     async def store_new_keys(self) -> None:
-        """Per-user key mode: the data keys of new users are stored before anything uses them."""
+        """Per-user key mode: the data keys made so far are stored (durable in PostgreSQL).
+
+        Called at the start of every commit, before the transaction commits: a masked record
+        becomes visible (read_committed) only once the data key it was sealed under is stored.
+        Records of an open transaction are invisible and vanish if it aborts, so the keys of
+        all its batches go in one write per transaction (not one per batch), on the commit's
+        task, while the next batch is transformed. PostgreSQL down holds the commit (retried).
+        """
         if self.keystore is not None:
             await retry_forever(
                 self.keystore.flush, "store new data keys", log, self.settings.retry_max_backoff, label="key store"
@@ -389,12 +396,10 @@ class MaskWriter(StageWriter):
         # The transform runs while the previous transaction commits on its thread.
         ledger = self.ledger_version()
         outputs = self.transform.batch(inputs) if messages else []
-        await self.store_new_keys()
         async with self.lock:
             await self.settle()
             if messages and self.ledger_version() != ledger:  # an erasure arrived meanwhile: apply it
                 outputs = self.transform.batch(inputs)
-                await self.store_new_keys()  # a key the erasure made the transform draw again
             if messages:
                 now = self.live_now(batch, messages)
                 if len(now) != len(messages):
@@ -429,7 +434,12 @@ class MaskWriter(StageWriter):
                     return
                 self.in_flight = asyncio.ensure_future(self._commit(offsets))
 
+    async def commit_now(self) -> None:
+        await self.store_new_keys()
+        await super().commit_now()
+
     async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        await self.store_new_keys()  # before the commit: no record visible before its data key is stored
         await self.blocking(lambda: self.commit_sync(offsets), "commit transaction")
         self.committed(offsets)
         for _ in range(self.batches):

@@ -115,15 +115,6 @@ class CoreMasker(_CoreParser):
                     raise CoreMismatch(f"field {field}: the compiled core's bytes differ from the reference's")
 
 
-def _user_and_key(user_id: str, key_id: bytes) -> bytes | None:
-    """``user NUL key id NUL``: the middle of a value's associated data; ``None`` if the user
-    id has no UTF-8 form (the reference refuses it)."""
-    try:
-        return user_id.encode("utf-8") + b"\0" + key_id + b"\0"
-    except UnicodeEncodeError:
-        return None
-
-
 class _ProbeLifetime:
     """One fixed data key for every user: what the load-time check seals under."""
 
@@ -154,8 +145,9 @@ class SealingCore(_CoreParser):
         self._siv = module.Siv
         self._token_head = f"{version}."
         # Per field: the MAC (key and ``field NUL version NUL`` absorbed once), the start of the
-        # one associated-data item (``label NUL field NUL``; then user, key id, token) and the
-        # padded sizes (``pad_field``: the smallest that holds the value).
+        # one associated-data item (``label NUL field NUL``; then user, ``NUL key id NUL``,
+        # token: composed in the core, ``ad_parts``) and the padded sizes (``pad_field``: the
+        # smallest that holds the value).
         self._fields = {
             field: (
                 module.Mac(key, f"{field}\0{version}\0".encode()),
@@ -179,38 +171,35 @@ class SealingCore(_CoreParser):
         the core declined it. Login i is user ``users[i]``'s, sealed under ``keys[index[i]]``,
         whose id is ``key_ids[i]``."""
         siv = self._siv(keys)  # the batch's data keys, each key schedule set once
-        bound = [_user_and_key(user, key_id) for user, key_id in zip(users, key_ids, strict=True)]
-        heads = [_FORMAT_BYTE + key_id for key_id in key_ids]  # what a stored sealed value starts with
-        ip_tokens, ip_sealed = self._seal_field(siv, "ip", index, bound, heads, ips)
-        device_tokens, device_sealed = self._seal_field(siv, "device_id", index, bound, heads, devices)
-        return [
-            None
-            if ip_token is None or ip_value is None or device_token is None or device_value is None
-            else (ip_token, ip_value, device_token, device_value)
-            for ip_token, ip_value, device_token, device_value in zip(
-                ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True
-            )
-        ]
+        distinct = set(key_ids)
+        if len(distinct) == 1:  # one lifetime for the whole batch (all but its last batch)
+            (key_id,) = distinct
+            middle: bytes | list[bytes] = b"\0" + key_id + b"\0"
+            heads = [_FORMAT_BYTE + key_id] * len(key_ids)  # what a stored sealed value starts with
+        else:
+            middle = [b"\0" + key_id + b"\0" for key_id in key_ids]
+            heads = [_FORMAT_BYTE + key_id for key_id in key_ids]
+        ip_tokens, ip_sealed = self._seal_field(siv, "ip", index, users, middle, heads, ips)
+        device_tokens, device_sealed = self._seal_field(siv, "device_id", index, users, middle, heads, devices)
+        logins = zip(ip_tokens, ip_sealed, device_tokens, device_sealed, strict=True)
+        return cast(list[tuple[str, bytes, str, bytes] | None], [m if None not in m else None for m in logins])
 
     def _seal_field(
         self,
         siv: Any,
         field: str,
         index: list[int],
-        bound: list[bytes | None],
+        users: list[str],
+        middle: bytes | list[bytes],
         heads: list[bytes],
         canonicals: list[str],
     ) -> tuple[list[str | None], list[bytes | None]]:
-        """Tokens and stored sealed values of one field; the core pads (``pad_field``'s sizes)."""
+        """Tokens and stored sealed values of one field; the core pads (``pad_field``'s sizes) and
+        composes each associated-data item (a user id with no UTF-8 form, or a token the core
+        declined, declines the value)."""
         mac, ad_head, sizes = self._fields[field]
         tokens = mac.tokens(self._token_head, canonicals)
-        try:
-            ads: list[bytes | None] = [ad_head + b + t.encode() for b, t in zip(bound, tokens, strict=True)]  # type: ignore[operator]
-        except (TypeError, AttributeError):  # a user id or token missing: that value is declined
-            ads = [
-                None if b is None or t is None else ad_head + b + t.encode() for b, t in zip(bound, tokens, strict=True)
-            ]
-        return tokens, siv.seal(index, canonicals, sizes, [], ads, None, heads)
+        return tokens, siv.seal(index, canonicals, sizes, [], None, None, heads, [ad_head, users, middle, tokens])
 
     def _check(self, masker: UserMasker) -> None:
         key_id, key = b"probe-id", bytes(range(64))
@@ -225,24 +214,25 @@ class SealingCore(_CoreParser):
 
 class KeyWrapping:
     """A lifetime's new per-user data keys wrapped under its KEK in one core call, the KEK's
-    key schedule set once: ``AES-SIV(KEK, data key, [ad])`` each, the bytes of
-    ``Lifetime``'s reference (``AESSIV(kek).encrypt(key, [ad])``; AES-SIV is deterministic)."""
+    key schedule set once: ``AES-SIV(KEK, data key, [prefix + user])`` each (the associated
+    data made in the core), the bytes of ``Lifetime``'s reference
+    (``AESSIV(kek).encrypt(key, [prefix + user.encode()])``; AES-SIV is deterministic)."""
 
     def __init__(self, module: ModuleType, kek: bytes) -> None:
         self._siv = module.Siv([kek])
 
-    def wrap(self, keys: list[bytes], ads: list[bytes]) -> list[bytes | None]:
+    def wrap(self, keys: list[bytes], prefix: bytes, users: list[str]) -> list[bytes | None]:
         """The wrapped form of each key (``None`` where the core declines one: the reference wraps it)."""
-        return self._siv.seal(0, keys, 0, [], ads)
+        return self._siv.seal(0, keys, 0, [], ad_parts=[prefix, users])
 
 
 def _check_wrapping(module: ModuleType) -> None:
     kek = bytes(range(64))
     keys = [bytes([i]) * 64 for i in range(3)]
-    ads = [b"streams user key\0dep\0" + bytes(8) + b"\0" + u.encode() for u in _PROBE_USERS]
+    prefix = b"streams user key\0dep\0" + bytes(8) + b"\0"
     reference = AESSIV(kek)
-    if KeyWrapping(module, kek).wrap(keys, ads) != [
-        reference.encrypt(k, [ad]) for k, ad in zip(keys, ads, strict=True)
+    if KeyWrapping(module, kek).wrap(keys, prefix, list(_PROBE_USERS)) != [
+        reference.encrypt(k, [prefix + u.encode()]) for k, u in zip(keys, _PROBE_USERS, strict=True)
     ]:
         raise CoreMismatch("key wrapping: the compiled core's bytes differ from the reference's")
 
@@ -261,6 +251,24 @@ def load_key_wrapping(require: bool | None = None) -> Callable[[bytes], KeyWrapp
         _fallback(str(exc), require)
         return None
     return functools.partial(KeyWrapping, streams_core)
+
+
+def load_copy_binary(require: bool | None = None) -> Callable[[list[list]], bytes | None] | None:
+    """The key store's encoder of rows into PostgreSQL's binary COPY stream: the compiled
+    core's ``copy_binary`` (checked against ``user_keys.copy_binary`` here), or ``None``
+    (the driver encodes the rows)."""
+    from streams.privacy.user_keys import copy_binary
+
+    if require is None:
+        require = core_required()
+    streams_core = _import_core(require)
+    if streams_core is None:
+        return None
+    probe: list[list] = [list(_PROBE_USERS), ["00ff", "", "k"], [b"", bytes(range(256)), b"\0" * 3]]
+    if streams_core.copy_binary(probe) != copy_binary(probe):
+        _fallback("binary COPY: the compiled core's bytes differ from the reference's", require)
+        return None
+    return streams_core.copy_binary
 
 
 # The raw envelope layout the core's parser reads (schemas/raw_envelope.v1.avsc); another

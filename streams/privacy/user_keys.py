@@ -13,7 +13,8 @@ Per-user key mode is on when ``STREAMS_KMS_MAC_KEY_ID`` names an HMAC_256 KMS ke
   AES-SIV key and queues it; when the mask stage takes the queue (``take``, once per
   batch) every new key is wrapped under the KEK (AES-SIV, bound to deployment, key id and
   U; the compiled core wraps them all in one call) and written to ``user_data_keys``
-  before the Kafka transaction that uses them. No KMS call and no database read per record.
+  before the Kafka transaction that uses them commits (one binary COPY per transaction, at
+  the start of its commit). No KMS call and no database read per record.
 - **Opening** (reveal, export --reveal, redrive; ``open_data_key``): only through a row of
   ``user_data_keys`` that is *sealed*: the data key wrapped by KMS itself under the
   context ``{deployment, purpose: user-key, user_id: U, key_id}``, so each ``kms:Decrypt``
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -94,9 +96,10 @@ def wrap_ad(deployment_name: str, key_id: bytes, user_id: str) -> bytes:
 
 
 class KeyWrapper(Protocol):
-    """Wraps data keys under one lifetime key, one call for many (``core.KeyWrapping``)."""
+    """Wraps data keys under one lifetime key, one call for many (``core.KeyWrapping``):
+    key i under the associated data ``prefix + users[i]`` (UTF-8), as ``wrap_ad`` makes it."""
 
-    def wrap(self, keys: list[bytes], ads: list[bytes]) -> list[bytes | None]: ...
+    def wrap(self, keys: list[bytes], prefix: bytes, users: list[str]) -> list[bytes | None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,11 @@ class Lifetime:
     (the OS's by default) draws key ids and data keys; a test gives a seeded one to get
     the same keys twice.
 
+    Every key in ``known`` belongs to the current lifetime (``key_id``): a new lifetime
+    starts with it empty. A new user costs a slice of the random buffer, two appends and
+    one dict entry (no tuple, no associated data: ``take`` builds those), the hot path of
+    the mask stage when every login is a new user.
+
     New data keys are wrapped under the KEK when they are taken for the key store
     (``take``, once per batch), all at once: with ``wrapping`` (``core.load_key_wrapping()``:
     the compiled core, the KEK's key schedule set once per lifetime) in one call, else one
@@ -168,11 +176,12 @@ class Lifetime:
         self._random_bytes = random_bytes
         self._wrapping = wrapping
         self.pending = KeyRows()  # wrapped, not taken yet
-        # This lifetime's new keys, not wrapped yet: users, data keys, wrap associated data.
+        # This lifetime's new keys, not wrapped yet: users and their data keys, in the order made.
         self._new_users: list[str] = []
         self._new_keys: list[bytes] = []
-        self._new_ads: list[bytes] = []
         self.new_lifetimes: list[tuple[bytes, bytes]] = []  # (key id, KMS-wrapped KEK) not yet stored
+        self._keys: dict[str, bytes] = {}  # user -> data key, this lifetime's (emptied, never replaced)
+        self.known = self._keys.get  # user -> data key of this lifetime, or None
         self._start()
 
     def _start(self) -> None:
@@ -188,7 +197,7 @@ class Lifetime:
         self._kek_core = self._wrapping(made["Plaintext"]) if self._wrapping is not None else None
         self._wrap_prefix = wrap_ad(self.deployment, self.key_id, "")  # + the user id: ``wrap_ad``
         self.new_lifetimes.append((self.key_id, made["CiphertextBlob"]))
-        self._keys: dict[str, tuple[bytes, bytes]] = {}  # user -> (key id, data key)
+        self._keys.clear()  # the same dict: ``known`` stays bound to it
         self._sivs: dict[str, AESSIV] = {}  # user -> AES-SIV object of its data key, made when the reference seals
         self._random, self._random_at = b"", 0
 
@@ -203,39 +212,72 @@ class Lifetime:
     def raw_key(self, user_id: str) -> tuple[bytes, bytes]:
         """``(key id, data key bytes)`` of ``user_id``, for the compiled core (which sets its own
         key schedule): the same key ``data_key`` gives, made and queued on first use the same way."""
-        found = self._keys.get(user_id)
-        if found is None:
-            found = self._new_key(user_id)
-        return found
+        key = self._keys.get(user_id)
+        if key is None:
+            key = self.new_key(user_id)
+        return self.key_id, key
 
-    def _new_key(self, user_id: str) -> tuple[bytes, bytes]:
+    def new_key(self, user_id: str) -> bytes:
+        """Make and queue the data key of a user not ``known`` yet; its id is ``key_id`` read
+        after this call (a new lifetime starts when this one is full)."""
         if len(self._keys) >= self.max_users:
             self._start()
-        ad = self._wrap_prefix + user_id.encode()  # a user id with no UTF-8 form is refused here, before any queueing
-        if self._random_at >= len(self._random):  # one getrandom call per RANDOM_KEYS keys
-            self._random, self._random_at = self._random_bytes(DATA_KEY_BYTES * RANDOM_KEYS), 0
+        if not user_id.isascii():
+            user_id.encode()  # a user id with no UTF-8 form is refused here, before any queueing
         at = self._random_at
+        if at >= len(self._random):  # one getrandom call per RANDOM_KEYS keys
+            self._random, at = self._random_bytes(DATA_KEY_BYTES * RANDOM_KEYS), 0
         key = self._random[at : at + DATA_KEY_BYTES]
         self._random_at = at + DATA_KEY_BYTES
         self._new_users.append(user_id)  # wrapped at take()
         self._new_keys.append(key)
-        self._new_ads.append(ad)
-        found = self._keys[user_id] = (self.key_id, key)
-        return found
+        self._keys[user_id] = key
+        return key
+
+    def new_keys(self, users: list[str]) -> list[bytes] | None:
+        """``new_key`` of each of ``users`` (distinct, none ``known``), in order, in bulk: the
+        same keys from the same random stream, without a call per user. ``None`` (nothing
+        made) when they do not all fit this lifetime or one has no UTF-8 form: then
+        ``new_key``, one at a time, decides."""
+        if len(self._keys) + len(users) > self.max_users:
+            return None
+        if not "".join(users).isascii():
+            try:
+                for user_id in users:
+                    user_id.encode()
+            except UnicodeEncodeError:
+                return None
+        keys: list[bytes] = []
+        buffer, at, size = self._random, self._random_at, DATA_KEY_BYTES
+        need = len(users)
+        while need:
+            fits = (len(buffer) - at) // size
+            if at >= len(buffer) or not fits:  # one getrandom call per RANDOM_KEYS keys, as new_key draws
+                buffer, at = self._random_bytes(size * RANDOM_KEYS), 0
+                fits = len(buffer) // size
+            take = min(need, fits)
+            keys += [buffer[i : i + size] for i in range(at, at + take * size, size)]
+            at += take * size
+            need -= take
+        self._random, self._random_at = buffer, at
+        self._keys.update(zip(users, keys, strict=True))
+        self._new_users += users
+        self._new_keys += keys
+        return keys
 
     def _wrap_new(self) -> None:
         """Wrap this lifetime's new data keys under its KEK, in the order made, into ``pending``."""
-        users, keys, ads = self._new_users, self._new_keys, self._new_ads
+        users, keys = self._new_users, self._new_keys
         if not users:
             return
-        self._new_users, self._new_keys, self._new_ads = [], [], []
-        kek = self._kek
+        self._new_users, self._new_keys = [], []
+        kek, prefix = self._kek, self._wrap_prefix
         if self._kek_core is None:
-            wrapped = [kek.encrypt(key, [ad]) for key, ad in zip(keys, ads, strict=True)]
+            wrapped = [kek.encrypt(key, [prefix + user.encode()]) for key, user in zip(keys, users, strict=True)]
         else:
             wrapped = [  # a key the core declines (none it was built for) is wrapped by the reference
-                w if w is not None else kek.encrypt(key, [ad])
-                for w, key, ad in zip(self._kek_core.wrap(keys, ads), keys, ads, strict=True)
+                w if w is not None else kek.encrypt(key, [prefix + user.encode()])
+                for w, key, user in zip(self._kek_core.wrap(keys, prefix, users), keys, users, strict=True)
             ]
         self.pending.extend(KeyRows(users, [self.key_id] * len(users), wrapped))
 
@@ -255,7 +297,6 @@ class Lifetime:
             kept = [i for i, u in enumerate(self._new_users) if u != user_id]
             self._new_users = [self._new_users[i] for i in kept]
             self._new_keys = [self._new_keys[i] for i in kept]
-            self._new_ads = [self._new_ads[i] for i in kept]
         self.pending = self.pending.without(user_id)
 
 
@@ -266,30 +307,72 @@ INSERT INTO key_lifetimes (key_id, kek_blob)
 SELECT * FROM unnest($1::text[], $2::bytea[])
 """
 KEY_COLUMNS = ["user_id", "key_id", "wrapped_key"]
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\0"
+_COPY_HEADER = _COPY_SIGNATURE + struct.pack(">ii", 0, 0)  # no OIDs, no header extension
+
+CopyBinary = Callable[[list[list]], "bytes | None"]  # columns -> binary COPY stream, or None (declined)
 
 
-async def save_keys(conn: asyncpg.Connection, lifetimes: list[tuple[bytes, bytes]], rows: KeyRows) -> None:
-    """Store new lifetimes and key rows atomically (before the Kafka transaction that uses them).
+def copy_binary(columns: list[list]) -> bytes | None:
+    """PostgreSQL's binary COPY stream (``COPY ... FROM STDIN (FORMAT binary)``) of the rows
+    whose columns are ``columns`` (``str`` items as UTF-8 ``text``, ``bytes`` as ``bytea``):
+    the reference of ``streams_core.copy_binary``, which the key store uses when it is built
+    (``core.load_copy_binary``). ``None`` where that declines (lists of different lengths,
+    an item of another type, a ``str`` with no UTF-8 form)."""
+    rows = len(columns[0]) if columns else 0
+    if any(len(c) != rows for c in columns):
+        return None
+    parts = [_COPY_HEADER]
+    count = struct.pack(">h", len(columns))
+    for row in zip(*columns, strict=True):
+        parts.append(count)
+        for item in row:
+            if isinstance(item, str):
+                try:
+                    item = item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return None
+            elif not isinstance(item, bytes):
+                return None
+            parts.append(struct.pack(">i", len(item)))
+            parts.append(item)
+    parts.append(struct.pack(">h", -1))
+    return b"".join(parts)
+
+
+async def save_keys(
+    conn: asyncpg.Connection,
+    lifetimes: list[tuple[bytes, bytes]],
+    rows: KeyRows,
+    encode: CopyBinary | None = None,
+) -> None:
+    """Store new lifetimes and key rows atomically (before the Kafka transaction that uses them commits).
 
     The rows go by binary COPY (one statement, atomic alone): about half the client CPU per
     row of an INSERT from unnest() of three arrays, on the mask stage's hot path when every
-    login is a new user. A new lifetime (rare) joins them in one transaction.
+    login is a new user. With ``encode`` (the compiled core's ``copy_binary``) the COPY
+    stream of all rows is one buffer made in one call, not a tuple per row encoded by the
+    driver. A new lifetime (rare) joins them in one transaction.
     """
     if lifetimes:
         async with conn.transaction():
             await conn.execute(SAVE_LIFETIMES, [k.hex() for k, _ in lifetimes], [b for _, b in lifetimes])
-            await _copy_rows(conn, rows)
+            await _copy_rows(conn, rows, encode)
     else:
-        await _copy_rows(conn, rows)
+        await _copy_rows(conn, rows, encode)
 
 
-async def _copy_rows(conn: asyncpg.Connection, rows: KeyRows) -> None:
-    if rows:
-        hexes = {k: k.hex() for k in set(rows.key_ids)}  # a handful of lifetimes for many rows
+async def _copy_rows(conn: asyncpg.Connection, rows: KeyRows, encode: CopyBinary | None) -> None:
+    if not rows:
+        return
+    hexes = {k: k.hex() for k in set(rows.key_ids)}  # a handful of lifetimes for many rows
+    key_ids = [hexes[k] for k in rows.key_ids]
+    stream = encode([rows.user_ids, key_ids, rows.wrapped_keys]) if encode is not None else None
+    if stream is not None:  # a memoryview: asyncpg would take bytes for a file name
+        await conn.copy_to_table("user_data_keys", source=memoryview(stream), columns=KEY_COLUMNS, format="binary")
+    else:
         await conn.copy_records_to_table(
-            "user_data_keys",
-            records=zip(rows.user_ids, [hexes[k] for k in rows.key_ids], rows.wrapped_keys, strict=True),
-            columns=KEY_COLUMNS,
+            "user_data_keys", records=zip(rows.user_ids, key_ids, rows.wrapped_keys, strict=True), columns=KEY_COLUMNS
         )
 
 
@@ -476,14 +559,18 @@ async def seal_user_keys(
 
 
 class KeyStore:
-    """The mask stage's writer of new lifetimes and key rows: one short transaction per batch
-    that met new users, before that batch's Kafka transaction. PostgreSQL down is transient
-    (retried with backoff, the batch waits); nothing is read back."""
+    """The mask stage's writer of new lifetimes and key rows: one short write at the start of
+    each Kafka transaction's commit (``MaskWriter.store_new_keys``), of every key made since the
+    last. PostgreSQL down is transient (retried with backoff, the commit waits); nothing is
+    read back."""
 
-    def __init__(self, dsn: str, lifetime: Lifetime, command_timeout: float = 30.0) -> None:
+    def __init__(
+        self, dsn: str, lifetime: Lifetime, command_timeout: float = 30.0, encode: CopyBinary | None = None
+    ) -> None:
         self.dsn = dsn
         self.lifetime = lifetime
         self.command_timeout = command_timeout
+        self.encode = encode  # the compiled core's COPY encoder (``core.load_copy_binary``), else the driver's
         self._conn: asyncpg.Connection | None = None
         self._unsaved: tuple[list[tuple[bytes, bytes]], KeyRows] = ([], KeyRows())
 
@@ -501,7 +588,7 @@ class KeyStore:
         try:
             if self._conn is None or self._conn.is_closed():
                 self._conn = await connect(self.dsn, command_timeout=self.command_timeout)
-            await save_keys(self._conn, *self._unsaved)
+            await save_keys(self._conn, *self._unsaved, self.encode)
         except Exception:
             await self.close()
             raise

@@ -21,8 +21,9 @@ import asyncpg
 import botocore.session
 import pytest
 
+from streams.privacy.core import load_copy_binary, load_key_wrapping
 from streams.privacy.kms import Kms
-from streams.privacy.user_keys import SEAL_LOCK, Lifetime, save_keys, user_context
+from streams.privacy.user_keys import SEAL_LOCK, KeyRows, Lifetime, copy_binary, save_keys, user_context
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.integration
@@ -59,9 +60,10 @@ def custodian(pipeline, stack_settings):
 
 
 def store_keys(pipeline, users: int, max_users: int) -> dict[tuple[str, bytes], bytes]:
-    """Key rows as mask workers store them (lifetimes of ``max_users``); returns each plaintext data key."""
+    """Key rows as mask workers store them (lifetimes of ``max_users``; wrapped and written by
+    the compiled core when it is built, as a worker does); returns each plaintext data key."""
     settings = pipeline.settings
-    lifetime = Lifetime(Kms(settings), settings.deployment, max_users=max_users)
+    lifetime = Lifetime(Kms(settings), settings.deployment, max_users=max_users, wrapping=load_key_wrapping())
     made = {}
     for i in range(users):
         user = f"user-{i:05d}"
@@ -71,12 +73,41 @@ def store_keys(pipeline, users: int, max_users: int) -> dict[tuple[str, bytes], 
     async def save() -> None:
         conn = await asyncpg.connect(settings.pg_dsn.get_secret_value())
         try:
-            await save_keys(conn, *lifetime.take())
+            await save_keys(conn, *lifetime.take(), load_copy_binary())
         finally:
             await conn.close()
 
     asyncio.run(save())
     return made
+
+
+def test_key_rows_written_as_one_binary_copy_stream_are_the_rows_the_driver_writes(pipeline):
+    """The key store's COPY stream made in one call (the compiled core's, else the reference's)
+    stores exactly what asyncpg's own row encoding stores: text user ids (non-ASCII too),
+    hex key ids, wrapped keys of any bytes."""
+    pipeline.migrate()
+    users = ["u-1", "usér-✓", "x" * 128, "日本", 'u\\q"', "u 2"]
+    rows = KeyRows(users, [bytes([i]) * 8 for i in range(len(users))], [bytes(range(i, i + 80)) for i in range(6)])
+    encoders = {"driver": None, "reference": copy_binary}
+    core = load_copy_binary()  # None without the extension (STREAMS_REQUIRE_CORE=1 makes that an error)
+    if core is not None:
+        encoders["core"] = core
+
+    async def stored(encode) -> list[tuple]:
+        conn = await asyncpg.connect(pipeline.settings.pg_dsn.get_secret_value())
+        try:
+            await conn.execute("DELETE FROM user_data_keys")
+            await save_keys(conn, [], rows, encode)
+            found = await conn.fetch("SELECT user_id, key_id, wrapped_key, sealed_key FROM user_data_keys")
+            return sorted(tuple(r) for r in found)
+        finally:
+            await conn.close()
+
+    expected = sorted(
+        (u, k.hex(), w, None) for u, k, w in zip(rows.user_ids, rows.key_ids, rows.wrapped_keys, strict=True)
+    )
+    for name, encode in encoders.items():
+        assert asyncio.run(stored(encode)) == expected, name
 
 
 def seal(pipeline, dsn: str, *args: str) -> subprocess.Popen:

@@ -16,6 +16,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 
 import asyncpg
@@ -416,3 +417,59 @@ async def refused_fetch(dsn: str, sql: str) -> None:
         await conn.fetch(sql)
     finally:
         await conn.close()
+
+
+class HeldLock:
+    """A PostgreSQL transaction that holds ``sql``'s lock until ``release`` (own thread and loop)."""
+
+    def __init__(self, dsn: str, sql: str) -> None:
+        self._held, self._release = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._hold(dsn, sql)), daemon=True)
+        self._thread.start()
+        assert self._held.wait(30), "the lock was not taken"
+
+    async def _hold(self, dsn: str, sql: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(sql)
+                self._held.set()
+                await asyncio.to_thread(self._release.wait)
+        finally:
+            await conn.close()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(30)
+
+
+def test_no_masked_record_is_committed_before_its_data_key_is_stored(pipeline):
+    """Per-user key mode: while the key store takes no row (a lock on user_data_keys), the
+    worker's key rows wait and no masked record becomes visible (read_committed), though the
+    worker reads, masks and may produce them into its open transaction; once the rows are
+    stored, every visible record's user has its key row."""
+    from streams_dev.sandbox import local_env
+    from tests.integration.test_erasure import U1, latest
+
+    pipeline.env.update({k: v for k, v in local_env().items() if k.startswith("STREAMS_KMS_")})
+    pipeline.migrate()
+    records = [{**U1, "user_id": f"u-order-{i}", "device_id": f"D-{i}"} for i in range(20)]
+    waiting = (
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query ILIKE '%user_data_keys%'"
+    )
+    lock = HeldLock(pipeline.settings.pg_dsn.get_secret_value(), "LOCK TABLE user_data_keys IN SHARE MODE")
+    try:
+        pipeline.start("worker", STREAMS_STAGES="mask")
+        pipeline.start("bridge")
+        ids = pipeline.send(records)
+        pipeline.wait_for(lambda: pipeline.query(waiting)[0]["n"] > 0, 120, "the worker's key rows waiting")
+        assert latest(pipeline) == {}
+    finally:
+        lock.release()
+    try:
+        pipeline.wait_for(lambda: set(ids) <= set(latest(pipeline)), 120, "every masked record")
+        stored = {r["user_id"] for r in pipeline.query("SELECT user_id FROM user_data_keys")}
+        assert {r["user_id"] for r in records} <= stored
+    finally:
+        pipeline.stop_all()

@@ -376,6 +376,52 @@ def test_primitives_match_hmac_and_cryptography_aes_siv():
     assert streams_core.Mac(mac_key, b"").tokens("h.", ["\udfff", "a"])[0] is None
 
 
+@settings(max_examples=400, deadline=None, database=None)
+@given(
+    key=st.sampled_from([32, 64]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    plaintexts=st.lists(st.binary(max_size=100), min_size=1, max_size=4),
+    shared=st.lists(st.binary(max_size=40), max_size=5),
+    each=st.binary(max_size=70),
+)
+def test_core_aes_siv_is_cryptographys_for_any_sizes(key, plaintexts, shared, each):
+    """The core's AES-SIV (RustCrypto's aes-siv crate, one cipher object per key) against
+    cryptography's (OpenSSL): every plaintext length around the 16-byte block
+    (the S2V xorend and pad cases), 0 to 6 associated-data items, both key sizes; one key
+    object sealing several values in turn."""
+    got = _core_module().Siv([key]).seal(0, plaintexts, 0, shared, [each] * len(plaintexts))
+    assert got == [AESSIV(key).encrypt(p, [*shared, each]) for p in plaintexts]
+
+
+def test_core_composes_an_associated_data_item_from_parts():
+    """``ad_parts``: constant bytes parts and per-value list parts (str as UTF-8, bytes)
+    concatenated into one item, the same bytes as that item given whole; a ``None`` or a lone
+    surrogate in a list part declines that value only; a part of another length is an error."""
+    streams_core = _core_module()
+    key = bytes(range(64))
+    users = ["u-1", "ü-✓", "\ud800", "x" * 128, "u-5"]
+    tokens = ["g1.a", "g1.b", "g1.c", None, "g1.e"]
+    values = [b"1", b"22", b"333", b"4444", b""]
+    got = streams_core.Siv([key]).seal(0, values, 0, [b"s"], ad_parts=[b"head\0", users, b"\0mid\0", tokens])
+    expected = [
+        AESSIV(key).encrypt(v, [b"s", b"head\0" + u.encode() + b"\0mid\0" + t.encode()])
+        for v, u, t in zip(values[:2], users[:2], tokens[:2], strict=True)
+    ]
+    expected += [None, None, AESSIV(key).encrypt(b"", [b"s", b"head\0u-5\0mid\0g1.e"])]
+    assert got == expected
+    with pytest.raises(ValueError):
+        streams_core.Siv([key]).seal(0, values, 0, [], ad_parts=[users[:2]])
+    with pytest.raises(ValueError):
+        streams_core.Siv([key]).seal(0, values, 0, [], [b"a"] * 5, ad_parts=[b"x"])
+
+
+def test_core_aes_siv_takes_126_associated_data_items_and_declines_more():
+    streams_core = _core_module()
+    key = bytes(range(64))
+    ads = [bytes([i]) for i in range(126)]
+    assert streams_core.Siv([key]).seal(0, [b"value"], 0, ads[:-1], [ads[-1]]) == [AESSIV(key).encrypt(b"value", ads)]
+    assert streams_core.Siv([key]).seal(0, [b"value"], 0, ads, [b"one more"]) == [None]
+
+
 def test_core_parser_reads_ips_as_ipaddress_does():
     """50,000 written forms of IPv4 and IPv6 addresses (and near misses) through the core's
     parser: each is declined or canonicalised exactly as ``canonical_ip`` does."""
@@ -596,18 +642,64 @@ def test_a_key_the_core_declines_to_wrap_is_wrapped_by_the_reference():
         def __init__(self, kek: bytes) -> None:
             self.inner = mask_core.KeyWrapping(_core_module(), kek)
 
-        def wrap(self, keys, ads):
-            return [None if i % 2 else w for i, w in enumerate(self.inner.wrap(keys, ads))]
+        def wrap(self, keys, prefix, users):
+            return [None if i % 2 else w for i, w in enumerate(self.inner.wrap(keys, prefix, users))]
 
     users = [f"u-{n}" for n in range(50)]
     assert _lifetime_rows(5, Declines, users, set(), 1_000, 3) == _lifetime_rows(5, None, users, set(), 1_000, 3)
 
 
 def test_a_core_that_wraps_otherwise_is_not_used(monkeypatch):
-    monkeypatch.setattr(mask_core.KeyWrapping, "wrap", lambda self, keys, ads: [b"x" * 80 for _ in keys])
+    monkeypatch.setattr(mask_core.KeyWrapping, "wrap", lambda self, keys, prefix, users: [b"x" * 80 for _ in keys])
     assert mask_core.load_key_wrapping(require=False) is None
     with pytest.raises(ConfigError):
         mask_core.load_key_wrapping(require=True)
+
+
+# --- the key store's binary COPY stream: core against the reference ----------------------
+
+_COPY_ITEMS = st.one_of(st.text(max_size=40), st.binary(max_size=90))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    columns=st.integers(1, 4).flatmap(
+        lambda width: st.integers(0, 12).flatmap(
+            lambda rows: st.lists(st.lists(_COPY_ITEMS, min_size=rows, max_size=rows), min_size=width, max_size=width)
+        )
+    )
+)
+def test_core_copy_binary_is_the_reference_byte_for_byte(columns):
+    """Text (any Unicode, UTF-8) and bytes columns, empty values and no rows alike."""
+    from streams.privacy.user_keys import copy_binary
+
+    assert _core_module().copy_binary(columns) == copy_binary(columns)
+
+
+def test_core_copy_binary_declines_what_the_reference_declines():
+    from streams.privacy.user_keys import copy_binary
+
+    streams_core = _core_module()
+    for columns in (
+        [["a", "b"], [b"x"]],  # lists of different lengths
+        [["a", "\ud800"]],  # a lone surrogate: no UTF-8 form
+        [["a", None]],  # neither str nor bytes
+        [[1]],
+    ):
+        assert copy_binary(columns) is None
+        assert streams_core.copy_binary(columns) is None
+    stream = streams_core.copy_binary([["ü"], [b"\0\1"]])
+    assert (
+        stream == b"PGCOPY\n\xff\r\n\0" + bytes(8) + b"\0\x02" + b"\0\0\0\x02\xc3\xbc" + b"\0\0\0\x02\0\1" + b"\xff\xff"
+    )
+
+
+def test_a_core_copy_encoder_that_differs_is_not_used(monkeypatch):
+    streams_core = _core_module()
+    monkeypatch.setattr(streams_core, "copy_binary", lambda columns: b"PGCOPY")
+    assert mask_core.load_copy_binary(require=False) is None
+    with pytest.raises(ConfigError):
+        mask_core.load_copy_binary(require=True)
 
 
 # A pool of users (so users recur within a batch), some with text only the reference parses.
@@ -710,8 +802,10 @@ def test_a_sealing_core_that_disagrees_with_the_reference_is_not_used(monkeypatc
         def __init__(self, keys):
             self._siv = streams_core.Siv(keys)
 
-        def seal(self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None):
-            return self._siv.seal(index, plaintexts, pad_block, [b"other"], ad_each, head, prefix_each)
+        def seal(
+            self, index, plaintexts, pad_block, ad_shared, ad_each=None, head=None, prefix_each=None, ad_parts=None
+        ):
+            return self._siv.seal(index, plaintexts, pad_block, [b"other"], ad_each, head, prefix_each, ad_parts)
 
     wrong = type(sys)("streams_core")
     wrong.Mac, wrong.Siv, wrong.parse_logins = streams_core.Mac, WrongSiv, streams_core.parse_logins

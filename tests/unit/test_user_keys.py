@@ -240,3 +240,27 @@ def test_forgetting_a_user_drops_its_key_and_its_unstored_row():
     assert rows.user_ids == ["u2"]
     _, again = m.mask("u1", "ip", "192.0.2.1")
     assert again != first  # a new data key: nothing made before the erasure opens with it
+
+
+def test_new_keys_in_bulk_are_the_keys_made_one_at_a_time():
+    """``Lifetime.new_keys``: the same keys, key rows and random draws as ``new_key`` per user in
+    order, across the random buffer's refills (256 keys each); nothing made when the users do
+    not fit the lifetime or one has no UTF-8 form."""
+    import random
+
+    users = [f"u-{i}" for i in range(700)] + ["ü-✓"]
+    for sizes in ([1, 255, 1, 300, 144], [701], [256, 256, 189]):
+        seed = len(sizes)
+        bulk = Lifetime(RecordingKms(), "dep", 10_000, random_bytes=random.Random(seed).randbytes)
+        single = Lifetime(RecordingKms(), "dep", 10_000, random_bytes=random.Random(seed).randbytes)
+        at = 0
+        for size in sizes:
+            part = users[at : at + size]
+            at += size
+            assert bulk.new_keys(part) == [single.new_key(u) for u in part]
+        assert [bulk.known(u) for u in users] == [single.known(u) for u in users]
+        assert bulk._new_users == single._new_users and bulk._new_keys == single._new_keys
+    full = Lifetime(RecordingKms(), "dep", 3)
+    assert full.new_keys(["a", "b", "c", "d"]) is None and full.known("a") is None
+    assert full.new_keys(["a", "\ud800"]) is None and full.known("a") is None
+    assert full.new_keys(["a", "b", "c"]) is not None and len(full.take()[1]) == 3
