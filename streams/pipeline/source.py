@@ -225,6 +225,11 @@ class KafkaSource:
         ps = {tp.partition for tp in partitions}
         self._bump(ps)
         self.assigned |= ps
+        # Assigned here, not after the callback (confluent-kafka's default): librdkafka looks
+        # up the committed offsets and fetches while the stage reads the partitions' state
+        # (the dedup window, ``on_assign``). No record is handed over before that is done:
+        # this thread, which hands them over, waits for it.
+        consumer.incremental_assign(partitions)
         if self._paused:  # newly assigned partitions start paused like the rest
             consumer.pause(partitions)
         log.info("assigned %d partitions of %s", len(ps), self.topic, extra={"stage": self.stage})
