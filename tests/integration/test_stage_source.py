@@ -28,9 +28,11 @@ class WatchedSource(KafkaSource):
 class SlowState:
     """A stage that reads some state on assignment (the mask stage's dedup window)."""
 
-    def __init__(self, source: KafkaSource) -> None:
+    def __init__(self, source: KafkaSource, expected: int) -> None:
         self.source = source
         self.restored = asyncio.Event()
+        self.expected = expected
+        self.all_read = asyncio.Event()
         self.records = 0
         self.records_before_restored = 0
 
@@ -49,6 +51,8 @@ class SlowState:
             self.records_before_restored += len(batch.messages)
         self.records += len(batch.messages)
         self.source.finished(batch)
+        if self.records >= self.expected:
+            self.all_read.set()
 
 
 def test_an_assigned_partition_is_fetched_while_the_stage_reads_its_state(pipeline, sample_path):
@@ -58,12 +62,10 @@ def test_an_assigned_partition_is_fetched_while_the_stage_reads_its_state(pipeli
 
     async def run() -> tuple[WatchedSource, SlowState]:
         source = WatchedSource(s, "mask", s.raw_topic, f"{s.app_id}-probe")
-        stage = SlowState(source)
+        stage = SlowState(source, len(ids))
         source.start(asyncio.get_running_loop(), stage.deliver, stage)
         try:
-            async with asyncio.timeout(60):
-                while stage.records < len(ids):
-                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(stage.all_read.wait(), 60)
         finally:
             await asyncio.to_thread(source.stop)
         return source, stage
