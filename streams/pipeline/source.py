@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -38,6 +39,7 @@ from streams.settings import Settings
 
 log = logging.getLogger("streams.worker")
 
+_PARTITION = operator.methodcaller("partition")
 RECORD_OVERHEAD = 256  # bytes of Python objects per consumed record (Message, tuple), measured roughly
 POLL_TIMEOUT = 0.1  # seconds: how often the thread serves commands and idle ticks
 
@@ -225,6 +227,11 @@ class KafkaSource:
         ps = {tp.partition for tp in partitions}
         self._bump(ps)
         self.assigned |= ps
+        # Assigned here, not after the callback (confluent-kafka's default): librdkafka looks
+        # up the committed offsets and fetches while the stage reads the partitions' state
+        # (the dedup window, ``on_assign``). No record is handed over before that is done:
+        # this thread, which hands them over, waits for it.
+        consumer.incremental_assign(partitions)
         if self._paused:  # newly assigned partitions start paused like the rest
             consumer.pause(partitions)
         log.info("assigned %d partitions of %s", len(ps), self.topic, extra={"stage": self.stage})
@@ -312,7 +319,7 @@ class KafkaSource:
                     batch.messages, batch.size = good, sum(map(len, good)) + RECORD_OVERHEAD * len(good)
                 if batch.ends or batch.messages:
                     with self._lock:
-                        partitions = {cast(int, m.partition()) for m in batch.messages} | set(batch.ends)
+                        partitions = set(map(_PARTITION, batch.messages)) | set(batch.ends)
                         batch.incarnations = {p: self._incarnation.get(p, -1) for p in partitions}
                 self._hand_over(batch)
         except Exception as exc:

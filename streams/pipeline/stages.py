@@ -60,8 +60,22 @@ def transform_input(messages: list[Message]) -> list[tuple[bytes | None, bytes |
     return [(m.key(), m.value(), f"{m.topic()}/{m.partition()}/{m.offset()}") for m in messages]
 
 
+_KEY = operator.itemgetter(0)
 _VALUE = operator.itemgetter(1)
+_REASON = operator.itemgetter(2)
+_SECOND = operator.itemgetter(1)
 _HEAD = operator.itemgetter(slice(0, CONFLUENT_HEADER_LEN))
+_PARTITION = operator.methodcaller("partition")
+_OFFSET = operator.methodcaller("offset")
+_TIMESTAMP = operator.methodcaller("timestamp")
+
+
+def _plain(outputs: list[Any], limit: int) -> bool:
+    """No dead letter nor dropped record among ``outputs``, and each within ``limit`` bytes
+    of key + value (bounded by the longest key plus the longest value): in C loops."""
+    if any(map(_REASON, outputs)):
+        return False
+    return not outputs or max(map(len, map(_KEY, outputs))) + max(map(len, map(_VALUE, outputs))) <= limit
 
 
 def schema_heads(inputs: list[tuple[bytes | None, bytes | None, str]]) -> set[bytes]:
@@ -465,22 +479,29 @@ class MaskWriter(StageWriter):
         masked_topic = s.masked_topic
         masked_limit = self.limits.get(masked_topic, 1 << 62)
         refused = self.refused
-        masked: list[tuple[bytes, bytes, tuple[int, int]]] = []  # produced in the inputs' order
+        if (keep is None or all(keep)) and not refused and _plain(outputs, masked_limit):
+            # The usual batch, checked in C loops: every record masked and within the limit.
+            producer.produce_many(masked_topic, outputs, messages)
+            self.counts["masked"] += len(outputs)
+            producer.poll()
+            return
+        masked: list[Any] = []  # produced in the inputs' order
+        sources: list[Message] = []
         for i, out in enumerate(outputs):
             if keep is not None and not keep[i]:
                 continue
             key, value, reason = out
             if reason or refused or len(key) + len(value) > masked_limit:
                 if masked:  # the order outputs go out in is the inputs' order
-                    producer.produce_many(masked_topic, masked)
+                    producer.produce_many(masked_topic, masked, sources)
                     self.counts["masked"] += len(masked)
-                    masked = []
+                    masked, sources = [], []
                 self._special(messages[i], out)
                 continue
-            message = messages[i]
-            masked.append((key, value, (message.partition(), message.offset())))  # type: ignore[arg-type]
+            masked.append(out)
+            sources.append(messages[i])
         if masked:
-            producer.produce_many(masked_topic, masked)
+            producer.produce_many(masked_topic, masked, sources)
             self.counts["masked"] += len(masked)
         producer.poll()
 
@@ -492,10 +513,10 @@ class MaskWriter(StageWriter):
             return any(header[0] == REDRIVE_HEADER for header in messages[i].headers() or ())
 
         keep = self.dedup.admit_batch(
-            [m.partition() for m in messages],  # type: ignore[misc]
-            [m.offset() for m in messages],  # type: ignore[misc]
-            [out.key for out in outputs],
-            [m.timestamp()[1] for m in messages],
+            list(map(_PARTITION, messages)),
+            list(map(_OFFSET, messages)),
+            list(map(_KEY, outputs)),
+            list(map(_SECOND, map(_TIMESTAMP, messages))),
             redrive,
         )
         self.counts["duplicate"] += len(keep) - sum(keep)

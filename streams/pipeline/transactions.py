@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streams.io.kafka import PERMANENT_ERRORS, client_config, producer_memory_config
 from streams.pipeline.delivery import fatal
@@ -38,6 +38,16 @@ log = logging.getLogger("streams.worker")
 # ``max.message.bytes - SIZE_MARGIN`` always fits a batch of its own.
 SIZE_MARGIN = 512
 FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
+
+Source = tuple[int, int] | Message  # the input a record is the output of
+
+
+def source_of(source: Source) -> tuple[int, int]:
+    """``(partition, offset)`` of an input given as that, or as its consumed ``Message``."""
+    if isinstance(source, tuple):
+        return source
+    return (source.partition(), source.offset())  # type: ignore[return-value]
 
 
 class Abort(Exception):
@@ -89,9 +99,9 @@ class TransactionalProducer:
         self.open = False
         self.abandoned = False  # replaced after a call that never returned: its late errors mean nothing
         self.refused: dict[tuple[int, int], KafkaError] = {}  # deliveries refused in this transaction
-        # ``(topic, [(key, value, source), ...])`` of each produce call in the open transaction:
-        # a refused record's report names its topic, key and value, and this names its input.
-        self.sent: list[tuple[str, Sequence[tuple[bytes | None, bytes | None, tuple[int, int]]]]] = []
+        # ``(topic, records, sources)`` of each produce call in the open transaction: a refused
+        # record's report names its topic, key and value, and this names its input.
+        self.sent: list[tuple[str, Sequence[Sequence[Any]], Sequence[Source]]] = []
         self._index: dict[tuple, list[tuple[int, int]]] = {}
         self._indexed = 0  # entries of ``sent`` in ``_index``
         self.records = 0
@@ -152,42 +162,64 @@ class TransactionalProducer:
         """Queue one output of input ``source`` (``partition, offset``) in the open transaction;
         ``timestamp`` (ms, 0 = now) is the input's for a dead letter, so the DLQ's retention counts from it;
         ``partition``: a fixed one (the dedup changelog's is its raw partition), else by key."""
-        self.produce_many(topic, [(key, value, source)], timestamp, partition)
+        self.produce_many(topic, [(key, value)], [source], timestamp, partition)
 
     def produce_many(
         self,
         topic: str,
-        records: Sequence[tuple[bytes | None, bytes | None, tuple[int, int]]],
+        records: Sequence[Sequence[Any]],
+        sources: Sequence[Source],
         timestamp: int = 0,
         partition: int = -1,
     ) -> None:
-        """``produce`` for each ``(key, value, source)`` of ``records``, in order: one call per batch."""
-        self.sent.append((topic, records))
-        producer = self.producer
-        produce = producer.produce
-        for key, value, source in records:
-            while True:
-                try:
-                    produce(topic, value, key, partition, timestamp=timestamp)
-                    break
-                except BufferError:  # librdkafka's queue is full: let it drain
-                    producer.poll(0.05)
-                except KafkaException as exc:
-                    err = exc.args[0]
-                    self._fatal_check(err)
-                    if err.code() in PERMANENT_ERRORS:
-                        self.refused[source] = err
-                    raise Abort(f"produce: {err.name()}", dict(self.refused)) from None
+        """``produce`` each record (its ``key, value`` first: an ``Output`` as it is) of input
+        ``sources[i]``, in order: one call per batch, one Python step per record.
+
+        A source is ``(partition, offset)``, or the consumed ``Message`` itself: read only
+        when a record is refused (``source_of``), not per record.
+        """
+        self.sent.append((topic, records, sources))
+        produce = self.producer.produce
+        plain = partition == -1 and not timestamp
+        for record in records:
+            try:
+                if plain:
+                    produce(topic, record[1], record[0])
+                else:
+                    produce(topic, record[1], record[0], partition, timestamp=timestamp)
+            except BufferError:  # librdkafka's queue is full: let it drain
+                self._produce_when_room(topic, record, partition, timestamp)
+            except KafkaException as exc:
+                self._refused_at_once(exc.args[0], records, sources, record)
         self.records += len(records)
+
+    def _produce_when_room(self, topic: str, record: Sequence[Any], partition: int, timestamp: int) -> None:
+        while True:
+            self.producer.poll(0.05)
+            try:
+                self.producer.produce(topic, record[1], record[0], partition, timestamp=timestamp)
+                return
+            except BufferError:
+                continue
+
+    def _refused_at_once(
+        self, err: KafkaError, records: Sequence[Sequence[Any]], sources: Sequence[Source], record: Sequence[Any]
+    ) -> None:
+        """``produce`` raised for ``record`` (too large, say): remember its input if for good, then ``Abort``."""
+        self._fatal_check(err)
+        if err.code() in PERMANENT_ERRORS:
+            i = next(i for i, r in enumerate(records) if r is record)
+            self.refused[source_of(sources[i])] = err
+        raise Abort(f"produce: {err.name()}", dict(self.refused)) from None
 
     def _delivered(self, err: KafkaError | None, msg: Any) -> None:
         """A refused record (the only reports asked for): its input, found by topic, key and value."""
         if err is None or err.code() not in PERMANENT_ERRORS:
             return  # another failure: the commit fails with it (abortable), nothing to remember
         index = self._index  # built at a refusal (rare), not per record
-        for sent_topic, records in self.sent[self._indexed :]:
-            for sent_key, sent_value, source in records:
-                index.setdefault((sent_topic, sent_key, sent_value), []).append(source)
+        for sent_topic, records, sources in self.sent[self._indexed :]:
+            for record, source in zip(records, sources, strict=True):
+                index.setdefault((sent_topic, record[0], record[1]), []).append(source_of(source))
         self._indexed = len(self.sent)
         for source in index.get((msg.topic(), msg.key(), msg.value()), ()):
             self.refused[source] = err  # the same bytes twice: both would be refused alike

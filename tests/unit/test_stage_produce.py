@@ -1,0 +1,39 @@
+"""The mask stage's produce fast path (streams.pipeline.stages._plain) and how a refused record names its input."""
+
+from __future__ import annotations
+
+from confluent_kafka import Message
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streams.pipeline.mask import Output
+from streams.pipeline.stages import _plain
+from streams.pipeline.transactions import source_of
+
+_outputs = st.lists(
+    st.builds(
+        Output,
+        st.binary(min_size=1, max_size=40),
+        st.binary(max_size=200),
+        st.one_of(st.none(), st.sampled_from(["missing_field", "erased", "too_large"])),
+    ),
+    max_size=30,
+)
+
+
+@given(_outputs, st.integers(0, 260))
+def test_a_batch_takes_the_fast_path_only_when_every_record_is_masked_and_fits(outputs, limit):
+    if _plain(outputs, limit):
+        assert all(out.reason is None and len(out.key) + len(out.value) <= limit for out in outputs)
+
+
+@given(_outputs)
+def test_a_batch_of_masked_records_under_a_large_limit_takes_the_fast_path(outputs):
+    masked = [Output(out.key, out.value) for out in outputs]
+    assert _plain(masked, 1 << 62)
+    assert _plain(outputs, 1 << 62) == all(out.reason is None for out in outputs)
+
+
+def test_a_source_is_its_partition_and_offset_given_either_way():
+    message = Message(topic="logins.raw", partition=3, offset=41, key=b"k", value=b"v")
+    assert source_of(message) == (3, 41) == source_of((3, 41))
