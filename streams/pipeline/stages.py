@@ -72,8 +72,9 @@ def schema_heads(inputs: list[tuple[bytes | None, bytes | None, str]]) -> set[by
 
 
 def sink_input(messages: list[Message]) -> list[Any]:
-    """``(key, value, where)`` of consumed masked records (a null value is a tombstone)."""
-    return [(m.key(), m.value(), where(m)) for m in messages]
+    """``(key, value, where)`` of consumed masked records (a null value is a tombstone);
+    ``where`` only for a record without a key, the one that needs it for an identity."""
+    return [(k, m.value(), where(m) if not k else "") for m in messages for k in [m.key()]]
 
 
 def record_limits(settings: Settings, topics: Sequence[str]) -> dict[str, int]:
@@ -575,10 +576,11 @@ class SinkWriter(StageWriter):
         messages = self.source.live(batch) if batch.messages else []
         if not messages and not batch.ends:
             return
+        inputs = sink_input(messages)
         if messages:
-            await self.codecs.masked.resolve([m.value() for m in messages], self.settings.retry_max_backoff)
+            await self.codecs.masked.resolve(schema_heads(inputs), self.settings.retry_max_backoff)
         ledger = self.ledger_version()
-        plan = self.sink_stage.plan(sink_input(messages))  # while the last batch writes
+        plan = self.sink_stage.plan(inputs)  # while the last batch writes
         async with self.lock:
             await self.make_room()
             now = self.live_now(batch, messages)
@@ -668,9 +670,14 @@ class SinkWriter(StageWriter):
             metrics.RECORDS_OUT.labels("sink", "deleted").inc(len(batch.deletes))
             metrics.RECORDS_OUT.labels("sink", "dead_letter").inc(len(dead))
             refused_ids = {row["message_id"] for row, _ in refused}
-            for row in batch.rows:
-                if row["message_id"] not in refused_ids:
-                    metrics.END_TO_END.observe(max(committed_at - row["sent_at"].timestamp(), 0.0))
+            metrics.observe_many(
+                metrics.END_TO_END,
+                [
+                    max(committed_at - row["sent_at"].timestamp(), 0.0)
+                    for row in batch.rows
+                    if row["message_id"] not in refused_ids
+                ],
+            )
             self.size_.observe(len(messages))
             self.seconds_.observe(time.monotonic() - began)
         finally:

@@ -274,3 +274,26 @@ def test_an_erasure_is_confirmed_only_once_both_batches_in_flight_ended():
         assert watch.confirm() == 1
 
     asyncio.run(go())
+
+
+def test_observe_many_counts_as_observe_one_by_one():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    def samples(h: Histogram) -> dict:
+        return {
+            (s.name, tuple(s.labels.items())): s.value
+            for m in h.collect()
+            for s in m.samples
+            if "created" not in s.name
+        }
+
+    amounts = [0.0, 0.1, 0.1000001, 0.3, 5, 7.5, 3600, 3600.5, 1e9, 0.25]
+    one, many = (
+        Histogram("h", "h", registry=CollectorRegistry(), buckets=metrics.END_TO_END._upper_bounds[:-1])
+        for _ in range(2)
+    )
+    for amount in amounts:
+        one.observe(amount)
+    metrics.observe_many(many, amounts)
+    metrics.observe_many(many, [])
+    assert samples(one) == samples(many)
