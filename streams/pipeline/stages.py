@@ -637,10 +637,10 @@ class SinkWriter(StageWriter):
                         extra={"stage": "sink", "count": len(batch.deletes)},
                     )
                 dead = batch.dead + self.sink_stage.refused(batch, refused)
-                fault_point("sink_after_commit")
                 if ahead is not None:  # waited for, never cancelled with this batch
                     await asyncio.wait([ahead])
                     ahead.result()  # the batch before raised (a bug): so does this one
+                fault_point("sink_after_commit")  # no transaction of this stage open
             finally:
                 turn.set()
             if self.aborts != aborts:  # rewound since this batch was taken: it is read again
