@@ -9,7 +9,9 @@ that hangs: the liveness probe must catch it), or with ``:stall`` blocks in
 falsy test per batch. Points: bridge_after_produce (Kafka acked, SQS not deleted),
 mask_after_produce (masked records acked, raw offsets not acked), sink_before_commit
 (batch decoded, database not written), sink_after_commit (database committed, masked
-offsets not acked), mask_after_commit (:stall: the commit done, its answer late);
+offsets not acked; with :stall, the sink's Kafka transaction open, its dead letters
+produced, its commit not begun, past the bound: it is aborted), mask_after_commit (:stall:
+the commit done, its answer late);
 ``streams erase``: erase_after_append, erase_after_confirm,
 erase_after_delete (rows gone, no tombstones yet).
 """

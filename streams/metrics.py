@@ -8,7 +8,9 @@ field value, a message id or a key byte. The alerts on them are deploy/prometheu
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -74,6 +76,26 @@ END_TO_END = Histogram(
     registry=REGISTRY,
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
 )
+
+
+def observe_many(histogram: Histogram, amounts: Iterable[float]) -> None:
+    """``histogram.observe`` of each amount, with one update per bucket instead of per amount
+    (the sink observes every row's latency: ~2 µs a row one by one). Reaches into
+    prometheus-client's (pinned) internals; ``tests/unit/test_sink_overlap.py`` compares
+    the result with ``observe``."""
+    bounds = histogram._upper_bounds  # ends with +Inf: every amount has a bucket
+    counts = [0] * len(bounds)
+    total = 0.0
+    for amount in amounts:
+        total += amount
+        counts[bisect_left(bounds, amount)] += 1
+    if any(counts):
+        histogram._sum.inc(total)
+        for bucket, n in zip(histogram._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+
+
 SQS_MESSAGES = Counter(
     "streams_sqs_messages", "SQS messages by event (received, deleted)", ["event"], registry=REGISTRY
 )

@@ -17,9 +17,14 @@ recognised and dropped by the stage instead of being written twice.
   generation still allows that commit.
 - **Lost** (the session expired): the stage aborts what is in flight, commits nothing.
 - **Backpressure**: the bytes handed to the stage and not yet finished are bounded by
-  ``STREAMS_STREAM_BUFFER_BYTES`` (librdkafka's own prefetch gets a share of it); over
-  it, every assigned partition is paused and the thread keeps polling, so the group
-  never sees the member as stuck (``max.poll.interval.ms``); under half, they resume.
+  ``STREAMS_STREAM_BUFFER_BYTES`` (librdkafka's own prefetch gets a share of it). Over
+  it, the thread first waits (at most ``PAUSE_AFTER``) for the stage to finish a batch:
+  a stage behind a backlog does within milliseconds, and librdkafka stops fetching at
+  its own bound meanwhile. Only past that wait is every assigned partition paused, and
+  the thread keeps polling, so the group never sees the member as stuck
+  (``max.poll.interval.ms``); under half, they resume. A pause costs: librdkafka drops
+  the records it prefetched and fetches again only after the resume (measured: the sink
+  stage, paused every ~16 batches, sat idle ~0.5 s each time, at 40 % of its rate).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ log = logging.getLogger("streams.worker")
 _PARTITION = operator.methodcaller("partition")
 RECORD_OVERHEAD = 256  # bytes of Python objects per consumed record (Message, tuple), measured roughly
 POLL_TIMEOUT = 0.1  # seconds: how often the thread serves commands and idle ticks
+PAUSE_AFTER = 1.0  # seconds over the budget before the partitions are paused (a rebalance waits that long at most)
 
 
 @dataclass
@@ -101,6 +107,7 @@ class KafkaSource:
         self.config = {**consumer_memory_config(settings), **self.config}
         self.consumer = Consumer(self.config)
         self._lock = threading.Lock()  # guards the incarnation state, read from the event loop
+        self._finished = threading.Condition(self._lock)  # a batch left the budget
         self._incarnation: dict[int, int] = {}
         self._rewinding: set[int] = set()
         self._counter = 0
@@ -110,6 +117,7 @@ class KafkaSource:
         self._commands: list[Callable[[], None]] = []
         self._in_flight = 0  # bytes handed over and not yet finished
         self._paused = False
+        self.pauses = 0  # times the budget paused the partitions (tests)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -162,6 +170,7 @@ class KafkaSource:
         """The stage is done with ``batch`` (written or dropped): its bytes leave the budget."""
         with self._lock:
             self._in_flight -= batch.size
+            self._finished.notify_all()
 
     def rewind(self) -> None:
         """Back to the committed offsets on every assigned partition (after an aborted transaction).
@@ -253,10 +262,16 @@ class KafkaSource:
 
     def _backpressure(self) -> None:
         with self._lock:
+            if not self._paused and self._in_flight > self.max_bytes:  # wait for the stage before pausing
+                self._finished.wait_for(
+                    lambda: self._in_flight <= self.max_bytes or bool(self._commands) or self._stop.is_set(),
+                    PAUSE_AFTER,
+                )
             in_flight = self._in_flight
         assignment = [TopicPartition(self.topic, p) for p in sorted(self.assigned)]
         if not self._paused and in_flight > self.max_bytes:
             self._paused = True
+            self.pauses += 1
             if assignment:
                 self.consumer.pause(assignment)
         elif self._paused and in_flight <= self.max_bytes // 2:

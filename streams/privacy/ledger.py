@@ -140,7 +140,7 @@ class LedgerWatch:
         self.dsn = dsn
         self.stage = stage
         self.erased = erased
-        self.writer = writer  # a StageWriter: its lock, ``boundaries`` and ``busy()``
+        self.writer = writer  # a StageWriter: its lock, ``boundaries`` and ``boundary_mark()``
         self.interval = interval
         self.instance = instance_name(stage)
         self.confirmed = erased.version  # loaded before the stage read anything
@@ -199,7 +199,7 @@ class LedgerWatch:
         """Apply new entries between batches (under the writer's lock): no batch is half under the old ledger."""
         async with self.writer.lock:
             self.erased.add(entries)
-            mark = self.writer.boundaries if self.writer.busy() else None
+            mark = self.writer.boundary_mark()
             self._pending = (self.erased.version, mark)
         log.info("erasure ledger at version %d", self.erased.version, extra={"stage": self.stage})
 

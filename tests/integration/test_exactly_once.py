@@ -20,7 +20,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from benchmarks.throughput import produce_raw
 from streams.errors import TransientError
 from streams.io.codec import Codecs
-from streams.io.kafka import metadata_consumer, send_records
+from streams.io.kafka import group_lag, metadata_consumer, send_records
 from streams.ops.topics import ensure_topics
 from streams.pipeline.dedup import DedupWindow, decode
 from streams_dev.sandbox import _free_ports
@@ -32,8 +32,13 @@ MASK_ONLY = {"STREAMS_STAGES": "mask", "STREAMS_LOG_LEVEL": "info"}
 
 def message_ids(settings, topic: str, isolation: str) -> collections.Counter:
     """Copies per message id (the record key) on ``topic`` as a reader with ``isolation`` sees it."""
+    return collections.Counter(key for key, _ in records_of(settings, topic, isolation))
+
+
+def records_of(settings, topic: str, isolation: str) -> list[tuple[str, tuple[int, int]]]:
+    """``(key, (partition, offset))`` of every record on ``topic`` as a reader with ``isolation`` sees it."""
     consumer = metadata_consumer(settings, None, **{"enable.partition.eof": True, "isolation.level": isolation})
-    counts: collections.Counter = collections.Counter()
+    records = []
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -45,10 +50,10 @@ def message_ids(settings, topic: str, isolation: str) -> collections.Counter:
                 if msg.error().code() == KafkaError._PARTITION_EOF:
                     remaining.discard(msg.partition())
                 continue
-            counts[msg.key().decode()] += 1
+            records.append((msg.key().decode(), (msg.partition(), msg.offset())))
     finally:
         consumer.close()
-    return counts
+    return records
 
 
 def outputs(pipeline, isolation: str = "read_committed") -> collections.Counter:
@@ -265,3 +270,57 @@ def test_a_restarted_worker_drops_copies_of_what_its_previous_life_wrote(pipelin
     pipeline.wait_for(lambda: pipeline.lag([s.raw_topic]) == 0, 120, "the copies read")
     committed = outputs(pipeline)
     assert set(committed) == set(ids) and set(committed.values()) == {1}
+
+
+def test_a_sink_transaction_aborted_while_the_next_batch_is_written_commits_nothing_past_it(pipeline):
+    """Issue 20: the sink writes batch N+1's rows while batch N's Kafka transaction commits.
+    Batch 2's transaction (its dead letters produced) hangs past STREAMS_COMMIT_TIMEOUT and is
+    aborted (its producer replaced) while batch 3's rows are written: meanwhile no offset past
+    batch 2's start is committed; then both are read again, and every row and dead letter lands once."""
+    from tests.factories import masked_value
+
+    s = pipeline.settings
+    ensure_topics(s)
+    good, bad, records = [], [], []
+    for i in range(400):
+        if i % 5:  # four rows, then an over-long message id: a sink dead letter in (nearly) every batch
+            good.append(f"ok-{i:03d}")
+            records.append((s.masked_topic, good[-1].encode(), masked_value(good[-1])))
+        else:
+            long_id = f"bad-{i:03d}-" + "x" * 200
+            bad.append(long_id[:128])  # the dead letter's key: the id cut to 128 characters
+            records.append((s.masked_topic, f"bad-{i:03d}".encode(), masked_value(long_id)))
+    send_records(s, records)
+    where = dict(records_of(s, s.masked_topic, "read_uncommitted"))  # message id -> (partition, offset)
+    worker = pipeline.start(
+        "worker",
+        STREAMS_STAGES="sink",
+        STREAMS_BATCH_SIZE="50",
+        STREAMS_COMMIT_TIMEOUT="5",
+        STREAMS_FAULT="sink_after_commit@2:stall",
+        STREAMS_LOG_LEVEL="info",
+    )
+
+    def committed() -> dict[int, int]:
+        return {p: c for (_, p), (c, _) in group_lag(s, [s.masked_topic]).items()}
+
+    def writes_past(offsets: dict[int, int]) -> int:
+        """Database transactions (a batch's rows share one xmin) that wrote rows past ``offsets``."""
+        rows = pipeline.query("SELECT message_id, xmin::text AS tx FROM user_logins")
+        past = {r["tx"] for r in rows if where[r["message_id"]][1] >= offsets.get(where[r["message_id"]][0], 0)}
+        return len(past)
+
+    pipeline.wait_for(
+        lambda: "fault injected at sink_after_commit (stall)" in pipeline.log_of(worker), 120, "batch 2's transaction"
+    )
+    first = committed()  # batch 1's; batch 2's transaction hangs
+    # Batch 2's rows and a later batch's are written while the offsets stay where batch 1 left them.
+    pipeline.wait_for(lambda: writes_past(first) >= 2 and committed() == first, 20, "batch 3's rows meanwhile")
+    pipeline.wait_for(lambda: "replacing the producer" in pipeline.log_of(worker), 60, "batch 2's transaction aborted")
+    pipeline.wait_for(lambda: pipeline.lag([s.masked_topic]) == 0, 120, "everything committed after the abort")
+    rows = [r["message_id"] for r in pipeline.query("SELECT message_id FROM user_logins")]
+    assert sorted(rows) == good
+    dead = message_ids(s, s.dlq_topic, "read_committed")
+    assert dead == collections.Counter(bad)  # each dead letter once, none lost with the aborted transaction
+    assert sum(message_ids(s, s.dlq_topic, "read_uncommitted").values()) > len(bad)  # the aborted ones were there
+    assert worker.poll() is None

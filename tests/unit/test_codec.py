@@ -193,3 +193,23 @@ def test_fast_decoders_agree_with_fastavro_on_corrupt_bytes(noise, cut):
 
 
 HEADER = 10
+
+
+def test_the_fast_timestamp_is_fastavros_datetime_at_and_near_its_bound():
+    """``fromtimestamp(ms / 1000)`` below ``TS_FLOAT_MAX``, ``EPOCH + timedelta`` above: the same datetimes."""
+    import random
+
+    codec = Codecs().masked
+    rng = random.Random(20)
+    bound = avro_fast.TS_FLOAT_MAX
+    edges = [0, 1, 999, 1000, 1001, bound - 1, bound, bound + 1, 1_767_225_600_123, -1, -1000]
+    values = (
+        edges
+        + [rng.randrange(0, bound) for _ in range(20_000)]
+        + [bound - rng.randrange(1, 10**6) for _ in range(2000)]
+    )
+    for sent_at in values:
+        data = codec.encode({**masked_v2(), "sent_at": sent_at})
+        decoded = codec._fast_decode(data)["sent_at"]  # the fast path itself, not its fallback
+        assert decoded == avro_fast.EPOCH + dt.timedelta(milliseconds=sent_at), sent_at
+        assert decoded == codec._decode(data)["sent_at"]

@@ -93,7 +93,7 @@ def test_erase_arguments_hold_no_free_text():
 
 
 class _Writer:
-    """What LedgerWatch uses of a stage writer: its lock, its transaction boundaries, whether one is open."""
+    """What LedgerWatch uses of a stage writer: its lock, its transaction boundaries, the one to pass."""
 
     def __init__(self) -> None:
         import asyncio
@@ -102,8 +102,8 @@ class _Writer:
         self.boundaries = 0
         self.open = False
 
-    def busy(self) -> bool:
-        return self.open
+    def boundary_mark(self) -> int | None:
+        return self.boundaries if self.open else None
 
 
 def test_a_stage_confirms_a_ledger_version_only_past_a_transaction_boundary():
