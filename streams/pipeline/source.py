@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import operator
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -44,7 +43,6 @@ from streams.settings import Settings
 
 log = logging.getLogger("streams.worker")
 
-_PARTITION = operator.methodcaller("partition")
 RECORD_OVERHEAD = 256  # bytes of Python objects per consumed record (Message, tuple), measured roughly
 POLL_TIMEOUT = 0.1  # seconds: how often the thread serves commands and idle ticks
 PAUSE_AFTER = 1.0  # seconds over the budget before the partitions are paused (a rebalance waits that long at most)
@@ -334,7 +332,7 @@ class KafkaSource:
                     batch.messages, batch.size = good, sum(map(len, good)) + RECORD_OVERHEAD * len(good)
                 if batch.ends or batch.messages:
                     with self._lock:
-                        partitions = set(map(_PARTITION, batch.messages)) | set(batch.ends)
+                        partitions = cast(set[int], {m.partition() for m in batch.messages}) | set(batch.ends)
                         batch.incarnations = {p: self._incarnation.get(p, -1) for p in partitions}
                 self._hand_over(batch)
         except Exception as exc:

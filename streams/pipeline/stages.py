@@ -64,11 +64,7 @@ def transform_input(messages: list[Message]) -> list[tuple[bytes | None, bytes |
 _KEY = operator.itemgetter(0)
 _VALUE = operator.itemgetter(1)
 _REASON = operator.itemgetter(2)
-_SECOND = operator.itemgetter(1)
 _HEAD = operator.itemgetter(slice(0, CONFLUENT_HEADER_LEN))
-_PARTITION = operator.methodcaller("partition")
-_OFFSET = operator.methodcaller("offset")
-_TIMESTAMP = operator.methodcaller("timestamp")
 
 
 def _plain(outputs: list[Any], limit: int) -> bool:
@@ -483,10 +479,14 @@ class MaskWriter(StageWriter):
         producer.begin()
         topic = s.raw_topic
         offsets = self.offsets
-        last = {m.partition(): m.offset() for m in messages}  # in partition order: the last one wins
-        for partition, offset in last.items():
-            offsets[(topic, cast(int, partition))] = cast(int, offset) + 1
-        keep = self._admitted(messages, outputs) if self.dedup is not None else None
+        # Each record's partition and offset read once, for the offsets and the dedup window (list
+        # comprehensions: ``map(operator.methodcaller(...))`` costs 4x as much per call on 3.11).
+        partitions = cast(list[int], [m.partition() for m in messages])  # consumed records have both
+        positions = cast(list[int], [m.offset() for m in messages])
+        # The last one per partition wins.
+        for partition, offset in dict(zip(partitions, positions, strict=True)).items():
+            offsets[(topic, partition)] = offset + 1
+        keep = self._admitted(messages, outputs, partitions, positions) if self.dedup is not None else None
         masked_topic = s.masked_topic
         masked_limit = self.limits.get(masked_topic, 1 << 62)
         refused = self.refused
@@ -516,7 +516,9 @@ class MaskWriter(StageWriter):
             self.counts["masked"] += len(masked)
         producer.poll()
 
-    def _admitted(self, messages: list[Message], outputs: list[Any]) -> list[bool]:
+    def _admitted(
+        self, messages: list[Message], outputs: list[Any], partitions: list[int], positions: list[int]
+    ) -> list[bool]:
         """The dedup window's verdict on each record of the batch (a copy is counted, not written)."""
         assert self.dedup is not None
 
@@ -524,10 +526,10 @@ class MaskWriter(StageWriter):
             return any(header[0] == REDRIVE_HEADER for header in messages[i].headers() or ())
 
         keep = self.dedup.admit_batch(
-            list(map(_PARTITION, messages)),
-            list(map(_OFFSET, messages)),
+            partitions,
+            positions,
             list(map(_KEY, outputs)),
-            list(map(_SECOND, map(_TIMESTAMP, messages))),
+            [m.timestamp()[1] for m in messages],
             redrive,
         )
         self.counts["duplicate"] += len(keep) - sum(keep)
