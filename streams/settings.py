@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     # --- Worker ----------------------------------------------------------
     stages: str = Field("mask,sink", description="comma-separated stages this worker runs")
     batch_size: int = Field(500, ge=1)
+    sink_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="records per sink batch (default: batch_size); a bigger one spreads the commit of its "
+        "transactions over more rows",
+    )
     batch_within: float = Field(0.5, gt=0)
     stream_buffer_bytes: int = Field(
         16 * 2**20,
@@ -240,6 +246,7 @@ class Settings(BaseSettings):
         "sqs_endpoint",
         "sqs_queue_url",
         "worker_slot",
+        "sink_batch_size",
         "sqs_region",
         "aws_access_key_id",
         "aws_secret_access_key",
@@ -269,6 +276,10 @@ class Settings(BaseSettings):
     @property
     def stage_list(self) -> list[str]:
         return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    def stage_batch_size(self, stage: str) -> int:
+        """Records a stage takes per batch: the sink's own size when set, else ``batch_size``."""
+        return self.sink_batch_size if stage == "sink" and self.sink_batch_size else self.batch_size
 
     @property
     def region(self) -> str | None:

@@ -128,7 +128,7 @@ def create_app(
         source = KafkaSource(settings, name, topic, stage_group(settings, name), client_id)
         writer = writer_for(source, TransactionalProducer(settings, name))
         writer.erased = erased
-        channel = BatchChannel(app, maxsize=max(settings.stream_buffer_maxsize // max(settings.batch_size, 1), 4))
+        channel = BatchChannel(app, maxsize=max(settings.stream_buffer_maxsize // settings.stage_batch_size(name), 4))
         service = StageService(app, source, writer, channel)
         service.ledger = LedgerWatch(settings.pg_dsn.get_secret_value(), name, erased, writer)
         app.service(cast(Any, service))  # an instance works too: started and stopped with the app

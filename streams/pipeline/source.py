@@ -314,7 +314,7 @@ class KafkaSource:
                 for command in commands:
                     command()
                 self._backpressure()
-                messages = consumer.consume(self.settings.batch_size, POLL_TIMEOUT)
+                messages = consumer.consume(self.settings.stage_batch_size(self.stage), POLL_TIMEOUT)
                 self._metadata = consumer.consumer_group_metadata()
                 if self._held:
                     messages, self._held = self._held + messages, []
