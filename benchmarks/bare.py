@@ -170,14 +170,16 @@ async def pg_loop(dsn: str, how: str) -> None:
         staged_rows,
     )
 
-    rows = _masked_rows(load_settings())
+    settings = load_settings()
+    rows = _masked_rows(settings)
+    size = settings.stage_batch_size("sink")  # the sink stage's rows per transaction, like for like
     conn = await connect(dsn)
     await migrate(conn)
     sink = PostgresSink(dsn)
-    for i in range(0, len(rows), BATCH):
+    for i in range(0, len(rows), size):
         if stopping:
             break
-        batch = rows[i : i + BATCH]
+        batch = rows[i : i + size]
         if how == "write":
             await sink.write_batch(batch, [])
             continue

@@ -260,7 +260,7 @@ def _outputs(settings, topic: str) -> dict:
     return dict(read_topic(settings, topic))
 
 
-# The sink's batch as deploy/k8s runs it (STREAMS_SINK_BATCH_SIZE); the comparators COPY 500 rows a transaction.
+# The sink's batch as deploy/k8s runs it (STREAMS_SINK_BATCH_SIZE); the comparators write as many rows a transaction.
 SINK_BATCH_SIZE = "2000"
 PARTS = ("mask", "sink", "bridge", "e2e", "rss", "latency", "scaling")
 # Targets of issue 18 item 9, checked on the medians: (what, limit).
@@ -602,7 +602,11 @@ def main(argv: list[str] | None = None) -> int:
             comparators = []
             for kind, label in (("pg-copy", "COPY into both tables"), ("pg-write", "sink write path alone")):
                 dsn = sb.new_database(kind.replace("-", "_"))
-                env = sb.env(STREAMS_MASKED_TOPIC=masked_topic, STREAMS_LOG_LEVEL="WARNING")
+                env = sb.env(
+                    STREAMS_MASKED_TOPIC=masked_topic,
+                    STREAMS_SINK_BATCH_SIZE=SINK_BATCH_SIZE,  # like for like: the same rows per transaction
+                    STREAMS_LOG_LEVEL="WARNING",
+                )
                 r = measure(
                     label, [python("-m", "benchmarks.bare", kind, dsn)], env, nk, row_counter(dsn), args.timeout
                 )
