@@ -43,7 +43,7 @@ ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyn
 # The connection is gone or hung: drop it, and the batch is retried on a new one.
 CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError)
 
-Message = tuple[bytes | None, bytes, str]  # key, value, topic/partition/offset
+Message = tuple[bytes | None, bytes | None, str]  # key, value (None: a tombstone), topic/partition/offset
 DeadLetter = tuple[bytes, bytes, str]  # key, encoded dead letter, reason code
 
 

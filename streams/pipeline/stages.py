@@ -56,9 +56,12 @@ def where(message: Message) -> str:
     return f"{message.topic()}/{message.partition()}/{message.offset()}"
 
 
-def transform_input(messages: list[Message]) -> list[tuple[bytes | None, bytes | None, str]]:
-    """``(key, value, where)`` of consumed raw records, for ``MaskTransform.batch``."""
-    return [(m.key(), m.value(), f"{m.topic()}/{m.partition()}/{m.offset()}") for m in messages]
+def stage_input(messages: list[Message]) -> list[tuple[bytes | None, bytes | None, str]]:
+    """``(key, value, where)`` of consumed records, for ``MaskTransform.batch`` and ``SinkStage.plan``
+    (a null value is a tombstone). ``where`` names a record only when its key may not serve as
+    its id (none, or not ASCII: it may not decode); else "": a string per record is not made
+    to be thrown away."""
+    return [(k, m.value(), where(m) if not k or not k.isascii() else "") for m in messages for k in [m.key()]]
 
 
 _KEY = operator.itemgetter(0)
@@ -79,12 +82,6 @@ def schema_heads(inputs: list[tuple[bytes | None, bytes | None, str]]) -> set[by
     """The distinct schema headers of a batch's values (a batch shares one or two), in C loops:
     what ``AvroCodec.resolve`` looks up, without a Python step per record."""
     return set(map(_HEAD, filter(None, map(_VALUE, inputs))))
-
-
-def sink_input(messages: list[Message]) -> list[Any]:
-    """``(key, value, where)`` of consumed masked records (a null value is a tombstone);
-    ``where`` only for a record without a key, the one that needs it for an identity."""
-    return [(k, m.value(), where(m) if not k else "") for m in messages for k in [m.key()]]
 
 
 def record_limits(settings: Settings, topics: Sequence[str]) -> dict[str, int]:
@@ -411,7 +408,7 @@ class MaskWriter(StageWriter):
     async def _handle(self, batch: Batch) -> None:
         messages = self.source.live(batch) if batch.messages else []
         began = time.monotonic()
-        inputs = transform_input(messages)
+        inputs = stage_input(messages)
         if messages:  # schema ids not seen before: fetched once (a registry that is down is waited out)
             await self.codecs.raw.resolve(schema_heads(inputs), self.settings.retry_max_backoff)
         # The transform runs while the previous transaction commits on its thread.
@@ -609,7 +606,7 @@ class SinkWriter(StageWriter):
         messages = self.source.live(batch) if batch.messages else []
         if not messages and not batch.ends:
             return
-        inputs = sink_input(messages)
+        inputs = stage_input(messages)
         if messages:
             await self.codecs.masked.resolve(schema_heads(inputs), self.settings.retry_max_backoff)
         ledger = self.ledger_version()
@@ -618,7 +615,7 @@ class SinkWriter(StageWriter):
             await self.make_room()
             now = self.live_now(batch, messages)
             if len(now) != len(messages) or self.ledger_version() != ledger:  # or an erasure arrived meanwhile
-                plan = self.sink_stage.plan(sink_input(now))
+                plan = self.sink_stage.plan(stage_input(now))
             offsets: dict[tuple[str, int], int] = {}
             for m in now:
                 offsets[(cast(str, m.topic()), cast(int, m.partition()))] = cast(int, m.offset()) + 1

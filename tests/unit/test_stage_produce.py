@@ -6,8 +6,8 @@ from confluent_kafka import Message
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.pipeline.mask import Output
-from streams.pipeline.stages import _plain
+from streams.pipeline.mask import Output, _fallback_id
+from streams.pipeline.stages import _plain, stage_input
 from streams.pipeline.transactions import source_of
 
 _outputs = st.lists(
@@ -37,3 +37,17 @@ def test_a_batch_of_masked_records_under_a_large_limit_takes_the_fast_path(outpu
 def test_a_source_is_its_partition_and_offset_given_either_way():
     message = Message(topic="logins.raw", partition=3, offset=41, key=b"k", value=b"v")
     assert source_of(message) == (3, 41) == source_of((3, 41))
+
+
+@given(st.lists(st.tuples(st.one_of(st.none(), st.binary(max_size=12)), st.integers(0, 5), st.integers(0, 1 << 40))))
+def test_a_record_is_named_by_its_key_or_else_its_position_as_when_every_record_carried_both(records):
+    """``stage_input`` makes ``where`` only for a key that may not serve as an id; the id a
+    dead letter (mask) or a row (sink) gets is the one a ``where`` on every record gave."""
+    messages = [Message(topic="t", partition=p, offset=o, key=k, value=b"v") for k, p, o in records]
+    for (key, value, where_), m in zip(stage_input(messages), messages, strict=True):
+        full = f"t/{m.partition()}/{m.offset()}"
+        assert (key, value) == (m.key(), m.value())
+        assert _fallback_id(key, where_) == _fallback_id(key, full)  # the mask's dead-letter id
+        assert (key or where_.encode()).decode("utf-8", "replace") == (key or full.encode()).decode(
+            "utf-8", "replace"
+        )  # the sink's identity (SinkStage.plan)
