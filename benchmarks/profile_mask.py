@@ -1,7 +1,7 @@
 """py-spy profile of the mask stage on a backlog, next to the bare loop: where the time goes.
 
     python -m benchmarks.profile_mask [--messages 200000] [--seconds 8] [--out /tmp/mask-profile]
-                                      [--only stage,bare,nodedup,copy,copy-bare]
+                                      [--only stage,bare,bare-txn,nodedup,copy,copy-bare]
 
 Fills a sandbox's raw topic, starts ``streams worker`` (STREAMS_STAGES=mask), its byte-copy
 shape (``benchmarks.copy_worker``) and the bare confluent loops of ``benchmarks.bare`` one
@@ -99,6 +99,7 @@ def main() -> None:
                 "copy": python("-m", "benchmarks.copy_worker"),
                 "bare": python("-m", "benchmarks.bare", "kafka-mask", masked, g),
                 "copy-bare": python("-m", "benchmarks.bare", "kafka-copy", masked, g),
+                "bare-txn": python("-m", "benchmarks.bare", "kafka-mask-txn", masked, g),
             }[kind]
             staged = kind in ("stage", "nodedup", "copy")
             progress = CommittedProgress(

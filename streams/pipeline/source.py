@@ -36,7 +36,16 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from streams.io.kafka import client_config, consumer_memory_config
 from streams.settings import Settings
@@ -62,6 +71,9 @@ class Batch:
     # batch's records and past transaction markers (a read_committed reader skips them;
     # committing the offset after the last record would leave a lag of 1 per marker).
     ends: dict[int, int] = field(default_factory=dict)
+    # The poll returned fewer records than asked for (it waited its whole timeout): the stage
+    # has read all there was, so what it holds may be committed now rather than at its interval.
+    caught_up: bool = False
 
 
 class RevokeHandler(Protocol):
@@ -238,11 +250,32 @@ class KafkaSource:
         # up the committed offsets and fetches while the stage reads the partitions' state
         # (the dedup window, ``on_assign``). No record is handed over before that is done:
         # this thread, which hands them over, waits for it.
-        consumer.incremental_assign(partitions)
+        consumer.incremental_assign(self._start_offsets(consumer, partitions))
         if self._paused:  # newly assigned partitions start paused like the rest
             consumer.pause(partitions)
         log.info("assigned %d partitions of %s", len(ps), self.topic, extra={"stage": self.stage})
         self._call("on_assign", ps)
+
+    def _start_offsets(self, consumer: Consumer, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Where each newly assigned partition starts: a partition with no committed offset at
+        the start ``auto.offset.reset`` names, given explicitly. Left to librdkafka, such a
+        partition waits 100 ms (its offset-reset backoff) before its first fetch (measured:
+        a new group's first batch 0.1 s after its assignment, 2 ms with this). A partition
+        with a committed offset, one whose offset could not be read (an unstable offset:
+        a transaction still commits it) and any partition when the read fails are left to
+        librdkafka, which reads their offsets itself."""
+        start = {"earliest": OFFSET_BEGINNING, "smallest": OFFSET_BEGINNING, "beginning": OFFSET_BEGINNING}
+        start |= {"latest": OFFSET_END, "largest": OFFSET_END, "end": OFFSET_END}
+        reset = start.get(str(self.config.get("auto.offset.reset")))
+        if reset is None or not partitions:
+            return partitions
+        try:
+            committed = consumer.committed(partitions, timeout=self.settings.kafka_timeout)
+        except KafkaException as exc:
+            log.debug("committed offsets of the assignment: %s", exc.args[0].name(), extra={"stage": self.stage})
+            return partitions
+        none = {tp.partition for tp in committed if tp.error is None and tp.offset == OFFSET_INVALID}
+        return [TopicPartition(tp.topic, tp.partition, reset) if tp.partition in none else tp for tp in partitions]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         ps = {tp.partition for tp in partitions}
@@ -314,11 +347,12 @@ class KafkaSource:
                 for command in commands:
                     command()
                 self._backpressure()
-                messages = consumer.consume(self.settings.stage_batch_size(self.stage), POLL_TIMEOUT)
+                wanted = self.settings.stage_batch_size(self.stage)
+                messages = consumer.consume(wanted, POLL_TIMEOUT)
                 self._metadata = consumer.consumer_group_metadata()
+                batch = Batch(caught_up=len(messages) < wanted)
                 if self._held:
                     messages, self._held = self._held + messages, []
-                batch = Batch()
                 if self.assigned:
                     reported = self._reported
                     for tp in consumer.position([TopicPartition(self.topic, p) for p in self.assigned]):

@@ -6,8 +6,10 @@ import asyncio
 import json
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, TopicPartition
 
 from benchmarks.throughput import produce_raw
+from streams.io.kafka import client_config, metadata_consumer
 from streams.ops.topics import ensure_topics
 from streams.pipeline.source import Batch, KafkaSource
 
@@ -76,3 +78,54 @@ def test_an_assigned_partition_is_fetched_while_the_stage_reads_its_state(pipeli
     # ...and still no record reached the stage before that state was read.
     assert stage.records_before_restored == 0
     assert stage.records == len(ids)
+
+
+class StartWatchedSource(KafkaSource):
+    """The stage's consumer, noting where it told librdkafka each newly assigned partition starts."""
+
+    starts: list[TopicPartition] | None = None
+
+    def _start_offsets(self, consumer, partitions):
+        self.starts = super()._start_offsets(consumer, partitions)
+        return self.starts
+
+
+def test_a_partition_with_no_committed_offset_starts_at_the_earliest_given_explicitly(pipeline, sample_path):
+    """Left to librdkafka, such a partition's first fetch waits out its 100 ms offset-reset
+    backoff; one with a committed offset still starts there (librdkafka reads it itself)."""
+    s = pipeline.settings
+    ensure_topics(s)
+    ids = produce_raw(s, json.loads(sample_path.read_text()) * 4)
+    group = f"{s.app_id}-probe"
+    reader = metadata_consumer(s)
+    end0 = reader.get_watermark_offsets(TopicPartition(s.raw_topic, 0), timeout=10)[1]
+    reader.close()
+    assert end0 >= 2, "partition 0 needs records on both sides of the committed offset"
+    committer = Consumer(client_config(s, **{"group.id": group, "enable.auto.commit": False}))
+    committer.commit(offsets=[TopicPartition(s.raw_topic, 0, 1)], asynchronous=False)
+    committer.close()
+
+    async def run() -> tuple[StartWatchedSource, list]:
+        source = StartWatchedSource(s, "mask", s.raw_topic, group)
+        seen: list = []
+        done = asyncio.Event()
+
+        async def deliver(batch: Batch) -> None:
+            seen.extend((m.partition(), m.offset()) for m in batch.messages)
+            source.finished(batch)
+            if len(seen) >= len(ids) - 1:
+                done.set()
+
+        stage = SlowState(source, len(ids))
+        source.start(asyncio.get_running_loop(), deliver, stage)
+        try:
+            await asyncio.wait_for(done.wait(), 60)
+        finally:
+            await asyncio.to_thread(source.stop)
+        return source, seen
+
+    source, seen = asyncio.run(run())
+    starts = {tp.partition: tp.offset for tp in source.starts or []}
+    assert starts == {0: OFFSET_INVALID, **{p: OFFSET_BEGINNING for p in range(1, s.topic_partitions)}}
+    assert min(offset for partition, offset in seen if partition == 0) == 1  # the committed offset, not the earliest
+    assert len(seen) == len(ids) - 1 and len(set(seen)) == len(seen)
