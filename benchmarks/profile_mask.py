@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import REPO, CommittedProgress, Sandbox, fill, logins, python, raw_records
+from benchmarks.harness import REPO, CommittedProgress, Sandbox, compile_package, fill, logins, python, raw_records
 from benchmarks.run import drop_topic
 from streams.ops.topics import ensure_topics
 from streams.ops.topology import changelog_topic, stage_group
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/mask-profile")
     parser.add_argument("--only", default="stage,bare")
     args = parser.parse_args()
+    compile_package()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sb = Sandbox("prof")

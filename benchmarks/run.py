@@ -64,6 +64,7 @@ from benchmarks.harness import (
     CommittedProgress,
     Result,
     Sandbox,
+    compile_package,
     fill,
     logins,
     measure,
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.bridge_rounds:
         args.rounds = args.bridge_rounds
+    compile_package()
     parts = parts_of(args)
     n, nk = args.messages, args.kafka_messages
     users = args.users or max(1, max(n, nk) // 20)
