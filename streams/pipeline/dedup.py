@@ -280,7 +280,9 @@ class DedupWindow(_Changelog):
     ) -> list[bool] | None:
         """``admit_batch`` on the mask stage's batch: each output's key (the message id) and
         each input's raw timestamp; ``None`` when every record is to be written (the usual batch)."""
-        keep = self.admit_batch(partitions, offsets, list(map(_KEY, outputs)), [m.timestamp()[1] for m in messages], redrive)
+        keep = self.admit_batch(
+            partitions, offsets, list(map(_KEY, outputs)), [m.timestamp()[1] for m in messages], redrive
+        )
         return None if all(keep) else keep
 
     def admit_batch(
@@ -526,9 +528,7 @@ class CoreDedupWindow(_Changelog):
     ) -> list[bool] | None:
         """The core reads each key (``outputs[i][0]``) and raw timestamp (``messages[i].timestamp()``)
         itself: no list of either is made, and a batch of new ids returns ``None``."""
-        keep, evicted = self.core.admit_records(
-            partitions, offsets, _as_list(outputs), _as_list(messages), redrive
-        )
+        keep, evicted = self.core.admit_records(partitions, offsets, _as_list(outputs), _as_list(messages), redrive)
         if evicted:
             metrics.DEDUP_EVICTIONS.inc(evicted)
         return cast(list[bool] | None, keep)
@@ -599,7 +599,9 @@ def _probe(window: Window) -> tuple:
         written.append((BATCH_KEY.unpack(cast(bytes, key))[1], cast(bytes, value), partition))
 
     verdicts = [
-        window.admit_batch([0, 0, 0, 1, 0], [1, 2, 1, 1, 3], [b"a", b"a", b"a", b"a", None], [5, 6, 5, 5, 7], lambda _: False),
+        window.admit_batch(
+            [0, 0, 0, 1, 0], [1, 2, 1, 1, 3], [b"a", b"a", b"a", b"a", None], [5, 6, 5, 5, 7], lambda _: False
+        ),
         window.admit_batch([0, 0], [4, 5], [b"a", b"a"], [8, 9], lambda i: i == 0),
     ]
     window.flush(produce)
