@@ -8,6 +8,7 @@ then a core that is not built fails them.
 
 from __future__ import annotations
 
+import random
 import sys
 from types import ModuleType
 
@@ -20,6 +21,7 @@ from streams import metrics
 from streams.errors import ConfigError
 from streams.pipeline.dedup import (
     BATCH_KEY,
+    CHUNK_BYTES,
     MAX_ID_BYTES,
     REDRIVE_HEADER,
     CoreDedupWindow,
@@ -48,12 +50,13 @@ def core_module() -> ModuleType:
 
 
 # One record: partition, key, offset step (negative: an earlier offset read again; 0: the same
-# one again; positive: a later one), raw-time step (ms; 5,000 jumps past a 1 s window), redrive.
+# one again; positive: a later one), raw-time step (ms; 1,000 lands on a 1 s window's edge,
+# 5,000 jumps past it), redrive.
 records = st.tuples(
     st.integers(0, PARTITIONS - 1),
     st.sampled_from(KEYS),
     st.sampled_from([-3, -1, 0, 1, 1, 1, 2]),
-    st.sampled_from([0, 1, 10, 300, 5_000, -50]),
+    st.sampled_from([0, 1, 300, 500, 1_000, 5_000, -50, -1_000]),
     st.booleans(),
 )
 operations = st.lists(
@@ -190,6 +193,52 @@ def test_the_core_window_does_what_the_reference_does(window_s, max_ids, ops):
         pair.run(op)
     pair.run(("commit",))
     pair.run(("restore", set(range(PARTITIONS))))
+
+
+@pytest.mark.parametrize("window_s, max_ids", [(1.0, 100_000), (2.0, 300), (60.0, 50)])
+def test_a_long_run_agrees(window_s, max_ids):
+    """Thousands of records (hypothesis's sequences are short): the periodic expiry every 256
+    admissions, the bound under churn, restores of a long changelog."""
+    rng = random.Random(f"{window_s}/{max_ids}")
+    pair = Pair(window_s, max_ids)
+    for n in range(300):
+        batch = [
+            (
+                rng.randrange(PARTITIONS),
+                f"m{rng.randrange(2000)}".encode(),
+                rng.choice([-3, -1, 0, 1, 1, 1, 1, 1, 2]),
+                rng.choice([0, 0, 1, 10, 30, 300]) if rng.random() > 0.002 else 5_000,
+                rng.random() < 0.05,
+            )
+            for _ in range(rng.randrange(1, 120))
+        ]
+        pair.run(("admit", batch, n % 2 == 0))
+        pair.run(rng.choice([("commit",), ("commit",), ("commit",), ("abort", True), ("abort", False)]))
+        if n % 50 == 49:
+            pair.run(("restore", {rng.randrange(PARTITIONS), rng.randrange(PARTITIONS)}))
+        if n % 70 == 69:
+            pair.run(("forget", {rng.randrange(PARTITIONS)}))
+
+
+def test_changelog_records_are_cut_alike_at_the_chunk_size():
+    """63 items of exactly ``CHUNK_BYTES`` with the header fill one record; one more starts the next."""
+    pair = Pair(600.0, 100_000)
+    items = [(0, b"%04d" % i + b"k" * (MAX_ID_BYTES - 4), 1, 1, False) for i in range(62)]
+    items.append((0, b"last" + b"k" * 904, 1, 1, False))  # 6 + 62 x 1,042 + 926 = 65,536
+    pair.run(("admit", items, False))
+    assert len(pair.flush()) == 1
+    pair.run(("commit",))
+    pair.run(
+        (
+            "admit",
+            [(0, b"n" + key[1:], step, dt, r) for _, key, step, dt, r in items] + [(0, b"extra", 1, 1, False)],
+            False,
+        )
+    )
+    pair.run(("admit", [(1, b"one more", 1, 1, False)], False))
+    written = pair.flush()
+    assert [p for p, _ in written] == [0, 0, 1] and len(written[0][1]) == CHUNK_BYTES
+    pair.run(("commit",))
 
 
 def test_many_admissions_of_one_id_are_undone_and_compacted_alike():
