@@ -220,6 +220,19 @@ def test_a_long_run_agrees(window_s, max_ids):
             pair.run(("forget", {rng.randrange(PARTITIONS)}))
 
 
+def test_the_window_edge_is_inside_in_both():
+    """An id exactly ``window`` older than the newest record is still held (a copy dropped);
+    a millisecond older it is forgotten (a copy written)."""
+    pair = Pair(1.0, 100)
+    pair.run(("admit", [(0, b"a", 1, 0, False), (0, b"b", 1, 0, False)], False))
+    pair.run(("admit", [(0, b"c", 1, 1_000, False), (0, b"a", 1, 0, False)], True))
+    assert [(o, t) for _, o, t in pair.windows[1].entries(0)][-1] == (3, pair.clock)  # c; the copy of a dropped
+    pair.run(("admit", [(0, b"d", 1, 1, False), (0, b"b", 1, 0, False)], False))
+    # b (a millisecond past the window) written again at 6, its place at 2 skipped; a, as old,
+    # is treated as forgotten but removed only at a periodic expiry
+    assert [o for _, o, _ in pair.windows[1].entries(0)] == [1, 3, 5, 6]
+
+
 def test_changelog_records_are_cut_alike_at_the_chunk_size():
     """63 items of exactly ``CHUNK_BYTES`` with the header fill one record; one more starts the next."""
     pair = Pair(600.0, 100_000)
