@@ -178,7 +178,44 @@ fn expire(held: &mut Held, partition: i64, oldest_kept: i128, size: &mut usize, 
     evicted
 }
 
+/// A record of the batch with an id to remember.
+struct Record<'py> {
+    index: usize,
+    partition: i64,
+    offset: i64,
+    timestamp: i64,
+    key: Bound<'py, PyBytes>,
+    fp: Fp,
+}
+
 impl DedupWindow {
+    /// Fingerprint each record, and read ahead the map slots the batch will touch: each
+    /// id's, and, where the bound will evict, those of the ids at the front of the order.
+    fn warm(&self, records: &mut [Record<'_>]) {
+        let mut touched = 0usize;
+        let mut at = 0;
+        while at < records.len() {
+            let partition = records[at].partition;
+            let run = records[at..].iter().position(|r| r.partition != partition).unwrap_or(records.len() - at);
+            let held = self.state.get(&partition);
+            for r in &mut records[at..at + run] {
+                r.fp = fingerprint(&self.keys, r.key.as_bytes());
+                if let Some(h) = held {
+                    touched += usize::from(h.ids.contains_key(&r.fp));
+                }
+            }
+            if let Some(h) = held {
+                if self.size + run > self.limit {
+                    for d in h.order.iter().take(run) {
+                        touched += usize::from(h.ids.contains_key(d));
+                    }
+                }
+            }
+            at += run;
+        }
+        std::hint::black_box(touched);
+    }
+
     fn expire(&mut self, partition: i64) -> u64 {
         let oldest_kept = i128::from(*self.newest.get(&partition).unwrap_or(&0)) - i128::from(self.window_ms);
         match self.state.get_mut(&partition) {
@@ -189,6 +226,10 @@ impl DedupWindow {
 
     /// `dedup.DedupWindow.admit_batch` over `n` records: `key(i)` (None, or bytes) read first,
     /// then, for a key to remember, `partitions[i]`, `offsets[i]` and `timestamp(i)`.
+    ///
+    /// In two passes: the batch is read and fingerprinted first, and the map slots the
+    /// second pass will touch (each id's, and those of the ids the bound will evict) are
+    /// read in tight loops, so their cache misses overlap instead of queueing one by one.
     #[allow(clippy::too_many_arguments)]
     fn admit<'py>(
         &mut self,
@@ -203,7 +244,24 @@ impl DedupWindow {
         if partitions.len() != n || offsets.len() != n {
             return Err(PyValueError::new_err("admit: every column must have one item per record"));
         }
-        let Self { window_ms, limit, keys, state, newest: newest_of, size, admitted, undo, pending: pending_of } = self;
+        // Pass 1: the records with an id to remember.
+        let mut records: Vec<Record<'py>> = Vec::with_capacity(n);
+        for i in 0..n {
+            let item = key(i)?;
+            if item.is_none() {
+                continue;
+            }
+            let len = item.cast::<PyBytes>()?.as_bytes().len();
+            if len == 0 || len > MAX_ID_BYTES {
+                continue;
+            }
+            let partition: i64 = partitions.get_item(i)?.extract()?;
+            let offset: i64 = offsets.get_item(i)?.extract()?;
+            let ts = timestamp(i)?;
+            records.push(Record { index: i, partition, offset, timestamp: ts, key: item.cast_into::<PyBytes>()?, fp: 0 });
+        }
+        self.warm(&mut records);
+        let Self { window_ms, limit, keys: _, state, newest: newest_of, size, admitted, undo, pending: pending_of } = self;
         let (window_ms, limit) = (i128::from(*window_ms), *limit);
         let mut keep: Option<Vec<bool>> = None; // made at the first record not written
         let mut current: Option<i64> = None;
@@ -211,18 +269,9 @@ impl DedupWindow {
         let mut newest = -1i64;
         let mut pending_at: Option<usize> = None;
         let mut evicted = 0u64;
-        for i in 0..n {
-            let item = key(i)?;
-            if item.is_none() {
-                continue;
-            }
-            let bytes = item.cast::<PyBytes>()?.as_bytes();
-            if bytes.is_empty() || bytes.len() > MAX_ID_BYTES {
-                continue;
-            }
-            let partition: i64 = partitions.get_item(i)?.extract()?;
-            let offset: i64 = offsets.get_item(i)?.extract()?;
-            let ts = timestamp(i)?;
+        for r in &records {
+            let (i, partition, offset, ts, d) = (r.index, r.partition, r.offset, r.timestamp, r.fp);
+            let bytes = r.key.as_bytes();
             if current != Some(partition) {
                 if let Some(p) = current {
                     newest_of.insert(p, newest);
@@ -236,7 +285,6 @@ impl DedupWindow {
             if ts > newest {
                 newest = ts;
             }
-            let d = fingerprint(keys, bytes);
             let seen = h.ids.get(&d).copied();
             if let Some(seen) = seen {
                 if i128::from(seen.timestamp) >= i128::from(newest) - window_ms {
