@@ -15,8 +15,9 @@
 //! its low 64 bits (already keyed and uniform: no second hash).
 //!
 //! **Memory.** A map slot is 32 bytes (fingerprint, timestamp, offset) and a control byte,
-//! at a load of 7/16 to 7/8; the order queue 16 bytes a place: ~60 to ~110 bytes per id
-//! held (Python's window: ~163; benchmarks/dedup_window.py measures both).
+//! at a load of 7/16 to 7/8; the order queue 16 bytes a place: 94 bytes per id held on 6
+//! partitions at the default bound, at most ~115 (Python's window: ~163;
+//! benchmarks/dedup_window.py measures both).
 
 use std::collections::hash_map::{Entry as Slot, RandomState};
 use std::collections::{HashMap, VecDeque};

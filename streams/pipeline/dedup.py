@@ -44,6 +44,16 @@ It is bounded by ``STREAMS_DEDUP_MAX_IDS`` and ``STREAMS_DEDUP_MAX_BYTES``; an i
 forgotten early under those bounds is counted (``streams_dedup_evictions_total``): a copy
 of it is no longer caught. That, and a replay older than the window, are the limits of
 the guarantee (docs/delivery.md).
+
+**Compiled core.** ``dedup_window`` picks ``CoreDedupWindow`` (``streams_core.DedupWindow``,
+core/src/dedup.rs) when the extension is built and gives this reference's verdicts,
+changelog and state on a probe, else ``DedupWindow`` here, the reference
+(``STREAMS_REQUIRE_CORE=1``: an error instead). Same state, rules and changelog bytes
+(tests/unit/test_dedup_core.py drives both with the same random operations); a 128-bit
+fingerprint (two keyed SipHash-1-3 digests: 2^-128 per pair, 9e-22 records a year at
+50,000 ev/s with 200,000 held); ~94 bytes per id held instead of ~163, and ~0.3 µs of
+CPU per admitted id at the bound instead of ~2 (benchmarks.dedup_window). The changelog's
+keys, its reading and the metrics stay in Python (``_Changelog``).
 """
 
 from __future__ import annotations
