@@ -15,11 +15,15 @@
 //!   else is declined and read by the Python reference. No crypto, no scheme.
 //! - `copy_binary(columns)`: rows as PostgreSQL's binary COPY stream (the key store's
 //!   writes: one buffer for a batch's new key rows instead of a Python tuple per row).
+//! - `DedupWindow(window_ms, limit)` (src/dedup.rs): the mask stage's window of message ids
+//!   written, the state and rules of streams/pipeline/dedup.py (its Python reference).
 //!
 //! A value the core cannot take exactly as the reference does (a `str` that is not valid
 //! UTF-8, such as a lone surrogate; a value too long for the 2-byte pad length; an
 //! unknown key index) gives `None` in its place: the caller sends that record to the
 //! reference. Nothing here formats a value into an error.
+
+mod dedup;
 
 use std::borrow::Cow;
 
@@ -722,6 +726,7 @@ fn parse_logins<'py>(py: Python<'py>, values: &Bound<'py, PyList>, headers: Vec<
 fn streams_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Mac>()?;
     m.add_class::<Siv>()?;
+    m.add_class::<dedup::DedupWindow>()?;
     m.add_function(wrap_pyfunction!(parse_logins, m)?)?;
     m.add_function(wrap_pyfunction!(copy_binary, m)?)?;
     Ok(())

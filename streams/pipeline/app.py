@@ -24,7 +24,7 @@ from streams.io.codec import Codecs
 from streams.logs import logging_config
 from streams.loop import use_uvloop
 from streams.ops.topology import stage_group
-from streams.pipeline.dedup import DedupWindow
+from streams.pipeline.dedup import dedup_window
 from streams.pipeline.delivery import die
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
@@ -164,7 +164,7 @@ def create_app(
         else:
             assert keyring is not None, "the mask stage needs keys"
             transform = MaskTransform(Masker(keyring, cache_size=settings.mask_cache_size), codecs, mask_erased)
-        dedup = DedupWindow(settings) if settings.dedup_window > 0 else None
+        dedup = dedup_window(settings) if settings.dedup_window > 0 else None
         stage(
             "mask",
             settings.raw_topic,

@@ -41,7 +41,7 @@ from streams.retry import retry_forever
 from streams.settings import Settings
 
 if TYPE_CHECKING:
-    from streams.pipeline.dedup import DedupWindow
+    from streams.pipeline.dedup import Window
     from streams.privacy.ledger import ErasedUsers
     from streams.privacy.user_keys import KeyStore
 
@@ -327,7 +327,7 @@ class MaskWriter(StageWriter):
         source: KafkaSource,
         producer: TransactionalProducer,
         transform: MaskTransform,
-        dedup: DedupWindow | None = None,
+        dedup: Window | None = None,
         keystore: KeyStore | None = None,
     ) -> None:
         super().__init__(settings, source, producer)
@@ -516,21 +516,17 @@ class MaskWriter(StageWriter):
 
     def _admitted(
         self, messages: list[Message], outputs: list[Any], partitions: list[int], positions: list[int]
-    ) -> list[bool]:
-        """The dedup window's verdict on each record of the batch (a copy is counted, not written)."""
+    ) -> list[bool] | None:
+        """The dedup window's verdict on each record of the batch, ``None`` when every one is
+        written (the usual batch); a copy is counted, not written."""
         assert self.dedup is not None
 
         def redrive(i: int) -> bool:
             return any(header[0] == REDRIVE_HEADER for header in messages[i].headers() or ())
 
-        keep = self.dedup.admit_batch(
-            partitions,
-            positions,
-            list(map(_KEY, outputs)),
-            [m.timestamp()[1] for m in messages],
-            redrive,
-        )
-        self.counts["duplicate"] += len(keep) - sum(keep)
+        keep = self.dedup.admit_records(messages, outputs, partitions, positions, redrive)
+        if keep is not None:
+            self.counts["duplicate"] += keep.count(False)
         return keep
 
     def _special(self, message: Message, out: Any) -> None:
