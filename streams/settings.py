@@ -161,9 +161,7 @@ class Settings(BaseSettings):
     commit_records: int = Field(
         5000, ge=1, description="the mask stage commits its transaction after this many records"
     )
-    commit_interval: float = Field(
-        0.2, gt=0, description="... or after this many seconds, whichever comes first (at once when caught up)"
-    )
+    commit_interval: float = Field(0.2, gt=0, description="... or after this many seconds, whichever comes first")
     transaction_timeout: float = Field(
         30.0,
         ge=1,

@@ -71,9 +71,6 @@ class Batch:
     # batch's records and past transaction markers (a read_committed reader skips them;
     # committing the offset after the last record would leave a lag of 1 per marker).
     ends: dict[int, int] = field(default_factory=dict)
-    # The poll returned fewer records than asked for (it waited its whole timeout): the stage
-    # has read all there was, so what it holds may be committed now rather than at its interval.
-    caught_up: bool = False
 
 
 class RevokeHandler(Protocol):
@@ -347,12 +344,11 @@ class KafkaSource:
                 for command in commands:
                     command()
                 self._backpressure()
-                wanted = self.settings.stage_batch_size(self.stage)
-                messages = consumer.consume(wanted, POLL_TIMEOUT)
+                messages = consumer.consume(self.settings.stage_batch_size(self.stage), POLL_TIMEOUT)
                 self._metadata = consumer.consumer_group_metadata()
-                batch = Batch(caught_up=len(messages) < wanted)
                 if self._held:
                     messages, self._held = self._held + messages, []
+                batch = Batch()
                 if self.assigned:
                     reported = self._reported
                     for tp in consumer.position([TopicPartition(self.topic, p) for p in self.assigned]):

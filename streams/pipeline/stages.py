@@ -443,7 +443,6 @@ class MaskWriter(StageWriter):
             if producer.open and (
                 producer.records >= self.settings.commit_records
                 or time.monotonic() - producer.began >= self.settings.commit_interval
-                or batch.caught_up  # nothing more to read now: waiting for the interval only delays readers
             ):
                 offsets, self.offsets = self.offsets, {}
                 try:
