@@ -119,7 +119,9 @@ class Bridge:
     async def run(self) -> None:
         settings = self.settings
         await asyncio.to_thread(ensure_topics, settings)
-        producer = self.producer = AsyncProducer(settings)
+        # Records wait up to STREAMS_BRIDGE_LINGER_MS so that each produce request carries
+        # more of them (the pollers' batches in flight keep SQS busy meanwhile).
+        producer = self.producer = AsyncProducer(settings, **{"linger.ms": settings.bridge_linger_ms})
         try:
             pool = max(20, settings.bridge_pollers * (settings.bridge_inflight + 2))  # receive, deletes, extensions
             async with sqs_client(settings, max_pool=pool, lean=True) as sqs:
