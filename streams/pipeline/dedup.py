@@ -58,6 +58,7 @@ keys, its reading and the metrics stay in Python (``_Changelog``).
 
 from __future__ import annotations
 
+import abc
 import logging
 import operator
 import struct
@@ -175,7 +176,7 @@ class Held:
 ADMITTED, EXPIRED = 0, 1  # what an undo entry undoes
 
 
-class _Changelog:
+class _Changelog(abc.ABC):
     """What both windows share: their bounds, the changelog topic, its reading (``load``)
     and its writing (``_write``)."""
 
@@ -203,9 +204,9 @@ class _Changelog:
             metrics.DEDUP_EVICTIONS.inc(evicted)
             log.info("dedup window of partition %d restored: %d ids", p, ids, extra={"stage": "mask"})
 
+    @abc.abstractmethod
     def _install(self, p: int, entries: list[tuple[bytes, Entry]]) -> tuple[int, int]:
         """Make ``entries`` the state of partition ``p``: ``(ids held, ids evicted)``."""
-        raise NotImplementedError
 
     def load(self, partitions: set[int]) -> dict[int, list[tuple[bytes, Entry]]]:
         """Read the changelog of newly assigned partitions (read_committed) up to their ends;
