@@ -9,9 +9,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import asyncpg
+import pytest
 
 from streams.io.codec import Codecs
 from streams.io.kafka import client_config, group_lag, read_topic, total_lag
@@ -20,6 +22,7 @@ from streams.io.sqs import bodies_from_json, send_to_queue
 from streams.ops import children
 from streams.ops.schemas import register as register_schemas
 from streams.ops.state import current_queue_depth, dead_letters
+from streams.privacy import core as mask_core
 from streams.settings import Settings
 from streams_dev.sandbox import sandbox_env, settings_from_env
 
@@ -37,6 +40,17 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def core_module() -> ModuleType:
+    """streams_core itself; a skip without it, unless STREAMS_REQUIRE_CORE=1 (then a failure)."""
+    try:
+        import streams_core
+    except ImportError:
+        if mask_core.core_required():
+            raise
+        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
+    return streams_core
 
 
 def isolated_pipeline(stack: Settings, workdir: Path, **extra_env: str) -> Pipeline:

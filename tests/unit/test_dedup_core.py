@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import sys
-from types import ModuleType
 
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
@@ -31,22 +30,11 @@ from streams.pipeline.dedup import (
     dedup_window,
 )
 from streams.pipeline.mask import Output
-from streams.privacy import core as mask_core
 from streams.settings import Settings
+from tests.helpers import core_module
 
 PARTITIONS = 4
 KEYS = [None, b"", b"x" * (MAX_ID_BYTES + 1), b"y" * MAX_ID_BYTES] + [f"m{i}".encode() for i in range(12)]
-
-
-def core_module() -> ModuleType:
-    """streams_core itself; a skip without it, unless STREAMS_REQUIRE_CORE=1 (then a failure)."""
-    try:
-        import streams_core
-    except ImportError:
-        if mask_core.core_required():
-            raise
-        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
-    return streams_core
 
 
 # One record: partition, key, offset step (negative: an earlier offset read again; 0: the same

@@ -28,22 +28,12 @@ from streams.privacy import core as mask_core
 from streams.privacy.keys import generate_document, parse_keyring
 from streams.privacy.ledger import ERASED, ErasedUsers
 from streams.privacy.masking import Masker, canonical_ip
+from tests.helpers import core_module
 from tests.integration.test_hostile import CATALOGUE
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 CODECS = Codecs()
 KEYRING = parse_keyring((GOLDEN / "keys.json").read_text(), "golden")
-
-
-def _core_module():
-    """streams_core itself; a skip without it, unless STREAMS_REQUIRE_CORE=1 (then a failure)."""
-    try:
-        import streams_core
-    except ImportError:
-        if mask_core.core_required():
-            raise
-        pytest.skip("streams_core is not built (make install); STREAMS_REQUIRE_CORE=1 makes this a failure")
-    return streams_core
 
 
 def _core_transform(keyring=KEYRING) -> MaskTransform:
@@ -336,7 +326,7 @@ def test_without_the_extension_the_reference_is_used_or_it_is_an_error(monkeypat
 
 
 def test_a_core_that_disagrees_with_the_reference_is_not_used(monkeypatch):
-    streams_core = _core_module()
+    streams_core = core_module()
 
     class WrongMac:  # a token scheme that is not the reference's (no domain prefix)
         def __init__(self, key: bytes, prefix: bytes) -> None:
@@ -357,7 +347,7 @@ def test_a_core_that_disagrees_with_the_reference_is_not_used(monkeypatch):
 
 
 def test_primitives_match_hmac_and_cryptography_aes_siv():
-    streams_core = _core_module()
+    streams_core = core_module()
     rng = random.Random(5)
     keys = [rng.randbytes(64), rng.randbytes(32), rng.randbytes(64)]
     values = [rng.randbytes(rng.randrange(0, 600)) for _ in range(200)]
@@ -388,7 +378,7 @@ def test_core_aes_siv_is_cryptographys_for_any_sizes(key, plaintexts, shared, ea
     cryptography's (OpenSSL): every plaintext length around the 16-byte block
     (the S2V xorend and pad cases), 0 to 6 associated-data items, both key sizes; one key
     object sealing several values in turn."""
-    got = _core_module().Siv([key]).seal(0, plaintexts, 0, shared, [each] * len(plaintexts))
+    got = core_module().Siv([key]).seal(0, plaintexts, 0, shared, [each] * len(plaintexts))
     assert got == [AESSIV(key).encrypt(p, [*shared, each]) for p in plaintexts]
 
 
@@ -396,7 +386,7 @@ def test_core_composes_an_associated_data_item_from_parts():
     """``ad_parts``: constant bytes parts and per-value list parts (str as UTF-8, bytes)
     concatenated into one item, the same bytes as that item given whole; a ``None`` or a lone
     surrogate in a list part declines that value only; a part of another length is an error."""
-    streams_core = _core_module()
+    streams_core = core_module()
     key = bytes(range(64))
     users = ["u-1", "ü-✓", "\ud800", "x" * 128, "u-5"]
     tokens = ["g1.a", "g1.b", "g1.c", None, "g1.e"]
@@ -415,7 +405,7 @@ def test_core_composes_an_associated_data_item_from_parts():
 
 
 def test_core_aes_siv_takes_126_associated_data_items_and_declines_more():
-    streams_core = _core_module()
+    streams_core = core_module()
     key = bytes(range(64))
     ads = [bytes([i]) for i in range(126)]
     assert streams_core.Siv([key]).seal(0, [b"value"], 0, ads[:-1], [ads[-1]]) == [AESSIV(key).encrypt(b"value", ads)]
@@ -491,7 +481,7 @@ def test_primitives_seal_the_per_user_scheme_byte_for_byte():
     primitives: one key per user (an index per record), one associated-data item per value."""
     from streams.privacy.masking import associated, join_token, pad_field, seal
 
-    streams_core = _core_module()
+    streams_core = core_module()
     rng = random.Random(29)
     user_keys = [rng.randbytes(64) for _ in range(7)]
     join_key = rng.randbytes(32)
@@ -640,7 +630,7 @@ def test_core_key_wrapping_gives_the_reference_rows_byte_for_byte():
 def test_a_key_the_core_declines_to_wrap_is_wrapped_by_the_reference():
     class Declines:
         def __init__(self, kek: bytes) -> None:
-            self.inner = mask_core.KeyWrapping(_core_module(), kek)
+            self.inner = mask_core.KeyWrapping(core_module(), kek)
 
         def wrap(self, keys, prefix, users):
             return [None if i % 2 else w for i, w in enumerate(self.inner.wrap(keys, prefix, users))]
@@ -673,13 +663,13 @@ def test_core_copy_binary_is_the_reference_byte_for_byte(columns):
     """Text (any Unicode, UTF-8) and bytes columns, empty values and no rows alike."""
     from streams.privacy.user_keys import copy_binary
 
-    assert _core_module().copy_binary(columns) == copy_binary(columns)
+    assert core_module().copy_binary(columns) == copy_binary(columns)
 
 
 def test_core_copy_binary_declines_what_the_reference_declines():
     from streams.privacy.user_keys import copy_binary
 
-    streams_core = _core_module()
+    streams_core = core_module()
     for columns in (
         [["a", "b"], [b"x"]],  # lists of different lengths
         [["a", "\ud800"]],  # a lone surrogate: no UTF-8 form
@@ -695,7 +685,7 @@ def test_core_copy_binary_declines_what_the_reference_declines():
 
 
 def test_a_core_copy_encoder_that_differs_is_not_used(monkeypatch):
-    streams_core = _core_module()
+    streams_core = core_module()
     monkeypatch.setattr(streams_core, "copy_binary", lambda columns: b"PGCOPY")
     assert mask_core.load_copy_binary(require=False) is None
     with pytest.raises(ConfigError):
@@ -796,7 +786,7 @@ def test_sealing_without_the_extension_is_the_reference_or_an_error(monkeypatch)
 
 
 def test_a_sealing_core_that_disagrees_with_the_reference_is_not_used(monkeypatch):
-    streams_core = _core_module()
+    streams_core = core_module()
 
     class WrongSiv:  # seals under the shared associated data only: not the reference's binding
         def __init__(self, keys):
