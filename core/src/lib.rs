@@ -15,6 +15,8 @@
 //!   else is declined and read by the Python reference. No crypto, no scheme.
 //! - `copy_binary(columns)`: rows as PostgreSQL's binary COPY stream (the key store's
 //!   writes: one buffer for a batch's new key rows instead of a Python tuple per row).
+//! - `RecordEncoder(header, fields, key)` (src/avro.rs): a flat Avro record's encoding for a
+//!   batch, values taken from the caller's columns (the masked record; no schema names here).
 //! - `DedupWindow(window_ms, limit)` (src/dedup.rs): the mask stage's window of message ids
 //!   written, the state and rules of streams/pipeline/dedup.py (its Python reference).
 //!
@@ -23,6 +25,7 @@
 //! unknown key index) gives `None` in its place: the caller sends that record to the
 //! reference. Nothing here formats a value into an error.
 
+mod avro;
 mod dedup;
 
 use std::borrow::Cow;
@@ -727,6 +730,7 @@ fn streams_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Mac>()?;
     m.add_class::<Siv>()?;
     m.add_class::<dedup::DedupWindow>()?;
+    m.add_class::<avro::RecordEncoder>()?;
     m.add_function(wrap_pyfunction!(parse_logins, m)?)?;
     m.add_function(wrap_pyfunction!(copy_binary, m)?)?;
     Ok(())

@@ -309,6 +309,21 @@ def _masked_datum(
     }
 
 
+# Datum arguments the core's record encoder is checked on when loaded (mask_core.RecordEncoder):
+# ASCII and not, nulls and not, each union branch, a long text, an extreme timestamp.
+_PROBE_FIELDS: list[_Fields] = [
+    ("m-1", 1_764_000_000_000, "u-1", "ios", "10.0.0.1", True, "d-1", "1.2.3", 10203, None),
+    ("é-✓", -1, "ü" * 90, "android", "::1", False, "", "", None, "en-GB"),
+    ("m" * 128, 2**62, "u", "web", "x" * 300, False, "d" * 500, "9" * 40, 0, ""),
+]
+_MASKED_PROBES = [
+    (fields, f"h1.{i}", "h1." + "z" * 43 * i, "k1.b." + "y" * 200 * i, "") for i, fields in enumerate(_PROBE_FIELDS)
+]
+_SEALED_PROBES = [
+    (fields, (f"h1.{i}", bytes(range(i * 100)), "h1." + "z" * i, b"\xff" * i)) for i, fields in enumerate(_PROBE_FIELDS)
+]
+
+
 class MaskTransform:
     """Raw records in, outputs out. ``batch`` masks with the compiled core when there is
     one (``use_core``, see streams/privacy/core.py); ``__call__``, one record at a time, is
@@ -327,6 +342,9 @@ class MaskTransform:
         self._encode = codecs.masked.encode
         self._mask_value = masker.mask
         self.core = mask_core.load(masker, raw=codecs.raw) if use_core else None
+        self._encoder = (
+            mask_core.load_record_encoder(codecs.masked, _masked_datum, _MASKED_PROBES, Output) if self.core else None
+        )
         self.core_masked = 0  # records masked by the core, and those it declined (the reference's)
         self.core_declined = 0
 
@@ -386,12 +404,36 @@ class MaskTransform:
         if ready:
             ip_tokens, ip_ciphertexts = core.mask("ip", [fields[4] for _, fields in ready])
             device_tokens, device_ciphertexts = core.mask("device_id", [fields[6] for _, fields in ready])
-            masked = zip(ip_tokens, device_tokens, ip_ciphertexts, device_ciphertexts, strict=True)
-            declined += self._fill(
-                messages, outputs, ready, masked, lambda fields, m: _masked_datum(fields, *m), lambda m: None in m
-            )
+            if self._encoder is not None:
+                columns: list[list] = [
+                    [fields for _, fields in ready],
+                    ip_tokens,
+                    device_tokens,
+                    ip_ciphertexts,
+                    device_ciphertexts,
+                ]
+                declined += self._place(messages, outputs, ready, self._encoder.encode(columns, len(ready)))
+            else:
+                masked = zip(ip_tokens, device_tokens, ip_ciphertexts, device_ciphertexts, strict=True)
+                declined += self._fill(
+                    messages, outputs, ready, masked, lambda fields, m: _masked_datum(fields, *m), lambda m: None in m
+                )
         self._count_core(len(messages), declined)
         return outputs  # type: ignore[return-value]  # every position is filled above
+
+    def _place(self, messages, outputs, ready, encoded: tuple[list[Output | None], int]) -> int:
+        """Put the core's encoded outputs of ``ready`` in ``outputs``; one it declined (``None``)
+        goes through ``__call__``, the reference, which decides it. Returns the records declined."""
+        results, declined = encoded
+        if not declined and len(results) == len(outputs):  # the usual batch: every record masked
+            outputs[:] = results
+            return 0
+        for (position, _), out in zip(ready, results, strict=True):
+            if out is None:
+                key, value, where = messages[position]
+                out = self(key, value, where)
+            outputs[position] = out
+        return declined
 
     def _fill(self, messages, outputs, ready, results, datum, refused) -> int:
         """Encode the core's ``results`` of ``ready`` into ``outputs``; a result the core
@@ -508,6 +550,9 @@ class SealingMaskTransform(MaskTransform):
         self._seal = masker.mask_login
         self._lifetime = masker.lifetime
         self.core = mask_core.load_sealing(masker, raw=codecs.raw) if use_core else None
+        self._encoder = (
+            mask_core.load_record_encoder(codecs.masked, _sealed_datum, _SEALED_PROBES, Output) if self.core else None
+        )
         self.core_masked = self.core_declined = 0
 
     def _mask(self, envelope: dict) -> dict:
@@ -536,7 +581,11 @@ class SealingMaskTransform(MaskTransform):
             sealed = core.seal(
                 keys, index, key_ids, [f[2] for _, f in ready], [f[4] for _, f in ready], [f[6] for _, f in ready]
             )
-            declined += self._fill(messages, outputs, ready, sealed, _sealed_datum, lambda m: m is None)
+            if self._encoder is not None:
+                columns = [[fields for _, fields in ready], sealed]
+                declined += self._place(messages, outputs, ready, self._encoder.encode(columns, len(ready)))
+            else:
+                declined += self._fill(messages, outputs, ready, sealed, _sealed_datum, lambda m: m is None)
         self._count_core(len(messages), declined)
         return outputs  # type: ignore[return-value]  # every position is filled above
 

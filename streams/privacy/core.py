@@ -4,7 +4,9 @@
 and the image's builder stage) holds primitives only: HMAC-SHA256 tokens and AES-SIV
 sealing with key schedules set once, and a parser of the common raw record shape
 (``parse_logins``: envelope, flat JSON body, the mask stage's validation; it declines
-everything else, which the reference reads). How a token and a ciphertext are
+everything else, which the reference reads) and an encoder of flat Avro records
+(``RecordEncoder``: the masked records of a batch, its fields placed by the reference's
+own datum function). How a token and a ciphertext are
 composed (keys, MAC prefix, associated data, text format) is written here, beside the
 reference it must equal (``masking.Masker``), and checked against it when loaded: a
 core that does not give the reference's bytes is not used.
@@ -30,12 +32,13 @@ import logging
 import os
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from streams import metrics
 from streams.errors import ConfigError
+from streams.io import avro_fast
 from streams.io.codec import AvroCodec
 from streams.privacy.masking import (
     _AD_LABEL,
@@ -269,6 +272,90 @@ def load_copy_binary(require: bool | None = None) -> Callable[[list[list]], byte
         _fallback("binary COPY: the compiled core's bytes differ from the reference's", require)
         return None
     return streams_core.copy_binary
+
+
+class _At(NamedTuple):
+    """Where a datum's value comes from in ``RecordEncoder``'s columns (item -1: the element itself)."""
+
+    column: int
+    item: int
+
+
+_ENCODED_KINDS = {
+    "string": "string",
+    "bytes": "bytes",
+    "int": "int",
+    "long": "long",
+    "ts": "long",
+    "boolean": "boolean",
+}
+
+
+class RecordEncoder:
+    """The masked records of a batch, Avro-encoded in one core call (``streams_core.RecordEncoder``):
+    ``Output(message id, header + encoding)`` each, or ``None`` where the core declines a record.
+
+    Which value goes in which field is not written twice: it is read off the reference's own
+    datum function (``mask._masked_datum``, ``mask._sealed_datum``) by calling it once with
+    markers for arguments. The datum's arguments are the batch's columns, one element per
+    record; a constant it puts in (an empty text, a null) is a column of its own. Checked
+    against ``codec.encode`` on ``probes`` (datum arguments) here.
+    """
+
+    def __init__(
+        self, module: ModuleType, codec: AvroCodec, datum: Callable[..., dict], probes: list[tuple], make: type
+    ) -> None:
+        shape = [len(arg) if isinstance(arg, tuple) else 0 for arg in probes[0]]
+        markers = [tuple(_At(c, j) for j in range(n)) if n else _At(c, -1) for c, n in enumerate(shape)]
+        placed = datum(*markers)
+        self._constants: list[Any] = []
+        fields = []
+        for name, kind, nullable in avro_fast._field_kinds(cast(dict, codec.schema)):
+            value = placed[name]
+            if isinstance(value, _At):
+                where = (value.column, value.item)
+            elif value is None:
+                where = (-1, -1)
+            else:
+                where = (len(shape) + len(self._constants), -1)
+                self._constants.append(value)
+            if kind not in _ENCODED_KINDS:
+                raise avro_fast.Unsupported(kind)
+            fields.append((_ENCODED_KINDS[kind], nullable, *where))
+        key = placed["message_id"]
+        self._encoder = module.RecordEncoder(codec.header, fields, (key.column, key.item))
+        self._make = functools.partial(tuple.__new__, make)
+        columns = [list(column) for column in zip(*probes, strict=True)]
+        got, _ = self.encode(columns, len(probes))
+        expected = [make(args[0][0].encode(), codec.encode(datum(*args))) for args in probes]
+        if got != expected or [type(o) for o in got] != [type(o) for o in expected]:
+            raise CoreMismatch(f"{codec.name}: the compiled core's encoding differs from the reference's")
+
+    def encode(self, columns: list[list], n: int) -> tuple[list[Any], int]:
+        """``(outputs, declined)`` of ``n`` records given as the datum's columns."""
+        if self._constants:
+            columns = [*columns, *([constant] * n for constant in self._constants)]
+        return self._encoder.encode(columns, n, self._make)
+
+
+def load_record_encoder(
+    codec: AvroCodec, datum: Callable[..., dict], probes: list[tuple], make: type, require: bool | None = None
+) -> RecordEncoder | None:
+    """The core's encoder of ``datum``'s records with ``codec`` (checked on ``probes``), or
+    ``None`` (the reference encodes: ``codec.encode`` per record)."""
+    if require is None:
+        require = core_required()
+    streams_core = _import_core(require)
+    if streams_core is None:
+        return None
+    try:
+        return RecordEncoder(streams_core, codec, datum, probes, make)
+    except avro_fast.Unsupported as exc:  # a schema shape it does not encode: no error, the reference does
+        log.info("masked records encoded by the reference: %s", exc)
+        return None
+    except (CoreMismatch, AttributeError) as exc:  # AttributeError: a build without RecordEncoder
+        _fallback(f"record encoder: {exc}", require)
+        return None
 
 
 # The raw envelope layout the core's parser reads (schemas/raw_envelope.v1.avsc); another
