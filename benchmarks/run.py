@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 import fastavro
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
+from benchmarks.bridge import BARE as BARE_SQS
 from benchmarks.harness import (
     CommittedProgress,
     Result,
@@ -268,6 +269,16 @@ PARTS = ("mask", "sink", "bridge", "e2e", "rss", "latency", "scaling")
 EOS_COST_MAX = 0.10  # 1 - bare transactional loop / bare loop (throughput)
 CPU_RATIO_MAX = 1.3  # mask stage CPU per event / bare loop's (same transform)
 SECONDS_RATIO_MAX = 1.2  # mask stage start to done / bare loop's
+# Targets of issue 20 (the compiled core, the sink near COPY, the bridge near bare SQS).
+TRANSFORM_US_MAX = 10.0  # MaskTransform.batch on the core, µs of CPU per record
+MASK_RATE_MIN = 50_000  # mask stage ev/s, steady, one worker
+PASSTHROUGH_MIN = 0.25  # mask stage ev/s / bare byte copy's
+CORE_CPU_RATIO_MAX = 1.15  # mask stage CPU per event / the bare loop's (both on the core)
+SINK_COPY_MIN = 0.7  # sink stage rows/s / COPY into both tables
+SINK_US_MAX = 20.0  # sink stage CPU per row
+BRIDGE_MIN = 0.9  # bridge msg/s / bare SQS loop's, same pollers
+RSS_MAX_MIB = 200  # worker peak RSS at any backlog
+E2E_MIN = 0.8  # end to end rows/s / bare SQS loop's (issue 18)
 
 
 @dataclass
@@ -415,6 +426,14 @@ def main(argv: list[str] | None = None) -> int:
                 if "core" in costs
                 else None
             )
+            if core_row:
+                targets.append(
+                    _target(
+                        "mask transform on the core at most 10 µs of CPU per record",
+                        core_row[0] <= TRANSFORM_US_MAX,
+                        f"{core_row[0]:.1f} µs",
+                    )
+                )
 
         def kafka_run(name: str, cmds: list[list[str]], group: str, out: str, **env: str) -> Result:
             child_env = sb.env(
@@ -535,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"{ratio:.2f}× ({stage.cpu_per_100k * 10:.0f} vs {bare.cpu_per_100k * 10:.0f} µs)",
                     )
                 )
+                targets.append(
+                    _target(
+                        "mask stage CPU per event at most 1.15× the bare loop's (issue 20)",
+                        ratio <= CORE_CPU_RATIO_MAX,
+                        f"{ratio:.2f}×",
+                    )
+                )
             if bare.seconds and stage.seconds:
                 ratio = stage.seconds / bare.seconds
                 targets.append(
@@ -546,6 +572,23 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
             copy_agent, copy_bare = medians["copy-agent"], medians["copy-bare"]
+            if stage.rate:
+                targets.append(
+                    _target(
+                        "mask stage at least 50,000 ev/s steady, one worker",
+                        stage.rate >= MASK_RATE_MIN,
+                        f"{stage.rate:,.0f} ev/s",
+                    )
+                )
+            if stage.rate and copy_bare.rate:
+                share = stage.rate / copy_bare.rate
+                targets.append(
+                    _target(
+                        "mask stage at least 25 % of the bare passthrough (bare byte copy)",
+                        share >= PASSTHROUGH_MIN,
+                        f"{share:.1%} ({stage.rate:,.0f} / {copy_bare.rate:,.0f} ev/s)",
+                    )
+                )
             if copy_bare.rate is None or copy_bare.rate < args.min_bare_copy:
                 invalid.append(
                     f"bare byte copy at {copy_bare.rate or 0:,.0f} ev/s < {args.min_bare_copy:,.0f} (--min-bare-copy)"
@@ -622,6 +665,22 @@ def main(argv: list[str] | None = None) -> int:
                 Row("sink", comparators[0], "comparator"),
                 Row("sink", comparators[1], "the sink's SQL alone"),
             ]
+            if comparators[0].rate and sink.rate:
+                targets.append(
+                    _target(
+                        "sink stage at least 0.7× COPY into both tables",
+                        sink.rate / comparators[0].rate >= SINK_COPY_MIN,
+                        f"{sink.rate / comparators[0].rate:.2f}×",
+                    )
+                )
+            if sink.cpu_per_100k:
+                targets.append(
+                    _target(
+                        "sink stage at most 20 µs of worker CPU per row",
+                        sink.cpu_per_100k * 10 <= SINK_US_MAX,
+                        f"{sink.cpu_per_100k * 10:.1f} µs",
+                    )
+                )
             if comparators[0].rate and sink.rate and comparators[0].rate < sink.rate:
                 invalid.append("COPY slower than the sink stage")
 
@@ -638,6 +697,15 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 Row("bridge", median_result(BARE, [r[BARE] for r in rounds]), "comparator", [r[BARE] for r in rounds]),
             ]
+            bridge, bare_sqs = rows[-2].result, rows[-1].result
+            if bridge.rate and bare_sqs.rate:
+                targets.append(
+                    _target(
+                        "bridge at least 0.9× the bare SQS loop, same pollers",
+                        bridge.rate / bare_sqs.rate >= BRIDGE_MIN,
+                        f"{bridge.rate / bare_sqs.rate:.2f}×",
+                    )
+                )
 
         if "e2e" in parts:
             dsn = sb.new_database("e2e")
@@ -663,6 +731,15 @@ def main(argv: list[str] | None = None) -> int:
             count = row_counter(dsn)()
             checks.append(f"end to end: {count} rows for {n} messages" + ("" if count == n else " MISMATCH"))
             rows.append(Row("e2e", e2e, "target ≥ 0.8× bare SQS loop; one run"))
+            bare_sqs = next((r.result for r in rows if r.group == "bridge" and r.result.name == BARE_SQS), None)
+            if bare_sqs is not None and bare_sqs.rate and e2e.rate:
+                targets.append(
+                    _target(
+                        "end to end at least 0.8× the bare SQS loop",
+                        e2e.rate / bare_sqs.rate >= E2E_MIN,
+                        f"{e2e.rate / bare_sqs.rate:.2f}×",
+                    )
+                )
 
         if "rss" in parts:
             for backlog in (int(b) for b in args.rss_backlogs.split(",") if b):
@@ -690,6 +767,14 @@ def main(argv: list[str] | None = None) -> int:
                     args.timeout * max(1, backlog // nk),
                 )
                 rows.append(Row("rss", r, "peak RSS (target ≤ 200 MiB, flat); one run"))
+                if r.peak_rss_mib:
+                    targets.append(
+                        _target(
+                            f"worker peak RSS at most 200 MiB, backlog {backlog:,}",
+                            r.peak_rss_mib <= RSS_MAX_MIB,
+                            f"{r.peak_rss_mib:.0f} MiB",
+                        )
+                    )
     finally:
         sb.close()
 
@@ -774,7 +859,7 @@ def _print_table(
                 f"{whole / core_us:.2f} | | {core_us:.1f} µs CPU/record (target ≤ 10; × is the reference's µs "
                 f"over the core's); {declined:.2%} of records declined by the core (masked by the reference) |"
             )
-    bare_sqs = next((r.result for r in rows if r.group == "bridge" and r.result.name == "bare SQS loop"), None)
+    bare_sqs = next((r.result for r in rows if r.group == "bridge" and r.result.name == BARE_SQS), None)
     by_group: dict[str, list[Row]] = {}
     for row in rows:
         by_group.setdefault(row.group, []).append(row)
