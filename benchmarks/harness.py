@@ -144,7 +144,10 @@ class Sandbox:
         try:
             admin = admin_client(self.settings)
             existing = set(admin.list_topics(timeout=10).topics)
-            doomed = [t for t in self.topics if t in existing]
+            # Every topic named under the sandbox's tag: a stage's own ones too (a changelog of a
+            # raw topic the sandbox did not name through ``env``), not only those registered here.
+            tag = self.settings.raw_topic.rsplit(".", 1)[0] + "."
+            doomed = sorted(t for t in existing if t in self.topics or t.startswith(tag))
             if doomed:
                 for future in admin.delete_topics(doomed, request_timeout=30).values():
                     future.result()
