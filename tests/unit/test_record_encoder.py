@@ -16,8 +16,16 @@ from hypothesis import strategies as st
 
 from streams.errors import ConfigError
 from streams.io.codec import Codecs
-from streams.pipeline.mask import _MASKED_PROBES, _SEALED_PROBES, Output, _masked_datum, _sealed_datum
+from streams.pipeline.mask import (
+    _MASKED_PROBES,
+    _SEALED_PROBES,
+    MaskTransform,
+    Output,
+    _masked_datum,
+    _sealed_datum,
+)
 from streams.privacy import core as mask_core
+from streams.privacy.masking import Masker
 from tests.helpers import core_module
 
 CODEC = Codecs().masked
@@ -130,3 +138,14 @@ def test_an_encoder_that_differs_is_not_used_or_is_an_error(monkeypatch):
         mask_core.load_record_encoder(CODEC, _masked_datum, _MASKED_PROBES, Output, require=True)
     del wrong.RecordEncoder  # an older build without the encoder: the same
     assert mask_core.load_record_encoder(CODEC, _masked_datum, _MASKED_PROBES, Output, require=False) is None
+
+
+def test_both_mask_transforms_encode_in_the_core():
+    """The stage's transforms use the encoder (none falls back without a word): the masked
+    schema is one it encodes, and a core that is built has it."""
+    from tests.unit.test_mask_core import KEYRING, _sealing_pair
+
+    core_module()
+    assert MaskTransform(Masker(KEYRING), Codecs())._encoder is not None
+    core, _ = _sealing_pair()
+    assert core._encoder is not None
