@@ -17,6 +17,8 @@
 //!   writes: one buffer for a batch's new key rows instead of a Python tuple per row).
 //! - `RecordEncoder(header, fields, key)` (src/avro.rs): a flat Avro record's encoding for a
 //!   batch, values taken from the caller's columns (the masked record; no schema names here).
+//! - `stage_input(messages, place, head_len)` (src/stage.rs): a stage's reading of a batch
+//!   of consumed records in one pass (inputs, partitions, offsets, schema headers).
 //! - `DedupWindow(window_ms, limit)` (src/dedup.rs): the mask stage's window of message ids
 //!   written, the state and rules of streams/pipeline/dedup.py (its Python reference).
 //!
@@ -27,6 +29,7 @@
 
 mod avro;
 mod dedup;
+mod stage;
 
 use std::borrow::Cow;
 
@@ -733,5 +736,6 @@ fn streams_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<avro::RecordEncoder>()?;
     m.add_function(wrap_pyfunction!(parse_logins, m)?)?;
     m.add_function(wrap_pyfunction!(copy_binary, m)?)?;
+    m.add_function(wrap_pyfunction!(stage::stage_input, m)?)?;
     Ok(())
 }

@@ -17,10 +17,11 @@ dead-lettered on the way through again. docs/delivery.md has the rules and their
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
@@ -36,6 +37,7 @@ from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
 from streams.pipeline.source import Batch, KafkaSource, RevokeHandler
 from streams.pipeline.transactions import SIZE_MARGIN, Abort, TransactionalProducer
+from streams.privacy import core as mask_core
 from streams.privacy.ledger import ERASED
 from streams.retry import retry_forever
 from streams.settings import Settings
@@ -84,6 +86,40 @@ def schema_heads(inputs: list[tuple[bytes | None, bytes | None, str]]) -> set[by
     return set(map(_HEAD, filter(None, map(_VALUE, inputs))))
 
 
+Read = tuple[list[tuple[bytes | None, bytes | None, str]], list[int], list[int], set[bytes]]
+
+
+def read_batch(messages: list[Message]) -> Read:
+    """What a stage reads of a batch: its inputs (``stage_input``), each record's partition
+    and offset, and the schema headers of its values (``schema_heads``). The reference of
+    the compiled core's one pass (``streams_core.stage_input``)."""
+    inputs = stage_input(messages)
+    partitions = cast(list[int], [m.partition() for m in messages])  # consumed records have both
+    return inputs, partitions, cast(list[int], [m.offset() for m in messages]), schema_heads(inputs)
+
+
+# Records the core's reading is checked on when loaded: each kind of key (none, empty, not
+# ASCII, text), of value (none, empty, shorter than a header, two headers).
+_READ_PROBES = [
+    Message(topic="t", partition=p, offset=o, key=k, value=v)
+    for p, o, k, v in (
+        (0, 5, b"id-1", b"\x00\x00\x00\x00\x01abc"),
+        (1, 0, None, b"\xc3\x01\x02"),
+        (1, 1, b"", b""),
+        (2, 7, b"\xffid", None),
+        (2, 9, b"id-2", b"\x00\x00\x00\x00\x02"),
+        (0, 1 << 40, b"id-3", b"\x00\x00\x00\x00\x01xyz"),
+    )
+]
+
+
+@functools.cache
+def batch_reader() -> Callable[[list[Message]], Read]:
+    """``read_batch`` in one core pass over the ``Message`` objects when the core is built
+    and agrees on the probes, else ``read_batch`` itself (``STREAMS_REQUIRE_CORE=1``: an error)."""
+    return mask_core.load_batch_reader(read_batch, _READ_PROBES, where, CONFLUENT_HEADER_LEN)
+
+
 def record_limits(settings: Settings, topics: Sequence[str]) -> dict[str, int]:
     """Bytes of key + value a record may have on each topic: the topic's ``max.message.bytes``
     (read once, at start) and the producer's ``message.max.bytes``, less ``SIZE_MARGIN``."""
@@ -121,6 +157,7 @@ class StageWriter(RevokeHandler):
         self.boundaries = 0  # transactions ended (committed or aborted): the erasure ledger confirms at one
         self.aborts = 0  # transactions aborted (each rewound the source)
         self.erased: ErasedUsers | None = None  # the erasure ledger in memory (streams.privacy.ledger)
+        self.read = batch_reader()
         self.in_ = metrics.RECORDS_IN.labels(self.stage)
         self.size_ = metrics.BATCH_SIZE.labels(self.stage)
         self.seconds_ = metrics.BATCH_SECONDS.labels(self.stage)
@@ -408,9 +445,9 @@ class MaskWriter(StageWriter):
     async def _handle(self, batch: Batch) -> None:
         messages = self.source.live(batch) if batch.messages else []
         began = time.monotonic()
-        inputs = stage_input(messages)
+        inputs, partitions, positions, heads = self.read(messages)
         if messages:  # schema ids not seen before: fetched once (a registry that is down is waited out)
-            await self.codecs.raw.resolve(schema_heads(inputs), self.settings.retry_max_backoff)
+            await self.codecs.raw.resolve(heads, self.settings.retry_max_backoff)
         # The transform runs while the previous transaction commits on its thread.
         ledger = self.ledger_version()
         outputs = self.transform.batch(inputs) if messages else []
@@ -424,9 +461,11 @@ class MaskWriter(StageWriter):
                     keep = {id(m) for m in now}
                     outputs = [o for m, o in zip(messages, outputs, strict=True) if id(m) in keep]
                     messages = now
+                    partitions = cast(list[int], [m.partition() for m in messages])
+                    positions = cast(list[int], [m.offset() for m in messages])
                 if messages:
                     try:
-                        self._produce(messages, outputs)
+                        self._produce(messages, outputs, partitions, positions)
                     except Abort as abort:
                         await self.aborted(abort)
                         return
@@ -464,7 +503,9 @@ class MaskWriter(StageWriter):
             metrics.LIVENESS.finished()
         self.batches = 0
 
-    def _produce(self, messages: list[Message], outputs: list[Any]) -> None:
+    def _produce(
+        self, messages: list[Message], outputs: list[Any], partitions: list[int], positions: list[int]
+    ) -> None:
         """Queue a batch's outputs in the open transaction; per record only what each needs.
 
         A masked record that fits goes straight to the producer; dead letters, erased users'
@@ -476,11 +517,8 @@ class MaskWriter(StageWriter):
         producer.begin()
         topic = s.raw_topic
         offsets = self.offsets
-        # Each record's partition and offset read once, for the offsets and the dedup window (list
-        # comprehensions: ``map(operator.methodcaller(...))`` costs 4x as much per call on 3.11).
-        partitions = cast(list[int], [m.partition() for m in messages])  # consumed records have both
-        positions = cast(list[int], [m.offset() for m in messages])
-        # The last one per partition wins.
+        # Each record's partition and offset (``partitions``, ``positions``: read once, with the
+        # batch) serve the offsets and the dedup window. The last one per partition wins.
         for partition, offset in dict(zip(partitions, positions, strict=True)).items():
             offsets[(topic, partition)] = offset + 1
         keep = self._admitted(messages, outputs, partitions, positions) if self.dedup is not None else None
@@ -602,9 +640,9 @@ class SinkWriter(StageWriter):
         messages = self.source.live(batch) if batch.messages else []
         if not messages and not batch.ends:
             return
-        inputs = stage_input(messages)
+        inputs, partitions, positions, heads = self.read(messages)
         if messages:
-            await self.codecs.masked.resolve(schema_heads(inputs), self.settings.retry_max_backoff)
+            await self.codecs.masked.resolve(heads, self.settings.retry_max_backoff)
         ledger = self.ledger_version()
         plan = self.sink_stage.plan(inputs)  # while the last batch writes
         async with self.lock:
@@ -612,9 +650,11 @@ class SinkWriter(StageWriter):
             now = self.live_now(batch, messages)
             if len(now) != len(messages) or self.ledger_version() != ledger:  # or an erasure arrived meanwhile
                 plan = self.sink_stage.plan(stage_input(now))
-            offsets: dict[tuple[str, int], int] = {}
-            for m in now:
-                offsets[(cast(str, m.topic()), cast(int, m.partition()))] = cast(int, m.offset()) + 1
+            if now is not messages:
+                partitions = cast(list[int], [m.partition() for m in now])
+                positions = cast(list[int], [m.offset() for m in now])
+            topic = self.source.topic  # the one topic the stage reads; the last offset per partition wins
+            offsets = {(topic, p): o + 1 for p, o in zip(partitions, positions, strict=True)}
             if not self.advance(batch, offsets) and not now:
                 return
             metrics.LIVENESS.started()

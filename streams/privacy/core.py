@@ -358,6 +358,31 @@ def load_record_encoder(
         return None
 
 
+def load_batch_reader(reference: Callable, probes: list, place: Callable, head_len: int, require: bool | None = None):
+    """A stage's reading of a batch in one core pass (``streams_core.stage_input``, checked
+    against ``reference`` on ``probes``), or ``reference``."""
+    if require is None:
+        require = core_required()
+    streams_core = _import_core(require)
+    if streams_core is None:
+        return reference
+    reader = functools.partial(getattr(streams_core, "stage_input", None) or _missing, place=place, head_len=head_len)
+    try:
+        same = reader(probes) == reference(probes)
+    except Exception as exc:  # a build without it, or one that reads otherwise
+        same, why = False, type(exc).__name__
+    else:
+        why = "its reading of a batch differs from the reference's"
+    if not same:
+        _fallback(f"stage_input: {why}", require)
+        return reference
+    return reader
+
+
+def _missing(*args: Any, **kwargs: Any) -> Any:
+    raise AttributeError("stage_input")
+
+
 # The raw envelope layout the core's parser reads (schemas/raw_envelope.v1.avsc); another
 # layout leaves parsing to the reference (the crypto still runs in the core).
 _RAW_LAYOUT = [("message_id", "string"), ("sent_at", "timestamp-millis"), ("body", "string"), ("attributes", "map")]
