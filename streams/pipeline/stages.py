@@ -36,7 +36,7 @@ from streams.pipeline.dedup import REDRIVE_HEADER
 from streams.pipeline.mask import MaskTransform
 from streams.pipeline.sink import PostgresSink, SinkStage
 from streams.pipeline.source import Batch, KafkaSource, RevokeHandler
-from streams.pipeline.transactions import SIZE_MARGIN, Abort, TransactionalProducer
+from streams.pipeline.transactions import SIZE_MARGIN, Abort, Positions, TransactionalProducer
 from streams.privacy import core as mask_core
 from streams.privacy.ledger import ERASED
 from streams.retry import retry_forever
@@ -527,12 +527,12 @@ class MaskWriter(StageWriter):
         refused = self.refused
         if (keep is None or all(keep)) and not refused and _plain(outputs, masked_limit):
             # The usual batch, checked in C loops: every record masked and within the limit.
-            producer.produce_many(masked_topic, outputs, messages)
+            producer.produce_many(masked_topic, outputs, Positions(partitions, positions))
             self.counts["masked"] += len(outputs)
             producer.poll()
             return
         masked: list[Any] = []  # produced in the inputs' order
-        sources: list[Message] = []
+        sources: list[tuple[int, int]] = []
         for i, out in enumerate(outputs):
             if keep is not None and not keep[i]:
                 continue
@@ -545,7 +545,7 @@ class MaskWriter(StageWriter):
                 self._special(messages[i], out)
                 continue
             masked.append(out)
-            sources.append(messages[i])
+            sources.append((partitions[i], positions[i]))
         if masked:
             producer.produce_many(masked_topic, masked, sources)
             self.counts["masked"] += len(masked)

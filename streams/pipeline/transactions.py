@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -48,6 +48,26 @@ def source_of(source: Source) -> tuple[int, int]:
     if isinstance(source, tuple):
         return source
     return (source.partition(), source.offset())  # type: ignore[return-value]
+
+
+class Positions(Sequence[tuple[int, int]]):
+    """The inputs of a batch's records as ``(partition, offset)`` each, from its two lists:
+    what an open transaction keeps to name a refused record's input, instead of the
+    consumed ``Message`` objects (which hold the raw records until the commit)."""
+
+    __slots__ = ("offsets", "partitions")
+
+    def __init__(self, partitions: list[int], offsets: list[int]) -> None:
+        self.partitions, self.offsets = partitions, offsets
+
+    def __len__(self) -> int:
+        return len(self.partitions)
+
+    def __getitem__(self, i):  # an index only (no slice is asked for)
+        return (self.partitions[i], self.offsets[i])
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self.partitions, self.offsets, strict=True)
 
 
 class Abort(Exception):
