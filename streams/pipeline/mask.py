@@ -341,10 +341,11 @@ class MaskTransform:
         self._decode = codecs.raw.decode_millis
         self._encode = codecs.masked.encode
         self._mask_value = masker.mask
-        self.core = mask_core.load(masker, raw=codecs.raw) if use_core else None
+        core = mask_core.load(masker, raw=codecs.raw) if use_core else None
         self._encoder = (
-            mask_core.load_record_encoder(codecs.masked, _masked_datum, _MASKED_PROBES, Output) if self.core else None
+            mask_core.load_record_encoder(codecs.masked, _masked_datum, _MASKED_PROBES, Output) if core else None
         )
+        self.core = core if self._encoder is not None else None  # parse, mask and encode, or none of it
         self.core_masked = 0  # records masked by the core, and those it declined (the reference's)
         self.core_declined = 0
 
@@ -404,27 +405,17 @@ class MaskTransform:
         if ready:
             ip_tokens, ip_ciphertexts = core.mask("ip", [fields[4] for _, fields in ready])
             device_tokens, device_ciphertexts = core.mask("device_id", [fields[6] for _, fields in ready])
-            if self._encoder is not None:
-                columns: list[list] = [
-                    [fields for _, fields in ready],
-                    ip_tokens,
-                    device_tokens,
-                    ip_ciphertexts,
-                    device_ciphertexts,
-                ]
-                declined += self._place(messages, outputs, ready, self._encoder.encode(columns, len(ready)))
-            else:
-                masked = zip(ip_tokens, device_tokens, ip_ciphertexts, device_ciphertexts, strict=True)
-                declined += self._fill(
-                    messages, outputs, ready, masked, lambda fields, m: _masked_datum(fields, *m), lambda m: None in m
-                )
+            masked = [ip_tokens, device_tokens, ip_ciphertexts, device_ciphertexts]
+            declined += self._place(messages, outputs, ready, masked)
         self._count_core(len(messages), declined)
         return outputs  # type: ignore[return-value]  # every position is filled above
 
-    def _place(self, messages, outputs, ready, encoded: tuple[list[Output | None], int]) -> int:
-        """Put the core's encoded outputs of ``ready`` in ``outputs``; one it declined (``None``)
+    def _place(self, messages, outputs, ready, masked: list[list]) -> int:
+        """Encode the records of ``ready`` in the core (the datum's columns: their fields, then
+        ``masked``, what masking made of each) into ``outputs``; one it declines (``None``)
         goes through ``__call__``, the reference, which decides it. Returns the records declined."""
-        results, declined = encoded
+        assert self._encoder is not None  # loaded with the core: no core without it
+        results, declined = self._encoder.encode([[fields for _, fields in ready], *masked], len(ready))
         if not declined and len(results) == len(outputs):  # the usual batch: every record masked
             outputs[:] = results
             return 0
@@ -433,23 +424,6 @@ class MaskTransform:
                 key, value, where = messages[position]
                 out = self(key, value, where)
             outputs[position] = out
-        return declined
-
-    def _fill(self, messages, outputs, ready, results, datum, refused) -> int:
-        """Encode the core's ``results`` of ``ready`` into ``outputs``; a result the core
-        declined (``refused``) or that does not encode goes through ``__call__``, the
-        reference, which decides it. Returns the records declined."""
-        encode = self._encode
-        declined = 0
-        for (position, fields), result in zip(ready, results, strict=True):
-            try:
-                if refused(result):
-                    raise ValueError("declined by the core")
-                outputs[position] = Output(fields[0].encode("utf-8"), encode(datum(fields, result)))
-            except Exception:
-                declined += 1
-                key, value, where = messages[position]
-                outputs[position] = self(key, value, where)
         return declined
 
     def _core_parsed(
@@ -549,10 +523,11 @@ class SealingMaskTransform(MaskTransform):
         self._encode = codecs.masked.encode
         self._seal = masker.mask_login
         self._lifetime = masker.lifetime
-        self.core = mask_core.load_sealing(masker, raw=codecs.raw) if use_core else None
+        core = mask_core.load_sealing(masker, raw=codecs.raw) if use_core else None
         self._encoder = (
-            mask_core.load_record_encoder(codecs.masked, _sealed_datum, _SEALED_PROBES, Output) if self.core else None
+            mask_core.load_record_encoder(codecs.masked, _sealed_datum, _SEALED_PROBES, Output) if core else None
         )
+        self.core = core if self._encoder is not None else None
         self.core_masked = self.core_declined = 0
 
     def _mask(self, envelope: dict) -> dict:
@@ -581,11 +556,7 @@ class SealingMaskTransform(MaskTransform):
             sealed = core.seal(
                 keys, index, key_ids, [f[2] for _, f in ready], [f[4] for _, f in ready], [f[6] for _, f in ready]
             )
-            if self._encoder is not None:
-                columns = [[fields for _, fields in ready], sealed]
-                declined += self._place(messages, outputs, ready, self._encoder.encode(columns, len(ready)))
-            else:
-                declined += self._fill(messages, outputs, ready, sealed, _sealed_datum, lambda m: m is None)
+            declined += self._place(messages, outputs, ready, [sealed])
         self._count_core(len(messages), declined)
         return outputs  # type: ignore[return-value]  # every position is filled above
 

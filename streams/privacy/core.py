@@ -243,8 +243,6 @@ def _check_wrapping(module: ModuleType) -> None:
 def load_key_wrapping(require: bool | None = None) -> Callable[[bytes], KeyWrapping] | None:
     """What ``Lifetime`` wraps new data keys with: ``kek -> KeyWrapping`` on the compiled core
     (checked against the reference here), or ``None`` for the reference."""
-    if require is None:
-        require = core_required()
     streams_core = _import_core(require)
     if streams_core is None:
         return None
@@ -262,8 +260,6 @@ def load_copy_binary(require: bool | None = None) -> Callable[[list[list]], byte
     (the driver encodes the rows)."""
     from streams.privacy.user_keys import copy_binary
 
-    if require is None:
-        require = core_required()
     streams_core = _import_core(require)
     if streams_core is None:
         return None
@@ -342,18 +338,14 @@ def load_record_encoder(
     codec: AvroCodec, datum: Callable[..., dict], probes: list[tuple], make: type, require: bool | None = None
 ) -> RecordEncoder | None:
     """The core's encoder of ``datum``'s records with ``codec`` (checked on ``probes``), or
-    ``None`` (the reference encodes: ``codec.encode`` per record)."""
-    if require is None:
-        require = core_required()
+    ``None``: then the transform runs the reference throughout (a schema shape it does not
+    encode, a build without it or one whose bytes differ)."""
     streams_core = _import_core(require)
     if streams_core is None:
         return None
     try:
         return RecordEncoder(streams_core, codec, datum, probes, make)
-    except avro_fast.Unsupported as exc:  # a schema shape it does not encode: no error, the reference does
-        log.info("masked records encoded by the reference: %s", exc)
-        return None
-    except (CoreMismatch, AttributeError) as exc:  # AttributeError: a build without RecordEncoder
+    except (avro_fast.Unsupported, CoreMismatch, AttributeError) as exc:  # AttributeError: a build without it
         _fallback(f"record encoder: {exc}", require)
         return None
 
@@ -361,8 +353,6 @@ def load_record_encoder(
 def load_batch_reader(reference: Callable, probes: list, place: Callable, head_len: int, require: bool | None = None):
     """A stage's reading of a batch in one core pass (``streams_core.stage_input``, checked
     against ``reference`` on ``probes``), or ``reference``."""
-    if require is None:
-        require = core_required()
     streams_core = _import_core(require)
     if streams_core is None:
         return reference
@@ -425,8 +415,11 @@ def load_sealing(masker: UserMasker, require: bool | None = None, raw: AvroCodec
     return _load(SealingCore, masker, require, raw)
 
 
-def _import_core(require: bool):
-    """The extension module, or ``None`` (logged once; an error when ``require``)."""
+def _import_core(require: bool | None):
+    """The extension module, or ``None`` (logged once; an error when ``require``, which
+    defaults to ``STREAMS_REQUIRE_CORE``, read here so a wrong value is an error even with a core)."""
+    if require is None:
+        require = core_required()
     try:
         import streams_core
     except ImportError:
@@ -436,8 +429,6 @@ def _import_core(require: bool):
 
 
 def _load(kind, masker, require: bool | None, raw: AvroCodec | None):
-    if require is None:
-        require = core_required()
     streams_core = _import_core(require)
     if streams_core is None:
         return None
@@ -456,7 +447,11 @@ def _load(kind, masker, require: bool | None, raw: AvroCodec | None):
     return core
 
 
-def _fallback(reason: str, require: bool) -> None:
+def _fallback(reason: str, require: bool | None) -> None:
+    """The reference instead of the core: a warning once and the gauge at 0, or a
+    ``ConfigError`` when ``require`` (default: ``STREAMS_REQUIRE_CORE``)."""
+    if require is None:
+        require = core_required()
     if require:
         raise ConfigError(f"{REQUIRE_ENV}=1 but the compiled mask core is unusable: {reason}")
     metrics.MASK_CORE.set(0)
