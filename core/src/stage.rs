@@ -46,9 +46,9 @@ pub fn stage_input<'py>(
         let value = message.call_method0(value_name)?;
         let place_of = if usable_key(&key) { nowhere.clone().into_any() } else { place.call1((&message,))? };
         if let Ok(b) = value.cast::<PyBytes>() {
-            let bytes = b.as_bytes();
-            if !bytes.is_empty() && !heads.contains(&bytes[..bytes.len().min(head_len)]) {
-                heads.insert(bytes[..bytes.len().min(head_len)].to_vec());
+            let head = &b.as_bytes()[..b.as_bytes().len().min(head_len)];
+            if !head.is_empty() && !heads.contains(head) {
+                heads.insert(head.to_vec());
             }
         }
         inputs.push(PyTuple::new(py, [key, value, place_of])?);

@@ -461,8 +461,7 @@ class MaskWriter(StageWriter):
                     keep = {id(m) for m in now}
                     outputs = [o for m, o in zip(messages, outputs, strict=True) if id(m) in keep]
                     messages = now
-                    partitions = cast(list[int], [m.partition() for m in messages])
-                    positions = cast(list[int], [m.offset() for m in messages])
+                    _, partitions, positions, _ = self.read(messages)
                 if messages:
                     try:
                         self._produce(messages, outputs, partitions, positions)
@@ -648,11 +647,11 @@ class SinkWriter(StageWriter):
         async with self.lock:
             await self.make_room()
             now = self.live_now(batch, messages)
-            if len(now) != len(messages) or self.ledger_version() != ledger:  # or an erasure arrived meanwhile
-                plan = self.sink_stage.plan(stage_input(now))
-            if now is not messages:
-                partitions = cast(list[int], [m.partition() for m in now])
-                positions = cast(list[int], [m.offset() for m in now])
+            moved = len(now) != len(messages)  # records of a partition that moved meanwhile dropped
+            if moved:
+                inputs, partitions, positions, _ = self.read(now)
+            if moved or self.ledger_version() != ledger:  # or an erasure arrived meanwhile
+                plan = self.sink_stage.plan(inputs)
             topic = self.source.topic  # the one topic the stage reads; the last offset per partition wins
             offsets = {(topic, p): o + 1 for p, o in zip(partitions, positions, strict=True)}
             if not self.advance(batch, offsets) and not now:
